@@ -1,0 +1,57 @@
+"""The one image/video resize rule of Qwen3-VL (``smart_resize``), shared by data tools, loader and tests.
+
+Qwen3-VL's ViT cuts images into 16x16 pixel patches and its merger joins 2x2 patches into one LLM token,
+so every resized side is a multiple of ``factor = patch_size * merge_size = 32`` pixels. The rule keeps
+the aspect ratio as closely as possible while bringing the pixel count into ``[min_pixels, max_pixels]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+PATCH_SIZE = 16
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+FACTOR = PATCH_SIZE * MERGE_SIZE  # 32 pixels
+MAX_ASPECT_RATIO = 200
+
+# Qwen3-VL defaults (not the Qwen2-VL class defaults): pixels of one image.
+IMAGE_MIN_PIXELS = 65_536
+IMAGE_MAX_PIXELS = 16_777_216
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = FACTOR,
+    min_pixels: int = IMAGE_MIN_PIXELS,
+    max_pixels: int = IMAGE_MAX_PIXELS,
+) -> tuple[int, int]:
+    """Return the (height, width) in pixels an image of ``height`` x ``width`` pixels is resized to.
+
+    Both sides become multiples of ``factor``; the area lies in ``[min_pixels, max_pixels]`` (up to the
+    rounding to ``factor``). Raises ``ValueError`` for an aspect ratio above 200 or a non-positive side.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image side must be positive, got {height}x{width} pixels")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
+            f"got {max(height, width) / min(height, width):.1f} ({height}x{width} pixels)"
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def visual_tokens(grid_t: int, grid_h: int, grid_w: int, merge_size: int = MERGE_SIZE) -> int:
+    """LLM tokens of one image or video given its patch grid (t, h, w): one token per merged block."""
+    return grid_t * grid_h * grid_w // (merge_size * merge_size)
