@@ -1,0 +1,129 @@
+"""Qwen3 language model (dense or MoE decoder) as a Megatron-Core ``GPTModel``.
+
+:class:`Qwen3TextConfig` holds the architecture numbers with the names of the Hugging Face Qwen3 text
+config; :meth:`Qwen3TextConfig.transformer_config` turns them into Megatron-Core's ``TransformerConfig``
+for the current parallel state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from model.layer_specs import qwen3_block_spec
+
+
+@dataclass
+class Qwen3TextConfig:
+    """Architecture of a Qwen3 decoder. Sizes in elements; ``num_experts=0`` means dense."""
+
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int  # dense SwiGLU width
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 5_000_000.0
+    max_position_embeddings: int = 262_144
+    tie_word_embeddings: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # per-expert SwiGLU width
+    router_aux_loss_coef: float = 1e-3
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def transformer_config(
+        self,
+        params_dtype: torch.dtype = torch.float32,
+        sequence_parallel: bool = False,
+        **overrides,
+    ) -> TransformerConfig:
+        """Megatron-Core config for this architecture in the initialised parallel state."""
+        ps = parallel_state
+        kwargs = dict(
+            num_layers=self.num_hidden_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.intermediate_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_key_value_heads,
+            kv_channels=self.head_dim,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.rms_norm_eps,
+            qk_layernorm=True,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            # Fusions need CUDA kernels; they are switched on by the GPU path's overrides.
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            persist_layer_norm=False,
+            gradient_accumulation_fusion=False,
+            use_cpu_initialization=not torch.cuda.is_available(),
+            params_dtype=params_dtype,
+            pipeline_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            init_method_std=0.02,
+            tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+            pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+            expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+            expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
+            context_parallel_size=ps.get_context_parallel_world_size(),
+            sequence_parallel=sequence_parallel,
+        )
+        if self.is_moe:
+            kwargs.update(
+                num_moe_experts=self.num_experts,
+                moe_router_topk=self.num_experts_per_tok,
+                moe_ffn_hidden_size=self.moe_intermediate_size,
+                moe_router_load_balancing_type="aux_loss",
+                moe_aux_loss_coeff=self.router_aux_loss_coef,
+                moe_router_pre_softmax=False,  # softmax over the top-k: normalised top-k probabilities
+                moe_router_dtype="fp32",
+                moe_token_dispatcher_type="alltoall",
+                moe_grouped_gemm=False,
+            )
+        kwargs.update(overrides)
+        return TransformerConfig(**kwargs)
+
+
+def build_language_model(
+    cfg: Qwen3TextConfig,
+    config: TransformerConfig,
+    max_sequence_length: int,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    parallel_output: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """The Qwen3 decoder of this pipeline stage (embedding on the first, LM head on the last)."""
+    ps = parallel_state
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=qwen3_block_spec(config, vp_stage=vp_stage),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if pre_process is None else pre_process,
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if post_process is None else post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        vp_stage=vp_stage,
+    )

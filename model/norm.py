@@ -1,0 +1,49 @@
+"""RMSNorm for the Megatron-Core local (non-transformer-engine) layer spec.
+
+Megatron-Core's local spec wraps ``torch.nn.RMSNorm``, which refuses sequence parallelism; MoE with
+tensor parallelism needs sequence parallelism. This norm computes exactly what Qwen3's reference
+``Qwen3RMSNorm`` computes and marks its weight ``sequence_parallel`` so Megatron's
+``finalize_model_grads`` all-reduces its gradient over the tensor-parallel group (each rank only saw
+its slice of the sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """``weight * x / sqrt(mean(x**2, -1) + eps)``, normalised in fp32, over the last ``hidden_size`` dim."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-6,
+        persist_layer_norm: bool = False,  # signature of Megatron's norm modules; unused
+        zero_centered_gamma: bool = False,
+        normalization: str = "RMSNorm",
+    ):
+        super().__init__()
+        if normalization != "RMSNorm":
+            raise ValueError(f"model.norm.RMSNorm built with normalization={normalization!r}")
+        if zero_centered_gamma or config.layernorm_zero_centered_gamma:
+            raise ValueError("zero-centred gamma is not part of Qwen3's RMSNorm")
+        self.eps = eps
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config))
+        )
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _init_device(config: TransformerConfig) -> torch.device:
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
