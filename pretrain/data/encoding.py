@@ -1,0 +1,314 @@
+"""Text, conversations and media -> :class:`EncodedSample`, laid out exactly as Qwen3-VL's processor does.
+
+Layout of visual content in the token sequence:
+
+* image: ``<|vision_start|>`` + ``<|image_pad|>`` x (merged patch count) + ``<|vision_end|>``
+* video: for every frame group (2 sampled frames): ``<{t:.1f} seconds>`` + ``<|vision_start|>`` +
+  ``<|video_pad|>`` x (merged patches of one group) + ``<|vision_end|>``, with ``t`` the mean time of the
+  group's two frames. This replaces the whole ``<|vision_start|><|video_pad|><|vision_end|>`` that the
+  chat template writes (the official Qwen3-VL processor; no nested start/end tokens).
+
+Text between structural tokens is tokenised as one run, as a tokenizer does on the fully expanded
+prompt string, so token ids equal the reference's.
+
+Sample kinds (the four that ``data_tools`` produces, plus plain text):
+
+* ``encode_image_text(image, text)``: ``[image] text <|endoftext|>``
+* ``encode_interleaved(segments)``: texts and images in reading order, then ``<|endoftext|>``
+* ``encode_video(clip, text=..., captions=[...])``: ``[video] text\\n<s - e seconds> caption\\n...<|endoftext|>``
+* ``encode_conversation(messages)``: the Qwen3-VL chat template; loss on assistant turns only.
+
+Pretraining kinds put the loss on every text token (timestamps and vision start/end markers included)
+except the sample's first token; visual placeholders never carry loss. See :class:`EncodedSample`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from pretrain.data.chat_template import chat_segments
+from pretrain.data.positions import IMAGE, TEXT, VIDEO, mrope_position_ids
+from pretrain.data.sample import IGNORE_INDEX, EncodedSample
+from pretrain.data.tokenizer import Tokenizer
+from pretrain.data.video_sampling import FrameSamplingConfig, VideoClip, format_timestamp
+from pretrain.data.vision_inputs import VisionInputConfig, VisualPatches, process_image, process_video
+
+
+@dataclass(frozen=True)
+class EncodingConfig:
+    """Sample encoding settings.
+
+    vision: resize/patch/normalisation settings; frames: video frame sampling (used when videos are
+        loaded from files).
+    append_eos: end pretraining samples (not conversations) with ``<|endoftext|>`` as a target.
+    caption_format: one timed caption line of a video sample; fields ``start``, ``end`` (seconds,
+        from the clip start) and ``text``.
+    max_tokens: raise ``ValueError`` for a sample longer than this many tokens (None: no limit).
+    """
+
+    vision: VisionInputConfig = field(default_factory=VisionInputConfig)
+    frames: FrameSamplingConfig = field(default_factory=FrameSamplingConfig)
+    append_eos: bool = True
+    caption_format: str = "<{start:.1f} - {end:.1f} seconds> {text}"
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption of a video time span; ``start`` <= ``end`` in seconds from the clip start."""
+
+    start: float
+    end: float
+    text: str
+
+    def __post_init__(self):
+        if not (math.isfinite(self.start) and math.isfinite(self.end) and 0 <= self.start <= self.end):
+            raise ValueError(f"caption times must satisfy 0 <= start <= end, got start={self.start}, end={self.end}")
+
+
+class _SequenceBuilder:
+    """Accumulates text runs, special tokens and visual placeholders, then tokenises in one pass."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self._ids: list[np.ndarray] = []
+        self._targets: list[np.ndarray] = []
+        self._types: list[np.ndarray] = []
+        self._run: list[tuple[str, bool]] = []  # pending text pieces (text, is_target)
+        self.image_patches: list[VisualPatches] = []
+        self.video_patches: list[VisualPatches] = []
+
+    def text(self, text: str, target: bool, *, what: str = "text", check: bool = True) -> None:
+        if check:
+            self.tok.check_text(text, what)
+        if text:
+            self._run.append((text, target))
+
+    def _flush(self) -> None:
+        if not self._run:
+            return
+        run = "".join(text for text, _ in self._run)
+        char_target = np.zeros(len(run) + 1, dtype=np.int64)  # prefix sums of "char is a target"
+        pos = 0
+        for text, target in self._run:
+            if target:
+                char_target[pos + 1 : pos + 1 + len(text)] = 1
+            pos += len(text)
+        np.cumsum(char_target, out=char_target)
+        ids, offsets = self.tok.encode_with_offsets(run, allow_special=True)
+        spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        # A token is a target if any of its characters is (a token can straddle two pieces).
+        targets = char_target[spans[:, 1]] - char_target[spans[:, 0]] > 0
+        self._ids.append(np.asarray(ids, dtype=np.int64))
+        self._targets.append(targets)
+        self._types.append(np.full(len(ids), TEXT, dtype=np.int64))
+        self._run = []
+
+    def token(self, token_id: int, target: bool) -> None:
+        self._flush()
+        self._ids.append(np.asarray([token_id], dtype=np.int64))
+        self._targets.append(np.asarray([target]))
+        self._types.append(np.asarray([TEXT], dtype=np.int64))
+
+    def _pads(self, token_id: int, count: int, kind: int) -> None:
+        self._ids.append(np.full(count, token_id, dtype=np.int64))
+        self._targets.append(np.zeros(count, dtype=bool))
+        self._types.append(np.full(count, kind, dtype=np.int64))
+
+    def image(self, patches: VisualPatches, target: bool) -> None:
+        self.token(self.tok.vision_start_id, target)
+        self._pads(self.tok.image_pad_id, patches.num_tokens, IMAGE)
+        self.token(self.tok.vision_end_id, target)
+        self.image_patches.append(patches)
+
+    def video(self, patches: VisualPatches, group_times: Sequence[float], target: bool) -> None:
+        if len(group_times) != patches.grid_thw[0]:
+            raise ValueError(f"{len(group_times)} timestamps for {patches.grid_thw[0]} frame groups")
+        for seconds in group_times:
+            self.text(format_timestamp(seconds), target, check=False)
+            self.token(self.tok.vision_start_id, target)
+            self._pads(self.tok.video_pad_id, patches.tokens_per_frame_group, VIDEO)
+            self.token(self.tok.vision_end_id, target)
+        self.video_patches.append(patches)
+
+    def build(self, kind: str, sample_id: str | None, merge_size: int, patch_dim: int, max_tokens: int | None) -> EncodedSample:
+        self._flush()
+        if not self._ids:
+            raise ValueError(f"sample {sample_id or ''} encodes to no tokens")
+        input_ids = torch.from_numpy(np.concatenate(self._ids))
+        targets = torch.from_numpy(np.concatenate(self._targets))
+        types = torch.from_numpy(np.concatenate(self._types))
+        if max_tokens is not None and input_ids.numel() > max_tokens:
+            raise ValueError(f"sample {sample_id or ''} has {input_ids.numel()} tokens, more than max_tokens={max_tokens}")
+        labels = torch.where(targets, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        labels[0] = IGNORE_INDEX  # nothing in the sample predicts its first token
+
+        def stack(items: list[VisualPatches]) -> tuple[torch.Tensor, torch.Tensor]:
+            if not items:
+                return torch.zeros((0, patch_dim), dtype=torch.float32), torch.zeros((0, 3), dtype=torch.int64)
+            return torch.cat([p.pixel_values for p in items]), torch.tensor([p.grid_thw for p in items], dtype=torch.int64)
+
+        pixel_values, image_grid_thw = stack(self.image_patches)
+        pixel_values_videos, video_grid_thw = stack(self.video_patches)
+        position_ids = mrope_position_ids(types, image_grid_thw, video_grid_thw, merge_size)
+        return EncodedSample(
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=position_ids,
+            mm_token_type_ids=types,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            pixel_values_videos=pixel_values_videos,
+            video_grid_thw=video_grid_thw,
+            kind=kind,
+            sample_id=sample_id,
+        )
+
+
+def _require_text(text: Any, what: str) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    if not text.strip():
+        raise ValueError(f"{what} is empty")
+    return text
+
+
+class SampleEncoder:
+    """Encodes the sample kinds of the training mix with one tokenizer and one :class:`EncodingConfig`."""
+
+    def __init__(self, tokenizer: Tokenizer, config: EncodingConfig = EncodingConfig()):
+        self.tokenizer = tokenizer
+        self.config = config
+
+    # ------------------------------------------------------------------------------------ helpers
+    def _builder(self) -> _SequenceBuilder:
+        return _SequenceBuilder(self.tokenizer)
+
+    def _finish(self, builder: _SequenceBuilder, kind: str, sample_id: str | None, eos: bool) -> EncodedSample:
+        if eos and self.config.append_eos:
+            builder.token(self.tokenizer.eos_id, True)
+        vision = self.config.vision
+        return builder.build(kind, sample_id, vision.merge_size, vision.patch_dim, self.config.max_tokens)
+
+    def image_patches(self, image: PIL.Image.Image) -> VisualPatches:
+        return process_image(image, self.config.vision)
+
+    def video_patches(self, clip: VideoClip) -> tuple[VisualPatches, list[float]]:
+        """Vision input of a clip and the timestamp (seconds) of each of its frame groups."""
+        if not isinstance(clip, VideoClip):
+            raise ValueError(f"video must be a VideoClip, got {type(clip).__name__}")
+        patches = process_video(clip.frames, self.config.vision)
+        return patches, clip.group_timestamps(self.config.vision.temporal_patch_size)
+
+    # ---------------------------------------------------------------------------------- encoders
+    def encode_text(self, text: str, *, sample_id: str | None = None) -> EncodedSample:
+        """A plain text document: ``text <|endoftext|>``."""
+        builder = self._builder()
+        builder.text(_require_text(text, "text"), True, what="text")
+        return self._finish(builder, "text", sample_id, eos=True)
+
+    def encode_image_text(self, image: PIL.Image.Image, text: str, *, sample_id: str | None = None) -> EncodedSample:
+        """An image-caption pair: ``<|vision_start|> pads <|vision_end|> caption <|endoftext|>``."""
+        text = _require_text(text, "caption")
+        builder = self._builder()
+        builder.image(self.image_patches(image), True)
+        builder.text(text, True, what="caption")
+        return self._finish(builder, "image_text", sample_id, eos=True)
+
+    def encode_interleaved(
+        self, segments: Sequence[str | PIL.Image.Image], *, sample_id: str | None = None
+    ) -> EncodedSample:
+        """An interleaved document: strings and PIL images in reading order, concatenated as given."""
+        if isinstance(segments, (str, bytes)) or not segments:
+            raise ValueError("interleaved document needs a non-empty list of text and image segments")
+        builder = self._builder()
+        has_text = False
+        for i, segment in enumerate(segments):
+            if isinstance(segment, str):
+                builder.text(segment, True, what=f"segment {i}")
+                has_text = has_text or bool(segment.strip())
+            elif isinstance(segment, PIL.Image.Image):
+                builder.image(self.image_patches(segment), True)
+            else:
+                raise ValueError(f"segment {i} must be a str or a PIL image, got {type(segment).__name__}")
+        if not has_text:
+            raise ValueError("interleaved document has no text")
+        return self._finish(builder, "interleaved", sample_id, eos=True)
+
+    def encode_video(
+        self,
+        clip: VideoClip,
+        *,
+        text: str | None = None,
+        captions: Sequence[Caption] = (),
+        sample_id: str | None = None,
+    ) -> EncodedSample:
+        """A video with an optional description and timed captions.
+
+        Layout: the video's frame groups, then ``text``, then one line per caption formatted with
+        ``config.caption_format``, joined by newlines. Needs a text or at least one caption.
+        """
+        lines = []
+        if text is not None:
+            lines.append(_require_text(text, "video text"))
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, Caption):
+                raise ValueError(f"caption {i} must be a Caption, got {type(caption).__name__}")
+            _require_text(caption.text, f"caption {i}")
+            lines.append(self.config.caption_format.format(start=caption.start, end=caption.end, text=caption.text))
+        if not lines:
+            raise ValueError("video sample needs a text or captions")
+        builder = self._builder()
+        patches, times = self.video_patches(clip)
+        builder.video(patches, times, True)
+        builder.text("\n".join(lines), True, what="video text")
+        return self._finish(builder, "video", sample_id, eos=True)
+
+    def encode_conversation(
+        self,
+        messages: Sequence[Mapping],
+        *,
+        images: Sequence[PIL.Image.Image] = (),
+        videos: Sequence[VideoClip] = (),
+        sample_id: str | None = None,
+    ) -> EncodedSample:
+        """An SFT conversation rendered with the Qwen3-VL chat template; loss on assistant turns only.
+
+        Media come inline (``{"type": "image", "image": PIL.Image}``, ``{"type": "video", "video":
+        VideoClip}``) or, for items whose media is ``None``/a reference, from ``images``/``videos`` in
+        order of appearance.
+        """
+        segments = chat_segments(messages)
+        if not any(seg.target for seg in segments):
+            raise ValueError("conversation has no assistant message to learn from")
+        builder = self._builder()
+        specials = self.tokenizer.special_token_ids
+        for seg in segments:
+            if seg.kind == "special":
+                builder.token(specials[seg.text], seg.target)
+            elif seg.kind == "text":
+                builder.text(seg.text, seg.target, what="message text", check=seg.is_content)
+            elif seg.kind == "image":
+                image = seg.media if isinstance(seg.media, PIL.Image.Image) else _nth(images, seg.index, "image")
+                builder.image(self.image_patches(image), False)
+            else:
+                clip = seg.media if isinstance(seg.media, VideoClip) else _nth(videos, seg.index, "video")
+                patches, times = self.video_patches(clip)
+                builder.video(patches, times, False)
+        for name, given, used in (("images", images, builder.image_patches), ("videos", videos, builder.video_patches)):
+            if len(given) > len(used):
+                raise ValueError(f"{len(given)} {name} given but the conversation references only {len(used)}")
+        return self._finish(builder, "sft", sample_id, eos=False)
+
+
+def _nth(items: Sequence, index: int, what: str):
+    if index >= len(items):
+        raise ValueError(f"conversation references {what} #{index + 1} but only {len(items)} {what}s were given")
+    return items[index]
