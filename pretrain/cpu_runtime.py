@@ -80,8 +80,6 @@ class CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func in _NO_OP_METHODS:
             return args[0]
-        if func is _T.record_stream:
-            return None
         if func is _T.type and len(args) == 1 and not kwargs:
             # Megatron's optimizer and clip_grads accept only 'torch.cuda.*Tensor' parameter types.
             name = _CUDA_TYPE_NAMES.get(args[0].dtype)
@@ -266,6 +264,8 @@ def install_cpu_runtime(force: bool = False) -> bool:
     warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
     _patch_torch_cuda()
     _patch_megatron()
+    # record_stream's argument parser rejects the inert stream before any torch-function dispatch.
+    torch.Tensor.record_stream = lambda self, stream: None
     import torch.autograd as autograd
 
     autograd._engine_run_backward = _run_backward_under_mode(autograd._engine_run_backward)

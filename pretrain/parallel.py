@@ -13,6 +13,7 @@ The backend is NCCL when CUDA is available, else gloo with :mod:`pretrain.cpu_ru
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 import socket
@@ -55,26 +56,14 @@ class ParallelConfig:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
-    def data_parallel_size(self, world_size: int) -> int:
-        """Validate the layout against ``world_size`` ranks and return the data-parallel size."""
+    def validate(self) -> None:
+        """Check the values on their own (the world size is checked by :meth:`data_parallel_size`)."""
         for name in ("tp", "pp", "ep", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParallelConfigError(f"parallel.{name}={value!r} must be a positive integer")
         if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
             raise ParallelConfigError(f"parallel.etp={self.etp!r} must be a positive integer or null")
-        model_parallel = self.tp * self.pp * self.cp
-        if world_size % model_parallel:
-            raise ParallelConfigError(
-                f"world size {world_size} is not divisible by tp*pp*cp = "
-                f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}"
-            )
-        expert_block = self.expert_tp * self.ep * self.pp
-        if world_size % expert_block:
-            raise ParallelConfigError(
-                f"world size {world_size} is not divisible by etp*ep*pp = "
-                f"{self.expert_tp}*{self.ep}*{self.pp} = {expert_block}"
-            )
         if self.vpp is not None:
             if not isinstance(self.vpp, int) or self.vpp < 1:
                 raise ParallelConfigError(f"parallel.vpp={self.vpp!r} must be a positive integer or null")
@@ -87,7 +76,27 @@ class ParallelConfig:
             raise ParallelConfigError(
                 f"parallel.ep={self.ep} with parallel.tp={self.tp} needs parallel.sequence_parallel=true"
             )
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """Validate the layout against ``world_size`` ranks and return the data-parallel size."""
+        self.validate()
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}"
+            )
+        expert_block = self.expert_tp * self.ep * self.pp
+        if world_size % expert_block:
+            raise ParallelConfigError(
+                f"world size {world_size} is not divisible by etp*ep*pp = "
+                f"{self.expert_tp}*{self.ep}*{self.pp} = {expert_block}"
+            )
         return world_size // model_parallel
+
+    def min_world_size(self) -> int:
+        """The smallest world size this layout runs on (both the dense and the expert blocks fit)."""
+        return math.lcm(self.tp * self.pp * self.cp, self.expert_tp * self.ep * self.pp)
 
 
 @dataclass(frozen=True)

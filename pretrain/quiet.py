@@ -14,9 +14,20 @@ _MESSAGES = (
     r"Transformer Engine and Apex are not installed",
     r"Apex is not installed\. Falling back to Torch Norm",
     r"full scope is deprecated\. Use empty cuda_graph_scope",  # Megatron's own default value
+    # Megatron's distributed optimizer probes `.grad` of its parameter shards, which are views.
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+)
+
+
+# torch deprecations triggered inside Megatron-Core 0.16's collectives; nothing a user can act on.
+_TORCH_DEPRECATIONS = (
+    r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
 )
 
 
 def silence_optional_dependency_warnings() -> None:
     for message in _MESSAGES:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+    for message in _TORCH_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)

@@ -1,0 +1,216 @@
+"""The job configuration: Hydra composes ``conf/``; this module checks it against typed schemas.
+
+Every config group has a dataclass schema. :func:`validate_job_config` merges each composed section
+into its schema with OmegaConf, which rejects unknown keys and values of the wrong type, then runs the
+section's own checks. Errors are raised as :class:`ConfigError` naming the key (``parallel.tpp``) and
+the reason, and the entry points print them without a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.parallel import ParallelConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+TRAINABLE_PARTS = ("vision", "merger", "language")
+LOSS_NORMALIZATIONS = ("token", "sample", "square_root")
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the key and the reason."""
+
+
+@dataclass
+class OptimizerSchema:
+    """AdamW with warm-up then cosine or WSD (warmup-stable-decay) decay. Learning rates per step."""
+
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    decay_fraction: float = 0.1  # WSD: share of the steps spent decaying to min_lr
+
+
+@dataclass
+class StageSchema:
+    """One training stage of the report (S0 alignment, S1 8K, S2 32K, S3 256K, SFT)."""
+
+    name: str = "s1_pretrain"
+    seq_length: int = 8192  # tokens per packed sequence
+    train_steps: int | None = None  # the budget: steps, or
+    train_tokens: int | None = None  # tokens (converted to steps with the global batch)
+    trainable: list[str] = field(default_factory=lambda: list(TRAINABLE_PARTS))
+    loss_normalization: str = "token"
+    init_from: str | None = None  # checkpoint of the previous stage: weights only
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    data_weights: dict[str, float] = field(default_factory=dict)  # per data source name
+
+
+@dataclass
+class TrainSchema:
+    """Run-level settings shared by every stage."""
+
+    seed: int = 1234
+    micro_batch_size: int = 1  # packed sequences per micro-batch per data-parallel rank
+    global_batch_size: int = 8  # packed sequences per optimizer step, all ranks together
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    run_dir: str = "runs/${stage.name}"
+    log_interval: int = 1
+    save_interval: int = 100
+    keep_last: int = 2
+    max_consecutive_skips: int = 5  # non-finite steps in a row that stop the run
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class DataSourceSchema:
+    name: str = "???"
+    path: str = "???"  # a shard set built by data_tools (holds .nv-meta)
+    weight: float = 1.0
+
+
+@dataclass
+class DataSchema:
+    """Shard sets to blend and how samples become model inputs."""
+
+    name: str = "synth"
+    root: str = ""  # folder the source paths may refer to as ${data.root}
+    sources: list[DataSourceSchema] = field(default_factory=list)
+    tokenizer: str = "qwen"  # "qwen" (the real vocabulary) or a directory with tokenizer.json
+    num_workers: int = 0
+    image_min_pixels: int = 65_536
+    image_max_pixels: int = 16_777_216
+    video_fps: float = 2.0
+    max_visual_patches_per_pack: int | None = None
+
+
+@dataclass
+class ClusterSchema:
+    """Where the job runs. ``local``: this machine; anything else is a SLURM cluster (see slurm/)."""
+
+    name: str = "local"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time_limit: str = "01:00:00"
+    env_setup: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    container_image: str | None = None
+    container_mounts: list[str] = field(default_factory=list)
+    output_dir: str = "slurm_logs"
+    signal_seconds_before_limit: int = 300
+    max_requeues: int = 3
+    extra_sbatch: dict[str, str] = field(default_factory=dict)
+
+
+SECTION_SCHEMAS: dict[str, type] = {
+    "stage": StageSchema,
+    "train": TrainSchema,
+    "data": DataSchema,
+    "parallel": ParallelConfig,
+    "cluster": ClusterSchema,
+}
+
+
+def _typed(section: str, value: Any, schema: type) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), value)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        reason = str(getattr(exc, "msg", None) or exc).splitlines()[0]
+        raise ConfigError(f"{section}.{key}: {reason}") from None
+
+
+def _one_of(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
+
+
+def _positive(key: str, value: Any) -> None:
+    if value is None or value <= 0:
+        raise ConfigError(f"{key}={value!r}: must be positive")
+
+
+@dataclass
+class JobConfig:
+    """The validated job: typed sections, plus the model section as composed (checked by model/)."""
+
+    model: dict
+    stage: StageSchema
+    train: TrainSchema
+    data: DataSchema
+    parallel: ParallelConfig
+    cluster: ClusterSchema
+
+
+def validate_job_config(cfg: DictConfig) -> JobConfig:
+    """Type-check every section of a composed config; raise :class:`ConfigError` on the first problem."""
+    missing = [s for s in ("model", *SECTION_SCHEMAS) if s not in cfg]
+    if missing:
+        raise ConfigError(f"config lacks section(s) {missing}")
+    unknown = sorted(set(cfg) - {"model", *SECTION_SCHEMAS})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; known: {['model', *SECTION_SCHEMAS]}")
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{getattr(exc, 'full_key', '?')}: {getattr(exc, 'msg', exc)}") from None
+    typed = {name: _typed(name, resolved[name], schema) for name, schema in SECTION_SCHEMAS.items()}
+    job = JobConfig(model=resolved["model"], **typed)
+
+    stage, train = job.stage, job.train
+    _positive("stage.seq_length", stage.seq_length)
+    if (stage.train_steps is None) == (stage.train_tokens is None):
+        raise ConfigError("stage: set exactly one of stage.train_steps and stage.train_tokens")
+    _positive("stage.train_steps" if stage.train_steps is not None else "stage.train_tokens",
+              stage.train_steps if stage.train_steps is not None else stage.train_tokens)
+    for part in stage.trainable:
+        _one_of("stage.trainable[]", part, TRAINABLE_PARTS)
+    _one_of("stage.loss_normalization", stage.loss_normalization, LOSS_NORMALIZATIONS)
+    _one_of("stage.optimizer.schedule", stage.optimizer.schedule, LR_SCHEDULES)
+    _positive("stage.optimizer.lr", stage.optimizer.lr)
+    if not 0.0 <= stage.optimizer.decay_fraction <= 1.0:
+        raise ConfigError(f"stage.optimizer.decay_fraction={stage.optimizer.decay_fraction}: must be in [0, 1]")
+    _one_of("train.precision", train.precision, PRECISIONS)
+    for key in ("micro_batch_size", "global_batch_size", "log_interval", "save_interval", "keep_last"):
+        _positive(f"train.{key}", getattr(train, key))
+    for source in job.data.sources:
+        _positive(f"data.sources[{source.name}].weight", source.weight)
+    names = [s.name for s in job.data.sources]
+    for name in stage.data_weights:
+        if name not in names:
+            raise ConfigError(f"stage.data_weights.{name}: no data source named {name!r} (have {names})")
+    try:
+        job.parallel.validate()  # the world size is checked at launch, before any work
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return job
+
+
+def check_batch_layout(train: TrainSchema, data_parallel_size: int) -> int:
+    """Number of micro-batches per step; the global batch must split evenly over data-parallel ranks."""
+    per_step = train.micro_batch_size * data_parallel_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible by "
+            f"train.micro_batch_size*data_parallel_size = {train.micro_batch_size}*{data_parallel_size}"
+        )
+    return train.global_batch_size // per_step

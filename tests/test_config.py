@@ -1,0 +1,59 @@
+"""The Hydra config tree composes, validates, and reports bad input clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.cli import load_job
+from pretrain.config import ConfigError, check_batch_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["s0_align", "s1_pretrain", "s2_long_32k", "s3_long_256k", "sft"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_composes(stage):
+    _, job = load_job([f"stage={stage}"])
+    assert job.stage.name == stage
+    assert job.stage.seq_length in (8192, 32768, 262144)
+
+
+def test_report_stage_settings():
+    _, s0 = load_job(["stage=s0_align"])
+    assert s0.stage.trainable == ["merger"] and s0.stage.seq_length == 8192
+    _, s3 = load_job(["stage=s3_long_256k"])
+    assert s3.stage.seq_length == 262144 and s3.stage.init_from.endswith("s2_long_32k/checkpoints/latest")
+
+
+def test_overrides_and_interpolation():
+    _, job = load_job(["stage=sft", "parallel=tp2_ep2_sp", "train.global_batch_size=32",
+                       "stage.optimizer.lr=1e-4"])
+    assert job.parallel.tp == 2 and job.parallel.ep == 2 and job.parallel.sequence_parallel
+    assert job.train.global_batch_size == 32 and job.stage.optimizer.lr == 1e-4
+    assert job.train.run_dir == "runs/sft"
+    assert job.data.sources[0].path == "demo_out/shards/image_text"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tpp=2"], "Could not override 'parallel.tpp'"),
+    (["+train.foo=1"], "train.foo: Key 'foo' not in 'TrainSchema'"),
+    (["parallel.tp=abc"], "parallel.tp: Value 'abc' of type 'str' could not be converted to Integer"),
+    (["stage=s9"], "Could not find 'stage/s9'"),
+    (["stage.loss_normalization=mean"], "stage.loss_normalization='mean': must be one of"),
+    (["stage.train_tokens=null"], "set exactly one of stage.train_steps and stage.train_tokens"),
+    (["+stage.data_weights.books=1.0"], "stage.data_weights.books: no data source named 'books'"),
+])
+def test_bad_config_is_a_clear_error(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+        load_job(overrides)
+
+
+def test_batch_layout():
+    _, job = load_job(["train.global_batch_size=12", "train.micro_batch_size=2"])
+    assert check_batch_layout(job.train, data_parallel_size=3) == 2
+    with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size"):
+        check_batch_layout(job.train, data_parallel_size=4)
