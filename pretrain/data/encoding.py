@@ -223,9 +223,9 @@ class SampleEncoder:
         return self._finish(builder, "image_text", sample_id, eos=True)
 
     def encode_interleaved(
-        self, segments: Sequence[str | PIL.Image.Image], *, sample_id: str | None = None
+        self, segments: Sequence[str | PIL.Image.Image | VideoClip], *, sample_id: str | None = None
     ) -> EncodedSample:
-        """An interleaved document: strings and PIL images in reading order, concatenated as given."""
+        """An interleaved document: strings, PIL images and video clips in reading order, concatenated as given."""
         if isinstance(segments, (str, bytes)) or not segments:
             raise ValueError("interleaved document needs a non-empty list of text and image segments")
         builder = self._builder()
@@ -236,8 +236,10 @@ class SampleEncoder:
                 has_text = has_text or bool(segment.strip())
             elif isinstance(segment, PIL.Image.Image):
                 builder.image(self.image_patches(segment), True)
+            elif isinstance(segment, VideoClip):
+                builder.video(*self.video_patches(segment), True)
             else:
-                raise ValueError(f"segment {i} must be a str or a PIL image, got {type(segment).__name__}")
+                raise ValueError(f"segment {i} must be a str, a PIL image or a VideoClip, got {type(segment).__name__}")
         if not has_text:
             raise ValueError("interleaved document has no text")
         return self._finish(builder, "interleaved", sample_id, eos=True)
@@ -312,3 +314,89 @@ def _nth(items: Sequence, index: int, what: str):
     if index >= len(items):
         raise ValueError(f"conversation references {what} #{index + 1} but only {len(items)} {what}s were given")
     return items[index]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Adapter from the shard schema of ``data_tools`` (data_tools/schema.py)
+# ------------------------------------------------------------------------------------------------------
+
+
+class SampleEncodingError(ValueError):
+    """A shard sample that cannot be encoded; the message names the sample, ``reason`` is a short code
+    (a ``MediaError`` reason such as ``"image_decode_error"``, or ``"invalid_sample"``)."""
+
+    def __init__(self, message: str, reason: str = "invalid_sample"):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _MediaDecoder:
+    """Decodes a sample's media members once each (a member referenced twice is decoded once)."""
+
+    def __init__(self, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str):
+        self.media, self.frames, self.key = media, frames, sample_key
+        self._cache: dict[str, Any] = {}
+
+    def _bytes(self, name: str) -> bytes:
+        if name not in self.media:
+            raise ValueError(f"sample {self.key}: media member {name!r} is missing")
+        return self.media[name]
+
+    def image(self, name: str) -> PIL.Image.Image:
+        from pretrain.data import media
+
+        if name not in self._cache:
+            self._cache[name] = media.load_image(self._bytes(name))
+        return self._cache[name]
+
+    def video(self, name: str) -> VideoClip:
+        from pretrain.data.video_sampling import load_video_clip
+
+        if name not in self._cache:
+            self._cache[name] = load_video_clip(self._bytes(name), self.frames)
+        return self._cache[name]
+
+    def part(self, part) -> Any:
+        if part.type == "text":
+            return part.text
+        return self.image(part.image) if part.type == "image" else self.video(part.video)
+
+
+def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, bytes]) -> EncodedSample:
+    """Encode a ``data_tools.schema`` sample with its media bytes (part name -> bytes).
+
+    Images are decoded with ``pretrain.data.media.load_image``; videos are sampled at
+    ``encoder.config.frames`` and decoded with ``media.read_video_frames`` (clips are stored as their own
+    files, with captions already re-timed to the clip). Raises ``ValueError`` (``MediaError`` for bad
+    media) naming the sample key.
+    """
+    from data_tools import schema
+
+    decode = _MediaDecoder(media, encoder.config.frames, sample.key)
+    sample_id = sample.source.id or sample.key
+    try:
+        if isinstance(sample, schema.ImageTextSample):
+            return encoder.encode_image_text(decode.image(sample.image), sample.text, sample_id=sample_id)
+        if isinstance(sample, schema.InterleavedSample):
+            return encoder.encode_interleaved([decode.part(p) for p in sample.segments], sample_id=sample_id)
+        if isinstance(sample, schema.VideoSample):
+            captions = [Caption(c.start, c.end, c.text) for c in sample.captions]
+            return encoder.encode_video(decode.video(sample.video), text=sample.text, captions=captions, sample_id=sample_id)
+        if isinstance(sample, schema.SftSample):
+            messages = [
+                {"role": m.role, "content": [{"type": p.type, p.type: decode.part(p)} for p in m.content]}
+                for m in sample.messages
+            ]
+            return encoder.encode_conversation(messages, sample_id=sample_id)
+    except ValueError as err:
+        where = f"sample {sample.key} ({sample.source.manifest}:{sample.source.line})"
+        raise SampleEncodingError(f"{where}: {err}", reason=getattr(err, "reason", "invalid_sample")) from err
+    raise TypeError(f"not a data_tools.schema sample: {type(sample).__name__}")
+
+
+def encode_shard_parts(encoder: SampleEncoder, parts: Mapping[str, object]) -> EncodedSample:
+    """Encode one WebDataset / energon sample dict (part name -> bytes, e.g. ``json``, ``img0.jpg``)."""
+    from data_tools import schema
+
+    sample, media = schema.read_sample(parts)
+    return encode_schema_sample(encoder, sample, media)
