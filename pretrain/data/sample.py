@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +43,6 @@ class EncodedSample:
     video_grid_thw: torch.Tensor
     kind: str = "text"
     sample_id: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         length = self.input_ids.shape[0]

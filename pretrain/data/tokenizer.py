@@ -409,6 +409,16 @@ class Tokenizer:
         return f"Tokenizer(source={self.source!r}, vocab_size={self.vocab_size})"
 
 
+def load_tokenizer(name_or_dir: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
+    """``"qwen"``: :meth:`Tokenizer.qwen`; anything else: a directory holding ``tokenizer.json``.
+
+    This is the config value ``data.tokenizer`` of the training configs.
+    """
+    if str(name_or_dir) == "qwen":
+        return Tokenizer.qwen(cache_dir)
+    return Tokenizer.from_dir(name_or_dir)
+
+
 def tokenizer_summary(tokenizer: Tokenizer) -> dict:
     """A JSON-able description (source, vocab size, special ids), e.g. for run logs."""
     return {"source": tokenizer.source, "vocab_size": tokenizer.vocab_size, "special_ids": tokenizer.special_token_ids}
@@ -416,6 +426,7 @@ def tokenizer_summary(tokenizer: Tokenizer) -> dict:
 
 __all__ = [
     "Tokenizer",
+    "load_tokenizer",
     "train_byte_level_bpe",
     "build_qwen_tokenizer_json",
     "bpe_from_tiktoken_ranks",

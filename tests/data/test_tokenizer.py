@@ -13,6 +13,7 @@ from pretrain.data.tokenizer import (
     SPECIAL_TOKENS,
     Tokenizer,
     build_qwen_tokenizer_json,
+    load_tokenizer,
     train_byte_level_bpe,
 )
 
@@ -120,6 +121,9 @@ def test_qwen_cache_is_reused_and_from_dir_loads_it(qwen_tokenizer):
     assert spec["normalizer"]["type"] == "NFC"
     assert spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] == QWEN_SPLIT_PATTERN
     assert second.vocab_size == 151_669
+    # The config spelling: "qwen" or a tokenizer directory.
+    assert load_tokenizer("qwen", cache_dir=path.parent.parent).source == str(path)
+    assert load_tokenizer(path.parent).source == str(path)
 
 
 def test_bad_tokenizer_inputs(tmp_path):
