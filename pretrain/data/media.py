@@ -465,8 +465,8 @@ def _encoder_name() -> str:
 def encode_video(frames: Iterable[np.ndarray], fps: float, *, codec: str | None = None, crf: int = 18) -> bytes:
     """Encode RGB uint8 frames ``(H, W, 3)`` into MP4 bytes at ``fps`` frames per second.
 
-    Deterministic: the same frames give the same bytes (single-threaded encoder, no timestamps in the
-    container metadata). ``codec`` defaults to libx264 (mpeg4 when the FFmpeg build lacks it); AV1 is
+    Deterministic: the same frames give the same bytes (single-threaded encoder without x264's
+    macroblock-tree rate control, no timestamps in the container metadata). ``codec`` defaults to libx264 (mpeg4 when the FFmpeg build lacks it); AV1 is
     possible with ``codec="libsvtav1"``. Sides are cropped to even numbers of pixels (4:2:0 chroma needs
     them even). Raises ValueError when there is no frame.
     """
@@ -486,15 +486,16 @@ def encode_video(frames: Iterable[np.ndarray], fps: float, *, codec: str | None 
                 stream.pix_fmt = "yuv420p"
                 stream.time_base = Fraction(1, 1) / rate
                 if codec == "libx264":
-                    stream.options = {"threads": "1", "crf": str(crf), "preset": "medium"}
+                    # mbtree off: with x264's macroblock-tree rate control, the same frames gave
+                    # different bytes from run to run (seen on still-then-moving clips), even single-threaded.
+                    stream.options = {"threads": "1", "crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
                 elif codec == "libsvtav1":
                     stream.options = {"preset": "8"}
                 else:
                     stream.thread_count = 1
                     stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = count
-            frame.time_base = stream.time_base
+            frame.pts = count  # in the stream's time base, 1 / fps (setting frame.time_base too breaks muxing)
             for packet in stream.encode(frame):
                 container.mux(packet)
             count += 1

@@ -1,0 +1,536 @@
+"""The one build driver behind ``build-image-text``, ``build-interleaved``, ``build-video`` and ``build-sft``.
+
+Pipeline: the manifest is read line by line in the main process; worker processes validate lines and
+prepare samples (``data_tools.kinds``); results come back IN MANIFEST ORDER, and the main process alone
+detects duplicates, cuts shards and writes them. Hence the same input and options give byte-identical
+shards whatever ``--workers`` is.
+
+Every non-blank manifest line ends up either in exactly one shard (as one sample, or one per clip) or
+in ``rejected.jsonl`` with a reason. Output folder::
+
+    shard-000000.tar ...   WebDataset shards (data_tools.schema describes a sample)
+    index.json             shards (samples, bytes, sha256), totals, rejections by reason, config, version
+    rejected.jsonl         {"line", "reason", "detail", "input"} per rejected line, in line order
+    .nv-meta/, *.tar.idx   energon metadata (data_tools.energon_meta)
+    .build/journal.jsonl   what is committed, for --resume (data_tools.journal)
+
+Crash safety: shards are renamed into place only when complete and then journaled; index.json is
+written last, so its presence means the set is complete. ``--resume`` rebuilds the state from the
+journal, deletes anything not journaled, and goes on from the last committed sample; determinism
+makes the result identical to an uninterrupted build.
+
+A worker process that dies (a decoder segfault, the OOM killer) does not stop the build: the lines
+that were in flight are re-run one at a time in fresh processes, and the one that kills its process
+again is rejected as ``worker_crash``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+import traceback
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_tools.atomic import write_atomic
+from data_tools.config import SHARD_PATTERN, BuildConfig
+from data_tools.energon_meta import META_DIR, write_energon_metadata
+from data_tools.journal import Journal, load_journal
+from data_tools.kinds import maker
+from data_tools.sample_media import LineContext, PreparedSample
+from data_tools.schema import SCHEMA_VERSION
+from data_tools.shards import ShardWriter
+from data_tools.validation import REASONS, Rejected, decode_line, parse_record
+
+INDEX_JSON = "index.json"
+REJECTED_JSONL = "rejected.jsonl"
+BUILD_DIR = ".build"
+JOURNAL = "journal.jsonl"
+SHARD_RE = re.compile(r"^shard-(\d{6})\.tar(\.idx)?$")
+FORMAT = "qwen3vl-stack webdataset shard set"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or go on (bad arguments, foreign output folder, changed options)."""
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("qwen3vl-stack")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Worker side
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LineResult:
+    """What became of one manifest line: samples and source media digests, or a rejection."""
+
+    line: int
+    samples: list[PreparedSample] = field(default_factory=list)
+    digests: list[str] = field(default_factory=list)
+    reason: str | None = None
+    detail: str | None = None
+
+
+_WORKER: dict = {}
+
+
+def init_worker(config: BuildConfig) -> None:
+    """Per-process set-up (also run in the main process for ``--workers 0``)."""
+    _WORKER["config"] = config
+    _WORKER["make"] = maker(config.kind)
+    _WORKER["manifest_name"] = os.path.basename(config.manifest)
+    _WORKER["base_dir"] = os.path.dirname(config.manifest)
+
+
+def _as_text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def process_line(task: tuple[int, bytes]) -> LineResult:
+    """Validate one manifest line and prepare its samples. Never raises."""
+    line, raw = task
+    try:
+        record = parse_record(decode_line(raw))
+        ctx = LineContext(line, _WORKER["manifest_name"], _WORKER["base_dir"], _WORKER["config"])
+        samples, digests = _WORKER["make"](record, ctx)
+        return LineResult(line, samples=samples, digests=digests)
+    except Rejected as r:
+        return LineResult(line, reason=r.reason, detail=r.detail)
+    except Exception as e:  # a bug must not stop the build, but it must be visible
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        detail = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
+        return LineResult(line, reason="internal_error", detail=detail)
+
+
+def _executor(config: BuildConfig, workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the main process may hold threads (progress bar) whose locks fork would copy.
+    return ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(config,)
+    )
+
+
+def _run_alone(task: tuple[int, bytes], config: BuildConfig) -> LineResult:
+    with _executor(config, 1) as solo:
+        try:
+            return solo.submit(process_line, task).result()
+        except BrokenProcessPool:
+            return LineResult(
+                task[0], reason="worker_crash",
+                detail="processing this line killed its worker process twice (decoder crash or out of memory)",
+            )
+
+
+def ordered_results(
+    tasks: Iterator[tuple[int, bytes]], config: BuildConfig
+) -> Iterator[tuple[tuple[int, bytes], LineResult]]:
+    """``(task, process_line(task))`` over ``tasks`` on ``config.workers`` processes, in task order.
+
+    At most ``4 * workers`` tasks are in flight, so memory stays bounded whatever the manifest size.
+    """
+    if config.workers == 0:
+        init_worker(config)
+        for task in tasks:
+            yield task, process_line(task)
+        return
+    window = 4 * config.workers
+    pool = _executor(config, config.workers)
+    pending: deque = deque()
+    try:
+        while True:
+            while len(pending) < window:
+                task = next(tasks, None)
+                if task is None:
+                    break
+                pending.append((task, pool.submit(process_line, task)))
+            if not pending:
+                return
+            task, future = pending.popleft()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                result = None
+            if result is not None:
+                yield task, result
+                continue
+            # A worker died. Keep the results that arrived; re-run the others alone to find the culprit.
+            in_flight = [(task, future), *pending]
+            pending.clear()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for t, f in in_flight:
+                ok = f.done() and not f.cancelled() and f.exception() is None
+                yield t, (f.result() if ok else _run_alone(t, config))
+            pool = _executor(config, config.workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main side
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ManifestScan:
+    sha256: str
+    input_lines: int  # non-blank lines
+    blank_lines: int
+
+
+def scan_manifest(path: Path) -> ManifestScan:
+    h = hashlib.sha256()
+    nonblank = blank = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            h.update(raw)
+            if raw.strip(b" \t\r\n\x0b\x0c") in (b"", codecs.BOM_UTF8):
+                blank += 1
+            else:
+                nonblank += 1
+    return ManifestScan(h.hexdigest(), nonblank, blank)
+
+
+def iter_manifest(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line bytes without the line ending) of every non-blank line."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            if line == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]
+            if raw.strip(b" \t\r\n\x0b\x0c"):
+                yield line, raw
+
+
+@dataclass
+class BuildState:
+    """What the journal says is committed."""
+
+    shards: list[dict] = field(default_factory=list)
+    rejected: dict[int, dict] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)  # source media sha256 -> line that has it
+    last: tuple[int, int] | None = None  # (line, sub-sample) of the last committed sample
+    done: bool = False
+
+    @classmethod
+    def from_records(cls, records: list[dict]) -> "BuildState":
+        state = cls()
+        for record in records:
+            if record["type"] == "shard":
+                state.add_shard(record)
+            elif record["type"] == "rejected":
+                for r in record["records"]:
+                    state.rejected[r["line"]] = r
+            elif record["type"] == "done":
+                state.done = True
+        return state
+
+    def add_shard(self, record: dict) -> None:
+        self.shards.append(record)
+        self.last = tuple(record["last"])
+        for digest, line in record["digests"]:
+            self.seen[digest] = line
+
+
+def _our_outputs(out: Path) -> list[Path]:
+    names = {INDEX_JSON, REJECTED_JSONL, BUILD_DIR, META_DIR, INDEX_JSON + ".tmp", REJECTED_JSONL + ".tmp"}
+    return [p for p in out.iterdir() if p.name in names or SHARD_RE.match(p.name)]
+
+
+def _prepare_fresh(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise BuildError(
+                f"--out {out} is not empty: pass --resume to finish an interrupted build there, "
+                "or --overwrite to replace it"
+            )
+        for p in _our_outputs(out):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_uncommitted(out: Path, state: BuildState) -> None:
+    """Delete what the journal does not vouch for; check that committed shards are still intact."""
+    tmp = out / BUILD_DIR / "tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for name in (INDEX_JSON, REJECTED_JSONL, INDEX_JSON + ".tmp", REJECTED_JSONL + ".tmp"):
+        (out / name).unlink(missing_ok=True)
+    for p in out.iterdir():
+        m = SHARD_RE.match(p.name)
+        if m and (int(m.group(1)) >= len(state.shards) or m.group(2)):
+            p.unlink()  # a shard renamed but not journaled (rewritten identically), or energon's index
+    for record in state.shards:
+        path = out / record["name"]
+        if not path.is_file() or path.stat().st_size != record["bytes"]:
+            raise BuildError(
+                f"committed shard {path} is missing or has changed size since it was written; "
+                "this build cannot be resumed, rebuild it with --overwrite"
+            )
+
+
+def _diff(old: dict, new: dict) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    input_lines: int
+    accepted_lines: int
+    rejected_lines: int
+    samples: int
+    shards: int
+    bytes: int
+    rejected_by_reason: dict[str, int]
+    seconds: float
+
+    def text(self, command: str) -> str:
+        mb = self.bytes / 1e6
+        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"{command}: {self.input_lines} input lines -> {self.samples} samples from {self.accepted_lines} lines "
+            f"in {self.shards} shards ({mb:.1f} MB); {self.rejected_lines} lines rejected",
+        ]
+        if self.rejected_by_reason:
+            lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()))
+        lines.append(f"  {self.seconds:.1f} s this run, {rate:.1f} samples/s")
+        lines.append(f"  output: {self.out} ({INDEX_JSON}, {REJECTED_JSONL}, {META_DIR}/)")
+        return "\n".join(lines)
+
+
+def _ordered_reasons(counts: Counter) -> dict[str, int]:
+    order = list(REASONS)
+    return {r: counts[r] for r in sorted(counts, key=lambda r: (order.index(r) if r in order else len(order), r))}
+
+
+def run_build(config: BuildConfig) -> BuildSummary:
+    """Build (or with ``config.resume`` finish) the shard set of ``config``. Raises BuildError."""
+    started = time.monotonic()
+    out, manifest = Path(config.out), Path(config.manifest)
+    if not manifest.is_file():
+        raise BuildError(f"--manifest {manifest} does not exist or is not a file")
+    scan = scan_manifest(manifest)
+    fingerprint = {**config.fingerprint(), "manifest_sha256": scan.sha256}
+    journal_path = out / BUILD_DIR / JOURNAL
+    if config.resume:
+        if not journal_path.is_file():
+            raise BuildError(f"--resume: {out} holds no interrupted build ({BUILD_DIR}/{JOURNAL} is missing)")
+        header, records = load_journal(journal_path)
+        changes = _diff(header["config"], fingerprint)
+        if changes:
+            raise BuildError("--resume needs the same options and manifest as the interrupted build:\n  " + "\n  ".join(changes))
+    else:
+        _prepare_fresh(out, config.overwrite)
+        (out / BUILD_DIR).mkdir()
+        Journal.create(journal_path, {"tool_version": tool_version(), "config": fingerprint}).close()
+        records = []
+    state = BuildState.from_records(records)
+    if state.done and (out / INDEX_JSON).is_file():
+        return _summary_from_index(out, time.monotonic() - started)
+    _remove_uncommitted(out, state)
+    if not state.done:
+        _process(config, out, manifest, scan, state, journal_path)
+    return _finalize(config, out, scan, state, fingerprint, time.monotonic() - started)
+
+
+def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan, state: BuildState, journal_path: Path) -> None:
+    tmp_dir = out / BUILD_DIR / "tmp"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    journal = Journal(journal_path)
+    resume_line = state.last[0] if state.last else 0
+    bar = tqdm(
+        total=scan.input_lines, unit="line", desc=f"build {config.kind}", disable=not config.progress,
+        dynamic_ncols=True, mininterval=0.5,
+    )
+    counts = {"accepted": sum(r["lines"] for r in state.shards), "rejected": len(state.rejected)}
+
+    def tasks() -> Iterator[tuple[int, bytes]]:
+        for line, raw in iter_manifest(manifest):
+            if line < resume_line or line in state.rejected:
+                bar.update(1)  # committed before this run
+                continue
+            yield line, raw
+
+    writer: ShardWriter | None = None
+    shard = {"lines": 0, "digests": [], "last": None}
+    pending_rejections: list[dict] = []
+
+    def flush_rejections() -> None:
+        if pending_rejections:
+            journal.append({"type": "rejected", "records": list(pending_rejections)})
+            pending_rejections.clear()
+
+    def commit() -> None:
+        nonlocal writer
+        flush_rejections()
+        info = writer.commit()
+        record = {
+            "type": "shard", "name": info.name, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256,
+            "last": list(shard["last"]), "lines": shard["lines"], "digests": shard["digests"],
+        }
+        journal.append(record)
+        state.add_shard(record)
+        writer = None
+        shard.update(lines=0, digests=[], last=None)
+
+    def reject(line: int, reason: str, detail: str, text: str) -> None:
+        record = {"line": line, "reason": reason, "detail": detail, "input": text}
+        state.rejected[line] = record
+        pending_rejections.append(record)
+        counts["rejected"] += 1
+        if len(pending_rejections) >= 1000:  # safe at any time: resumes skip journaled rejections
+            flush_rejections()
+
+    resume_point = state.last  # the run goes on after this (line, sub-sample)
+    try:
+        for (_, raw), result in ordered_results(tasks(), config):
+            bar.update(1)
+            resumed_mid_line = resume_point is not None and result.line == resume_point[0]
+            if result.reason is not None:
+                if resumed_mid_line:
+                    raise BuildError(
+                        f"line {result.line} was accepted by the interrupted build but is now rejected "
+                        f"({result.reason}: {result.detail}): its media changed; rebuild with --overwrite"
+                    )
+                reject(result.line, result.reason, result.detail or "", _as_text(raw))
+                continue
+            skip = resume_point[1] + 1 if resumed_mid_line else 0
+            new_digests: list[list] = []
+            if not resumed_mid_line:
+                dup = next((d for d in result.digests if d in state.seen), None)
+                if dup is not None:
+                    position = result.digests.index(dup)
+                    reject(
+                        result.line, "duplicate_media",
+                        f"medium {position} has the same bytes (sha256 {dup[:16]}...) as a medium of line {state.seen[dup]}",
+                        _as_text(raw),
+                    )
+                    continue
+                for d in dict.fromkeys(result.digests):
+                    state.seen[d] = result.line
+                    new_digests.append([d, result.line])
+                counts["accepted"] += 1
+            for sub, sample in enumerate(result.samples):
+                if sub < skip:
+                    continue
+                if writer is not None and (
+                    writer.samples >= config.max_samples_per_shard or writer.size_with(sample) > config.max_shard_bytes
+                ):
+                    commit()
+                if writer is None:
+                    writer = ShardWriter(out / SHARD_PATTERN.format(index=len(state.shards)), tmp_dir)
+                writer.add(sample)
+                shard["last"] = (result.line, sub)
+                if sub == 0 and not resumed_mid_line:
+                    shard["lines"] += 1
+                    shard["digests"].extend(new_digests)
+            if bar.n % 32 == 0:
+                bar.set_postfix(accepted=counts["accepted"], rejected=counts["rejected"], refresh=False)
+        if writer is not None:
+            commit()
+        flush_rejections()
+        journal.append({"type": "done"})
+        state.done = True
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.set_postfix(accepted=counts["accepted"], rejected=counts["rejected"])
+        bar.close()
+        journal.close()
+
+
+def _finalize(
+    config: BuildConfig, out: Path, scan: ManifestScan, state: BuildState, fingerprint: dict, seconds: float
+) -> BuildSummary:
+    rejected = [state.rejected[line] for line in sorted(state.rejected)]
+    accepted_lines = sum(r["lines"] for r in state.shards)
+    if accepted_lines + len(rejected) != scan.input_lines:
+        raise BuildError(
+            f"internal accounting error: {accepted_lines} accepted + {len(rejected)} rejected lines != "
+            f"{scan.input_lines} input lines; please report this with {out / BUILD_DIR / JOURNAL}"
+        )
+    write_atomic(out / REJECTED_JSONL, b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rejected))
+    shard_names = [r["name"] for r in state.shards]
+    if shard_names:
+        write_energon_metadata(out, shard_names, config.kind, config.split, config.workers)
+    by_reason = _ordered_reasons(Counter(r["reason"] for r in rejected))
+    summary = BuildSummary(
+        out=str(out), input_lines=scan.input_lines, accepted_lines=accepted_lines, rejected_lines=len(rejected),
+        samples=sum(r["samples"] for r in state.shards), shards=len(shard_names),
+        bytes=sum(r["bytes"] for r in state.shards), rejected_by_reason=by_reason, seconds=seconds,
+    )
+    index = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "tool": "data_tools",
+        "tool_version": tool_version(),
+        "kind": config.kind,
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in state.shards],
+        "totals": {
+            "input_lines": scan.input_lines,
+            "blank_lines": scan.blank_lines,
+            "accepted_lines": accepted_lines,
+            "rejected_lines": len(rejected),
+            "samples": summary.samples,
+            "shards": summary.shards,
+            "bytes": summary.bytes,
+        },
+        "rejected_by_reason": by_reason,
+        "energon": {"metadata": META_DIR if shard_names else None, "dataset_yaml": f"{META_DIR}/dataset.yaml", "split": list(config.split)},
+        "config": fingerprint,
+    }
+    write_atomic(out / INDEX_JSON, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
+    shutil.rmtree(out / BUILD_DIR / "tmp", ignore_errors=True)
+    return summary
+
+
+def _summary_from_index(out: Path, seconds: float) -> BuildSummary:
+    index = json.loads((out / INDEX_JSON).read_text())
+    t = index["totals"]
+    return BuildSummary(
+        out=str(out), input_lines=t["input_lines"], accepted_lines=t["accepted_lines"], rejected_lines=t["rejected_lines"],
+        samples=t["samples"], shards=t["shards"], bytes=t["bytes"], rejected_by_reason=index["rejected_by_reason"],
+        seconds=seconds,
+    )
+
+
+def run_build_command(config: BuildConfig, command: str) -> int:
+    """Run a build for the CLI: print the summary; exit status 0, or 1 when no sample was accepted,
+    2 for a build that cannot run, 130 when interrupted."""
+    try:
+        summary = run_build(config)
+    except BuildError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; run the same command with --resume to finish", file=sys.stderr)
+        return 130
+    print(summary.text(command))
+    if summary.samples == 0 and summary.input_lines > 0:
+        print(f"{command}: error: no sample was accepted (see {REJECTED_JSONL})", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,47 @@
+"""Interleaved image-text documents.
+
+Manifest line: ``{"id"?: str, "segments": [{"text": str} | {"image": path}, ...]}`` in reading order.
+A document needs at least one text and one image segment; each segment has exactly one of the keys.
+"""
+
+from __future__ import annotations
+
+from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
+from data_tools.schema import InterleavedSample, Part, Source, sample_key
+from data_tools.validation import Rejected, check_text, check_total_text, field, source_id
+
+
+def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
+    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
+    ident = source_id(record)
+    segments = field(record, "segments", list)
+    if not segments:
+        raise Rejected("invalid_fields", "'segments' is empty")
+    kinds = []
+    for i, segment in enumerate(segments):  # all field and text checks before any file is opened
+        where = f"segments[{i}]"
+        if not isinstance(segment, dict):
+            raise Rejected("invalid_fields", f"{where} must be an object, got {type(segment).__name__}")
+        keys = [k for k in ("text", "image") if k in segment]
+        if len(keys) != 1:
+            raise Rejected("invalid_fields", f"{where} must have exactly one of 'text' or 'image', has {keys or 'neither'}")
+        if keys[0] == "text":
+            check_text(segment["text"], f"{where}.text")
+        kinds.append(keys[0])
+    if "image" not in kinds:
+        raise Rejected("invalid_fields", "the document has no image segment")
+    if "text" not in kinds:
+        raise Rejected("empty_text", "the document has no text segment")
+    check_total_text([s["text"] for s in segments if "text" in s], ctx.config.max_text_chars)
+    media = SampleMedia(ctx)
+    parts = []
+    for i, segment in enumerate(segments):
+        if "text" in segment:
+            parts.append(Part(type="text", text=segment["text"]))
+        else:
+            parts.append(Part(type="image", image=media.image(segment["image"], f"segments[{i}].image")))
+    sample = InterleavedSample(
+        key=sample_key(ctx.line), source=Source(ctx.line, ctx.manifest_name, ident), media=tuple(media.infos),
+        segments=tuple(parts),
+    )
+    return [prepare(sample, media.members)], media.source_digests

@@ -1,0 +1,79 @@
+"""Supervised fine-tuning conversations.
+
+Manifest line: ``{"id"?: str, "messages": [{"role": "system"|"user"|"assistant", "content": str |
+[{"type": "text", "text": str} | {"type": "image", "image": path} | {"type": "video", "video": path}]}]}``.
+
+Rules: a system message only first; at least one user and one assistant message; assistant messages
+are text only (the model does not generate media); no empty content. A string content becomes one
+text part in the stored sample.
+"""
+
+from __future__ import annotations
+
+from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
+from data_tools.schema import ROLES, Message, Part, SftSample, Source, sample_key
+from data_tools.validation import Rejected, check_text, check_total_text, field, source_id
+
+
+def _content_items(message: dict, where: str) -> list[dict]:
+    content = field(message, "content", (str, list), where)
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not content:
+        raise Rejected("invalid_fields", f"{where}.content is empty")
+    for j, item in enumerate(content):
+        iw = f"{where}.content[{j}]"
+        if not isinstance(item, dict):
+            raise Rejected("invalid_fields", f"{iw} must be an object, got {type(item).__name__}")
+        kind = field(item, "type", str, iw)
+        if kind not in ("text", "image", "video"):
+            raise Rejected("invalid_fields", f"{iw}.type must be text, image or video, got {kind!r}")
+        field(item, kind, str, iw)
+    return content
+
+
+def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
+    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
+    ident = source_id(record)
+    messages = field(record, "messages", list)
+    if not messages:
+        raise Rejected("invalid_fields", "'messages' is empty")
+    checked: list[tuple[str, list[dict]]] = []
+    for i, message in enumerate(messages):  # all field and text checks before any file is opened
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise Rejected("invalid_fields", f"{where} must be an object, got {type(message).__name__}")
+        role = field(message, "role", str, where)
+        if role not in ROLES:
+            raise Rejected("invalid_fields", f"{where}.role must be one of {list(ROLES)}, got {role!r}")
+        if role == "system" and i != 0:
+            raise Rejected("invalid_fields", f"{where}: a system message may only come first")
+        items = _content_items(message, where)
+        for j, item in enumerate(items):
+            if item["type"] == "text":
+                check_text(item["text"], f"{where}.content[{j}].text")
+            elif role == "assistant":
+                raise Rejected("invalid_fields", f"{where}: assistant messages must be text only, found {item['type']}")
+        checked.append((role, items))
+    roles = {role for role, _ in checked}
+    if "user" not in roles or "assistant" not in roles:
+        raise Rejected("invalid_fields", "a conversation needs at least one user and one assistant message")
+    check_total_text([it["text"] for _, items in checked for it in items if it["type"] == "text"], ctx.config.max_text_chars)
+    media = SampleMedia(ctx)
+    out = []
+    for i, (role, items) in enumerate(checked):
+        parts = []
+        for j, item in enumerate(items):
+            where = f"messages[{i}].content[{j}].{item['type']}"
+            if item["type"] == "text":
+                parts.append(Part(type="text", text=item["text"]))
+            elif item["type"] == "image":
+                parts.append(Part(type="image", image=media.image(item["image"], where)))
+            else:
+                parts.append(Part(type="video", video=media.video(item["video"], where)))
+        out.append(Message(role=role, content=tuple(parts)))
+    sample = SftSample(
+        key=sample_key(ctx.line), source=Source(ctx.line, ctx.manifest_name, ident), media=tuple(media.infos),
+        messages=tuple(out),
+    )
+    return [prepare(sample, media.members)], media.source_digests

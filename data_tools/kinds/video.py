@@ -1,0 +1,112 @@
+"""Videos with an optional description and timestamped captions.
+
+Manifest line: ``{"video": path, "text"?: str, "captions"?: [{"start": s, "end": s, "text": str}], "id"?: str}``
+(times in seconds from the start of the video). A video needs a text or at least one caption.
+
+Caption times must lie inside the video: ``0 <= start <= end``, ``start`` before the end of the video
+and ``end`` at most one frame period (``1 / fps``) past it (container durations are rounded; such an
+end is clamped to the duration).
+
+With ``--max-clip-seconds L`` a video longer than ``L`` seconds is cut at frame boundaries into clips
+``[kL, (k+1)L)`` (the last one shorter), each re-encoded to H.264 MP4 at the source frame rate and
+stored as its own sample with key ``<line>_<clip>``; captions overlapping a clip are cut to it and
+re-timed to the clip's start, and the video's ``text`` is repeated on every clip. Duplicate detection
+uses the source video's bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare, validate_video
+from data_tools.schema import Caption, Clip, Source, VideoSample, sample_key
+from data_tools.validation import Rejected, check_text, check_total_text, field, number, source_id
+from pretrain.data.media import MediaError, VideoInfo, encode_video, iter_video_frames
+
+
+def _parse_captions(record: dict) -> list[Caption]:
+    raw = field(record, "captions", list, optional=True) or []
+    captions = []
+    for i, c in enumerate(raw):
+        where = f"captions[{i}]"
+        if not isinstance(c, dict):
+            raise Rejected("invalid_fields", f"{where} must be an object, got {type(c).__name__}")
+        start, end = number(c, "start", where), number(c, "end", where)
+        text = check_text(field(c, "text", str, where), f"{where}.text")
+        if start < 0 or end < start:
+            raise Rejected("caption_out_of_range", f"{where} has start {start} s and end {end} s (need 0 <= start <= end)")
+        captions.append(Caption(start, end, text))
+    return captions
+
+
+def _fit_captions(captions: list[Caption], info: VideoInfo) -> list[Caption]:
+    """Check caption times against the video; clamp ends within one frame period of its end."""
+    slack = 1.0 / info.fps
+    fitted = []
+    for i, c in enumerate(captions):
+        if c.start >= info.duration or c.end > info.duration + slack:
+            raise Rejected(
+                "caption_out_of_range",
+                f"captions[{i}] spans {c.start}-{c.end} s but the video lasts {info.duration:.3f} s",
+            )
+        fitted.append(Caption(c.start, min(c.end, info.duration), c.text))
+    return fitted
+
+
+def clip_frame_ranges(num_frames: int, fps: float, max_seconds: float) -> list[tuple[int, int]]:
+    """Frame ranges ``[lo, hi)`` of consecutive clips of at most ``max_seconds`` (at least one frame each)."""
+    ranges, lo, k = [], 0, 1
+    while lo < num_frames:
+        hi = min(num_frames, max(lo + 1, math.floor(k * max_seconds * fps + 1e-6)))
+        ranges.append((lo, hi))
+        lo, k = hi, k + 1
+    return ranges
+
+
+def retime_captions(captions: list[Caption], start: float, end: float) -> list[Caption]:
+    """Captions overlapping ``[start, end)`` seconds, cut to it and shifted so that ``start`` becomes 0."""
+    out = []
+    for c in captions:
+        overlaps = c.start < end and c.end > start
+        instant_inside = c.start == c.end and start <= c.start < end
+        if overlaps or instant_inside:
+            out.append(Caption(round(max(c.start, start) - start, 6), round(min(c.end, end) - start, 6), c.text))
+    return out
+
+
+def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
+    """One sample, or one per clip; returns (samples, sha256 of the source video). Raises Rejected."""
+    ident = source_id(record)
+    text = record.get("text")
+    if text is not None:
+        text = check_text(text, "text")
+    captions = _parse_captions(record)
+    if text is None and not captions:
+        raise Rejected("empty_text", "a video needs a 'text' or at least one caption")
+    check_total_text(([text] if text else []) + [c.text for c in captions], ctx.config.max_text_chars)
+    source = Source(ctx.line, ctx.manifest_name, ident)
+    media = SampleMedia(ctx)
+    given, data, digest, info = media.read_video(field(record, "video", str), "video")
+    captions = _fit_captions(captions, info)
+    max_clip = ctx.config.max_clip_seconds
+    if max_clip is None or info.duration <= max_clip + 1e-9:
+        name = media.add_video(given, data, digest, info)
+        sample = VideoSample(sample_key(ctx.line), source, tuple(media.infos), video=name, text=text, captions=tuple(captions))
+        return [prepare(sample, media.members)], [digest]
+    ranges = clip_frame_ranges(info.num_frames, info.fps, max_clip)
+    samples = []
+    for index, (lo, hi) in enumerate(ranges):
+        try:
+            clip_bytes = encode_video(iter_video_frames(data, lo, hi), info.fps)
+        except MediaError as e:
+            raise Rejected(e.reason, f"video {given!r}, clip {index} (frames {lo}-{hi - 1}): {e.detail}") from None
+        clip_info = validate_video(clip_bytes, f"video {given!r} clip", str(index), ctx.config.video_sample_fps)
+        start, end = round(lo / info.fps, 6), round(hi / info.fps, 6)
+        clip_media = SampleMedia(ctx)
+        name = clip_media.add_video(given, clip_bytes, digest, clip_info, ext="mp4")
+        sample = VideoSample(
+            sample_key(ctx.line, index), source, tuple(clip_media.infos), video=name, text=text,
+            captions=tuple(retime_captions(captions, start, end)), clip=Clip(index, len(ranges), start, end),
+        )
+        samples.append(prepare(sample, clip_media.members))
+    return samples, [digest]

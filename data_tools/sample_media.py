@@ -1,0 +1,182 @@
+"""Media of one sample: read each file once, validate it, name it, and turn the sample into tar members.
+
+Used by every ``data_tools.kinds`` module, so all four builds check media the same way:
+
+* images: :func:`pretrain.data.media.load_image` (exists, decodes fully, bomb/size/aspect rules), then
+  either the original bytes, or a ``smart_resize`` downscale when ``--downscale-pixels`` asks for it;
+* videos: :func:`pretrain.data.media.probe_video` (decord, PyAV fallback), at least one frame at
+  ``--video-sample-fps``, and the middle and last sampled frames must decode too.
+
+Duplicates are detected on the sha256 of the SOURCE file bytes (``source_digests``); the build driver
+rejects a line whose media repeat an earlier accepted line's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from data_tools.config import BuildConfig
+from data_tools.schema import Media, Sample, media_part_name, sample_to_json
+from data_tools.validation import Rejected
+from pretrain.data.media import (
+    MediaError,
+    VideoInfo,
+    frame_indices_at_fps,
+    load_image,
+    probe_image,
+    probe_video,
+    read_video_frames,
+)
+from pretrain.data.resize import FACTOR, MAX_ASPECT_RATIO, smart_resize
+
+#: PIL format -> file extension of stored images.
+IMAGE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+#: Video file extensions kept as they are; anything else is stored as ".video" (the bytes decide).
+VIDEO_EXTENSIONS = {"mp4", "m4v", "mov", "mkv", "webm", "avi", "flv", "mpg", "mpeg", "ts", "wmv", "3gp", "ogv"}
+
+
+@dataclass(frozen=True)
+class LineContext:
+    """What a kind module needs to know about the manifest line it turns into samples."""
+
+    line: int  # 1-based
+    manifest_name: str  # the manifest's file name, recorded in each sample's source
+    base_dir: str  # folder that relative media paths are relative to
+    config: BuildConfig
+
+
+@dataclass
+class PreparedSample:
+    """One sample ready for a shard: its key and tar members ``[(part name, bytes)]``, ``json`` first."""
+
+    key: str
+    members: list[tuple[str, bytes]]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(len(data) for _, data in self.members)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _media_rejection(e: MediaError, where: str, given: str) -> Rejected:
+    return Rejected(e.reason, f"{where} {given!r}: {e.detail}")
+
+
+def validate_video(data: bytes, where: str, given: str, sample_fps: float) -> VideoInfo:
+    """Probe a video and prove it decodes at ``sample_fps``. Raises Rejected."""
+    try:
+        info = probe_video(data)
+        indices = frame_indices_at_fps(info.num_frames, info.fps, sample_fps)
+        if not indices:
+            raise Rejected("no_usable_frames", f"{where} {given!r}: no frame when sampled at {sample_fps} fps")
+        if max(info.width, info.height) / max(1, min(info.width, info.height)) > MAX_ASPECT_RATIO:
+            raise Rejected("aspect_ratio", f"{where} {given!r}: {info.width}x{info.height} pixels, aspect ratio above {MAX_ASPECT_RATIO}")
+        # The probe decoded frame 0; the middle and the last sampled frames catch truncated files.
+        read_video_frames(data, sorted({indices[len(indices) // 2], indices[-1]}))
+    except MediaError as e:
+        raise _media_rejection(e, where, given) from None
+    return info
+
+
+class SampleMedia:
+    """Collects the media of one sample in order of first reference and names them ``img0.jpg``, ``vid0.mp4``..."""
+
+    def __init__(self, ctx: LineContext):
+        self.ctx = ctx
+        self.members: list[tuple[str, bytes]] = []
+        self.infos: list[Media] = []
+        self.source_digests: list[str] = []
+        self._name_by_digest: dict[str, str] = {}
+        self._count = {"image": 0, "video": 0}
+
+    def read(self, value: object, where: str) -> tuple[str, bytes]:
+        """Read the file named by manifest value ``value``: (the path as given, its bytes). Raises Rejected."""
+        if not isinstance(value, str) or not value.strip():
+            raise Rejected("invalid_fields", f"{where} must be a non-empty path string, got {value!r}")
+        if "\x00" in value:
+            raise Rejected("invalid_fields", f"{where} path contains a NUL character")
+        path = value if os.path.isabs(value) else os.path.join(self.ctx.base_dir, value)
+        try:
+            with open(path, "rb") as f:
+                return value, f.read()
+        except FileNotFoundError:
+            raise Rejected("missing_file", f"{where} {value!r}: file does not exist") from None
+        except IsADirectoryError:
+            raise Rejected("unreadable_file", f"{where} {value!r}: is a directory") from None
+        except OSError as e:
+            raise Rejected("unreadable_file", f"{where} {value!r}: {e.strerror or e}") from None
+
+    def _add(self, media_type: str, ext: str, data: bytes, digest: str, **info) -> str:
+        name = media_part_name(media_type, self._count[media_type], ext)
+        self._count[media_type] += 1
+        self.members.append((name, data))
+        self.infos.append(Media(name=name, type=media_type, sha256=sha256_hex(data), bytes=len(data), **info))
+        self._name_by_digest[digest] = name
+        self.source_digests.append(digest)
+        return name
+
+    def image(self, value: object, where: str) -> str:
+        """Validate the image file ``value``, store it, return its part name. Raises Rejected."""
+        given, data = self.read(value, where)
+        digest = sha256_hex(data)
+        if digest in self._name_by_digest and self._name_by_digest[digest].startswith("img"):
+            return self._name_by_digest[digest]
+        config = self.ctx.config
+        try:
+            image = load_image(data, max_pixels=config.max_pixels)
+            header = probe_image(data)
+        except MediaError as e:
+            raise _media_rejection(e, where, given) from None
+        width, height = image.size
+        fmt = header.format.upper()
+        ext = IMAGE_EXTENSIONS.get(fmt) or (fmt.lower() if fmt.isalnum() else "img")
+        stored, original = data, {}
+        if config.downscale_pixels is not None and width * height > config.downscale_pixels:
+            new_h, new_w = smart_resize(height, width, min_pixels=FACTOR * FACTOR, max_pixels=config.downscale_pixels)
+            resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            if fmt in ("JPEG", "MPO"):
+                resized.save(buffer, format="JPEG", quality=95)
+                fmt, ext = "JPEG", "jpg"
+            else:
+                resized.save(buffer, format="PNG")
+                fmt, ext = "PNG", "png"
+            stored, original = buffer.getvalue(), {"original_width": width, "original_height": height}
+            width, height = new_w, new_h
+        return self._add("image", ext, stored, digest, format=fmt.lower(), width=width, height=height, source=given, **original)
+
+    def read_video(self, value: object, where: str) -> tuple[str, bytes, str, VideoInfo]:
+        """Read and validate a video without storing it: (path as given, bytes, sha256, info). Raises Rejected."""
+        given, data = self.read(value, where)
+        info = validate_video(data, where, given, self.ctx.config.video_sample_fps)
+        return given, data, sha256_hex(data), info
+
+    def add_video(self, given: str, data: bytes, digest: str, info: VideoInfo, *, ext: str | None = None) -> str:
+        """Store video bytes described by ``info``; ``digest`` is the SOURCE's sha256 (for duplicates)."""
+        if digest in self._name_by_digest and self._name_by_digest[digest].startswith("vid"):
+            return self._name_by_digest[digest]
+        if ext is None:
+            suffix = os.path.splitext(given)[1].lstrip(".").lower()
+            ext = suffix if suffix in VIDEO_EXTENSIONS else "video"
+        return self._add(
+            "video", ext, data, digest, format=ext, width=info.width, height=info.height, source=given,
+            num_frames=info.num_frames, fps=info.fps, duration=info.duration, backend=info.backend,
+        )
+
+    def video(self, value: object, where: str) -> str:
+        """Validate the video file ``value``, store its original bytes, return its part name. Raises Rejected."""
+        given, data, digest, info = self.read_video(value, where)
+        return self.add_video(given, data, digest, info)
+
+
+def prepare(sample: Sample, members: list[tuple[str, bytes]]) -> PreparedSample:
+    """The tar members of ``sample``: its JSON first, then the media members in order."""
+    return PreparedSample(key=sample.key, members=[("json", sample_to_json(sample)), *members])
