@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
 )
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from model.norm import RMSNorm
 
@@ -75,3 +76,103 @@ def qwen3_block_spec(config: TransformerConfig, use_te: bool | None = None,
         final_norm = RMSNorm
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Qwen3-VL: decoder layers that take DeepStack features, and the ViT layer.
+
+
+class DeepStackTransformerLayer(TransformerLayer):
+    """A decoder layer that adds its DeepStack visual features to its output (Qwen3-VL).
+
+    The features of this pipeline stage travel through the block as the layers' ``context`` argument
+    (the cross-attention input, unused by these self-attention-only layers), a tensor
+    ``[n, s, b, h]`` whose entry ``deepstack_slot`` belongs to this layer: zeros except at visual tokens,
+    so adding it equals the reference's in-place add at the visual positions. Passing it as an argument
+    (rather than keeping it on the module) keeps it correct under activation recomputation and with
+    several micro-batches in flight.
+    """
+
+    deepstack_slot: int | None = None
+
+    def forward(self, *args, **kwargs):
+        output, context = super().forward(*args, **kwargs)
+        slot = self.deepstack_slot
+        if context is not None and slot is not None and slot < context.shape[0]:
+            output = output + context[slot]
+        return output, context
+
+
+def qwen3vl_decoder_block_spec(config: TransformerConfig, moe_pattern: list[int], use_te: bool | None = None,
+                               vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """Specs of the Qwen3-VL decoder layers this pipeline stage builds (dense or MoE per ``moe_pattern``,
+    one entry per global layer), plus the final RMSNorm."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    use_te = use_transformer_engine() if use_te is None else use_te
+    dense = dataclasses.replace(qwen3_layer_spec(None, False, use_te), module=DeepStackTransformerLayer)
+    moe = None
+    if any(moe_pattern):
+        moe = dataclasses.replace(qwen3_layer_spec(config.num_moe_experts, config.moe_grouped_gemm, use_te),
+                                  module=DeepStackTransformerLayer)
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm as final_norm
+    else:
+        final_norm = RMSNorm
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    specs = [moe if moe_pattern[offset + i] else dense for i in range(num_layers)]
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
+
+
+def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+    """Spec of one Qwen3-VL ViT layer: pre-LayerNorm, bidirectional attention with QKV and output
+    biases (no QK-norm), GELU(tanh) MLP with biases. The attention mask (local backend) or the
+    packed-sequence boundaries (transformer-engine) keep it within each frame group."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    use_te = use_transformer_engine() if use_te is None else use_te
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        qkv, attn, proj, fc1, fc2 = (TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear,
+                                     TELayerNormColumnParallelLinear, TERowParallelLinear)
+        input_norm = pre_mlp_norm = IdentityOp
+    else:
+        qkv, attn, proj, fc1, fc2 = (ColumnParallelLinear, DotProductAttention, RowParallelLinear,
+                                     ColumnParallelLinear, RowParallelLinear)
+        input_norm = pre_mlp_norm = WrappedTorchNorm
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.padding},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv, core_attention=attn, linear_proj=proj,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+            # Local and transformer-engine checkpoints use the same names (TE fuses the norms).
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )

@@ -1,0 +1,382 @@
+"""The full Qwen3-VL model (dense or MoE) on Megatron-Core: vision encoder, token embedding with the visual
+embeddings placed at the image / video pad tokens, DeepStack injection, Qwen3 decoder with interleaved
+MRoPE, LM head and per-token loss.
+
+Build it with :func:`build_qwen3vl`; its ``forward`` contract::
+
+    model(input_ids [b, s] int64,
+          position_ids [3, b, s] int64 (t, h, w; pretrain.data.positions) or [b, s] for text,
+          attention_mask=None,           # None: causal. Else bool [b, 1, s, s], True = masked
+                                         # (block-diagonal x causal for packed documents; local backend)
+          labels=None,                   # [b, s] int64 -> per-token losses [b, s] (float32)
+          pixel_values=None, image_grid_thw=None,          # (patches, 1536) float, (n_images, 3)
+          pixel_values_videos=None, video_grid_thw=None,   # (patches, 1536) float, (n_videos, 3)
+          packed_seq_params=None)        # GPU/transformer-engine THD path (b == 1, cu_seqlens)
+      -> logits [b, s, vocab] (vocab split over tensor-parallel ranks unless parallel_output=False)
+         or, with labels, per-token losses [b, s].
+
+On a pipeline stage other than the last it returns the hidden states to send on. Parallel layouts:
+tensor (``tp``), pipeline (``pp``, with the vision encoder on the first stage), expert (``ep``/``etp``)
+and sequence parallelism; context parallelism is not supported.
+
+DeepStack across pipeline stages: the features for the decoder layers of later stages travel with the
+hidden states, concatenated along the hidden dimension (``[s, b, h * (1 + n)]``); the builder switches on
+Megatron's ``variable_seq_lengths`` so that the schedule sends tensors of that shape. Any split is
+therefore legal; the cost is the extra activation traffic when a DeepStack layer lies beyond stage 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from model.config import ConfigError, Qwen3VLConfig
+from model.layer_specs import qwen3vl_decoder_block_spec, use_transformer_engine
+from model.rope import InterleavedMRoPE
+from model.vision.vision_model import Qwen3VLVisionModel
+
+FREEZABLE = ("vision", "merger", "language")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Megatron-Core configs
+
+
+def language_transformer_config(
+    cfg: Qwen3VLConfig,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    **overrides,
+) -> TransformerConfig:
+    """The decoder's ``TransformerConfig`` in the initialised parallel state (see ``Qwen3TextConfig``)."""
+    t = cfg.text
+    extra = {}
+    pattern = t.moe_layer_pattern()
+    if t.is_moe and not all(pattern):
+        extra["moe_layer_freq"] = pattern
+    config = t.transformer_config(params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                                  **extra, **overrides)
+    if config.context_parallel_size > 1:
+        raise ConfigError("context parallelism (cp > 1) is not supported by the Qwen3-VL model")
+    if cfg.num_deepstack and config.pipeline_model_parallel_size > 1:
+        first = get_num_layers_to_build(config, vp_stage=0 if config.virtual_pipeline_model_parallel_size else None,
+                                        pp_rank=0)
+        if first < cfg.num_deepstack and not config.variable_seq_lengths:
+            # DeepStack features ride with the hidden states to later stages (see the module docstring).
+            config.variable_seq_lengths = True
+    return config
+
+
+def vision_transformer_config(cfg: Qwen3VLConfig, params_dtype: torch.dtype = torch.float32,
+                              **overrides) -> TransformerConfig:
+    """The ViT's ``TransformerConfig``: LayerNorm, biases, GELU(tanh), tensor parallel, never pipelined
+    nor sequence parallel."""
+    v = cfg.vision
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if v.num_heads % tp:
+        raise ConfigError(f"vision.num_heads {v.num_heads} is not divisible by tensor parallel size {tp}")
+    kwargs = dict(
+        num_layers=v.depth,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.intermediate_size,
+        num_attention_heads=v.num_heads,
+        num_query_groups=v.num_heads,
+        kv_channels=v.head_dim,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layer_norm_eps,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        gated_linear_unit=False,
+        activation_func=partial(F.gelu, approximate="tanh"),
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        init_method_std=0.02,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Decoder block with DeepStack
+
+
+class Qwen3VLDecoderBlock(TransformerBlock):
+    """Megatron's ``TransformerBlock`` whose layers add DeepStack features (``DeepStackTransformerLayer``).
+
+    ``context`` ``[n, s, b, h]`` holds the features of the global decoder layers ``offset .. offset+n-1``
+    (``offset`` = this stage's first layer). Between pipeline stages they are concatenated to the hidden
+    states along the last dimension.
+    """
+
+    def __init__(self, *args, num_deepstack: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_deepstack = num_deepstack
+        self.layer_offset = get_transformer_layer_offset(self.config, self.vp_stage)
+        for layer in self.layers:
+            index = layer.layer_number - 1  # global, 0-based
+            layer.deepstack_slot = index - self.layer_offset if index < num_deepstack else None
+        # Features for the layers of later stages, passed on with the hidden states.
+        self.deepstack_out = max(0, num_deepstack - self.layer_offset - len(self.layers))
+
+    def forward(self, hidden_states, attention_mask, context=None, **kwargs):
+        if not self.pre_process:
+            received = self.input_tensor
+            h = self.config.hidden_size
+            extra = received.shape[-1] // h - 1
+            if extra > 0:
+                s, b = received.shape[:2]
+                context = received[..., h:].reshape(s, b, extra, h).permute(2, 0, 1, 3).contiguous()
+                self.input_tensor = received[..., :h].contiguous()
+            out = super().forward(hidden_states, attention_mask, context=context, **kwargs)
+            self.input_tensor = received
+        else:
+            out = super().forward(hidden_states, attention_mask, context=context, **kwargs)
+        if self.deepstack_out and context is not None:
+            rest = context[context.shape[0] - self.deepstack_out:]
+            out = torch.cat([out, rest.permute(1, 2, 0, 3).reshape(*out.shape[:2], -1)], dim=-1)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model
+
+
+class Qwen3VLModel(LanguageModule):
+    """Qwen3-VL on one pipeline stage (see the module docstring for the forward contract)."""
+
+    def __init__(
+        self,
+        cfg: Qwen3VLConfig,
+        config: TransformerConfig,
+        vision_config: TransformerConfig | None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        vp_stage: int | None = None,
+        use_te: bool | None = None,
+    ):
+        super().__init__(config=config)
+        self.cfg = cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.parallel_output = parallel_output
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
+        self.use_te = use_transformer_engine() if use_te is None else use_te
+        t = cfg.text
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if t.vocab_size % tp:
+            raise ConfigError(f"text.vocab_size {t.vocab_size} is not divisible by tensor parallel size {tp}")
+        if t.num_key_value_heads % tp and tp % t.num_key_value_heads:
+            raise ConfigError(f"text.num_key_value_heads {t.num_key_value_heads} does not divide over tp={tp}")
+
+        if pre_process:
+            self.vision = Qwen3VLVisionModel(cfg.vision, vision_config, use_te=self.use_te)
+            # Visual embeddings replace the image/video pad tokens before the sequence is split over
+            # tensor-parallel ranks, so the embedding does not scatter; forward does.
+            self.embedding = LanguageModelEmbedding(config=config, vocab_size=t.vocab_size,
+                                                    max_sequence_length=t.max_position_embeddings,
+                                                    position_embedding_type="none",
+                                                    scatter_to_sequence_parallel=False)
+        self.rotary_pos_emb = InterleavedMRoPE(t.head_dim, t.rope_theta, t.mrope_section)
+        self.decoder = Qwen3VLDecoderBlock(
+            config=config,
+            spec=qwen3vl_decoder_block_spec(config, t.moe_layer_pattern(), self.use_te, vp_stage=vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+            num_deepstack=cfg.num_deepstack,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, t.vocab_size, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=not parallel_output,
+                skip_weight_param_allocation=pre_process and self.share_embeddings_and_output_weights,
+            )
+        if pre_process or post_process:
+            self.setup_embeddings_and_output_layer()
+
+    # -- pipeline plumbing
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if not isinstance(input_tensor, list):
+            input_tensor = [input_tensor]
+        assert len(input_tensor) == 1, "Qwen3-VL takes one input tensor per stage"
+        self.decoder.set_input_tensor(input_tensor[0])
+
+    # -- freezing
+
+    def freeze(self, parts: Iterable[str]) -> None:
+        """Stop gradients of ``parts``: ``vision`` (patch embedding, positions, ViT layers), ``merger``
+        (the patch merger and the DeepStack mergers) and ``language`` (embedding, decoder, LM head)."""
+        parts = set(parts)
+        unknown = sorted(parts - set(FREEZABLE))
+        if unknown:
+            raise ValueError(f"unknown freeze part(s) {unknown}; known: {list(FREEZABLE)}")
+        for name, param in self.named_parameters():
+            if name.startswith("vision."):
+                part = "merger" if name.startswith(("vision.merger.", "vision.deepstack_merger_list.")) else "vision"
+            else:
+                part = "language"
+            if part in parts:
+                param.requires_grad_(False)
+
+    # -- forward
+
+    def visual_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Run the ViT on this micro-batch's images and videos.
+
+        Returns (embeds ``[b, s, h]`` with visual features at pad tokens and zeros elsewhere, mask
+        ``[b, s]`` of visual tokens, DeepStack features ``[n, b, s, h]`` or None); None when no media.
+        """
+        cfg = self.cfg
+        parts = []
+        for kind, pixels, grid, token in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
+                                          ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
+            if pixels is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind} pixel values given without their {kind}_grid_thw")
+            mask = input_ids == token
+            embeds, deep = self.vision(pixels, grid)
+            if int(mask.sum()) != embeds.shape[0]:
+                raise ValueError(f"{int(mask.sum())} {kind} pad tokens (id {token}) in input_ids but the "
+                                 f"{kind}s give {embeds.shape[0]} embeddings (grid_thw {torch.as_tensor(grid).tolist()})")
+            parts.append((mask, embeds, deep))
+        if not parts:
+            return None
+        b, s = input_ids.shape
+        h = cfg.text.hidden_size
+        dtype = parts[0][1].dtype
+        dense = torch.zeros(b, s, h, dtype=dtype, device=input_ids.device)
+        deep = [torch.zeros(b, s, h, dtype=dtype, device=input_ids.device) for _ in range(cfg.num_deepstack)]
+        visual_mask = torch.zeros(b, s, dtype=torch.bool, device=input_ids.device)
+        for mask, embeds, feats in parts:
+            m = mask[..., None]
+            dense = dense.masked_scatter(m, embeds)
+            deep = [d.masked_scatter(m, f) for d, f in zip(deep, feats)]
+            visual_mask = visual_mask | mask
+        return dense, visual_mask, (torch.stack(deep) if deep else None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> torch.Tensor:
+        b, s = input_ids.shape
+        if position_ids is None:
+            if pixel_values is not None or pixel_values_videos is not None:
+                raise ValueError("position_ids [3, b, s] are required with images or videos "
+                                 "(pretrain.data.positions.mrope_position_ids)")
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+        rotary = self.rotary_pos_emb(position_ids.to(input_ids.device))
+        if rotary.shape[0] != s or rotary.shape[1] != b:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}")
+
+        decoder_input, context = None, None
+        if self.pre_process:
+            decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+            visual = self.visual_embeddings(input_ids, pixel_values, image_grid_thw,
+                                            pixel_values_videos, video_grid_thw)
+            if visual is not None:
+                embeds, mask, deep = visual
+                decoder_input = torch.where(mask.t()[..., None], embeds.transpose(0, 1).to(decoder_input.dtype),
+                                            decoder_input)
+                if deep is not None:
+                    context = deep.transpose(1, 2).to(decoder_input.dtype)  # [n, s, b, h]
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+                if context is not None:
+                    context = tensor_parallel.scatter_to_sequence_parallel_region(
+                        context.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, context=context,
+                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
+        if not self.post_process:
+            return hidden
+
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)
+
+
+def build_qwen3vl(
+    cfg: Qwen3VLConfig,
+    *,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    freeze: Iterable[str] = (),
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    parallel_output: bool = True,
+    use_te: bool | None = None,
+    config_overrides: dict | None = None,
+) -> Qwen3VLModel:
+    """Qwen3-VL for this pipeline stage in the initialised Megatron parallel state.
+
+    ``freeze``: parts whose parameters get no gradient (``vision``, ``merger``, ``language``).
+    ``config_overrides``: extra ``TransformerConfig`` fields of the decoder (e.g. recomputation,
+    ``moe_grouped_gemm``); the ViT takes the recomputation settings too.
+    ``use_te``: transformer-engine spec (default: when CUDA and TE are present).
+    """
+    ps = parallel_state
+    use_te = use_transformer_engine() if use_te is None else use_te
+    overrides = dict(config_overrides or {})
+    if use_te:
+        # The fused GPU path; bf16 numerics are set by params_dtype.
+        overrides.setdefault("bias_activation_fusion", True)
+        overrides.setdefault("masked_softmax_fusion", True)
+        overrides.setdefault("bias_dropout_fusion", True)
+        overrides.setdefault("moe_grouped_gemm", cfg.is_moe)
+    if "moe_grouped_gemm" in overrides and not cfg.is_moe:
+        overrides.pop("moe_grouped_gemm")
+    config = language_transformer_config(cfg, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                                         **overrides)
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    vision_config = None
+    if pre_process:
+        recompute = {k: overrides[k] for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")
+                     if k in overrides}
+        vision_config = vision_transformer_config(cfg, params_dtype=params_dtype, **recompute)
+    model = Qwen3VLModel(cfg, config, vision_config, pre_process=pre_process, post_process=post_process,
+                         parallel_output=parallel_output, vp_stage=vp_stage, use_te=use_te)
+    model.freeze(freeze)
+    return model

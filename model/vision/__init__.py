@@ -1,0 +1,1 @@
+"""Qwen3-VL vision encoder (ViT + patch mergers + DeepStack mergers) on Megatron-Core modules."""
