@@ -1,0 +1,274 @@
+"""Training checkpoints as Megatron distributed checkpoints, written atomically, keep-last-k.
+
+Layout of ``<run_dir>/checkpoints``::
+
+    step_00000100/            a Megatron distributed checkpoint (model + optimizer shards, any layout)
+        trainer.json          step, consumed samples/tokens, scheduler state, skipped steps, layout
+        ranks/rank_00003.pt   per-rank state: RNG states and the data loader's position
+    latest                    text file naming the newest complete step directory
+
+A checkpoint is written to ``step_00000100.tmp`` by all ranks, then rank 0 renames it to its final
+name and only after that rewrites ``latest`` (write-then-rename): a crash or kill at any point leaves
+the previous checkpoint and ``latest`` intact, and a half-written directory is never under a final
+name. Model and optimizer shards use Megatron's ``fully_reshardable`` optimizer format, so a
+checkpoint loads in another tensor/pipeline/expert-parallel layout; the per-rank state (RNG, data
+position) is restored only when the layout and world size are unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain.megatron_fixes import apply_megatron_fixes
+
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path and the reason."""
+
+
+@dataclass
+class TrainerState:
+    """Progress of a stage, saved in ``trainer.json``."""
+
+    step: int = 0
+    consumed_samples: int = 0  # packed sequences
+    consumed_tokens: int = 0  # real (non-padding) tokens
+    skipped_steps: int = 0  # non-finite steps skipped in total
+    scheduler: dict = field(default_factory=dict)
+    layout: dict = field(default_factory=dict)  # world size and parallel sizes at save time
+    stage: str = ""
+    num_optimizers: int = 1  # Megatron's chained optimizers: 2 for MoE with EP>1 (dense + experts)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
+    """A step directory, or a checkpoints folder / ``latest`` file resolved to its newest step; None if empty."""
+    p = Path(path)
+    if p.name == LATEST or (p.is_dir() and (p / LATEST).is_file()):
+        latest = p if p.name == LATEST else p / LATEST
+        if not latest.is_file():
+            return None
+        target = latest.parent / latest.read_text().strip()
+        if not target.is_dir():
+            raise CheckpointError(f"{latest} names {target.name}, which does not exist")
+        return target
+    if p.is_dir() and (p / "trainer.json").is_file():
+        return p
+    return None
+
+
+def collect_rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give every parameter the Adam state a step would create (zeros, step 0) if it has none yet.
+
+    Loading a checkpoint into a fresh optimizer needs the state's structure to exist: Megatron's
+    distributed optimizer reads the common ``step`` of its state before loading, and torch's Adam
+    creates state lazily on its first step. The loaded values then replace these placeholders.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+
+
+def _num_optimizers(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _model_sharded_state(model: list) -> dict:
+    """Sharded state dicts of the model chunks, without their DDP / Float16 wrappers' prefixes."""
+    from megatron.core.utils import unwrap_model
+
+    return {_model_key(i, len(model)): chunk.sharded_state_dict()
+            for i, chunk in enumerate(unwrap_model(model))}
+
+
+def _sharded_state(model: list, optimizer, is_loading: bool = False) -> dict:
+    model_state = _model_sharded_state(model)
+    state = dict(model_state)
+    if optimizer is not None:
+        _materialize_optimizer_state(optimizer)
+        flat_model_state = {}
+        for sub in model_state.values():
+            flat_model_state.update(sub)
+        state["optimizer"] = optimizer.sharded_state_dict(
+            flat_model_state, is_loading=is_loading, metadata=dict(OPTIMIZER_SHARDING))
+    return state
+
+
+def current_layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "ep": ps.get_expert_model_parallel_world_size(),
+        "etp": ps.get_expert_tensor_parallel_world_size(),
+        "cp": ps.get_context_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+    }
+
+
+class CheckpointManager:
+    """Saves and loads the checkpoints of one stage's run directory (see the module docstring)."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int = 2):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+
+    # ------------------------------------------------------------------ save
+    def save(self, model: list, optimizer, state: TrainerState, rank_state: dict[str, Any]) -> Path:
+        """Write a complete checkpoint for ``state.step``; collective over all ranks."""
+        from megatron.core import dist_checkpointing
+
+        final = self.root / step_dir_name(state.step)
+        tmp = self.root / (final.name + ".tmp")
+        if _rank() == 0:
+            if tmp.exists():  # left by a crash during an earlier save of this step
+                shutil.rmtree(tmp)
+            (tmp / "ranks").mkdir(parents=True)
+        _barrier()
+        dist_checkpointing.save(_sharded_state(model, optimizer), str(tmp))
+        torch.save(rank_state, tmp / "ranks" / f"rank_{_rank():05d}.pt")
+        _barrier()
+        if _rank() == 0:
+            state.layout = current_layout()
+            state.num_optimizers = _num_optimizers(optimizer)
+            _write_atomic(tmp / "trainer.json", json.dumps(asdict(state), indent=2))
+            if final.exists():  # a step saved again (e.g. after a resume without progress)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.root / LATEST, final.name + "\n")
+            self._prune()
+        _barrier()
+        return final
+
+    def _prune(self) -> None:
+        steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name))
+        for old in steps[: max(0, len(steps) - self.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def latest(self) -> Path | None:
+        return resolve_checkpoint(self.root) if self.root.is_dir() else None
+
+    def load(self, path: Path, model: list, optimizer) -> tuple[TrainerState, dict[str, Any] | None]:
+        """Restore model, optimizer and progress from ``path``; returns the trainer state and this
+        rank's saved state (None when the layout changed, so RNG and data position cannot map)."""
+        from megatron.core import dist_checkpointing
+
+        state = _read_trainer_state(path)
+        apply_megatron_fixes()
+        if optimizer is not None and state.num_optimizers != _num_optimizers(optimizer):
+            # Megatron keeps expert parameters in their own optimizer only when EP>1; its
+            # non-tensor optimizer state (param groups, step) does not map between the two forms.
+            raise CheckpointError(
+                f"{path}: its optimizer state was saved as {state.num_optimizers} Megatron optimizer(s) "
+                f"(layout {state.layout}); this layout {current_layout()} has {_num_optimizers(optimizer)}. "
+                "MoE optimizer state moves between layouts with the same kind of expert parallelism "
+                "(EP=1 or EP>1); load the weights alone with stage.init_from instead."
+            )
+        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+        _load_model_state(model, loaded)
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+        rank_file = path / "ranks" / f"rank_{_rank():05d}.pt"
+        same_layout = state.layout == current_layout()
+        rank_state = torch.load(rank_file, weights_only=False) if same_layout and rank_file.is_file() else None
+        return state, rank_state
+
+
+def load_weights(path: str | os.PathLike, model: list) -> Path:
+    """Load only the model weights of a checkpoint (a stage's ``init_from``): any layout."""
+    from megatron.core import dist_checkpointing
+
+    resolved = resolve_checkpoint(path)
+    if resolved is None:
+        raise CheckpointError(f"init_from={path}: no checkpoint there (no 'latest' file or trainer.json)")
+    loaded = dist_checkpointing.load(_model_sharded_state(model), str(resolved))
+    _load_model_state(model, loaded)
+    return resolved
+
+
+def _load_model_state(model: list, loaded: dict) -> None:
+    from megatron.core.utils import unwrap_model
+
+    for i, chunk in enumerate(unwrap_model(model)):
+        chunk.load_state_dict(loaded[_model_key(i, len(model))])
+
+
+def _read_trainer_state(path: Path) -> TrainerState:
+    meta = path / "trainer.json"
+    try:
+        return TrainerState(**json.loads(meta.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{meta}: unreadable trainer state ({exc})") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

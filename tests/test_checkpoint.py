@@ -1,0 +1,173 @@
+"""Distributed checkpoints: atomic, keep-last-k, resumable exactly, loadable in another layout."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+
+def _setup(layout, seed=7, cfg_name="TINY_MOE"):
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from pretrain.parallel import initialize_distributed
+    from pretrain.step import setup_optimizer, wrap_with_ddp
+    from tests import tiny_gpt
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    initialize_distributed(layout)
+    module = tiny_gpt.build(getattr(tiny_gpt, cfg_name), sequence_parallel=layout.get("sequence_parallel", False),
+                            seed=seed, for_training=True)
+    model = wrap_with_ddp([module], DistributedDataParallelConfig(use_distributed_optimizer=True))
+    optimizer = setup_optimizer(model, OptimizerConfig(
+        optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=True,
+        params_dtype=torch.float32))
+    return model, optimizer
+
+
+def _steps(model, optimizer, n, dp_rank, start):
+    from pretrain.step import train_step
+    from tests import tiny_gpt
+
+    losses = []
+    for i in range(start, start + n):
+        batches = [tiny_gpt.fixed_batch(batch=1, seed=1000 * i + 10 * dp_rank + j) for j in range(2)]
+        r = train_step(model, optimizer, tiny_gpt.forward_step, iter(batches), num_microbatches=2,
+                       seq_length=tiny_gpt.SEQ, micro_batch_size=1)
+        losses.append(r.loss)
+    return losses
+
+
+def _resume_body(rank, run_dir):
+    """8 straight steps vs 4 steps + checkpoint + fresh model/optimizer + restore + 4 steps."""
+    from megatron.core import parallel_state
+
+    from pretrain.checkpoint import CheckpointManager, TrainerState, collect_rng_state, restore_rng_state
+
+    layout = {"ep": 2}
+    model, optimizer = _setup(layout)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    straight = _steps(model, optimizer, 8, dp_rank, 0)
+
+    model, optimizer = _setup(layout)
+    first = _steps(model, optimizer, 4, dp_rank, 0)
+    manager = CheckpointManager(run_dir, keep_last=2)
+    for step in (2, 3, 4):  # older ones are pruned
+        manager.save(model, optimizer, TrainerState(step=step, consumed_samples=4 * step),
+                     {"rng": collect_rng_state(), "data": {"next": 4}})
+    model, optimizer = _setup(layout, seed=123)  # different initial weights: the load must overwrite
+    state, rank_state = manager.load(manager.latest(), model, optimizer)
+    restore_rng_state(rank_state["rng"])
+    second = _steps(model, optimizer, 4, dp_rank, rank_state["data"]["next"])
+    return straight, first + second, state.step, sorted(os.listdir(manager.root))
+
+
+def test_resume_continues_exactly(tmp_path):
+    results = run_ranks(_resume_body, 2, tmp_path / "run")
+    for straight, resumed, step, listing in results:
+        assert step == 4
+        assert resumed == straight  # bit-identical losses: weights and Adam moments restored
+        assert listing == ["latest", "step_00000003", "step_00000004"]
+    assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000004"
+
+
+def _layout_change_body(rank, run_dir, cfg_name, layouts):
+    """Save model+optimizer in layouts[0]; load in each layout: the next two steps are the same."""
+    from megatron.core import parallel_state
+
+    from pretrain.checkpoint import CheckpointManager, TrainerState
+
+    manager = CheckpointManager(run_dir)
+    model, optimizer = _setup(layouts[0], cfg_name=cfg_name)
+    _steps(model, optimizer, 3, parallel_state.get_data_parallel_rank(), 0)
+    manager.save(model, optimizer, TrainerState(step=3), {})
+    # The same global batch of the next step, split over however many data-parallel ranks exist.
+    results = []
+    for layout in layouts:
+        model, optimizer = _setup(layout, seed=5, cfg_name=cfg_name)
+        state, rank_state = manager.load(manager.latest(), model, optimizer)
+        from pretrain.step import train_step
+        from tests import tiny_gpt
+
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        seqs = [tiny_gpt.fixed_batch(batch=1, seed=77 + j) for j in range(4)]
+        mine = seqs[dp_rank * (4 // dp):(dp_rank + 1) * (4 // dp)]
+        losses = []
+        for _ in range(2):  # the second loss depends on the restored Adam moments
+            r = train_step(model, optimizer, tiny_gpt.forward_step, iter(mine), num_microbatches=len(mine),
+                           seq_length=tiny_gpt.SEQ, micro_batch_size=1)
+            losses.append(r.loss)
+        results.append((layout, losses, rank_state is not None))
+    return results
+
+
+@pytest.mark.parametrize("cfg_name, layouts", [
+    ("TINY_MOE", [{"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}, {"ep": 2}]),
+    ("TINY_DENSE", [{"tp": 2}, {"pp": 2}, {"tp": 1}]),
+])
+def test_checkpoint_loads_in_other_layouts(tmp_path, cfg_name, layouts):
+    results = run_ranks(_layout_change_body, 2, tmp_path / "run", cfg_name, layouts)
+    for per_rank in results:
+        reference = per_rank[0][1]
+        for layout, losses, restored_rank_state in per_rank:
+            assert losses == pytest.approx(reference, rel=1e-5), layout
+        # Per-rank state (RNG, data position) only comes back in the layout it was saved in.
+        assert [r for *_, r in per_rank] == [True] + [False] * (len(layouts) - 1)
+
+
+def _ep_kind_change_body(rank, run_dir):
+    from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState, load_weights
+
+    manager = CheckpointManager(run_dir)
+    model, optimizer = _setup({"ep": 2})
+    manager.save(model, optimizer, TrainerState(step=1), {})
+    model, optimizer = _setup({"tp": 1}, seed=5)
+    try:
+        manager.load(manager.latest(), model, optimizer)
+        message = None
+    except CheckpointError as exc:
+        message = str(exc)
+    load_weights(manager.root, model)  # the weights still load (a stage's init_from)
+    return message
+
+
+def test_moe_optimizer_state_between_ep1_and_ep2_is_a_clear_error(tmp_path):
+    messages = run_ranks(_ep_kind_change_body, 2, tmp_path / "run")
+    assert all("load the weights alone with stage.init_from" in m for m in messages)
+
+
+def _crash_body(rank, run_dir):
+    """A save killed half-way leaves the previous checkpoint as 'latest' and no final-named debris."""
+    from pretrain import checkpoint as ck
+
+    model, optimizer = _setup({"tp": 1})
+    manager = ck.CheckpointManager(run_dir)
+    manager.save(model, optimizer, ck.TrainerState(step=1), {})
+    original = ck._write_atomic
+
+    def crash_on_trainer_json(path, text):
+        if path.name == "trainer.json":
+            raise RuntimeError("simulated crash")
+        original(path, text)
+
+    ck._write_atomic = crash_on_trainer_json
+    crashed = False
+    try:
+        manager.save(model, optimizer, ck.TrainerState(step=2), {})
+    except RuntimeError:
+        crashed = True
+    return crashed, manager.latest().name if rank == 0 else None
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    (crashed, latest), = run_ranks(_crash_body, 1, tmp_path / "run")
+    assert crashed and latest == "step_00000001"
+    names = sorted(os.listdir(tmp_path / "run/checkpoints"))
+    assert names == ["latest", "step_00000001", "step_00000002.tmp"]
