@@ -38,6 +38,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
@@ -181,6 +182,7 @@ class Qwen3VLModel(LanguageModule):
     ):
         super().__init__(config=config)
         self.cfg = cfg
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.pre_process = pre_process
         self.post_process = post_process
         self.parallel_output = parallel_output
