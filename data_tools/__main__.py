@@ -21,9 +21,8 @@ COMMANDS: dict[str, str] = {
     "stats": "data_tools.stats",
     "verify": "data_tools.verify",
     "synth": "data_tools.synth",
+    "train-tokenizer": "data_tools.train_tokenizer",  # owned by the tokenizer module's engineer
 }
-# Other teams register their commands here, one line each, e.g.
-# COMMANDS["train-tokenizer"] = "data_tools.train_tokenizer"
 COMMANDS["train-tokenizer"] = "data_tools.train_tokenizer"
 
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from data_tools.atomic import write_atomic
 from data_tools.config import SHARD_PATTERN, BuildConfig
 from data_tools.energon_meta import META_DIR, write_energon_metadata
-from data_tools.journal import Journal, load_journal
+from data_tools.journal import Journal, JournalError, load_journal
 from data_tools.kinds import maker
 from data_tools.sample_media import LineContext, PreparedSample
 from data_tools.schema import SCHEMA_VERSION
@@ -129,10 +129,10 @@ def _executor(config: BuildConfig, workers: int) -> ProcessPoolExecutor:
     )
 
 
-def _run_alone(task: tuple[int, bytes], config: BuildConfig) -> LineResult:
+def _run_alone(task: tuple[int, bytes], config: BuildConfig, fn) -> LineResult:
     with _executor(config, 1) as solo:
         try:
-            return solo.submit(process_line, task).result()
+            return solo.submit(fn, task).result()
         except BrokenProcessPool:
             return LineResult(
                 task[0], reason="worker_crash",
@@ -141,16 +141,17 @@ def _run_alone(task: tuple[int, bytes], config: BuildConfig) -> LineResult:
 
 
 def ordered_results(
-    tasks: Iterator[tuple[int, bytes]], config: BuildConfig
+    tasks: Iterator[tuple[int, bytes]], config: BuildConfig, fn=process_line
 ) -> Iterator[tuple[tuple[int, bytes], LineResult]]:
-    """``(task, process_line(task))`` over ``tasks`` on ``config.workers`` processes, in task order.
+    """``(task, fn(task))`` over ``tasks`` on ``config.workers`` processes, in task order.
 
-    At most ``4 * workers`` tasks are in flight, so memory stays bounded whatever the manifest size.
+    ``fn`` (a picklable module-level function, default :func:`process_line`) must not raise. At most
+    ``4 * workers`` tasks are in flight, so memory stays bounded whatever the manifest size.
     """
     if config.workers == 0:
         init_worker(config)
         for task in tasks:
-            yield task, process_line(task)
+            yield task, fn(task)
         return
     window = 4 * config.workers
     pool = _executor(config, config.workers)
@@ -161,7 +162,7 @@ def ordered_results(
                 task = next(tasks, None)
                 if task is None:
                     break
-                pending.append((task, pool.submit(process_line, task)))
+                pending.append((task, pool.submit(fn, task)))
             if not pending:
                 return
             task, future = pending.popleft()
@@ -178,7 +179,7 @@ def ordered_results(
             pool.shutdown(wait=True, cancel_futures=True)
             for t, f in in_flight:
                 ok = f.done() and not f.cancelled() and f.exception() is None
-                yield t, (f.result() if ok else _run_alone(t, config))
+                yield t, (f.result() if ok else _run_alone(t, config, fn))
             pool = _executor(config, config.workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -304,18 +305,19 @@ class BuildSummary:
     shards: int
     bytes: int
     rejected_by_reason: dict[str, int]
-    seconds: float
+    seconds: float  # this run
+    samples_this_run: int = 0
 
     def text(self, command: str) -> str:
         mb = self.bytes / 1e6
-        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        rate = self.samples_this_run / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"{command}: {self.input_lines} input lines -> {self.samples} samples from {self.accepted_lines} lines "
             f"in {self.shards} shards ({mb:.1f} MB); {self.rejected_lines} lines rejected",
         ]
         if self.rejected_by_reason:
             lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()))
-        lines.append(f"  {self.seconds:.1f} s this run, {rate:.1f} samples/s")
+        lines.append(f"  this run: {self.samples_this_run} samples written in {self.seconds:.1f} s, {rate:.1f} samples/s")
         lines.append(f"  output: {self.out} ({INDEX_JSON}, {REJECTED_JSONL}, {META_DIR}/)")
         return "\n".join(lines)
 
@@ -337,7 +339,10 @@ def run_build(config: BuildConfig) -> BuildSummary:
     if config.resume:
         if not journal_path.is_file():
             raise BuildError(f"--resume: {out} holds no interrupted build ({BUILD_DIR}/{JOURNAL} is missing)")
-        header, records = load_journal(journal_path)
+        try:
+            header, records = load_journal(journal_path)
+        except JournalError as e:
+            raise BuildError(f"{e}; this build cannot be resumed, rebuild it with --overwrite") from None
         changes = _diff(header["config"], fingerprint)
         if changes:
             raise BuildError("--resume needs the same options and manifest as the interrupted build:\n  " + "\n  ".join(changes))
@@ -350,12 +355,16 @@ def run_build(config: BuildConfig) -> BuildSummary:
     if state.done and (out / INDEX_JSON).is_file():
         return _summary_from_index(out, time.monotonic() - started)
     _remove_uncommitted(out, state)
+    written = 0
     if not state.done:
-        _process(config, out, manifest, scan, state, journal_path)
-    return _finalize(config, out, scan, state, fingerprint, time.monotonic() - started)
+        written = _process(config, out, manifest, scan, state, journal_path)
+    summary = _finalize(config, out, scan, state, fingerprint, time.monotonic() - started)
+    summary.samples_this_run = written
+    return summary
 
 
-def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan, state: BuildState, journal_path: Path) -> None:
+def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan, state: BuildState, journal_path: Path) -> int:
+    """Process the manifest from where the journal stops; return the samples written to shards."""
     tmp_dir = out / BUILD_DIR / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(journal_path)
@@ -364,7 +373,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         total=scan.input_lines, unit="line", desc=f"build {config.kind}", disable=not config.progress,
         dynamic_ncols=True, mininterval=0.5,
     )
-    counts = {"accepted": sum(r["lines"] for r in state.shards), "rejected": len(state.rejected)}
+    counts = {"accepted": sum(r["lines"] for r in state.shards), "rejected": len(state.rejected), "written": 0}
 
     def tasks() -> Iterator[tuple[int, bytes]]:
         for line, raw in iter_manifest(manifest):
@@ -442,6 +451,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
                 if writer is None:
                     writer = ShardWriter(out / SHARD_PATTERN.format(index=len(state.shards)), tmp_dir)
                 writer.add(sample)
+                counts["written"] += 1
                 shard["last"] = (result.line, sub)
                 if sub == 0 and not resumed_mid_line:
                     shard["lines"] += 1
@@ -453,6 +463,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         flush_rejections()
         journal.append({"type": "done"})
         state.done = True
+        return counts["written"]
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -153,7 +153,7 @@ def random_image_spec(rng: random.Random) -> ImageSpec:
     width, height = rng.randint(64, 160), rng.randint(64, 160)
     if rng.random() < 0.15:  # some clearly wide or tall images
         width, height = (rng.randint(128, 160), rng.randint(56, 72)) if rng.random() < 0.5 else (rng.randint(56, 72), rng.randint(128, 160))
-    radius = max(10, int(min(width, height) * rng.uniform(0.22, 0.38)))
+    radius = max(10, int(min(width, height) * rng.uniform(0.28, 0.42)))
     return ImageSpec(
         colour=rng.choice(list(COLOURS)),
         shape=rng.choice(SHAPES),

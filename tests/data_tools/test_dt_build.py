@@ -1,0 +1,318 @@
+"""The build commands: every line accounted for, validation reasons, determinism, shard limits, clips, crashes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import KIND_MANIFESTS, build, read_jsonl
+from PIL import Image
+from test_dt_media import bar_column, moving_frames, png_bytes, png_header_only
+
+from data_tools.build import BuildError, LineResult, ordered_results
+from data_tools.config import BuildConfig
+from data_tools.schema import VideoSample, sample_from_json
+from data_tools.shards import iter_shard
+from data_tools.verify import verify
+from pretrain.data import media
+
+MEMBER_RE = re.compile(r"^\d{9}(_\d{4})?\.(json|img\d+\.[a-z0-9]+|vid\d+\.[a-z0-9]+)$")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def samples_of(out: Path) -> list:
+    index = json.loads((out / "index.json").read_text())
+    return [sample_from_json(parts["json"]) for s in index["shards"] for _, parts in iter_shard(out / s["name"])]
+
+
+@pytest.mark.parametrize("kind", list(KIND_MANIFESTS))
+def test_every_line_lands_once_or_is_rejected_with_its_reason(kind, corpus, built_sets):
+    out = built_sets[kind]
+    index = json.loads((out / "index.json").read_text())
+    synth = json.loads((corpus / "synth.json").read_text())
+    expected_bad = {b["line"]: b["reason"] for b in synth["bad_lines"][KIND_MANIFESTS[kind]]}
+    rejected = {r["line"]: r["reason"] for r in read_jsonl(out / "rejected.jsonl")}
+    assert rejected == expected_bad
+    manifest_lines = (corpus / KIND_MANIFESTS[kind]).read_text().splitlines()
+    for r in read_jsonl(out / "rejected.jsonl"):  # the input line is recorded verbatim
+        assert r["input"] == manifest_lines[r["line"] - 1] and r["detail"]
+    lines = [s.source.line for s in samples_of(out)]
+    assert len(lines) == len(set(lines))  # no clips here: one sample per accepted line
+    assert set(lines) | set(rejected) == set(range(1, len(manifest_lines) + 1))
+    assert not set(lines) & set(rejected)
+    t = index["totals"]
+    assert (t["input_lines"], t["accepted_lines"], t["rejected_lines"]) == (len(manifest_lines), len(lines), len(rejected))
+    assert index["kind"] == kind and index["config"]["max_samples_per_shard"] == 10
+    assert all(s["samples"] <= 10 for s in index["shards"]) and len(index["shards"]) == -(-len(lines) // 10)
+    for shard in index["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            for member in tar:
+                assert MEMBER_RE.match(member.name), member.name  # plain keys, never an input path
+                assert (member.mtime, member.uid, member.gid, member.uname, member.mode) == (0, 0, 0, "", 0o644)
+    problems, checked = verify(out, decode=True)
+    assert problems == [] and checked["samples"] == len(lines)
+
+
+def test_sample_content_matches_the_manifest(corpus, built_sets):
+    by_line = {s.source.line: s for s in samples_of(built_sets["image_text"])}
+    for line, record in enumerate(read_jsonl_lenient(corpus / "image_text.jsonl"), start=1):
+        if line not in by_line or record is None:
+            continue
+        sample = by_line[line]
+        assert sample.text == record["text"] and sample.source.id == record["id"]
+        (m,) = sample.media
+        source = (corpus / record["image"]).read_bytes()
+        assert m.source == record["image"] and m.bytes == len(source)  # original bytes kept
+        assert (m.width, m.height) == Image.open(io.BytesIO(source)).size
+        assert m.name == sample.image and m.name.endswith(".png" if record["image"].endswith("png") else ".jpg")
+
+
+def read_jsonl_lenient(path: Path) -> list:
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            out.append(None)
+    return out
+
+
+def test_image_text_validation_reasons(tmp_path):
+    d = tmp_path
+    (d / "a.png").write_bytes(png_bytes(64, 64))
+    (d / "a_copy.png").write_bytes(png_bytes(64, 64))
+    (d / "b.png").write_bytes(png_bytes(64, 40, color=(1, 2, 3)))
+    (d / "big.png").write_bytes(png_bytes(300, 200, color=(9, 9, 9)))
+    (d / "bomb.png").write_bytes(png_header_only(10_000, 5_000))
+    (d / "small.png").write_bytes(png_bytes(20, 100))
+    (d / "thin.png").write_bytes(png_bytes(29, 6000))
+    full = png_bytes(90, 90, color=(50, 60, 70))
+    (d / "trunc.png").write_bytes(full[: len(full) // 2])
+    (d / "folder.png").mkdir()
+    cases = [
+        ("good", {"image": "a.png", "text": "a red circle"}, None),
+        ("dup-path", {"image": "a.png", "text": "again"}, "duplicate_media"),
+        ("dup-bytes", {"image": "a_copy.png", "text": "copy"}, "duplicate_media"),
+        ("utf8", b'{"id": "utf8", "image": "b.png", "text": "caf\xe9"}', "invalid_utf8"),
+        ("surrogate", '{"id": "surrogate", "image": "b.png", "text": "x\\ud800"}', "invalid_utf8"),
+        ("type", {"image": "b.png", "text": 5}, "invalid_fields"),
+        ("array", '["b.png", "text"]', "invalid_fields"),
+        ("json", '{"id": "json", "image": "b.png", "text": "unclosed', "malformed_json"),
+        ("long", {"image": "b.png", "text": "x" * 41}, "text_too_long"),
+        ("special", {"image": "b.png", "text": "hi <|im_start|> there"}, "special_token"),
+        ("bomb", {"image": "bomb.png", "text": "big"}, "decompression_bomb"),
+        ("small", {"image": "small.png", "text": "small"}, "image_too_small"),
+        ("thin", {"image": "thin.png", "text": "thin"}, "aspect_ratio"),
+        ("dir", {"image": "folder.png", "text": "a folder"}, "unreadable_file"),
+        ("missing", {"image": "nope.png", "text": "missing"}, "missing_file"),
+        ("trunc", {"image": "trunc.png", "text": "truncated"}, "image_decode_error"),
+        ("empty", {"image": "b.png", "text": " \t"}, "empty_text"),
+        ("downscaled", {"image": "big.png", "text": "a big one"}, None),
+        ("good2", {"image": "b.png", "text": "a blue one", "id": 42}, None),
+    ]
+    lines = [b"\xef\xbb\xbf"]  # a UTF-8 BOM before line 1 is allowed
+    expected, line = {}, 0
+    for i, (ident, record, reason) in enumerate(cases):
+        if isinstance(record, dict):
+            record = json.dumps({"id": ident, **record} if "id" not in record else record)
+        lines.append((record if isinstance(record, bytes) else record.encode()) + b"\n")
+        line += 1
+        if reason:
+            expected[line] = reason
+        if i == 3:
+            lines.append(b"   \r\n")  # a blank line: skipped, not an input
+            line += 1
+    manifest = d / "m.jsonl"
+    manifest.write_bytes(b"".join(lines))
+    summary = build("image_text", manifest, d / "out", max_text_chars=40, downscale_pixels=10_000)
+    assert {r["line"]: r["reason"] for r in read_jsonl(d / "out" / "rejected.jsonl")} == expected
+    index = json.loads((d / "out" / "index.json").read_text())
+    assert index["totals"]["blank_lines"] == 1 and summary.input_lines == len(cases)
+    accepted = {s.source.id: s for s in samples_of(d / "out")}
+    assert set(accepted) == {"good", "downscaled", "42"}
+    (m,) = accepted["downscaled"].media  # 300x200 -> smart_resize under 10,000 pixels -> 96x64, PNG
+    assert (m.width, m.height, m.original_width, m.original_height, m.format) == (96, 64, 300, 200, "png")
+    stored = {name: data for s in index["shards"] for key, parts in iter_shard(d / "out" / s["name"])
+              for name, data in parts.items() if key == accepted["downscaled"].key}
+    assert Image.open(io.BytesIO(stored[m.name])).size == (96, 64)
+    dup = next(r for r in read_jsonl(d / "out" / "rejected.jsonl") if r["reason"] == "duplicate_media")
+    assert "line 1" in dup["detail"]
+    assert verify(d / "out")[0] == []
+
+
+def write_manifest(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_interleaved_and_sft_rules(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(64, 64))
+    (tmp_path / "b.png").write_bytes(png_bytes(48, 64, color=(200, 0, 0)))
+    docs = write_manifest(tmp_path / "docs.jsonl", [
+        {"id": "ok", "segments": [{"text": "look"}, {"image": "a.png"}, {"text": "and"}, {"image": "a.png"}]},
+        {"id": "both", "segments": [{"text": "x", "image": "b.png"}]},
+        {"id": "noimage", "segments": [{"text": "only words"}]},
+        {"id": "notext", "segments": [{"image": "b.png"}]},
+        {"id": "empty", "segments": []},
+    ])
+    build("interleaved", docs, tmp_path / "docs")
+    reasons = {json.loads(r["input"])["id"]: r["reason"] for r in read_jsonl(tmp_path / "docs" / "rejected.jsonl")}
+    assert reasons == {"both": "invalid_fields", "noimage": "invalid_fields", "notext": "empty_text", "empty": "invalid_fields"}
+    (doc,) = samples_of(tmp_path / "docs")
+    assert [p.type for p in doc.segments] == ["text", "image", "text", "image"]
+    assert len(doc.media) == 1 and doc.segments[1].image == doc.segments[3].image == "img0.png"  # stored once
+
+    user_image = {"type": "image", "image": "b.png"}
+    conversations = write_manifest(tmp_path / "sft.jsonl", [
+        {"id": "ok", "messages": [{"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": [user_image, {"type": "text", "text": "colour?"}]},
+                                  {"role": "assistant", "content": "red"}]},
+        {"id": "late-system", "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"},
+                                           {"role": "assistant", "content": "yo"}]},
+        {"id": "assistant-image", "messages": [{"role": "user", "content": "draw"},
+                                               {"role": "assistant", "content": [user_image]}]},
+        {"id": "no-answer", "messages": [{"role": "user", "content": "hi"}]},
+        {"id": "bad-role", "messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        {"id": "bad-part", "messages": [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]},
+                                        {"role": "assistant", "content": "y"}]},
+    ])
+    build("sft", conversations, tmp_path / "sft")
+    reasons = {json.loads(r["input"])["id"]: r["reason"] for r in read_jsonl(tmp_path / "sft" / "rejected.jsonl")}
+    assert reasons == dict.fromkeys(["late-system", "assistant-image", "no-answer", "bad-role", "bad-part"], "invalid_fields")
+    (conv,) = samples_of(tmp_path / "sft")
+    assert [m.role for m in conv.messages] == ["system", "user", "assistant"]
+    assert conv.messages[0].content[0].text == "be brief"  # string content -> one text part
+    assert conv.messages[1].content[0].image == conv.media[0].name == "img0.png"
+
+
+def test_video_validation_and_caption_checks(tmp_path):
+    (tmp_path / "v.mp4").write_bytes(media.encode_video(moving_frames(16), fps=8))  # 2.0 s
+    (tmp_path / "w.mp4").write_bytes(media.encode_video(moving_frames(12), fps=8))
+    (tmp_path / "bad.mp4").write_bytes(b"\x00" * 2048)
+    manifest = write_manifest(tmp_path / "v.jsonl", [
+        {"id": "ok", "video": "v.mp4", "captions": [{"start": 0, "end": 2.1, "text": "moves"}]},  # 0.1 s late: clamped
+        {"id": "late", "video": "w.mp4", "captions": [{"start": 0.5, "end": 2.5, "text": "too long"}]},
+        {"id": "reversed", "video": "w.mp4", "captions": [{"start": 1.0, "end": 0.5, "text": "backwards"}]},
+        {"id": "untitled", "video": "w.mp4"},
+        {"id": "corrupt", "video": "bad.mp4", "text": "noise"},
+        {"id": "nan", "video": "w.mp4", "captions": [{"start": float("nan"), "end": 1, "text": "x"}]},
+    ])
+    build("video", manifest, tmp_path / "out")
+    reasons = {json.loads(r["input"])["id"]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")}
+    assert reasons == {"late": "caption_out_of_range", "reversed": "caption_out_of_range", "untitled": "empty_text",
+                       "corrupt": "video_decode_error", "nan": "invalid_fields"}
+    (sample,) = samples_of(tmp_path / "out")
+    assert sample.captions[0].end == 2.0 and sample.clip is None
+    m = sample.media[0]
+    assert (m.num_frames, m.fps, m.duration, m.backend) == (16, 8.0, 2.0, "decord")
+    assert m.sha256 == __import__("hashlib").sha256((tmp_path / "v.mp4").read_bytes()).hexdigest()
+
+
+def test_long_videos_are_cut_into_clips_with_retimed_captions(tmp_path):
+    (tmp_path / "long.mp4").write_bytes(media.encode_video(moving_frames(24), fps=4))  # 6.0 s at 4 fps
+    (tmp_path / "short.mp4").write_bytes(media.encode_video(moving_frames(8), fps=4))  # 2.0 s: not cut
+    manifest = write_manifest(tmp_path / "v.jsonl", [
+        {"id": "long", "video": "long.mp4", "text": "a bar moves right",
+         "captions": [{"start": 0.0, "end": 1.0, "text": "start"}, {"start": 1.0, "end": 6.0, "text": "moving"},
+                      {"start": 5.5, "end": 5.5, "text": "instant"}]},
+        {"id": "short", "video": "short.mp4", "text": "short"},
+    ])
+    build("video", manifest, tmp_path / "out", max_clip_seconds=2.5, max_samples_per_shard=2)
+    samples = samples_of(tmp_path / "out")
+    assert [s.key for s in samples] == ["000000001_0000", "000000001_0001", "000000001_0002", "000000002"]
+    clips = samples[:3]
+    assert [(c.clip.index, c.clip.count, c.clip.start, c.clip.end) for c in clips] == [
+        (0, 3, 0.0, 2.5), (1, 3, 2.5, 5.0), (2, 3, 5.0, 6.0)]
+    assert [[(c.start, c.end, c.text) for c in s.captions] for s in clips] == [
+        [(0.0, 1.0, "start"), (1.0, 2.5, "moving")],
+        [(0.0, 2.5, "moving")],
+        [(0.0, 1.0, "moving"), (0.5, 0.5, "instant")],
+    ]
+    assert all(s.text == "a bar moves right" for s in clips)
+    assert [s.media[0].num_frames for s in clips] == [10, 10, 4]
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    members = {key: parts for s in index["shards"] for key, parts in iter_shard(tmp_path / "out" / s["name"])}
+    second = members["000000001_0001"]["vid0.mp4"]
+    frames = media.read_video_frames(second, [0, 9])
+    assert [bar_column(f) for f in frames] == [20, 38]  # source frames 10 and 19
+    assert samples[3].clip is None and samples[3].media[0].num_frames == 8
+    assert index["totals"]["accepted_lines"] == 2 and index["totals"]["samples"] == 4
+    assert verify(tmp_path / "out", decode=True)[0] == []
+
+
+def test_shards_are_byte_identical_whatever_the_workers_and_respect_limits(corpus, tmp_path):
+    limits = dict(max_samples_per_shard=4, max_shard_bytes=12_000)
+    build("image_text", corpus / "image_text.jsonl", tmp_path / "w0", workers=0, **limits)
+    build("image_text", corpus / "image_text.jsonl", tmp_path / "w2", workers=2, **limits)
+    a = json.loads((tmp_path / "w0" / "index.json").read_text())
+    b = json.loads((tmp_path / "w2" / "index.json").read_text())
+    assert a["shards"] == b["shards"] and len(a["shards"]) > 5
+    for s in a["shards"]:
+        assert (tmp_path / "w0" / s["name"]).read_bytes() == (tmp_path / "w2" / s["name"]).read_bytes()
+        assert s["samples"] <= 4 and (s["bytes"] <= 12_000 or s["samples"] == 1)
+    assert any(s["samples"] < 4 for s in a["shards"][:-1])  # the byte limit cut some shards early
+    assert (tmp_path / "w0" / "rejected.jsonl").read_bytes() == (tmp_path / "w2" / "rejected.jsonl").read_bytes()
+
+
+def crash_on_line_3(task):
+    """Stands in for a decoder that segfaults on one input: the worker process dies."""
+    line, raw = task
+    if line == 3:
+        os._exit(1)
+    return LineResult(line)
+
+
+def test_a_worker_that_dies_rejects_only_its_line(tmp_path):
+    config = BuildConfig(kind="image_text", manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), workers=1)
+    tasks = iter([(line, b"{}") for line in range(1, 7)])
+    results = [result for _, result in ordered_results(tasks, config, fn=crash_on_line_3)]
+    assert [r.line for r in results] == [1, 2, 3, 4, 5, 6]
+    assert [r.reason for r in results] == [None, None, "worker_crash", None, None, None]
+
+
+def test_output_folder_rules(corpus, tmp_path):
+    manifest = corpus / "sft.jsonl"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BuildError, match="not empty"):
+        build("sft", manifest, out)
+    with pytest.raises(BuildError, match="nothing to resume|holds no interrupted build"):
+        build("sft", manifest, out, resume=True)
+    build("sft", manifest, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"  # --overwrite removes only what a build writes
+    with pytest.raises(BuildError, match="max_samples_per_shard"):
+        build("sft", manifest, out, resume=True, max_samples_per_shard=3)
+    summary = build("sft", manifest, out, resume=True)  # complete already: nothing to do
+    assert summary.samples_this_run == 0 and summary.samples == json.loads((out / "index.json").read_text())["totals"]["samples"]
+    with pytest.raises(BuildError, match="does not exist"):
+        build("sft", tmp_path / "missing.jsonl", tmp_path / "x")
+
+
+def test_cli(corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run(
+        [sys.executable, "-m", "data_tools", "build-interleaved", "--manifest", str(corpus / "interleaved.jsonl"),
+         "--out", str(tmp_path / "out"), "--workers", "1"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "input lines ->" in run.stdout and "rejected by reason: missing_file 1" in run.stdout
+    assert "build interleaved" in run.stderr  # the progress bar
+    again = subprocess.run([sys.executable, "-m", "data_tools", "build-interleaved", "--manifest", str(corpus / "interleaved.jsonl"),
+                            "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=REPO)
+    assert again.returncode == 2 and "--resume" in again.stderr
+    from data_tools.__main__ import COMMANDS, main
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
