@@ -19,9 +19,9 @@ Transformations (exact: reshapes, concatenations and transposes only, so convers
   ``[gate_r; up_r]`` (Megatron's SwiGLU sharding);
 * MoE experts: HF keeps one tensor per layer. The published checkpoints store ``gate_up_proj`` as
   ``(E, H, 2I)`` and ``down_proj`` as ``(E, I, H)``; transformers 5 keeps (and ``save_pretrained`` writes)
-  the transposed in-memory layout ``(E, 2I, H)`` / ``(E, H, I)``. Reading accepts both (by shape; when
-  ``H == 2I`` or ``H == I`` the config's ``transformers_version`` decides: 5.x means in-memory), writing
-  produces the published layout.
+  the transposed in-memory layout ``(E, 2I, H)`` / ``(E, H, I)``. Reading accepts both (by shape), writing
+  produces the published layout. A square tensor (``H == 2I`` or ``H == I``, never the case in a published
+  model) cannot tell its layout; it is read and written in the in-memory layout, as transformers 5 loads it.
 """
 
 from __future__ import annotations
@@ -121,11 +121,9 @@ def _safetensors_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-def _experts_in_memory_layout(cfg: Qwen3VLConfig, hf_config: Mapping) -> Callable[[str, torch.Tensor], torch.Tensor]:
+def _experts_in_memory_layout(cfg: Qwen3VLConfig) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """Function turning a stored expert tensor into the in-memory layout (E, 2I, H) / (E, H, I)."""
     t = cfg.text
-    version = str(hf_config.get("transformers_version", "4"))
-    saved_by_v5 = int(version.split(".")[0] or 4) >= 5
 
     def fix(name: str, tensor: torch.Tensor) -> torch.Tensor:
         e, h, i = t.num_experts, t.hidden_size, t.moe_intermediate_size
@@ -135,11 +133,17 @@ def _experts_in_memory_layout(cfg: Qwen3VLConfig, hf_config: Mapping) -> Callabl
         if shape not in (memory, published):
             raise ValueError(f"{name}: shape {shape} is neither the published {published} nor the "
                              f"in-memory {memory} layout")
-        if memory == published:  # square: the writer's version decides
-            return tensor if saved_by_v5 else tensor.transpose(1, 2)
+        # Square: the layouts are indistinguishable; like transformers 5, take it as in-memory.
         return tensor if shape == memory else tensor.transpose(1, 2)
 
     return fix
+
+
+def _published_expert_layout(tensor: torch.Tensor) -> torch.Tensor:
+    """(E, a, b) in-memory -> published (E, b, a); square tensors stay in-memory (see the module docstring)."""
+    if tensor.shape[1] == tensor.shape[2]:
+        return tensor.contiguous()
+    return tensor.transpose(1, 2).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -295,7 +299,7 @@ def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -
     raises ``ValueError``). Returns the number of parameters set.
     """
     cfg = model.cfg
-    layout = _experts_in_memory_layout(cfg, reader.config_dict) if cfg.is_moe else None
+    layout = _experts_in_memory_layout(cfg) if cfg.is_moe else None
     layer_offset, expert_offset = _offsets(model)
     params = list(model.named_parameters())
     iterator = params
@@ -351,8 +355,8 @@ def export_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
             fc1 = [state[f"{prefix}mlp.experts.local_experts.{e}.linear_fc1.weight"] for e in range(t.num_experts)]
             fc2 = [state[f"{prefix}mlp.experts.local_experts.{e}.linear_fc2.weight"] for e in range(t.num_experts)]
             # Published layout: (E, H, 2I) and (E, I, H).
-            yield hf + "mlp.experts.gate_up_proj", torch.stack(fc1).transpose(1, 2).contiguous()
-            yield hf + "mlp.experts.down_proj", torch.stack(fc2).transpose(1, 2).contiguous()
+            yield hf + "mlp.experts.gate_up_proj", _published_expert_layout(torch.stack(fc1))
+            yield hf + "mlp.experts.down_proj", _published_expert_layout(torch.stack(fc2))
     yield HF_LM + "norm.weight", state["decoder.final_layernorm.weight"]
     if not cfg.tie_word_embeddings:
         yield "lm_head.weight", state["output_layer.weight"]

@@ -56,6 +56,21 @@ class Qwen3VLVisionModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:  # never pipelined: it lives on the first stage
         pass
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's default treats a plain ``ModuleList`` as replicated; its members here are
+        tensor-parallel layers and mergers, so each one gives its own sharded state."""
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        out = {}
+        for name, module in self.named_children():
+            members = enumerate(module) if isinstance(module, torch.nn.ModuleList) else [(None, module)]
+            for i, member in members:
+                key = f"{prefix}{name}." if i is None else f"{prefix}{name}.{i}."
+                out.update(sharded_state_dict_default(member, key, sharded_offsets, metadata, tp_group=tp_group))
+        return out
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         cfg = self.cfg
         grid_thw = torch.as_tensor(grid_thw).reshape(-1, 3).cpu()

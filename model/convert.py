@@ -1,0 +1,192 @@
+"""Checkpoint conversion between the Hugging Face Qwen3-VL layout and Megatron distributed checkpoints.
+
+    python -m model.convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N --etp N]
+    python -m model.convert mcore-to-hf --ckpt DIR --out DIR
+
+``hf-to-mcore`` builds our model in the given layout (it starts ``lcm(tp*pp, etp*ep*pp)`` ranks itself,
+one process each, so every rank reads and holds only its shard), copies the HF tensors into it exactly
+(:mod:`model.hf_adapter`) and saves a Megatron-Core distributed checkpoint (``torch_dist``), which any
+other layout can load. The checkpoint keeps the parameters' dtype of the HF checkpoint. Next to it:
+``qwen3vl_config.json`` (the HF config, unchanged), ``qwen3vl_convert.json`` (dtype, source) and
+``hf_extra/`` (the source's other files: tokenizer, processor and generation configs).
+
+``mcore-to-hf`` loads such a checkpoint (whatever layout wrote it) in one process and writes
+``config.json`` + safetensors in the published layout (MoE experts as ``(E, H, 2I)`` / ``(E, I, H)``).
+It holds the whole model in CPU memory once.
+
+HF -> Megatron -> HF is bit-exact. Outputs are written to a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from model.config import Qwen3VLConfig
+
+CONFIG_FILE = "qwen3vl_config.json"
+META_FILE = "qwen3vl_convert.json"
+EXTRA_DIR = "hf_extra"
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def _hf_to_mcore_rank(rank: int, world: int, port: int, hf_dir: str, tmp_out: str, layout: dict, dtype: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from model.hf_adapter import HFCheckpointReader, load_hf_weights
+    from model.qwen3vl import build_qwen3vl
+    from pretrain.parallel import initialize_distributed
+
+    initialize_distributed(layout)
+    reader = HFCheckpointReader(hf_dir)
+    cfg = Qwen3VLConfig.from_hf(reader.config_dict)
+    model = build_qwen3vl(cfg, params_dtype=_DTYPES[dtype], sequence_parallel=layout["sequence_parallel"])
+    load_hf_weights(model, reader, progress=rank == 0)
+    dist_checkpointing.save(model.sharded_state_dict(), tmp_out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1, ep: int = 1,
+                etp: int | None = None) -> Path:
+    """Convert an HF checkpoint directory into a Megatron distributed checkpoint at ``out_dir``."""
+    import multiprocessing as mp
+
+    from model.hf_adapter import HFCheckpointReader
+    from pretrain.parallel import _free_port
+
+    hf_dir, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new directory")
+    reader = HFCheckpointReader(hf_dir)
+    cfg = Qwen3VLConfig.from_hf(reader.config_dict)  # validates the config before starting ranks
+    dtypes = reader.dtypes()
+    if len(dtypes) != 1:
+        raise ValueError(f"{hf_dir}: tensors of several dtypes {sorted(map(str, dtypes))}; a bit-exact "
+                         "conversion needs one")
+    dtype = _dtype_name(dtypes.pop())
+    etp_size = tp if etp is None else etp
+    layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "sequence_parallel": tp > 1 and ep > 1}
+    if ep > 1 and cfg.text.num_experts % ep:
+        raise ValueError(f"--ep {ep} does not divide the {cfg.text.num_experts} experts")
+    world = math.lcm(tp * pp, etp_size * ep * pp)
+    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        procs = [ctx.Process(target=_hf_to_mcore_rank, args=(r, world, port, str(hf_dir), str(tmp), layout, dtype))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"conversion rank(s) failed: exit codes {[p.exitcode for p in procs]}")
+        (tmp / CONFIG_FILE).write_text(json.dumps(reader.config_dict, indent=2) + "\n")
+        (tmp / META_FILE).write_text(json.dumps({
+            "dtype": dtype, "source": str(hf_dir), "written_in_layout": layout, "world_size": world,
+        }, indent=2) + "\n")
+        extra = tmp / EXTRA_DIR
+        extra.mkdir()
+        for f in hf_dir.iterdir():
+            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
+                shutil.copy2(f, extra / f.name)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, model) -> None:
+    """Load a distributed checkpoint into ``model`` (built in any layout, in the initialised state)."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state)
+
+
+def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> tuple[Qwen3VLConfig, torch.dtype]:
+    ckpt = Path(ckpt_dir)
+    for name in (CONFIG_FILE, META_FILE):
+        if not (ckpt / name).is_file():
+            raise FileNotFoundError(f"{ckpt}: no {name} (was it written by `model.convert hf-to-mcore`?)")
+    cfg = Qwen3VLConfig.from_hf(json.loads((ckpt / CONFIG_FILE).read_text()))
+    dtype = _DTYPES[json.loads((ckpt / META_FILE).read_text())["dtype"]]
+    return cfg, dtype
+
+
+def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Convert a distributed checkpoint written by :func:`hf_to_mcore` back to the HF layout."""
+    from model.hf_adapter import export_hf_tensors, write_hf_checkpoint
+    from model.qwen3vl import build_qwen3vl
+    from pretrain.parallel import destroy_distributed, initialize_distributed
+
+    ckpt, out = Path(ckpt_dir).resolve(), Path(out_dir).resolve()
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists; choose a new directory")
+    cfg, dtype = read_checkpoint_config(ckpt)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
+        raise RuntimeError("mcore-to-hf runs as one process; do not launch it with torchrun")
+    from pretrain.parallel import _free_port
+
+    env["MASTER_PORT"] = str(_free_port())
+    initialize_distributed({"tp": 1}, environ=env)
+    try:
+        model = build_qwen3vl(cfg, params_dtype=dtype)
+        load_mcore_checkpoint(ckpt, model)
+        write_hf_checkpoint(out, export_hf_tensors(model), cfg.to_hf(), extra_dir=ckpt / EXTRA_DIR)
+    finally:
+        destroy_distributed()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m model.convert", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron distributed checkpoint")
+    a.add_argument("--hf", required=True)
+    a.add_argument("--out", required=True)
+    a.add_argument("--tp", type=int, default=1)
+    a.add_argument("--pp", type=int, default=1)
+    a.add_argument("--ep", type=int, default=1)
+    a.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
+    b = sub.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF safetensors")
+    b.add_argument("--ckpt", required=True)
+    b.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        if args.command == "hf-to-mcore":
+            out = hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, args.etp)
+        else:
+            out = mcore_to_hf(args.ckpt, args.out)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
