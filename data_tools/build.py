@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import traceback
 from collections import Counter, deque
@@ -94,8 +95,18 @@ class LineResult:
 _WORKER: dict = {}
 
 
-def init_worker(config: BuildConfig) -> None:
+def _exit_when_orphaned(parent: int) -> None:
+    """Worker side: end this process once its parent is gone (a kill -9 of the build must not leave
+    workers waiting forever on their task queue)."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def init_worker(config: BuildConfig, watch_parent: bool = False) -> None:
     """Per-process set-up (also run in the main process for ``--workers 0``)."""
+    if watch_parent:
+        threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     _WORKER["config"] = config
     _WORKER["make"] = maker(config.kind)
     _WORKER["manifest_name"] = os.path.basename(config.manifest)
@@ -125,7 +136,8 @@ def process_line(task: tuple[int, bytes]) -> LineResult:
 def _executor(config: BuildConfig, workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the main process may hold threads (progress bar) whose locks fork would copy.
     return ProcessPoolExecutor(
-        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker, initargs=(config,)
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+        initargs=(config, True),
     )
 
 
@@ -358,8 +370,9 @@ def run_build(config: BuildConfig) -> BuildSummary:
     written = 0
     if not state.done:
         written = _process(config, out, manifest, scan, state, journal_path)
-    summary = _finalize(config, out, scan, state, fingerprint, time.monotonic() - started)
+    summary = _finalize(config, out, scan, state, fingerprint)
     summary.samples_this_run = written
+    summary.seconds = time.monotonic() - started  # everything: validation, writing, energon metadata
     return summary
 
 
@@ -474,9 +487,8 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         journal.close()
 
 
-def _finalize(
-    config: BuildConfig, out: Path, scan: ManifestScan, state: BuildState, fingerprint: dict, seconds: float
-) -> BuildSummary:
+def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildState, fingerprint: dict) -> BuildSummary:
+    """Write rejected.jsonl, the energon metadata and, last, index.json."""
     rejected = [state.rejected[line] for line in sorted(state.rejected)]
     accepted_lines = sum(r["lines"] for r in state.shards)
     if accepted_lines + len(rejected) != scan.input_lines:
@@ -492,7 +504,7 @@ def _finalize(
     summary = BuildSummary(
         out=str(out), input_lines=scan.input_lines, accepted_lines=accepted_lines, rejected_lines=len(rejected),
         samples=sum(r["samples"] for r in state.shards), shards=len(shard_names),
-        bytes=sum(r["bytes"] for r in state.shards), rejected_by_reason=by_reason, seconds=seconds,
+        bytes=sum(r["bytes"] for r in state.shards), rejected_by_reason=by_reason, seconds=0.0,
     )
     index = {
         "format": FORMAT,

@@ -80,6 +80,14 @@ class BuildConfig:
         return d
 
 
+def available_cores() -> int:
+    """Cores this process may run on (a SLURM allocation, a taskset), not all cores of the node."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _split(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(x) for x in text.split(","))
@@ -109,7 +117,9 @@ def add_build_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
         parser.add_argument("--max-clip-seconds", type=float, default=None, help="cut longer videos into clips of at most this length")
     parser.add_argument("--video-sample-fps", type=float, default=2.0, help="videos must give a frame at this sampling rate (default 2)")
     parser.add_argument("--split", type=_split, default=(1.0, 0.0, 0.0), help="energon train,val,test ratio over shards (default 1,0,0)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="validation processes (default: all cores; 0 = in-process)")
+    parser.add_argument(
+        "--workers", type=int, default=available_cores(), help="validation processes (default: the cores this process may use; 0 = in-process)"
+    )
     parser.add_argument("--resume", action="store_true", help="finish an interrupted build in --out (same options)")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing build in --out first")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import os
 import warnings
@@ -465,42 +466,39 @@ def _encoder_name() -> str:
 def encode_video(frames: Iterable[np.ndarray], fps: float, *, codec: str | None = None, crf: int = 18) -> bytes:
     """Encode RGB uint8 frames ``(H, W, 3)`` into MP4 bytes at ``fps`` frames per second.
 
-    Deterministic: the same frames give the same bytes (single-threaded encoder without x264's
-    macroblock-tree rate control, no timestamps in the container metadata). ``codec`` defaults to libx264 (mpeg4 when the FFmpeg build lacks it); AV1 is
-    possible with ``codec="libsvtav1"``. Sides are cropped to even numbers of pixels (4:2:0 chroma needs
-    them even). Raises ValueError when there is no frame.
+    Deterministic: the same frames give the same bytes (single-threaded encoder, no timestamps in the
+    container metadata, and x264's macroblock-tree rate control off: with it, identical frames gave
+    different bytes from run to run). ``codec`` defaults to libx264 (mpeg4 when the FFmpeg build lacks
+    it); AV1 is possible with ``codec="libsvtav1"``. Sides are cropped to even numbers of pixels (4:2:0
+    chroma needs them even). Frames are consumed one at a time. Raises ValueError when there is none.
     """
     import av
 
+    iterator = iter(frames)
+    first = next(iterator, None)
+    if first is None:
+        raise ValueError("encode_video needs at least one frame")
+    height, width = first.shape[0] // 2 * 2, first.shape[1] // 2 * 2
     codec = codec or _encoder_name()
     rate = Fraction(fps).limit_denominator(1001)
     out = io.BytesIO()
-    stream = None
-    count = 0
     with av.open(out, mode="w", format="mp4") as container:
-        for array in frames:
-            array = np.ascontiguousarray(array[: array.shape[0] // 2 * 2, : array.shape[1] // 2 * 2, :3], dtype=np.uint8)
-            if stream is None:
-                stream = container.add_stream(codec, rate=rate)
-                stream.width, stream.height = array.shape[1], array.shape[0]
-                stream.pix_fmt = "yuv420p"
-                stream.time_base = Fraction(1, 1) / rate
-                if codec == "libx264":
-                    # mbtree off: with x264's macroblock-tree rate control, the same frames gave
-                    # different bytes from run to run (seen on still-then-moving clips), even single-threaded.
-                    stream.options = {"threads": "1", "crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
-                elif codec == "libsvtav1":
-                    stream.options = {"preset": "8"}
-                else:
-                    stream.thread_count = 1
-                    stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.time_base = 1 / rate
+        if codec == "libx264":
+            stream.options = {"threads": "1", "crf": str(crf), "preset": "medium", "x264-params": "mbtree=0"}
+        elif codec == "libsvtav1":
+            stream.options = {"preset": "8"}
+        else:
+            stream.codec_context.thread_count = 1
+            stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
+        for pts, array in enumerate(itertools.chain([first], iterator)):
+            array = np.ascontiguousarray(array[:height, :width, :3], dtype=np.uint8)
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = count  # in the stream's time base, 1 / fps (setting frame.time_base too breaks muxing)
+            frame.pts = pts  # in the stream's time base, 1 / fps (setting frame.time_base too breaks muxing)
             for packet in stream.encode(frame):
                 container.mux(packet)
-            count += 1
-        if stream is None:
-            raise ValueError("encode_video needs at least one frame")
         for packet in stream.encode():
             container.mux(packet)
     return out.getvalue()

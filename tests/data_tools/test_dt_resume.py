@@ -50,10 +50,15 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
             if sum(r.get("type") == "shard" for r in _safe_records(out)) >= 4:
                 break
             time.sleep(0.002)
+        children = _children(process.pid)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL, "the build finished before it could be killed"
+    deadline = time.monotonic() + 10  # its worker processes notice and exit too
+    while any(Path(f"/proc/{child}").exists() for child in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [child for child in children if Path(f"/proc/{child}").exists()]
     records = _safe_records(out)
     assert not any(r.get("type") == "done" for r in records) and not (out / "index.json").exists()
     committed = [r["name"] for r in records if r.get("type") == "shard"]
@@ -65,6 +70,13 @@ def test_resume_after_kill_9_gives_the_uninterrupted_result(tmp_path):
     assert shard_bytes(out) == shard_bytes(tmp_path / "reference")  # byte-identical shards
     assert (out / "rejected.jsonl").read_bytes() == (tmp_path / "reference" / "rejected.jsonl").read_bytes()
     assert not list((out / BUILD_DIR).glob("tmp/*"))  # no half-written shard left behind
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:  # kernels without CONFIG_PROC_CHILDREN: nothing to check
+        return []
 
 
 def _safe_records(out: Path) -> list[dict]:
