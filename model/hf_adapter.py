@@ -322,15 +322,21 @@ def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -
 
 
 @torch.no_grad()
-def export_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors of a single-rank ``model`` (tp = pp = ep = 1), published layout, grouped by layer."""
+def export_hf_tensors(model, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors of a single-rank ``model`` (tp = pp = ep = 1), published layout, grouped by layer.
+
+    ``grads=True`` gives the parameters' gradients (zeros where there is none) in the same layout, to
+    compare with the reference's gradients.
+    """
     if (parallel_state.get_tensor_model_parallel_world_size() != 1
             or parallel_state.get_pipeline_model_parallel_world_size() != 1
             or parallel_state.get_expert_model_parallel_world_size() != 1):
         raise RuntimeError("export_hf_tensors needs the model in the single-rank layout (tp = pp = ep = 1)")
     cfg = model.cfg
     t, v = cfg.text, cfg.vision
-    state = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
+    state = {canonical_name(n): (p.detach() if not grads else
+                                 p.grad if p.grad is not None else torch.zeros_like(p))
+             for n, p in model.named_parameters()}
 
     yield HF_LM + "embed_tokens.weight", state["embedding.word_embeddings.weight"]
     yield from _export_vision(state, v)

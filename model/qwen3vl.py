@@ -375,8 +375,8 @@ def build_qwen3vl(
         post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     vision_config = None
     if pre_process:
-        recompute = {k: overrides[k] for k in ("recompute_granularity", "recompute_method", "recompute_num_layers")
-                     if k in overrides}
+        recompute = {k: overrides[k] for k in ("recompute_granularity", "recompute_method", "recompute_num_layers",
+                                               "perform_initialization") if k in overrides}
         vision_config = vision_transformer_config(cfg, params_dtype=params_dtype, **recompute)
     model = Qwen3VLModel(cfg, config, vision_config, pre_process=pre_process, post_process=post_process,
                          parallel_output=parallel_output, vp_stage=vp_stage, use_te=use_te)
