@@ -304,10 +304,12 @@ def pack_documents(
     pad_id: int,
     sources: Sequence[str] | None = None,
     patch_dim: int | None = None,
+    doc_ids: Sequence[str] | None = None,
 ) -> PackedSequence:
     """Concatenate ``documents`` (in the given order) into one :class:`PackedSequence` of ``seq_length``.
 
-    ``sources`` names each document's data source (for counters). ``patch_dim`` (columns of pixel
+    ``sources`` names each document's data source (for counters); ``doc_ids`` identifies each document
+    in logs (default: its ``sample_id``). ``patch_dim`` (columns of pixel
     values) is needed only when no document carries media and there is none to copy it from: then the
     empty media tensors get shape ``[0, patch_dim]`` (default 1536).
     """
@@ -354,5 +356,5 @@ def pack_documents(
         doc_lengths=[d.num_tokens for d in documents],
         doc_kinds=[d.kind for d in documents],
         doc_sources=sources,
-        doc_ids=[d.sample_id or "" for d in documents],
+        doc_ids=list(doc_ids) if doc_ids is not None else [d.sample_id or "" for d in documents],
     )

@@ -80,6 +80,7 @@ class RealisedDocument(Sample):
     """A pack member after re-encoding: the :class:`EncodedSample` (None when skipped)."""
 
     source: str
+    shard: str
     sample: Any
     truncated: bool
     skip: dict | None = None
@@ -194,7 +195,7 @@ class PackingTaskEncoder(TaskEncoder):
     @stateless
     def postencode_sample(self, planned: PlannedDocument) -> RealisedDocument:
         if planned.skip is not None:
-            return RealisedDocument.derive_from(planned, source=planned.source, sample=None, truncated=False, skip=planned.skip)
+            return RealisedDocument.derive_from(planned, source=planned.source, shard=planned.shard, sample=None, truncated=False, skip=planned.skip)
         try:
             _, fit = self._encode(planned.parts)
             sample = fit.sample
@@ -210,9 +211,9 @@ class PackingTaskEncoder(TaskEncoder):
                                  f"{type(err).__name__}: {err}")
             logger.warning("skipped sample %s of shard %s (source %s): %s", record["key"], planned.shard,
                            planned.source, record["detail"])
-            return RealisedDocument.derive_from(planned, source=planned.source, sample=None, truncated=False, skip=record)
+            return RealisedDocument.derive_from(planned, source=planned.source, shard=planned.shard, sample=None, truncated=False, skip=record)
         return RealisedDocument.derive_from(
-            planned, source=planned.source, sample=sample, truncated=planned.keep_tokens is not None
+            planned, source=planned.source, shard=planned.shard, sample=sample, truncated=planned.keep_tokens is not None
         )
 
     @stateless
@@ -225,6 +226,7 @@ class PackingTaskEncoder(TaskEncoder):
             self.pad_id,
             sources=[d.source for d in documents],
             patch_dim=vision.patch_dim,
+            doc_ids=[f"{d.source}/{d.shard}/{d.__key__}" for d in documents],
         )
         return PackItem(
             __key__=",".join(str(d.__key__) for d in samples),
