@@ -209,28 +209,38 @@ class ManifestScan:
     blank_lines: int
 
 
+_WHITESPACE = b" \t\r\n\x0b\x0c"
+
+
+def _line_content(line: int, raw: bytes) -> bytes:
+    """A manifest line without its line ending (and without a UTF-8 BOM on line 1)."""
+    raw = raw.rstrip(b"\n").rstrip(b"\r")
+    if line == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8) :]
+    return raw
+
+
 def scan_manifest(path: Path) -> ManifestScan:
+    """sha256 of the manifest file and its counts of non-blank and blank lines (blank lines are not inputs)."""
     h = hashlib.sha256()
     nonblank = blank = 0
     with open(path, "rb") as f:
-        for raw in f:
+        for line, raw in enumerate(f, start=1):
             h.update(raw)
-            if raw.strip(b" \t\r\n\x0b\x0c") in (b"", codecs.BOM_UTF8):
-                blank += 1
-            else:
+            if _line_content(line, raw).strip(_WHITESPACE):
                 nonblank += 1
+            else:
+                blank += 1
     return ManifestScan(h.hexdigest(), nonblank, blank)
 
 
 def iter_manifest(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line bytes without the line ending) of every non-blank line."""
+    """(1-based line number, line content) of every non-blank line."""
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
-            raw = raw.rstrip(b"\n").rstrip(b"\r")
-            if line == 1 and raw.startswith(codecs.BOM_UTF8):
-                raw = raw[len(codecs.BOM_UTF8) :]
-            if raw.strip(b" \t\r\n\x0b\x0c"):
-                yield line, raw
+            content = _line_content(line, raw)
+            if content.strip(_WHITESPACE):
+                yield line, content
 
 
 @dataclass
@@ -330,7 +340,8 @@ class BuildSummary:
         if self.rejected_by_reason:
             lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()))
         lines.append(f"  this run: {self.samples_this_run} samples written in {self.seconds:.1f} s, {rate:.1f} samples/s")
-        lines.append(f"  output: {self.out} ({INDEX_JSON}, {REJECTED_JSONL}, {META_DIR}/)")
+        energon = f", {META_DIR}/" if self.shards else ""
+        lines.append(f"  output: {self.out} ({INDEX_JSON}, {REJECTED_JSONL}{energon})")
         return "\n".join(lines)
 
 
@@ -523,7 +534,11 @@ def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildSt
             "bytes": summary.bytes,
         },
         "rejected_by_reason": by_reason,
-        "energon": {"metadata": META_DIR if shard_names else None, "dataset_yaml": f"{META_DIR}/dataset.yaml", "split": list(config.split)},
+        "energon": {
+            "metadata": META_DIR if shard_names else None,
+            "dataset_yaml": f"{META_DIR}/dataset.yaml" if shard_names else None,
+            "split": list(config.split),
+        },
         "config": fingerprint,
     }
     write_atomic(out / INDEX_JSON, (json.dumps(index, indent=2, ensure_ascii=False) + "\n").encode())
