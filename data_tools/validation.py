@@ -125,5 +125,8 @@ def source_id(record: Mapping) -> str | None:
     if value is None:
         return None
     value = str(value)
-    check_text(value, "id")
-    return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Rejected("invalid_utf8", "id contains a lone surrogate that is not valid UTF-8") from None
+    return value or None
