@@ -189,9 +189,10 @@ class CheckpointManager:
         if _rank() == 0:
             if tmp.exists():  # left by a crash during an earlier save of this step
                 shutil.rmtree(tmp)
-            (tmp / "ranks").mkdir(parents=True)
+            tmp.mkdir(parents=True)  # empty: Megatron treats a non-empty folder as a failed save
         _barrier()
         dist_checkpointing.save(_sharded_state(model, optimizer), str(tmp))
+        (tmp / "ranks").mkdir(exist_ok=True)
         torch.save(rank_state, tmp / "ranks" / f"rank_{_rank():05d}.pt")
         _barrier()
         if _rank() == 0:

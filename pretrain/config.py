@@ -55,7 +55,7 @@ class StageSchema:
     train_tokens: int | None = None  # tokens (converted to steps with the global batch)
     trainable: list[str] = field(default_factory=lambda: list(TRAINABLE_PARTS))
     loss_normalization: str = "token"
-    init_from: str | None = None  # checkpoint of the previous stage: weights only
+    init_from: str | None = None  # previous stage's checkpoints folder (its latest) or step dir: weights only
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     data_weights: dict[str, float] = field(default_factory=dict)  # per data source name
 
@@ -68,7 +68,8 @@ class TrainSchema:
     micro_batch_size: int = 1  # packed sequences per micro-batch per data-parallel rank
     global_batch_size: int = 8  # packed sequences per optimizer step, all ranks together
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    run_dir: str = "runs/${stage.name}"
+    run_root: str = "runs"
+    run_dir: str = "${train.run_root}/${stage.name}"
     log_interval: int = 1
     save_interval: int = 100
     keep_last: int = 2

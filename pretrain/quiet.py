@@ -14,6 +14,8 @@ _MESSAGES = (
     r"Transformer Engine and Apex are not installed",
     r"Apex is not installed\. Falling back to Torch Norm",
     r"full scope is deprecated\. Use empty cuda_graph_scope",  # Megatron's own default value
+    # Expert layers with expert-tensor-parallel 1 run without sequence parallelism, as intended.
+    r"`sequence_parallel` is set to `True`, but tensor model parallel size is 1",
     # Megatron's distributed optimizer probes `.grad` of its parameter shards, which are views.
     r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
 )

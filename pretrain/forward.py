@@ -1,0 +1,65 @@
+"""The forward step of Qwen3-VL for Megatron's pipeline schedules, with weighted per-token losses.
+
+A micro-batch (see ``pretrain/data/loader.py``) carries ``loss_weights`` [b, s]: the stage's loss
+normalisation, already scaled by the trainer so that, over the whole global batch, the weights sum to
+the number of loss tokens. Megatron divides the summed weighted loss by that token count (per-token
+mode), so the step minimises ``sum(w * loss) / sum(w)`` over the global batch whatever the
+normalisation, the micro-batch split or the parallel layout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from pretrain.step import LOSS_KEY
+
+MODEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def weighted_token_loss(loss_weights: torch.Tensor, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """(sum of weighted token losses, loss-token count, logging) for Megatron's per-token reduction."""
+    losses = output_tensor.float()
+    weighted = (losses * loss_weights.float()).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    report = torch.stack([weighted.detach(), num_tokens.detach().float()])
+    return weighted, num_tokens, {LOSS_KEY: report}
+
+
+def packed_seq_params(batch: dict) -> PackedSeqParams | None:
+    """THD layout for transformer-engine attention on GPU (b == 1): document boundaries of the pack."""
+    if "cu_seqlens" not in batch or not torch.cuda.is_available():
+        return None
+    cu = batch["cu_seqlens"].to(torch.int32).cuda(non_blocking=True)
+    max_len = int(batch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def to_device(batch: dict) -> dict:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool = False):
+    """Schedule forward step: every pipeline stage reads the same micro-batch and uses what it needs."""
+    batch = to_device(next(data_iterator))
+    media = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None and batch[k].numel()}
+    if "pixel_values" not in media:
+        media.pop("image_grid_thw", None)
+    if "pixel_values_videos" not in media:
+        media.pop("video_grid_thw", None)
+    thd = packed_seq_params(batch) if use_packed_seq_params else None
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        attention_mask=None if thd is not None else batch.get("attention_mask"),
+        # Positions without a target hold -100; their loss is weighted 0, any valid id will do.
+        labels=batch["labels"].clamp(min=0),
+        packed_seq_params=thd,
+        **media,
+    )
+    return output, partial(weighted_token_loss, batch["loss_weights"], batch["loss_mask"])

@@ -1,0 +1,168 @@
+"""Training metrics: a console line per interval, a progress bar, TensorBoard, a JSONL file, a summary.
+
+Only rank 0 writes. Every step's metrics go to ``<run_dir>/metrics.jsonl`` (one JSON object per line,
+appended across restarts) and to TensorBoard (``<run_dir>/tensorboard``); the console gets one line
+per ``log_interval`` steps above a tqdm progress bar, and a rich table at the end of the stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# Dense bf16 tensor-core peak per GPU (FLOP/s), by device-name fragment, for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def peak_flops_per_gpu() -> float | None:
+    """The GPU's bf16 dense peak, or None without a GPU or for an unknown one (MFU is then omitted)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visual_patches: int,
+                        vision_attention_pairs: int) -> float:
+    """Model FLOPs of one training step (forward + backward = 3x forward), as MFU counts them.
+
+    ``cfg`` is a ``model.config.Qwen3VLConfig``. Matmul FLOPs only: 2 per multiply-add; the LLM's
+    weights are counted with the top-k experts a token actually uses; attention costs
+    ``4 * head_dim * heads`` per attended (query, key) pair, with ``attention_token_pairs`` the causal
+    pairs inside the step's documents and ``vision_attention_pairs`` the ViT's pairs inside images or
+    frames.
+    """
+    t, v = cfg.text, cfg.vision
+    q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    attn_weights = t.hidden_size * (q + 2 * kv) + q * t.hidden_size
+    if t.is_moe:
+        mlp = 3 * t.hidden_size * t.moe_intermediate_size * t.num_experts_per_tok + t.hidden_size * t.num_experts
+    else:
+        mlp = 3 * t.hidden_size * t.intermediate_size
+    llm_per_token = t.num_hidden_layers * (attn_weights + mlp) + t.hidden_size * t.vocab_size
+    vision_layer = 4 * v.hidden_size * v.hidden_size + 2 * v.hidden_size * v.intermediate_size
+    vision_per_patch = v.depth * vision_layer + v.patch_dim * v.hidden_size
+    forward = 2 * (llm_per_token * real_tokens + vision_per_patch * visual_patches)
+    forward += 4 * q * t.num_hidden_layers * attention_token_pairs
+    forward += 4 * v.hidden_size * v.depth * vision_attention_pairs
+    return 3.0 * forward
+
+
+class ExpertLoadTracker:
+    """Tokens routed to each expert of each MoE layer, from forward hooks on Megatron's routers.
+
+    :meth:`imbalance` returns, per decoder layer (1-based global number), ``max / mean`` of the expert
+    loads counted since its last call over all ranks (1.0: perfectly balanced). Collective.
+    """
+
+    def __init__(self, model_chunks: list[torch.nn.Module]):
+        self.counts: dict[int, torch.Tensor] = {}
+        for chunk in model_chunks:
+            for name, module in chunk.named_modules():
+                if name.endswith("mlp.router"):
+                    module.register_forward_hook(self._record)
+
+    def _record(self, router, inputs, output) -> None:
+        if not router.training or not isinstance(output, tuple):
+            return
+        counts = output[1].detach().sum(0).float().cpu()  # routing_map [tokens, experts]
+        layer = int(getattr(router, "layer_number", 0) or 0)
+        self.counts[layer] = self.counts.get(layer, 0) + counts
+
+    def imbalance(self) -> dict[int, float]:
+        gathered = [self.counts]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, self.counts)
+        self.counts = {}
+        totals: dict[int, torch.Tensor] = {}
+        for per_rank in gathered:
+            for layer, counts in per_rank.items():
+                totals[layer] = totals.get(layer, 0) + counts
+        return {layer: float(c.max() / c.mean()) for layer, c in sorted(totals.items()) if c.sum() > 0}
+
+
+class MetricsLogger:
+    """Writes the step metrics of one stage (rank 0 only; other ranks' calls do nothing)."""
+
+    def __init__(self, run_dir: str | Path, stage: str, total_steps: int, start_step: int,
+                 log_interval: int, enabled: bool):
+        self.enabled = enabled
+        self.stage = stage
+        self.total_steps = total_steps
+        self.log_interval = log_interval
+        self.history: list[dict[str, Any]] = []
+        self.started = time.perf_counter()
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "step": step, "time": time.time(), **metrics}
+        self.history.append(record)
+        self.jsonl.write(json.dumps(record) + "\n")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(f"{self.stage}/{key}", value, step)
+        self.bar.update(1)
+        if step % self.log_interval == 0 or step == self.total_steps:
+            self.bar.write(self.format_line(step, metrics))
+
+    def format_line(self, step: int, m: dict[str, Any]) -> str:
+        parts = [f"{self.stage} step {step}/{self.total_steps}", f"loss {m['loss']:.4f}"]
+        if m.get("grad_norm") is not None:
+            parts.append(f"grad norm {m['grad_norm']:.3f}")
+        parts.append(f"lr {m['lr']:.3e}")
+        parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+        if m.get("mfu") is not None:
+            parts.append(f"MFU {m['mfu']:.1%}")
+        if m.get("moe_aux_loss") is not None:
+            parts.append(f"aux {m['moe_aux_loss']:.4f}")
+        if m.get("expert_imbalance") is not None:
+            parts.append(f"expert max/mean {m['expert_imbalance']:.2f}")
+        parts.append(f"skipped {m['skipped_steps']}")
+        return " | ".join(parts)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.bar.close()
+        self.tensorboard.flush()
+        self.tensorboard.close()
+        self.jsonl.close()
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"stage {self.stage}")
+        for key in summary:
+            table.add_column(key)
+        table.add_row(*[_fmt(v) for v in summary.values()])
+        Console().print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -1,0 +1,36 @@
+"""``python -m pretrain.train stage=... model=... data=... parallel=... [overrides] [--cfg job]``.
+
+One stage of Qwen3-VL training (see ``pretrain/trainer.py``). Start it on every rank: ``torchrun
+--nproc-per-node N -m pretrain.train ...`` on one machine, or through ``python -m slurm.submit`` on a
+cluster. ``--cfg job`` prints the resolved config and exits; a bad config is a one-line error (exit 2).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from omegaconf import OmegaConf
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pretrain.cli import job_from_argv
+
+    _, cfg, job = job_from_argv(sys.argv[1:] if argv is None else argv, "python -m pretrain.train",
+                                "Train one stage of a Qwen3-VL model.")
+    from model.config import ConfigError as ModelConfigError
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.parallel import ParallelConfigError, destroy_distributed
+    from pretrain.trainer import TrainingStopped, run_stage
+
+    try:
+        run_stage(job, OmegaConf.to_yaml(cfg, resolve=True))
+    except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

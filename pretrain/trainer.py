@@ -1,0 +1,308 @@
+"""The training loop of one stage: build, restore, train, log, checkpoint, stop cleanly.
+
+``run_stage(job)`` is what ``python -m pretrain.train`` runs on every rank:
+
+1. torch.distributed + Megatron parallel state from ``job.parallel`` (gloo + CPU runtime without GPU);
+2. Qwen3-VL for this pipeline stage (``model.build_qwen3vl``), parts outside ``stage.trainable``
+   frozen, bf16 with fp32 main weights on GPU or fp32 on CPU, Megatron DDP and optimizer
+   (distributed optimizer by default), the stage's learning-rate schedule;
+3. resume from ``<run_dir>/checkpoints/latest`` when it exists (model, optimizer, schedule, RNG,
+   data position: the run continues exactly), else the weights of ``stage.init_from``;
+4. steps until the stage's step or token budget, with per-token loss normalisation over the global
+   batch, non-finite steps skipped and counted (the run stops after ``train.max_consecutive_skips``
+   in a row), metrics every step, checkpoints every ``train.save_interval`` steps and at the end;
+5. on SIGUSR1/SIGTERM (SLURM time limit or preemption): finish the step, save, requeue, exit 0.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pretrain.checkpoint import (
+    CheckpointManager,
+    TrainerState,
+    collect_rng_state,
+    load_weights,
+    restore_rng_state,
+)
+from pretrain.config import JobConfig, check_batch_layout
+from pretrain.forward import qwen3vl_forward_step
+from pretrain.lr_schedule import build_lr_scheduler
+from pretrain.metrics import ExpertLoadTracker, MetricsLogger, peak_flops_per_gpu, qwen3vl_train_flops
+from pretrain.parallel import initialize_distributed
+from pretrain.preemption import PreemptionWatcher, requeue_slurm_job
+from pretrain.step import setup_optimizer, train_step, wrap_with_ddp
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); a checkpoint was saved first."""
+
+
+@dataclass
+class StageResult:
+    """What a stage did, for the summary table and the demo."""
+
+    stage: str
+    steps: int
+    start_step: int
+    tokens: int
+    first_loss: float | None
+    last_loss: float | None
+    wall_seconds: float
+    skipped_steps: int
+    checkpoint: str | None
+    preempted: bool = False
+
+
+def stage_total_steps(job: JobConfig) -> int:
+    """The stage's budget in optimizer steps (a token budget is rounded up to whole steps)."""
+    if job.stage.train_steps is not None:
+        return job.stage.train_steps
+    tokens_per_step = job.train.global_batch_size * job.stage.seq_length
+    return max(1, math.ceil(job.stage.train_tokens / tokens_per_step))
+
+
+def _precision(job: JobConfig) -> torch.dtype:
+    if job.train.precision == "bf16" or (job.train.precision == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model_chunks(job: JobConfig, params_dtype: torch.dtype) -> list[torch.nn.Module]:
+    """Qwen3-VL of this rank: one chunk, or one per virtual pipeline stage."""
+    from megatron.core.transformer.module import Float16Module
+
+    from model.config import Qwen3VLConfig
+    from model.qwen3vl import FREEZABLE, build_qwen3vl
+
+    cfg = Qwen3VLConfig.from_mapping(job.model)
+    freeze = [part for part in FREEZABLE if part not in job.stage.trainable]
+    chunks = []
+    for vp_stage in range(job.parallel.vpp or 1):
+        chunk = build_qwen3vl(cfg, vp_stage=vp_stage if job.parallel.vpp else None, freeze=freeze,
+                              params_dtype=params_dtype, sequence_parallel=job.parallel.sequence_parallel)
+        if params_dtype == torch.bfloat16:
+            chunk = Float16Module(chunk.config, chunk)
+        chunks.append(chunk)
+    return chunks
+
+
+def check_tokenizer_matches_model(tokenizer, model_cfg, where: str) -> None:
+    """The model's special token ids and vocabulary must be the tokenizer's; raise naming both."""
+    from model.config import ConfigError
+
+    pairs = {
+        "image_token_id": tokenizer.image_pad_id,
+        "video_token_id": tokenizer.video_pad_id,
+        "vision_start_token_id": tokenizer.vision_start_id,
+        "vision_end_token_id": tokenizer.vision_end_id,
+    }
+    wrong = [f"model.{k}={getattr(model_cfg, k)} but the tokenizer has {v}"
+             for k, v in pairs.items() if getattr(model_cfg, k) != v]
+    if tokenizer.vocab_size > model_cfg.text.vocab_size:
+        wrong.append(f"model.text.vocab_size={model_cfg.text.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
+    if wrong:
+        raise ConfigError(f"tokenizer {where} does not fit the model: " + "; ".join(wrong))
+
+
+def _all_reduce_dp(values: list[float]) -> list[float]:
+    """Sum over data-parallel ranks (tensor/pipeline peers hold the same data)."""
+    from megatron.core import parallel_state
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+    return t.cpu().tolist()
+
+
+def normalize_loss_weights(micro_batches: list[dict]) -> None:
+    """Scale the step's ``loss_weights`` so that they sum to the global loss-token count (in place)."""
+    weight_sum = sum(float(b["loss_weights"].sum()) for b in micro_batches)
+    token_sum = sum(float(b["loss_mask"].sum()) for b in micro_batches)
+    weight_sum, token_sum = _all_reduce_dp([weight_sum, token_sum])
+    scale = token_sum / weight_sum if weight_sum > 0 else 0.0
+    for b in micro_batches:
+        b["loss_weights"] = b["loss_weights"] * scale
+
+
+def _step_counts(micro_batches: list[dict]) -> dict[str, float]:
+    """Tokens, documents and attention work of this rank's micro-batches of one step."""
+    real = docs = pairs = patches = vision_pairs = 0
+    for b in micro_batches:
+        real += int(b["num_real_tokens"])
+        docs += int(b["num_documents"])
+        lengths = torch.diff(b["cu_seqlens"].long()) if "cu_seqlens" in b else torch.tensor([])
+        pairs += int((lengths * (lengths + 1) // 2).sum())
+        for key in ("image_grid_thw", "video_grid_thw"):
+            grid = b.get(key)
+            if grid is not None and grid.numel():
+                per_frame = grid[:, 1] * grid[:, 2]
+                patches += int((grid[:, 0] * per_frame).sum())
+                vision_pairs += int((grid[:, 0] * per_frame * per_frame).sum())
+    return {"tokens": real, "documents": docs, "pairs": pairs, "patches": patches, "vision_pairs": vision_pairs}
+
+
+def _save(manager, model, optimizer, scheduler, state, loader) -> Path:
+    state.scheduler = scheduler.state_dict()
+    return manager.save(model, optimizer, state, {"rng": collect_rng_state(), "data": loader.save_state()})
+
+
+def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
+    """Train one stage on this rank (call on every rank; see the module docstring)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    from model.config import Qwen3VLConfig
+    from pretrain.data.loader import build_train_loader
+    from pretrain.data.tokenizer import load_tokenizer
+
+    info = initialize_distributed(job.parallel, seed=job.train.seed)
+    rank0 = info.rank == 0
+    run_dir = Path(job.train.run_dir)
+    dp_size = parallel_state.get_data_parallel_world_size()
+    num_micro = check_batch_layout(job.train, dp_size)
+    total_steps = stage_total_steps(job)
+    seq_length = job.stage.seq_length
+    dtype = _precision(job)
+    model_cfg = Qwen3VLConfig.from_mapping(job.model)
+
+    chunks = build_model_chunks(job, dtype)
+    model = wrap_with_ddp(chunks, DistributedDataParallelConfig(
+        use_distributed_optimizer=job.train.use_distributed_optimizer, grad_reduce_in_fp32=True))
+    opt = job.stage.optimizer
+    optimizer = setup_optimizer(model, OptimizerConfig(
+        optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=job.train.use_distributed_optimizer))
+    scheduler = build_lr_scheduler(optimizer, opt, total_steps)
+
+    manager = CheckpointManager(run_dir, keep_last=job.train.keep_last)
+    state, rank_state = TrainerState(stage=job.stage.name), None
+    latest = manager.latest()
+    if latest is not None:
+        state, rank_state = manager.load(latest, model, optimizer)
+        scheduler.load_state_dict(state.scheduler)
+        origin = f"resumed from {latest} (step {state.step})"
+    elif job.stage.init_from:
+        origin = f"weights from {load_weights(job.stage.init_from, model)}"
+    else:
+        origin = "random initialisation"
+
+    tokenizer = load_tokenizer(job.data.tokenizer)
+    check_tokenizer_matches_model(tokenizer, model_cfg, job.data.tokenizer)
+    loader = build_train_loader(
+        job.data, job.stage, seq_length=seq_length, micro_batch_size=job.train.micro_batch_size,
+        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=job.train.seed,
+        tokenizer=tokenizer,
+        # The dense [b, 1, s, s] mask serves Megatron's local attention (CPU); on GPU the
+        # transformer-engine kernels take the document boundaries (cu_seqlens) instead.
+        attention_mask=not torch.cuda.is_available())
+    if rank_state is not None:
+        restore_rng_state(rank_state["rng"])
+        loader.restore_state(rank_state["data"])
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if composed_yaml:
+            (run_dir / "config.yaml").write_text(composed_yaml)
+
+    watcher = PreemptionWatcher().install()
+    logger = MetricsLogger(run_dir, job.stage.name, total_steps, state.step, job.train.log_interval, rank0)
+    logger.message(f"{job.stage.name}: {origin}; {total_steps} steps of {job.train.global_batch_size} x "
+                   f"{seq_length} tokens; layout {info.world_size} ranks, dp={dp_size}, "
+                   f"{job.parallel}; {dtype}")
+    experts = ExpertLoadTracker(chunks) if model_cfg.is_moe else None
+    moe_pattern = model_cfg.text.moe_layer_pattern() if model_cfg.is_moe else None
+    peak = peak_flops_per_gpu()
+    forward_step = partial(qwen3vl_forward_step, use_packed_seq_params=torch.cuda.is_available())
+    data = iter(loader)
+    start_step, first_loss, last_loss, consecutive_skips = state.step, None, None, 0
+    started = time.perf_counter()
+    preempted = False
+    checkpoint = str(latest) if latest else None
+
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        micro_batches = [next(data) for _ in range(num_micro)]
+        normalize_loss_weights(micro_batches)
+        iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
+        result = train_step(model, optimizer, forward_step, iterators, num_micro, seq_length,
+                            job.train.micro_batch_size)
+        state.step += 1
+        if result.skipped:
+            state.skipped_steps += 1
+            consecutive_skips += 1
+        else:
+            scheduler.step(increment=1)
+            consecutive_skips = 0
+        counts = _step_counts(micro_batches)
+        tokens, pairs, patches, vision_pairs = _all_reduce_dp(
+            [counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"]])
+        state.consumed_samples += job.train.global_batch_size
+        state.consumed_tokens += int(tokens)
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "loss": result.loss, "grad_norm": result.grad_norm, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+            "tokens_per_s": tokens / elapsed, "step_seconds": elapsed, "consumed_tokens": state.consumed_tokens,
+            "skipped_steps": state.skipped_steps, "mfu": None,
+        }
+        if peak is not None:
+            flops = qwen3vl_train_flops(model_cfg, int(tokens), int(pairs), int(patches), int(vision_pairs))
+            metrics["mfu"] = flops / elapsed / (peak * info.world_size)
+        if moe_pattern is not None:
+            aux: dict = {}
+            track_moe_metrics(loss_scale=1.0 / num_micro, iteration=state.step, total_loss_dict=aux,
+                              force_initialize=True, track_names=["load_balancing_loss"],
+                              num_layers=model_cfg.text.num_hidden_layers, moe_layer_freq=moe_pattern)
+            if "load_balancing_loss" in aux:
+                metrics["moe_aux_loss"] = float(aux["load_balancing_loss"])
+            if state.step % job.train.log_interval == 0 or state.step == total_steps:
+                per_layer = experts.imbalance()
+                if per_layer:
+                    metrics["expert_imbalance"] = max(per_layer.values())
+                    metrics["expert_imbalance_per_layer"] = per_layer
+        logger.log(state.step, metrics)
+        if first_loss is None and not result.skipped:
+            first_loss = result.loss
+        if not result.skipped:
+            last_loss = result.loss
+
+        stop = watcher.stop_requested()
+        too_many_skips = consecutive_skips >= job.train.max_consecutive_skips
+        if state.step % job.train.save_interval == 0 or state.step == total_steps or stop or too_many_skips:
+            checkpoint = str(_save(manager, model, optimizer, scheduler, state, loader))
+        if too_many_skips:
+            raise TrainingStopped(
+                f"{consecutive_skips} non-finite steps in a row at step {state.step} "
+                f"(train.max_consecutive_skips={job.train.max_consecutive_skips}); saved {checkpoint}")
+        if stop:
+            preempted = True
+            logger.message(f"signal {watcher.received} received: saved {checkpoint} at step {state.step}")
+            if rank0:
+                logger.message(requeue_slurm_job(job.cluster.max_requeues))
+            break
+
+    wall = time.perf_counter() - started
+    result = StageResult(stage=job.stage.name, steps=state.step - start_step, start_step=start_step,
+                         tokens=state.consumed_tokens, first_loss=first_loss, last_loss=last_loss,
+                         wall_seconds=wall, skipped_steps=state.skipped_steps, checkpoint=checkpoint,
+                         preempted=preempted)
+    logger.close({"steps": f"{start_step}->{state.step}", "tokens": state.consumed_tokens,
+                  "loss first->last": f"{_num(first_loss)} -> {_num(last_loss)}",
+                  "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})
+    return result
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
