@@ -330,10 +330,12 @@ class Qwen3VLModel(LanguageModule):
             return hidden
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        if labels is not None:
+            # The vocabulary-parallel cross entropy needs the logits split over the vocabulary.
+            logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=False)
+            return self.compute_language_model_loss(labels, logits)
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()
-        return self.compute_language_model_loss(labels, logits)
+        return logits.transpose(0, 1).contiguous()
 
 
 def build_qwen3vl(
