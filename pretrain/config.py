@@ -111,6 +111,9 @@ class ClusterSchema:
     nodes: int = 1
     gpus_per_node: int = 0
     cpus_per_task: int = 1
+    tasks_per_node: int | None = None  # training processes per node; None: gpus_per_node (one per GPU)
+    python: str | None = None  # interpreter in the job; None: the one running slurm.submit (shared FS)
+    srun_args: list[str] = field(default_factory=list)  # extra srun options, e.g. --mpi=pmix
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
