@@ -146,11 +146,14 @@ class TrainLoader:
         self._skipped_by_reason: Counter = Counter()
         self._documents_per_source: Counter = Counter()
         self._micro_batches = 0
+        self._closed = False
 
     def __iter__(self) -> "TrainLoader":
         return self
 
     def __next__(self) -> dict:
+        if self._closed:
+            raise RuntimeError("the data loader was closed")
         if self._iterator is None:
             self._iterator = iter(self._loader)
         batch = next(self._iterator)
@@ -162,6 +165,22 @@ class TrainLoader:
         batch["samples_skipped_total"] = self._totals["num_skipped"]
         batch["micro_batches_total"] = self._micro_batches
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (otherwise they stop when the loader is garbage collected,
+        which can stall whatever runs then). The loader cannot be iterated afterwards."""
+        workers_iterator = getattr(self._loader, "_iterator", None)  # torch DataLoader, persistent workers
+        if workers_iterator is not None and hasattr(workers_iterator, "_shutdown_workers"):
+            workers_iterator._shutdown_workers()
+            self._loader._iterator = None
+        self._iterator = None
+        self._closed = True
+
+    def __enter__(self) -> "TrainLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def counters(self) -> dict[str, Any]:

@@ -96,3 +96,15 @@ def all_keys(shard_set: Path) -> set[str]:
 
 def read_index(shard_set: Path) -> dict:
     return json.loads((shard_set / "index.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Run the pipeline single-threaded, as energon's worker processes do: on the 2-core CI machine
+    torch's intra-op thread pool makes small tensor copies ~100x slower under load."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,169 @@
+"""The energon-backed loader on real built shard sets: contract, resume, blending, corrupt samples, ranks."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from collections import Counter
+
+import pytest
+import torch
+
+from pretrain.data.blend import BlendError
+from pretrain.data.loader import build_eval_loader, build_train_loader
+from tests.data_pipeline.conftest import all_keys, data_config
+
+
+def _loader(sets, tokenizer, *, stage=None, seq_length=256, micro_batch_size=2, dp_rank=0, dp_size=1, seed=5,
+            weights=None, **options):
+    options.setdefault("packing_buffer_size", 32)
+    return build_train_loader(
+        data_config(sets, weights, **options), stage or {"loss_normalization": "token"},
+        seq_length=seq_length, micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+        tokenizer=tokenizer,
+    )
+
+
+def _check_micro_batch(batch, b, s, tokenizer):
+    assert batch["tokens"].shape == (b, s) and batch["tokens"].dtype == torch.int64
+    assert batch["labels"].shape == (b, s) and batch["labels"].dtype == torch.int64
+    assert batch["loss_mask"].shape == (b, s) and batch["loss_mask"].dtype == torch.float32
+    assert batch["position_ids"].shape == (3, b, s) and batch["position_ids"].dtype == torch.int64
+    assert batch["attention_mask"].shape == (b, 1, s, s) and batch["attention_mask"].dtype == torch.bool
+    assert batch["cu_seqlens"].dtype == torch.int32 and int(batch["cu_seqlens"][-1]) == b * s
+    ids, tokens, labels, mask = batch["document_ids"], batch["tokens"], batch["labels"], batch["loss_mask"].bool()
+    for row in range(b):
+        for i in range(s - 1):
+            if mask[row, i]:  # a target is the next token of the same document
+                assert ids[row, i] == ids[row, i + 1] and labels[row, i] == tokens[row, i + 1]
+        starts = [i for i in range(s) if ids[row, i] >= 0 and (i == 0 or ids[row, i] != ids[row, i - 1])]
+        assert len(starts) == len(batch["doc_ids"][row])
+        for i in starts:
+            assert bool((batch["position_ids"][:, row, i] == 0).all())  # positions restart per document
+    image_tokens = int((batch["mm_token_type_ids"] == 1).sum())
+    video_tokens = int((batch["mm_token_type_ids"] == 2).sum())
+    assert int(batch["image_grid_thw"].prod(-1).sum()) == batch["pixel_values"].shape[0] == 4 * image_tokens
+    assert int(batch["video_grid_thw"].prod(-1).sum()) == batch["pixel_values_videos"].shape[0] == 4 * video_tokens
+    assert bool((tokens == tokenizer.image_pad_id).sum() == image_tokens)
+    assert batch["num_real_tokens"] == int((ids >= 0).sum())
+
+
+def test_micro_batches_follow_the_contract(shard_sets, tokenizer):
+    loader = _loader(shard_sets, tokenizer, stage={"loss_normalization": "sample"})
+    kinds = Counter()
+    for _ in range(4):
+        batch = next(loader)
+        _check_micro_batch(batch, 2, 256, tokenizer)
+        kinds.update(batch["documents_per_kind"])
+        # "sample" normalisation: every document with targets weighs 1 in total.
+        docs_with_targets = sum(
+            len(set(batch["document_ids"][r][batch["loss_mask"][r].bool()].tolist())) for r in range(2)
+        )
+        assert float(batch["loss_weights"].sum()) == pytest.approx(docs_with_targets, rel=1e-5)
+    assert len(kinds) >= 3  # the blend mixes the kinds
+    assert loader.counters["micro_batches"] == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_uninterrupted_batches(shard_sets, tokenizer, workers):
+    sets = {k: shard_sets[k] for k in ("image_text", "interleaved")}
+    total, first = 7, 3
+    with _loader(sets, tokenizer, num_workers=workers) as reference:
+        expected = [next(reference) for _ in range(total)]
+        reference_documents = reference.counters["num_documents"]
+
+    interrupted = _loader(sets, tokenizer, num_workers=workers)
+    for _ in range(first):
+        next(interrupted)
+    state = pickle.loads(pickle.dumps(interrupted.save_state()))  # as stored in a checkpoint
+    interrupted.close()
+
+    resumed = _loader(sets, tokenizer, num_workers=workers)
+    resumed.restore_state(state)
+    for want in expected[first:]:
+        got = next(resumed)
+        assert got["doc_ids"] == want["doc_ids"]
+        for key in ("tokens", "labels", "loss_mask", "position_ids", "pixel_values", "image_grid_thw"):
+            assert torch.equal(got[key], want[key]), key
+        assert got["micro_batches_total"] == want["micro_batches_total"]
+    assert resumed.counters["num_documents"] == reference_documents
+    resumed.close()
+
+    with pytest.raises(ValueError, match="seq_length: saved 256, now 128"):
+        _loader(sets, tokenizer, num_workers=workers, seq_length=128).restore_state(state)
+
+
+def test_blend_proportions_match_the_weights(shard_sets, tokenizer):
+    # data weights x stage weights: image_text 2 x 1.5, interleaved 1 x 1 -> 3 : 1; sft is not in the stage.
+    stage = {"data_weights": {"image_text": 1.5, "interleaved": 1.0}, "loss_normalization": "token"}
+    sets = {k: shard_sets[k] for k in ("image_text", "sft", "interleaved")}
+    loader = _loader(sets, tokenizer, stage=stage, weights={"image_text": 2.0, "sft": 1.0, "interleaved": 1.0},
+                     seq_length=512, micro_batch_size=4, packing_buffer_size=64)
+    counts = Counter()
+    while sum(counts.values()) < 1200:
+        counts.update(next(loader)["documents_per_source"])
+    total = sum(counts.values())
+    assert set(counts) == {"image_text", "interleaved"}
+    # Binomial standard deviation sqrt(.75 * .25 / 1200) = 0.0125: 4 sigma.
+    assert counts["image_text"] / total == pytest.approx(0.75, abs=0.05)
+
+
+def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_set, tokenizer, caplog):
+    path, broken = corrupt_set
+    sets = {"image_text": path}
+    caplog.set_level(logging.WARNING, logger="pretrain.data")
+    # One ordered pass over the set: every good sample exactly once, every broken one skipped.
+    passes = build_eval_loader(data_config(sets, packing_buffer_size=16), {}, seq_length=256, micro_batch_size=2,
+                               dp_rank=0, dp_size=1, tokenizer=tokenizer, split_part="train")
+    seen, skipped = Counter(), []
+    for batch in passes:
+        seen.update(doc.split("/")[-1] for row in batch["doc_ids"] for doc in row)
+        skipped += batch["skipped"]
+    assert sorted(r["key"] for r in skipped) == sorted(broken)
+    assert {r["key"]: r["shard"] for r in skipped} == broken
+    assert {r["reason"] for r in skipped} <= {"image_decode_error", "schema_error", "invalid_sample"}
+    assert set(seen) == all_keys(path) - set(broken) and set(seen.values()) == {1}
+    for key, shard in broken.items():
+        assert any(key in m and shard in m for m in caplog.messages)
+
+    # Training goes on through the broken samples (several epochs of this small set) and counts them.
+    train = _loader(sets, tokenizer, seq_length=256, micro_batch_size=2)
+    for _ in range(12):
+        batch = next(train)
+    assert batch["samples_skipped_total"] >= 2 and train.counters["skipped_by_reason"]
+
+
+def test_data_parallel_ranks_read_disjoint_samples(shard_sets, tokenizer):
+    sets = {"image_text": shard_sets["image_text"]}
+    seen = []
+    for rank in range(2):
+        loader = _loader(sets, tokenizer, dp_rank=rank, dp_size=2, micro_batch_size=1)
+        seen.append({doc for _ in range(3) for row in next(loader)["doc_ids"] for doc in row})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+
+
+def test_packing_fill(shard_sets, tokenizer):
+    loader = _loader(shard_sets, tokenizer, seq_length=512, micro_batch_size=2, packing_buffer_size=128)
+    real = total = 0
+    for _ in range(12):
+        batch = next(loader)
+        real += batch["num_real_tokens"]
+        total += batch["tokens"].numel()
+    assert real / total >= 0.95
+
+
+def test_bad_configuration_is_a_clear_error(shard_sets, tokenizer, tmp_path):
+    with pytest.raises(BlendError, match="'missing'.*does not exist"):
+        _loader({"missing": tmp_path / "nope"}, tokenizer)
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(BlendError, match="not a prepared shard set"):
+        _loader({"plain": tmp_path / "plain"}, tokenizer)
+    with pytest.raises(BlendError, match="unknown source"):
+        _loader(shard_sets, tokenizer, stage={"data_weights": {"books": 1.0}})
+    with pytest.raises(BlendError, match="no data source has shards in split 'val'"):
+        build_eval_loader(data_config(shard_sets), {}, seq_length=64, micro_batch_size=1, dp_rank=0, dp_size=1,
+                          tokenizer=tokenizer)
+    loader = _loader(shard_sets, tokenizer)
+    next(loader)
+    with pytest.raises(RuntimeError, match="before the first micro-batch"):
+        loader.restore_state(loader.save_state())
