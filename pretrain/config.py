@@ -97,7 +97,7 @@ class DataSchema:
     image_max_pixels: int = 16_777_216
     video_fps: float = 2.0
     max_visual_patches_per_pack: int | None = None  # ViT patches per packed sequence (bounds ViT memory)
-    packing_buffer_size: int = 256  # samples grouped at once by first-fit-decreasing packing
+    packing_buffer_size: int = 1024  # samples grouped at once by first-fit-decreasing packing (fill vs. warm-up)
     shuffle_buffer_size: int | None = 100  # samples (energon's sample shuffle buffer)
     max_samples_per_sequence: int | None = 100  # consecutive samples read from one shard slice
     overlong: str = "truncate"  # a sample longer than a pack: "truncate" (at a safe boundary) or "drop"

@@ -257,7 +257,7 @@ def build_train_loader(
         dp_size=int(dp_size),
         num_workers=workers,
         seed=int(seed),
-        packing_buffer_size=int(_field(data_cfg, "packing_buffer_size", 256)),
+        packing_buffer_size=int(_field(data_cfg, "packing_buffer_size", 1024)),
         shuffle_buffer_size=_field(data_cfg, "shuffle_buffer_size", 100),
         max_samples_per_sequence=_field(data_cfg, "max_samples_per_sequence", 100),
         max_visual_patches=_field(data_cfg, "max_visual_patches_per_pack", None),
@@ -332,7 +332,7 @@ def build_eval_loader(
         split_part=split_part,
         worker_config=_worker_config(dp_rank, dp_size, 0, 0),
         batch_size=int(micro_batch_size),
-        packing_buffer_size=int(_field(data_cfg, "packing_buffer_size", 256)),
+        packing_buffer_size=int(_field(data_cfg, "packing_buffer_size", 1024)),
         limit=limit,
         task_encoder=task_encoder,
     )
