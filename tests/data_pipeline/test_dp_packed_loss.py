@@ -99,3 +99,102 @@ def test_packed_loss_equals_sum_of_documents_alone(tokenizer):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     # The document mask is what makes this true: plain causal attention changes later documents' losses.
     assert (unmasked - packed)[mask.bool()].abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------
+# Multimodal variant: the full Qwen3-VL model (ViT, DeepStack, interleaved MRoPE) on packed documents
+# ------------------------------------------------------------------------------------------------------
+
+
+def _media(batch, pixels, grid):
+    return (batch[pixels], batch[grid]) if batch[grid].shape[0] else (None, None)
+
+
+def _multimodal_losses(rank, batch, documents, special_ids, vocab_size):
+    import dataclasses
+
+    from model.qwen3vl import build_qwen3vl
+    from model.registry import get_config
+    from pretrain.parallel import initialize_distributed
+
+    initialize_distributed({})
+    cfg = get_config("tiny_dense")
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size), **special_ids)
+    torch.manual_seed(0)
+    model = build_qwen3vl(cfg)
+
+    def run(inputs, attention_mask):
+        pixel_values, image_grid_thw = _media(inputs, "pixel_values", "image_grid_thw")
+        pixel_values_videos, video_grid_thw = _media(inputs, "pixel_values_videos", "video_grid_thw")
+        return model(inputs["tokens"], inputs["position_ids"], attention_mask=attention_mask, labels=inputs["labels"],
+                     pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                     pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
+
+    model.zero_grad()
+    packed = run(batch, batch["attention_mask"])
+    (packed * batch["loss_weights"]).sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    alone = []
+    for inputs, weights in documents:
+        loss = run(inputs, None)[0]
+        (loss * weights).sum().backward()
+        alone.append(loss.detach())
+    alone_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    numpy = lambda ts: [t.detach().numpy().copy() for t in ts]  # noqa: E731
+    return numpy([packed])[0], numpy(alone), numpy(packed_grads), numpy(alone_grads)
+
+
+def test_packed_multimodal_loss_equals_sum_of_documents_alone(tokenizer):
+    import numpy as np
+    import PIL.Image
+
+    from pretrain.data.encoding import EncodingConfig
+    from pretrain.data.video_sampling import VideoClip
+    from pretrain.data.vision_inputs import VisionInputConfig
+
+    rng = np.random.default_rng(0)
+
+    def image(w, h):
+        return PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    vision = VisionInputConfig(image_min_pixels=1024, image_max_pixels=4096, video_min_pixels=1024, video_max_pixels=8192)
+    encoder = SampleEncoder(tokenizer, EncodingConfig(vision=vision))
+    clip = VideoClip(rng.integers(0, 255, (4, 64, 32, 3), dtype=np.uint8), np.arange(4) / 2.0)
+    docs = [
+        encoder.encode_image_text(image(64, 32), "a red circle on a white background"),
+        encoder.encode_text("a green star moves up"),
+        encoder.encode_interleaved(["there is", image(32, 64), "a blue square and", image(64, 64), "a star"]),
+        encoder.encode_video(clip, text="the yellow triangle moves left"),
+        encoder.encode_image_text(image(32, 32), "a pink square"),
+    ]
+    seq_length = max(sum(d.num_tokens for d in docs[:3]), sum(d.num_tokens for d in docs[3:])) + 3
+    rows = [docs[:3], docs[3:]]
+    batch = collate_micro_batch([pack_documents(r, seq_length, tokenizer.pad_id) for r in rows])
+    batch["loss_weights"] = token_loss_weights(batch["loss_mask"], batch["document_ids"], "square_root")
+    assert batch["image_grid_thw"].shape[0] == 4 and batch["video_grid_thw"].shape[0] == 1
+
+    alone_inputs, where = [], []
+    for row, members in enumerate(rows):
+        offset = 0
+        for doc in members:
+            n = doc.num_tokens
+            one = collate_micro_batch([pack_documents([doc], n, tokenizer.pad_id)], attention_mask=False)
+            alone_inputs.append((one, batch["loss_weights"][row, offset : offset + n][None]))
+            where.append((row, offset, n))
+            offset += n
+
+    special_ids = dict(image_token_id=tokenizer.image_pad_id, video_token_id=tokenizer.video_pad_id,
+                       vision_start_token_id=tokenizer.vision_start_id, vision_end_token_id=tokenizer.vision_end_id)
+    vocab = tokenizer.vocab_size + (-tokenizer.vocab_size % 64)
+    packed, alone, packed_grads, alone_grads = run_ranks(
+        _multimodal_losses, 1, batch, alone_inputs, special_ids, vocab)[0]
+    packed = torch.from_numpy(packed)
+    mask = batch["loss_mask"]
+    for (row, offset, n), loss in zip(where, alone):
+        target = mask[row, offset : offset + n].bool()
+        assert target.any()
+        assert torch.allclose(packed[row, offset : offset + n][target], torch.from_numpy(loss)[target], atol=1e-5, rtol=0)
+    assert len(packed_grads) == len(alone_grads) > 0
+    for a, b in zip(packed_grads, alone_grads):
+        assert np.allclose(a, b, atol=1e-5, rtol=1e-4)
