@@ -276,7 +276,9 @@ def build_train_loader(
         overlong=settings.overlong,
         merge_size=encoding_cfg.vision.merge_size,
     )
-    task_encoder = _task_encoder(tokenizer, encoding_cfg, packing, settings.loss_normalization, attention_mask, settings.seed)
+    task_encoder = _task_encoder(
+        tokenizer, encoding_cfg, packing, settings.loss_normalization, attention_mask, settings.seed
+    )
     worker_config = _worker_config(settings.dp_rank, settings.dp_size, workers, settings.seed)
     dataset = get_train_dataset(
         metadataset_config(sources, "train"),

@@ -14,12 +14,12 @@ deliberately un-normalised:
 * ``"sample"`` (p = 1): every document counts once whatever its length; ``sum_t w_t`` is the number of
   documents with targets, and J is the mean over documents of each document's mean token loss.
 * ``"square_root"`` (p = 1/2): the square-root reweighting of the Qwen3-VL technical report
-  (arXiv 2511.21631, abstract and Sec. 1: "To balance text-only and multimodal learning objectives, we
+  (arXiv 2511.21631, Sec. 1, Introduction: "To balance text-only and multimodal learning objectives, we
   apply square-root reweighting, which boosts multimodal performance without compromising text
-  capabilities"; it replaces the per-sample loss of Qwen2.5-VL by a square-root-normalised per-token
-  loss). The report prints no formula; we use the form InternVL 2.5 (arXiv 2412.05271) calls "square
-  averaging": a document of ``n`` targets contributes weight ``sqrt(n)`` in total (``1/sqrt(n)`` per
-  token), between per-token (``n``) and per-sample (``1``).
+  capabilities"). That passage gives no formula; we implement a square-root-normalised per-token loss in
+  the form InternVL 2.5
+  (arXiv 2412.05271) calls "square averaging": a document of ``n`` targets contributes weight
+  ``sqrt(n)`` in total (``1/sqrt(n)`` per token), between per-token (``n``) and per-sample (``1``).
 
 A "document" is one packed sample (a caption pair, an interleaved document, a video, a conversation),
 identified by ``document_ids`` within its row.
@@ -35,7 +35,9 @@ LOSS_NORMALIZATIONS = {"token": 0.0, "sample": 1.0, "square_root": 0.5}
 def document_target_counts(loss_mask: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
     """float32 [b, s]: at every position, the number of targets of the document it belongs to (0 on padding)."""
     if loss_mask.shape != document_ids.shape or loss_mask.dim() != 2:
-        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} and document_ids {tuple(document_ids.shape)} must be [b, s]")
+        raise ValueError(
+            f"loss_mask {tuple(loss_mask.shape)} and document_ids {tuple(document_ids.shape)} must both be [b, s]"
+        )
     b, s = document_ids.shape
     # Documents are numbered 0.. within a row; give every (row, document) its own slot, padding the last.
     slots = document_ids.max().clamp(min=0).item() + 2

@@ -157,7 +157,9 @@ def _prefix(sample: EncodedSample, length: int, units: list[_VisualUnit]) -> Enc
     )
 
 
-def safe_prefix_length(sample: EncodedSample, max_tokens: int, max_patches: int | None, merge_size: int = resize.MERGE_SIZE) -> int:
+def safe_prefix_length(
+    sample: EncodedSample, max_tokens: int, max_patches: int | None, merge_size: int = resize.MERGE_SIZE
+) -> int:
     """Longest prefix length <= ``max_tokens`` that ends outside every visual span and whose visual
     patches total at most ``max_patches`` (None: no bound). Returns ``sample.num_tokens`` when it fits."""
     units = _visual_units(sample, merge_size)
@@ -229,7 +231,9 @@ def first_fit_decreasing(
         raise ValueError(f"{len(tokens)} token counts but {len(patches)} patch counts")
     for i, (t, p) in enumerate(zip(tokens, patches)):
         if t > token_capacity or (patch_capacity is not None and p > patch_capacity):
-            raise ValueError(f"item {i} ({t} tokens, {p} patches) exceeds a bin ({token_capacity} tokens, {patch_capacity} patches)")
+            raise ValueError(
+                f"item {i} ({t} tokens, {p} patches) exceeds a bin ({token_capacity} tokens, {patch_capacity} patches)"
+            )
     order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
     room_tokens: list[int] = []
     room_patches: list[float] = []

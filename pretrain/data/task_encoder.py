@@ -96,10 +96,18 @@ class PackItem(Sample):
 
 
 def _reason(err: Exception) -> str:
+    """Short code of a sample failure: the encoder's / media module's ``reason``, else by type."""
+    from data_tools.schema import SchemaError
+
     reason = getattr(err, "reason", None)
     if reason:
         return str(reason)
-    return "schema_error" if type(err).__name__ == "SchemaError" else "invalid_sample"
+    return "schema_error" if isinstance(err, SchemaError) else "invalid_sample"
+
+
+def _log_skip(record: dict) -> None:
+    logger.warning("skipped sample %s of shard %s (source %s): %s: %s",
+                   record["key"], record["shard"], record["source"], record["reason"], record["detail"])
 
 
 class PackingTaskEncoder(TaskEncoder):
@@ -126,7 +134,9 @@ class PackingTaskEncoder(TaskEncoder):
         seed: int = 0,
     ):
         if loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(f"loss_normalization must be one of {sorted(LOSS_NORMALIZATIONS)}, got {loss_normalization!r}")
+            raise ValueError(
+                f"loss_normalization must be one of {sorted(LOSS_NORMALIZATIONS)}, got {loss_normalization!r}"
+            )
         self.encoder = encoder
         self.packing = packing
         self.pad_id = pad_id
@@ -142,8 +152,15 @@ class PackingTaskEncoder(TaskEncoder):
 
     def _skipped(self, base: dict, source: str, shard: str, reason: str, detail: str) -> PlannedDocument:
         record = skip_record(source, shard, base.get("__key__", "?"), reason, detail)
-        logger.warning("skipped sample %s of shard %s (source %s): %s: %s", record["key"], shard, source, reason, detail)
+        _log_skip(record)
         return PlannedDocument(**base, source=source, shard=shard, parts={}, num_tokens=0, num_patches=0, skip=record)
+
+    @staticmethod
+    def _realised(planned: PlannedDocument, sample=None, skip: dict | None = None) -> RealisedDocument:
+        return RealisedDocument.derive_from(
+            planned, source=planned.source, shard=planned.shard, sample=sample,
+            truncated=sample is not None and planned.keep_tokens is not None, skip=skip,
+        )
 
     # ------------------------------------------------------------------------------ energon hooks
     @stateless
@@ -195,26 +212,20 @@ class PackingTaskEncoder(TaskEncoder):
     @stateless
     def postencode_sample(self, planned: PlannedDocument) -> RealisedDocument:
         if planned.skip is not None:
-            return RealisedDocument.derive_from(planned, source=planned.source, shard=planned.shard, sample=None, truncated=False, skip=planned.skip)
+            return self._realised(planned, skip=planned.skip)
         try:
             _, fit = self._encode(planned.parts)
-            sample = fit.sample
-            if sample is None or sample.num_tokens != planned.num_tokens:
-                raise ValueError(
-                    f"re-encoding gave {None if sample is None else sample.num_tokens} tokens, "
-                    f"the plan had {planned.num_tokens}"
-                )
+            if fit.sample is None or fit.sample.num_tokens != planned.num_tokens:
+                got = None if fit.sample is None else fit.sample.num_tokens
+                raise ValueError(f"re-encoding gave {got} tokens, the plan had {planned.num_tokens}")
         except SYSTEM_EXCEPTIONS:
             raise
-        except Exception as err:
+        except Exception as err:  # e.g. a video that decoded once and not twice
             record = skip_record(planned.source, planned.shard, str(planned.__key__), "realise_failed",
                                  f"{type(err).__name__}: {err}")
-            logger.warning("skipped sample %s of shard %s (source %s): %s", record["key"], planned.shard,
-                           planned.source, record["detail"])
-            return RealisedDocument.derive_from(planned, source=planned.source, shard=planned.shard, sample=None, truncated=False, skip=record)
-        return RealisedDocument.derive_from(
-            planned, source=planned.source, shard=planned.shard, sample=sample, truncated=planned.keep_tokens is not None
-        )
+            _log_skip(record)
+            return self._realised(planned, skip=record)
+        return self._realised(planned, sample=fit.sample)
 
     @stateless
     def pack_selected_samples(self, samples: list[RealisedDocument]) -> PackItem:

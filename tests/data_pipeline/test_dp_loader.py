@@ -167,3 +167,24 @@ def test_bad_configuration_is_a_clear_error(shard_sets, tokenizer, tmp_path):
     next(loader)
     with pytest.raises(RuntimeError, match="before the first micro-batch"):
         loader.restore_state(loader.save_state())
+
+
+def test_loader_from_the_hydra_job_config(shard_sets, tokenizer):
+    """The typed ``data`` and ``stage`` sections of a composed job drive the loader (as the trainer calls it)."""
+    from pretrain.cli import load_job
+
+    root = shard_sets["image_text"].parent
+    _, job = load_job(["stage=s0_align", f"data.root={root}", "data.packing_buffer_size=24",
+                       "data.image_max_pixels=16384"])
+    loader = build_train_loader(job.data, job.stage, seq_length=256, micro_batch_size=1, dp_rank=0, dp_size=1,
+                                seed=job.train.seed, tokenizer=tokenizer)
+    # S0 trains on image-text and interleaved data only, with square-root loss normalisation.
+    assert [s.name for s in loader.sources] == ["image_text", "interleaved"]
+    assert loader.settings.loss_normalization == "square_root"
+    sources = Counter()
+    for _ in range(3):
+        batch = next(loader)
+        sources.update(batch["documents_per_source"])
+        weights = batch["loss_weights"][batch["loss_mask"] > 0]
+        assert weights.max() <= 1.0 and weights.min() < 1.0  # 1/sqrt(n) per target of an n-target document
+    assert set(sources) <= {"image_text", "interleaved"}
