@@ -16,10 +16,9 @@ deliberately un-normalised:
 * ``"square_root"`` (p = 1/2): the square-root reweighting of the Qwen3-VL technical report
   (arXiv 2511.21631, Sec. 1, Introduction: "To balance text-only and multimodal learning objectives, we
   apply square-root reweighting, which boosts multimodal performance without compromising text
-  capabilities"). That passage gives no formula; we implement a square-root-normalised per-token loss in
-  the form InternVL 2.5
-  (arXiv 2412.05271) calls "square averaging": a document of ``n`` targets contributes weight
-  ``sqrt(n)`` in total (``1/sqrt(n)`` per token), between per-token (``n``) and per-sample (``1``).
+  capabilities"). That passage gives no formula; we implement a square-root-normalised per-token loss
+  in the form InternVL 2.5 (arXiv 2412.05271) calls "square averaging": a document of ``n`` targets
+  contributes weight ``sqrt(n)`` in total (``1/sqrt(n)`` per token), between per-token (``n``) and per-sample (``1``).
 
 A "document" is one packed sample (a caption pair, an interleaved document, a video, a conversation),
 identified by ``document_ids`` within its row.
