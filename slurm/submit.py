@@ -1,0 +1,136 @@
+"""``python -m slurm.submit stage=... model=... parallel=... cluster=<name> [overrides] [--dry-run]``.
+
+Renders the sbatch script of a training stage from the Hydra config (``conf/cluster/<name>.yaml``
+for the cluster) and submits it with ``sbatch``; ``--dry-run`` prints the script instead. With
+``--chain s0_align,s1_pretrain,...`` it submits one job per stage, each depending on the previous one
+(``afterok``) and starting from its final checkpoint (see :mod:`slurm.chain`).
+
+Everything is validated before the first ``sbatch``: the config (as ``python -m pretrain.train``
+would), the cluster section, and the world size (nodes x tasks per node) against the parallel
+layout and the global batch. A bad value is one ``config error: ...`` line (exit 2).
+
+The script of each job is kept next to its logs, in ``cluster.output_dir`` (relative to
+``--workdir``, default the current directory, which is also the job's working directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+from pretrain.config import ConfigError
+
+USAGE_EPILOG = """examples:
+  python -m slurm.submit stage=s1_pretrain model=qwen3vl_30b_a3b parallel=tp4_pp2_ep8 cluster=example_h100 --dry-run
+  python -m slurm.submit --chain s0_align,s1_pretrain,s2_long_32k,s3_long_256k,sft model=qwen3vl_8b \\
+      cluster=example_h100 train.run_root=/lustre/me/qwen3vl-8b s3_long_256k:cluster.nodes=32
+Overrides use Hydra's grammar (group=option, key=value); with --chain, <stage>:key=value applies to one stage."""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m slurm.submit", description="Submit training stages to a SLURM cluster.",
+        epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch script(s); submit nothing")
+    parser.add_argument("--chain", metavar="S1,S2,...",
+                        help="submit these stages in order, each after the previous one succeeded")
+    parser.add_argument("--after", metavar="JOBID",
+                        help="the (first) job starts only after job JOBID completed successfully")
+    parser.add_argument("--workdir", default=".",
+                        help="the job's working directory; relative paths of the config are relative to it "
+                             "(default: the current directory)")
+    parser.add_argument("--parsable", action="store_true", help="print only the job ids, one per line")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, including cluster=<name>")
+    return parser.parse_args(list(argv))
+
+
+def _stage_jobs(args: argparse.Namespace):
+    from pretrain.cli import load_job
+    from slurm.chain import StageJob, chain_stage_jobs
+
+    if args.chain:
+        return chain_stage_jobs(args.chain.split(","), args.overrides)
+    _, job = load_job(args.overrides)
+    return [StageJob(job.stage.name, list(args.overrides), job)]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from slurm.jobs import SlurmError, sbatch_command, submit_script
+    from slurm.sbatch import check_job_layout, render_sbatch_script
+
+    workdir = Path(args.workdir).resolve()
+    if not workdir.is_dir():
+        print(f"error: --workdir {workdir}: not a directory", file=sys.stderr)
+        return 2
+    if args.after is not None and not args.after.isdigit():
+        print(f"error: --after {args.after!r}: not a job id", file=sys.stderr)
+        return 2
+    # Compose, validate and render every stage before submitting anything.
+    try:
+        stages = _stage_jobs(args)
+        scripts = []
+        for stage in stages:
+            layout = check_job_layout(stage.job)
+            scripts.append((layout, render_sbatch_script(stage.job, stage.overrides, workdir=workdir, layout=layout)))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+
+    first = stages[0].job
+    if first.stage.init_from and args.after is None:
+        init = Path(first.stage.init_from)
+        if not (init if init.is_absolute() else workdir / init).exists():
+            print(f"warning: {first.stage.name}: stage.init_from={first.stage.init_from} does not exist yet; "
+                  "the job fails at start unless an earlier job writes it (use --after JOBID, or "
+                  f"{'the first stage' if args.chain else 'stage'}.init_from=null)", file=sys.stderr)
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    previous: str | None = args.after
+    job_ids: list[str] = []
+    for index, (stage, (layout, script)) in enumerate(zip(stages, scripts)):
+        dependency = f"afterok:{previous}" if previous else None
+        output_dir = (workdir / stage.job.cluster.output_dir).resolve()
+        script_path = output_dir / f"{stage.name}-{stamp}.sbatch"
+        if args.dry_run:
+            shown_dep = dependency or ("afterok:<job id of " + stages[index - 1].name + ">" if index else None)
+            print(f"# ===== {stage.name}: {layout.world_size} ranks ({layout.nodes} node(s) x "
+                  f"{layout.tasks_per_node}), dp={layout.data_parallel_size}, "
+                  f"{layout.micro_batches_per_step} micro-batch(es) per step")
+            print("# would run: " + " ".join(sbatch_command(script_path, shown_dep)))
+            print(script)
+            previous = None
+            continue
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(script_path, script)
+            job_id = submit_script(script_path, dependency)
+        except (OSError, SlurmError) as exc:
+            print(f"error: submitting {stage.name}: {exc}", file=sys.stderr)
+            if job_ids:
+                print(f"already submitted: {', '.join(job_ids)} (scancel them if the chain is abandoned)",
+                      file=sys.stderr)
+            return 1
+        job_ids.append(job_id)
+        previous = job_id
+        if args.parsable:
+            print(job_id)
+        else:
+            after = f", after {dependency.split(':', 1)[1]}" if dependency else ""
+            print(f"{stage.name}: submitted job {job_id}{after}; {layout.world_size} ranks on {layout.nodes} "
+                  f"node(s); script {script_path}; log {output_dir / f'{stage.name}-{job_id}.out'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
