@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=1)
     parser.add_argument("--packing-buffer-size", type=int, default=None, help="default: conf/data/synth.yaml")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-    parser.add_argument("--batches", type=int, default=40, help="timed micro-batches per worker count")
+    parser.add_argument("--batches", type=int, default=100, help="timed micro-batches per worker count")
     parser.add_argument("--warmup", type=int, default=2, help="untimed micro-batches per worker first")
     parser.add_argument("--model", default="tiny_moe", help="model config of the step-consumption measurement")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps")
