@@ -13,6 +13,7 @@ it came from.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -75,13 +76,35 @@ def _set_kind(name: str, path: Path) -> str:
     return str(kind)
 
 
+def _check_shard_files(name: str, path: Path) -> None:
+    """Fail fast on a set whose shard files are missing, truncated or replaced since the build.
+
+    A corrupt *sample* is skipped at training time, but energon cannot read past a truncated tar, so
+    such a file must stop the job before it starts (data_tools' index.json records every shard's size;
+    ``python -m data_tools verify`` checks the hashes).
+    """
+    index = path / "index.json"
+    try:
+        shards = json.loads(index.read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BlendError(f"data source {name!r}: {index} is missing or unreadable ({e}); the build of {path} "
+                         "did not finish (rerun it with --resume)") from None
+    for shard in shards:
+        file = path / shard["name"]
+        size = file.stat().st_size if file.is_file() else None
+        if size != shard["bytes"]:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise BlendError(f"data source {name!r}: shard {file} {found}, index.json says {shard['bytes']}: "
+                             "the file was truncated or replaced; rebuild the set or restore the file")
+
+
 def resolve_blend(sources: Iterable[Any], data_weights: Mapping[str, float] | None = None) -> list[BlendSource]:
     """The sources to train on with their effective weights (see module docstring), in config order.
 
     ``sources``: ``data.sources`` entries (objects or mappings with ``name``, ``path``, ``weight``);
     relative paths are taken relative to the current directory. Raises :class:`BlendError` for a
-    missing or unprepared set, a negative weight, a duplicate name, a weight for an unknown source, or
-    an empty blend.
+    missing or unprepared set, a shard file whose size differs from the build's index.json, a negative
+    weight, a duplicate name, a weight for an unknown source, or an empty blend.
     """
     data_weights = dict(data_weights or {})
     entries = list(sources)
@@ -102,7 +125,9 @@ def resolve_blend(sources: Iterable[Any], data_weights: Mapping[str, float] | No
         path = Path(os.path.abspath(os.path.expanduser(str(_field(entry, "path")))))
         if not path.is_dir():
             raise BlendError(f"data source {name!r}: {path} does not exist")
-        blend.append(BlendSource(name, str(path), weight * stage_weight, _set_kind(name, path)))
+        kind = _set_kind(name, path)
+        _check_shard_files(name, path)
+        blend.append(BlendSource(name, str(path), weight * stage_weight, kind))
     if not blend:
         raise BlendError(f"no data source has a positive weight (sources {names}, stage weights {data_weights})")
     return blend

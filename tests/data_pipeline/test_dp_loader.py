@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import shutil
 from collections import Counter
 
 import pytest
@@ -163,6 +165,13 @@ def test_bad_configuration_is_a_clear_error(shard_sets, tokenizer, tmp_path):
     with pytest.raises(BlendError, match="no data source has shards in split 'val'"):
         build_eval_loader(data_config(shard_sets), {}, seq_length=64, micro_batch_size=1, dp_rank=0, dp_size=1,
                           tokenizer=tokenizer)
+    # A shard truncated after the build (energon cannot read past it): the job stops before it starts.
+    truncated = tmp_path / "truncated"
+    shutil.copytree(shard_sets["image_text"], truncated)
+    shard = truncated / "shard-000001.tar"
+    os.truncate(shard, shard.stat().st_size // 2)
+    with pytest.raises(BlendError, match="shard-000001.tar has .* bytes, index.json says"):
+        _loader({"image_text": truncated}, tokenizer)
     loader = _loader(shard_sets, tokenizer)
     next(loader)
     with pytest.raises(RuntimeError, match="before the first micro-batch"):
