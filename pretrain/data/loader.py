@@ -20,6 +20,12 @@ tokenizer, encoding_cfg=None, num_workers=None, attention_mask=True) -> TrainLoa
   energon's ``save_state_rank``/``restore_state_rank`` (shard positions and shuffle RNG per worker,
   the shuffle and packing buffers as restore keys) plus our counters and a fingerprint of the settings
   that must not change across a resume (sequence length, batch size, rank layout, workers, seed, blend).
+* Loss: per micro-batch ``sum(per_token_loss * loss_weights)``; the step's normaliser is
+  ``sum(loss_weights)`` all-reduced over data-parallel ranks and micro-batches (a float: it equals the
+  target-token count only for ``loss_normalization="token"``).
+* Media tensors are always present, possibly with 0 rows (a micro-batch without images has
+  ``pixel_values`` [0, 1536] and ``image_grid_thw`` [0, 3]).
+* ``TrainLoader.close()`` stops the worker processes (also on ``with build_train_loader(...) as l:``).
 * ``build_eval_loader(...)`` gives the packed micro-batches of the sets' ``val`` split, once, in order.
 
 Data flow: :mod:`pretrain.data.blend` (energon metadataset of the weighted sources) -> energon
