@@ -161,7 +161,12 @@ def safe_prefix_length(
     sample: EncodedSample, max_tokens: int, max_patches: int | None, merge_size: int = resize.MERGE_SIZE
 ) -> int:
     """Longest prefix length <= ``max_tokens`` that ends outside every visual span and whose visual
-    patches total at most ``max_patches`` (None: no bound). Returns ``sample.num_tokens`` when it fits."""
+    patches total at most ``max_patches`` (None: no bound). Returns ``sample.num_tokens`` when it fits.
+
+    A visual span is ``<|vision_start|>`` pads ``<|vision_end|>`` of one image or of one video frame
+    group, so a video may be cut between frame groups (it keeps its first groups); the ``<t seconds>``
+    text announcing the first dropped group then ends the prefix.
+    """
     units = _visual_units(sample, merge_size)
     length = min(sample.num_tokens, max_tokens)
     for unit in units:
