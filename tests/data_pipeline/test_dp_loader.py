@@ -128,11 +128,21 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_set, tokenizer, 
     for key, shard in broken.items():
         assert any(key in m and shard in m for m in caplog.messages)
 
-    # Training goes on through the broken samples (several epochs of this small set) and counts them.
+    # Training goes on through the broken samples (several epochs of this small set) and counts them;
+    # a resumed run reports the same skips at the same micro-batches.
     train = _loader(sets, tokenizer, seq_length=256, micro_batch_size=2)
-    for _ in range(12):
-        batch = next(train)
-    assert batch["samples_skipped_total"] >= 2 and train.counters["skipped_by_reason"]
+    expected = [next(train) for _ in range(12)]
+    assert expected[-1]["samples_skipped_total"] >= 2 and train.counters["skipped_by_reason"]
+    assert any(batch["skipped"] for batch in expected[5:])
+    interrupted = _loader(sets, tokenizer, seq_length=256, micro_batch_size=2)
+    for _ in range(5):
+        next(interrupted)
+    resumed = _loader(sets, tokenizer, seq_length=256, micro_batch_size=2)
+    resumed.restore_state(interrupted.save_state())
+    for want in expected[5:]:
+        got = next(resumed)
+        assert got["skipped"] == want["skipped"] and got["doc_ids"] == want["doc_ids"]
+        assert got["samples_skipped_total"] == want["samples_skipped_total"]
 
 
 def test_data_parallel_ranks_read_disjoint_samples(shard_sets, tokenizer):
