@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-KINDS = {"image_text": "build-image-text", "interleaved": "build-interleaved", "video": "build-video", "sft": "build-sft"}
+KINDS = {kind: "build-" + kind.replace("_", "-") for kind in ("image_text", "interleaved", "video", "sft")}
 
 
 def make_demo_data(out: Path) -> tuple[Path, Path]:

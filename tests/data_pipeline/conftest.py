@@ -5,7 +5,6 @@ Everything is made by the tests (``data_tools.synth`` + the real shard builders)
 
 from __future__ import annotations
 
-import json
 import shutil
 import tarfile
 from pathlib import Path
@@ -17,20 +16,8 @@ from data_tools.config import BuildConfig
 from data_tools.synth import SynthConfig, generate
 from pretrain.data.tokenizer import Tokenizer, train_byte_level_bpe
 
-KINDS = {"image_text": "image_text.jsonl", "interleaved": "interleaved.jsonl", "video": "video.jsonl", "sft": "sft.jsonl"}
+KINDS = {kind: f"{kind}.jsonl" for kind in ("image_text", "interleaved", "video", "sft")}
 CORPUS = dict(seed=11, images=40, videos=4, docs=10, sft=24, eval=2)
-# Small images keep the tests fast: 64..160 px synth images become 4..25 merged tokens.
-DATA_OPTIONS = dict(image_min_pixels=4096, image_max_pixels=16384, video_fps=2.0)
-
-
-def data_config(sets: dict[str, Path], weights: dict[str, float] | None = None, **options) -> dict:
-    """A ``data`` config section (as a mapping) over ``sets``."""
-    weights = weights or {name: 1.0 for name in sets}
-    return {
-        "sources": [{"name": name, "path": str(path), "weight": weights[name]} for name, path in sets.items() if name in weights],
-        **DATA_OPTIONS,
-        **options,
-    }
 
 
 @pytest.fixture(scope="session")
@@ -83,19 +70,6 @@ def corrupt_set(shard_sets, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _overwrite_member(shard, bad_json.name, b"{" + b" " * (bad_json.size - 1))
     broken = {image.name.split(".")[0]: shard.name, bad_json.name.split(".")[0]: shard.name}
     return out, broken
-
-
-def all_keys(shard_set: Path) -> set[str]:
-    """Every sample key of a built set (from its index.json and shards)."""
-    keys = set()
-    for shard in sorted(shard_set.glob("shard-*.tar")):
-        with tarfile.open(shard) as tar:
-            keys.update(m.name.split(".")[0] for m in tar.getmembers())
-    return keys
-
-
-def read_index(shard_set: Path) -> dict:
-    return json.loads((shard_set / "index.json").read_text())
 
 
 @pytest.fixture(autouse=True)

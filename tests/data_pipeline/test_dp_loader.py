@@ -13,7 +13,7 @@ import torch
 
 from pretrain.data.blend import BlendError
 from pretrain.data.loader import build_eval_loader, build_train_loader
-from tests.data_pipeline.conftest import all_keys, data_config
+from tests.data_pipeline.pipeline_helpers import all_keys, data_config
 
 
 def _loader(sets, tokenizer, *, stage=None, seq_length=256, micro_batch_size=2, dp_rank=0, dp_size=1, seed=5,

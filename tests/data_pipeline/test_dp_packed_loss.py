@@ -158,7 +158,8 @@ def test_packed_multimodal_loss_equals_sum_of_documents_alone(tokenizer):
     def image(w, h):
         return PIL.Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
-    vision = VisionInputConfig(image_min_pixels=1024, image_max_pixels=4096, video_min_pixels=1024, video_max_pixels=8192)
+    vision = VisionInputConfig(image_min_pixels=1024, image_max_pixels=4096,
+                               video_min_pixels=1024, video_max_pixels=8192)
     encoder = SampleEncoder(tokenizer, EncodingConfig(vision=vision))
     clip = VideoClip(rng.integers(0, 255, (4, 64, 32, 3), dtype=np.uint8), np.arange(4) / 2.0)
     docs = [
@@ -194,7 +195,8 @@ def test_packed_multimodal_loss_equals_sum_of_documents_alone(tokenizer):
     for (row, offset, n), loss in zip(where, alone):
         target = mask[row, offset : offset + n].bool()
         assert target.any()
-        assert torch.allclose(packed[row, offset : offset + n][target], torch.from_numpy(loss)[target], atol=1e-5, rtol=0)
+        alone_loss = torch.from_numpy(loss)[target]
+        assert torch.allclose(packed[row, offset : offset + n][target], alone_loss, atol=1e-5, rtol=0)
     assert len(packed_grads) == len(alone_grads) > 0
     for a, b in zip(packed_grads, alone_grads):
         assert np.allclose(a, b, atol=1e-5, rtol=1e-4)
