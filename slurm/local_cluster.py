@@ -20,6 +20,7 @@ From a shell::
 from __future__ import annotations
 
 import argparse
+import atexit
 import getpass
 import json
 import os
@@ -182,6 +183,7 @@ class LocalSlurm:
         """Install if needed, configure, start the daemons, wait for an idle node; raise SlurmUnavailable."""
         install_slurm()
         self.write_config()
+        atexit.register(self.stop)  # also when the caller forgets, or dies of an exception
         munge = self.root / "munge"
         try:
             self._spawn("munged", [_which("munged"), "--foreground", "--force",
@@ -241,7 +243,7 @@ class LocalSlurm:
         """Cancel the cluster's jobs and end the daemons this object started (by process id)."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
             try:
-                self._run(["scancel", f"--partition={PARTITION}", "--full"], timeout=15)
+                self._run(["scancel", f"--partition={PARTITION}"], timeout=15)
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline and self._run(["squeue", "-h"], timeout=15).stdout.strip():
                     time.sleep(0.5)
@@ -278,7 +280,7 @@ def _stop_from_pid_file(root: Path) -> int:
         return 1
     cluster = LocalSlurm(root)
     try:
-        cluster._run(["scancel", f"--partition={PARTITION}", "--full"], timeout=15)
+        cluster._run(["scancel", f"--partition={PARTITION}"], timeout=15)
     except (OSError, subprocess.SubprocessError):
         pass
     for name, pid in reversed(list(json.loads(pids_file.read_text()).items())):
@@ -308,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: SLURM unavailable: {exc}", file=sys.stderr)
         return 1
     # The daemons outlive this command (they run in their own sessions); `stop` ends them.
+    atexit.unregister(cluster.stop)
     cluster._procs.clear()
     print(f"local SLURM up: node {cluster.node}, {args.cpus} CPUs, partition {PARTITION}; logs in {root / 'log'}")
     print(f"export SLURM_CONF={cluster.conf_path}")
