@@ -24,7 +24,7 @@ test: $(STAMP)
 	echo "make test: total $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node 2 -m pretrain.demo
+	$(PY) -m pretrain.demo
 
 clean:
 	rm -rf $(VENV) runs demo_out .pytest_cache

@@ -48,9 +48,9 @@ def _hf_to_mcore_rank(rank: int, world: int, port: int, hf_dir: str, tmp_out: st
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
 
     from model.hf_adapter import HFCheckpointReader, load_hf_weights
+    from pretrain.checkpoint import save_weights
     from model.qwen3vl import build_qwen3vl
     from pretrain.parallel import initialize_distributed
 
@@ -59,7 +59,7 @@ def _hf_to_mcore_rank(rank: int, world: int, port: int, hf_dir: str, tmp_out: st
     cfg = Qwen3VLConfig.from_hf(reader.config_dict)
     model = build_qwen3vl(cfg, params_dtype=_DTYPES[dtype], sequence_parallel=layout["sequence_parallel"])
     load_hf_weights(model, reader, progress=rank == 0)
-    dist_checkpointing.save(model.sharded_state_dict(), tmp_out)
+    save_weights(tmp_out, [model])
     dist.barrier()
     dist.destroy_process_group()
 
@@ -120,10 +120,9 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
 
 def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, model) -> None:
     """Load a distributed checkpoint into ``model`` (built in any layout, in the initialised state)."""
-    from megatron.core import dist_checkpointing
+    from pretrain.checkpoint import load_weights
 
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state)
+    load_weights(ckpt_dir, [model])
 
 
 def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> tuple[Qwen3VLConfig, torch.dtype]:
@@ -137,12 +136,17 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> tuple[Qwen3VLConfig, 
 
 
 def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Convert a distributed checkpoint written by :func:`hf_to_mcore` back to the HF layout."""
+    """Convert a distributed checkpoint back to the HF layout: one written by :func:`hf_to_mcore`, or a
+    training checkpoint of ``pretrain.train`` (a step folder, or a run's ``checkpoints`` folder for
+    its newest step), which carries the same config files."""
     from model.hf_adapter import export_hf_tensors, write_hf_checkpoint
     from model.qwen3vl import build_qwen3vl
     from pretrain.parallel import destroy_distributed, initialize_distributed
 
-    ckpt, out = Path(ckpt_dir).resolve(), Path(out_dir).resolve()
+    from pretrain.checkpoint import resolve_checkpoint
+
+    # A training run's checkpoints folder (or its 'latest') means its newest step.
+    ckpt, out = (resolve_checkpoint(ckpt_dir) or Path(ckpt_dir)).resolve(), Path(out_dir).resolve()
     if out.exists():
         raise FileExistsError(f"--out {out} exists; choose a new directory")
     cfg, dtype = read_checkpoint_config(ckpt)

@@ -69,7 +69,8 @@ def step_dir_name(step: int) -> str:
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
-    """A step directory, or a checkpoints folder / ``latest`` file resolved to its newest step; None if empty."""
+    """A step directory (or a weights-only checkpoint), or a checkpoints folder / ``latest`` file
+    resolved to its newest step; None if there is none."""
     p = Path(path)
     if p.name == LATEST or (p.is_dir() and (p / LATEST).is_file()):
         latest = p if p.name == LATEST else p / LATEST
@@ -79,8 +80,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
         if not target.is_dir():
             raise CheckpointError(f"{latest} names {target.name}, which does not exist")
         return target
-    if p.is_dir() and (p / "trainer.json").is_file():
-        return p
+    if p.is_dir() and ((p / "trainer.json").is_file() or (p / "metadata.json").is_file()):
+        return p  # a training step, or weights saved by save_weights (e.g. model.convert hf-to-mcore)
     return None
 
 
@@ -180,8 +181,13 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     # ------------------------------------------------------------------ save
-    def save(self, model: list, optimizer, state: TrainerState, rank_state: dict[str, Any]) -> Path:
-        """Write a complete checkpoint for ``state.step``; collective over all ranks."""
+    def save(self, model: list, optimizer, state: TrainerState, rank_state: dict[str, Any],
+             describe=None) -> Path:
+        """Write a complete checkpoint for ``state.step``; collective over all ranks.
+
+        ``describe(folder)``, called on rank 0 before the checkpoint gets its final name, adds files
+        that make the checkpoint self-describing (the model config, the tokenizer).
+        """
         from megatron.core import dist_checkpointing
 
         final = self.root / step_dir_name(state.step)
@@ -198,6 +204,8 @@ class CheckpointManager:
         if _rank() == 0:
             state.layout = current_layout()
             state.num_optimizers = _num_optimizers(optimizer)
+            if describe is not None:
+                describe(tmp)
             _write_atomic(tmp / "trainer.json", json.dumps(asdict(state), indent=2))
             if final.exists():  # a step saved again (e.g. after a resume without progress)
                 shutil.rmtree(final)
@@ -240,6 +248,14 @@ class CheckpointManager:
         same_layout = state.layout == current_layout()
         rank_state = torch.load(rank_file, weights_only=False) if same_layout and rank_file.is_file() else None
         return state, rank_state
+
+
+def save_weights(path: str | os.PathLike, model: list) -> None:
+    """Save only the model weights as a distributed checkpoint, in the training checkpoints' layout
+    (so ``stage.init_from`` and ``load_weights`` read it); collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(_model_sharded_state(model), str(path))
 
 
 def load_weights(path: str | os.PathLike, model: list) -> Path:

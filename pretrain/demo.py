@@ -1,107 +1,159 @@
-"""`make demo` until the full Qwen3-VL pipeline lands: a 2-rank CPU training of a tiny Qwen3 MoE decoder.
+"""`make demo`: the whole pipeline on small built-in data, 2 CPU ranks, about ten minutes on 2 cores.
 
-Run under torchrun (``make demo`` does): ``torchrun --nproc-per-node 2 -m pretrain.demo``. The two gloo
-ranks split the experts (expert parallel 2) and the batch (data parallel 2), with Megatron's DDP and
-distributed optimizer. The task is copying: each sequence is 12 random tokens, a separator, then the
-same 12 tokens; the loss counts only the copy, so a model that learned to attend back reaches ~0 loss
-and 100% copy accuracy on sequences it never saw.
+    python -m pretrain.demo [--out demo_out] [--layout ep2|tp2_ep2_sp] [--quick]
+
+1. ``python -m data_tools synth``: a synthetic corpus of coloured shapes and moving-shape videos
+   (with a few deliberately broken inputs), then the four shard builders and a small BPE tokenizer;
+2. the five stages of the Qwen3-VL recipe on a tiny MoE Qwen3-VL, each one ``torchrun -m
+   pretrain.train stage=...`` command with CPU-sized overrides (short sequences, few steps), 2 gloo
+   ranks in a non-trivial layout, each stage starting from the previous stage's checkpoint;
+3. a table per stage (steps, tokens, loss first -> last, wall time) and the held-out accuracy of the
+   S0 model and of the final SFT model on questions about images and videos they never saw.
+
+Every command is printed before it runs, so each step can be rerun by hand.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
 import time
-from functools import partial
+from pathlib import Path
 
-import torch
-
-from model.language import Qwen3TextConfig, build_language_model
-from pretrain.parallel import destroy_distributed, initialize_distributed
-from pretrain.step import setup_optimizer, token_loss, train_step, wrap_with_ddp
-
-HALF = 12
-SEQ = 2 * HALF + 1
-VOCAB = 64
-SEPARATOR = VOCAB - 1
-MODEL = Qwen3TextConfig(
-    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, intermediate_size=128, rope_theta=10000.0,
-    num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
-)
-
-
-def copy_batch(batch_size: int, generator: torch.Generator) -> dict:
-    """Sequences ``x SEP x`` (x: HALF tokens); the loss covers the second x only."""
-    x = torch.randint(0, SEPARATOR, (batch_size, HALF), generator=generator)
-    sep = torch.full((batch_size, 1), SEPARATOR)
-    seq = torch.cat([x, sep, x, sep], dim=1)  # one extra token so inputs and labels are SEQ long
-    loss_mask = torch.zeros(batch_size, SEQ)
-    loss_mask[:, HALF:2 * HALF] = 1.0  # predicting tokens HALF+1 .. 2*HALF (the copy)
-    return {
-        "tokens": seq[:, :SEQ],
-        "labels": seq[:, 1:SEQ + 1],
-        "position_ids": torch.arange(SEQ).expand(batch_size, SEQ),
-        "loss_mask": loss_mask,
-    }
+PY = sys.executable
+# (stage, CPU-sized overrides). Sequence lengths keep the 8K -> 32K -> 256K progression's shape.
+STAGES = [
+    ("s0_align", ["stage.seq_length=512", "stage.train_steps=20", "stage.optimizer.lr=2e-3",
+                  "stage.optimizer.warmup_steps=3"]),
+    ("s1_pretrain", ["stage.seq_length=512", "stage.train_steps=100", "stage.optimizer.lr=2e-3",
+                     "stage.optimizer.min_lr=2e-4", "stage.optimizer.warmup_steps=10"]),
+    ("s2_long_32k", ["stage.seq_length=1024", "stage.train_steps=10", "stage.optimizer.lr=5e-4",
+                     "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=2"]),
+    ("s3_long_256k", ["stage.seq_length=2048", "stage.train_steps=3", "stage.optimizer.lr=3e-4",
+                      "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=1"]),
+    ("sft", ["stage.seq_length=512", "stage.train_steps=100", "stage.optimizer.lr=1e-3",
+             "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=5"]),
+]
+BUILDS = [("build-image-text", "image_text"), ("build-interleaved", "interleaved"),
+          ("build-video", "video"), ("build-sft", "sft")]
 
 
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    losses = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
-    return losses, partial(token_loss, batch["loss_mask"])
+def run(cmd: list[str], log: Path | None = None, quiet: bool = False) -> None:
+    """Run a command, print it first; its output goes to the console (and to ``log``)."""
+    print(f"\n$ {shlex.join(cmd)}", flush=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if not quiet:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        proc.wait()
+    if log is not None:
+        log.write_text("".join(lines))
+    if proc.returncode:
+        if quiet:
+            sys.stdout.write("".join(lines[-40:]))
+        raise SystemExit(f"demo: command failed with exit code {proc.returncode}: {shlex.join(cmd)}")
 
 
-@torch.no_grad()
-def copy_accuracy(model, batch: dict) -> float:
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+def model_overrides(tokenizer_dir: Path) -> list[str]:
+    """The tiny model's vocabulary and special token ids, taken from the trained tokenizer."""
+    info = json.loads((tokenizer_dir / "tokenizer_info.json").read_text())
+    ids = info["special_token_ids"]
+    vocab = max(ids.values()) + 1
+    padded = -(-vocab // 128) * 128  # divisible by any tensor-parallel size we use
+    return [f"model.text.vocab_size={padded}", f"model.image_token_id={ids['<|image_pad|>']}",
+            f"model.video_token_id={ids['<|video_pad|>']}", f"model.vision_start_token_id={ids['<|vision_start|>']}",
+            f"model.vision_end_token_id={ids['<|vision_end|>']}"]
 
-    model.eval()
-    logits = gather_from_tensor_model_parallel_region(
-        model(batch["tokens"], batch["position_ids"], attention_mask=None))
-    model.train()
-    mask = batch["loss_mask"].bool()
-    return (logits.argmax(-1)[mask] == batch["labels"][mask]).float().mean().item()
+
+def stage_table(run_root: Path) -> list[dict]:
+    rows = []
+    for stage, _ in STAGES:
+        path = run_root / stage / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows.append({
+            "stage": stage, "steps": records[-1]["step"], "tokens": records[-1]["consumed_tokens"],
+            "first": records[0]["loss"], "last": records[-1]["loss"],
+            "seconds": sum(r["step_seconds"] for r in records),
+        })
+    return rows
 
 
-def main(steps: int = 150, micro_batch: int = 16) -> None:
-    from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
+def evaluate(ckpt: Path, eval_file: Path) -> dict:
+    out = subprocess.run([PY, "-m", "pretrain.evaluate", "--ckpt", str(ckpt), "--eval", str(eval_file), "--json"],
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if out.returncode:
+        raise SystemExit(f"demo: evaluation of {ckpt} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    info = initialize_distributed({"ep": 2}, seed=1234)
-    torch.set_num_threads(1)
-    rank0 = info.rank == 0
-    module = build_language_model(MODEL, MODEL.transformer_config(), max_sequence_length=SEQ)
-    model = wrap_with_ddp([module], DistributedDataParallelConfig(use_distributed_optimizer=True))
-    optimizer = setup_optimizer(model, OptimizerConfig(
-        optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0,
-        use_distributed_optimizer=True, params_dtype=torch.float32))
 
-    dp_rank = parallel_state.get_data_parallel_rank()
-    data = torch.Generator().manual_seed(100 + dp_rank)
-    held_out = copy_batch(256, torch.Generator().manual_seed(999))
-    before = copy_accuracy(module, held_out)
-    if rank0:
-        print(f"tiny Qwen3 MoE decoder: {sum(p.numel() for p in module.parameters())} parameters per rank, "
-              f"{info.world_size} gloo ranks (expert parallel 2, data parallel 2, distributed optimizer)")
-        print(f"{'step':>5} {'loss':>8} {'grad norm':>10} {'tokens/s':>9}")
-    tokens_per_step = 2 * micro_batch * SEQ * parallel_state.get_data_parallel_world_size()
-    start = time.perf_counter()
-    tokens_done = 0
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
-        batches = [copy_batch(micro_batch, data) for _ in range(2)]
-        result = train_step(model, optimizer, forward_step, iter(batches), num_microbatches=2,
-                            seq_length=SEQ, micro_batch_size=micro_batch)
-        tokens_done += tokens_per_step
-        if rank0 and (step % 25 == 0 or step == 1):
-            print(f"{step:>5} {result.loss:>8.4f} {result.grad_norm:>10.3f} "
-                  f"{tokens_per_step / (time.perf_counter() - t0):>9.0f}")
-    after = copy_accuracy(module, held_out)
-    if rank0:
-        print(f"done: {steps} steps, {tokens_done} tokens in {time.perf_counter() - start:.1f} s; "
-              f"copy accuracy on 256 unseen sequences: {before:.1%} before -> {after:.1%} after")
-    destroy_distributed()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="demo_out", help="working folder (default demo_out)")
+    parser.add_argument("--layout", default="tp2_ep2_sp", choices=["ep2", "tp2_ep2_sp"],
+                        help="parallel layout of the 2 ranks (conf/parallel)")
+    parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke run)")
+    args = parser.parse_args(argv)
+    out = Path(args.out).resolve()
+    raw, shards, tokenizer, runs, logs = (out / p for p in ("raw", "shards", "tokenizer", "runs", "logs"))
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    print("== 1. data: synthetic corpus -> validated WebDataset shard sets -> tokenizer")
+    run([PY, "-m", "data_tools", "synth", "--out", str(raw), "--overwrite"])
+    for command, name in BUILDS:
+        run([PY, "-m", "data_tools", command, "--manifest", str(raw / f"{name}.jsonl"), "--out", str(shards / name),
+             "--workers", "2", "--overwrite", "--no-progress"])
+    run([PY, "-m", "data_tools", "train-tokenizer", *[a for name in ("image_text", "interleaved", "video", "sft")
+                                                      for a in ("--manifest", str(raw / f"{name}.jsonl"))],
+         "--vocab-size", "1024", "--out", str(tokenizer)])
+
+    print("\n== 2. training: S0 -> S1 -> S2 -> S3 -> SFT on 2 gloo ranks")
+    common = ["model=tiny_moe", f"parallel={args.layout}", "data=synth", f"data.root={shards}",
+              f"data.tokenizer={tokenizer}", f"train.run_root={runs}", "train.global_batch_size=8",
+              "train.micro_batch_size=1", "train.log_interval=10", "train.save_interval=1000000",
+              "stage.train_tokens=null", *model_overrides(tokenizer)]
+    torchrun = [str(Path(PY).with_name("torchrun")), "--nproc-per-node", "2", "-m", "pretrain.train"]
+    for stage, overrides in STAGES:
+        if args.quick:
+            overrides = [o for o in overrides if not o.startswith("stage.train_steps")] + ["stage.train_steps=3"]
+        if (runs / stage / "checkpoints" / "latest").is_file():
+            print(f"\n(stage {stage}: {runs / stage} already holds a checkpoint; the stage resumes from it)")
+        run(torchrun + [f"stage={stage}", *common, *overrides], log=logs / f"{stage}.log")
+
+    print("\n== 3. results")
+    rows = stage_table(runs)
+    print(f"{'stage':<14}{'steps':>6}{'tokens':>10}{'loss first -> last':>22}{'wall s':>9}")
+    for r in rows:
+        print(f"{r['stage']:<14}{r['steps']:>6}{r['tokens']:>10}{r['first']:>12.3f} -> {r['last']:<7.3f}{r['seconds']:>9.1f}")
+    eval_file = raw / "eval.jsonl"
+    before = evaluate(runs / "s0_align" / "checkpoints", eval_file)
+    after = evaluate(runs / "sft" / "checkpoints", eval_file)
+    print(f"\nheld-out questions about unseen synthetic images and videos ({before['all']['n']} questions):")
+    print(f"{'model':<22}{'answer correct':>16}{'best choice correct':>22}")
+    for name, result in (("S0 (alignment only)", before), ("after SFT", after)):
+        print(f"{name:<22}{result['all']['generated']:>16.1%}{result['all']['choice']:>22.1%}")
+    for kind in ("image", "video"):
+        if kind in after:
+            print(f"  {kind + 's':<20}{before[kind]['generated']:>16.1%} -> {after[kind]['generated']:.1%}"
+                  f"{before[kind]['choice']:>13.1%} -> {after[kind]['choice']:.1%}")
+    example = json.loads(eval_file.read_text().splitlines()[0])
+    print("\ntry it: " + shlex.join([PY, "-m", "pretrain.generate", "--ckpt", str(runs / "sft" / "checkpoints"),
+                                     f"--{example['media_type']}", str(raw / example["media"]),
+                                     "--prompt", example["question"]]))
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; logs in {logs}, TensorBoard: "
+          f"tensorboard --logdir {runs}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ _MESSAGES = (
 
 # torch deprecations triggered inside Megatron-Core 0.16's collectives; nothing a user can act on.
 _TORCH_DEPRECATIONS = (
+    r"Please use DTensor instead and we are deprecating ShardedTensor",  # inside dist_checkpointing
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
 )

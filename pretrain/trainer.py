@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -151,9 +152,24 @@ def _step_counts(micro_batches: list[dict]) -> dict[str, float]:
     return {"tokens": real, "documents": docs, "pairs": pairs, "patches": patches, "vision_pairs": vision_pairs}
 
 
-def _save(manager, model, optimizer, scheduler, state, loader) -> Path:
+def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stage: str):
+    """Files that make a training checkpoint convertible as it is (``python -m model.convert
+    mcore-to-hf --ckpt <checkpoints>``): the HF config, the dtype, and the tokenizer."""
+    from model.convert import CONFIG_FILE, EXTRA_DIR, META_FILE
+
+    def describe(folder: Path) -> None:
+        (folder / CONFIG_FILE).write_text(json.dumps(model_cfg.to_hf(), indent=2) + "\n")
+        dtype = "bfloat16" if params_dtype == torch.bfloat16 else "float32"
+        (folder / META_FILE).write_text(json.dumps({"dtype": dtype, "source": f"pretrain.train stage {stage}"}) + "\n")
+        tokenizer.save(folder / EXTRA_DIR)
+
+    return describe
+
+
+def _save(manager, model, optimizer, scheduler, state, loader, describe) -> Path:
     state.scheduler = scheduler.state_dict()
-    return manager.save(model, optimizer, state, {"rng": collect_rng_state(), "data": loader.save_state()})
+    return manager.save(model, optimizer, state, {"rng": collect_rng_state(), "data": loader.save_state()},
+                        describe=describe)
 
 
 def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
@@ -217,6 +233,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if composed_yaml:
             (run_dir / "config.yaml").write_text(composed_yaml)
 
+    describe = checkpoint_description(model_cfg, dtype, tokenizer, job.stage.name)
     watcher = PreemptionWatcher().install()
     logger = MetricsLogger(run_dir, job.stage.name, total_steps, state.step, job.train.log_interval, rank0)
     logger.message(f"{job.stage.name}: {origin}; {total_steps} steps of {job.train.global_batch_size} x "
@@ -281,7 +298,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         stop = watcher.stop_requested()
         too_many_skips = consecutive_skips >= job.train.max_consecutive_skips
         if state.step % job.train.save_interval == 0 or state.step == total_steps or stop or too_many_skips:
-            checkpoint = str(_save(manager, model, optimizer, scheduler, state, loader))
+            checkpoint = str(_save(manager, model, optimizer, scheduler, state, loader, describe))
         if too_many_skips:
             raise TrainingStopped(
                 f"{consecutive_skips} non-finite steps in a row at step {state.step} "

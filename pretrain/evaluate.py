@@ -1,0 +1,80 @@
+"""Held-out accuracy of a checkpoint on closed-vocabulary questions about images and videos.
+
+    python -m pretrain.evaluate --ckpt runs/sft/checkpoints --eval demo_out/raw/eval.jsonl
+
+``eval.jsonl`` lines (as ``python -m data_tools synth`` writes them): ``{"media": path (relative to the
+file), "media_type": "image" | "video", "question", "answer", "choices": [...]}``. Two scores:
+
+* ``generated``: the greedy answer's first word equals the expected answer (case and punctuation
+  ignored) — the model answers by itself;
+* ``choice``: the expected answer is the most likely of the choices (sum of token log-probabilities),
+  the usual multiple-choice scoring, less noisy for small models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from pretrain.checkpoint import CheckpointError
+from pretrain.generate import (
+    InferenceModel,
+    choice_log_likelihoods,
+    encode_prompt,
+    generate,
+    load_inference_model,
+    load_media,
+)
+
+
+def _first_word(text: str) -> str:
+    words = re.findall(r"[a-z]+", text.lower())
+    return words[0] if words else ""
+
+
+def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None) -> dict:
+    """Accuracy overall and per media type: {"all": {"n", "generated", "choice"}, "image": ..., ...}."""
+    eval_file = Path(eval_file)
+    lines = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    hits: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
+    for item in lines[:limit]:
+        kind = item["media_type"]
+        inputs = encode_prompt(im, load_media(eval_file.parent / item["media"], kind, im.frames), kind,
+                               item["question"])
+        answer = item["answer"].lower()
+        generated = _first_word(generate(im, inputs, max_new_tokens=4)) == answer
+        scores = choice_log_likelihoods(im, inputs, item["choices"])
+        chosen = item["choices"][max(range(len(scores)), key=scores.__getitem__)].lower() == answer
+        hits[kind].append((generated, chosen))
+        hits["all"].append((generated, chosen))
+    return {kind: {"n": len(v), "generated": sum(g for g, _ in v) / len(v), "choice": sum(c for _, c in v) / len(v)}
+            for kind, v in hits.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", required=True, help="checkpoints folder (its latest) or a step directory")
+    parser.add_argument("--eval", required=True, help="eval.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(load_inference_model(args.ckpt), args.eval, args.limit)
+    except (CheckpointError, OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for kind, r in result.items():
+            print(f"{kind:>6}: {r['n']:>4} questions, generated answer correct {r['generated']:.1%}, "
+                  f"best choice correct {r['choice']:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""pretrain.train end to end on 2 gloo ranks: exact resume after SIGKILL, stage hand-over, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", "2", "-m", "pretrain.train"]
+
+
+def _stage_args(synth_data, run_root: Path, *extra: str) -> list[str]:
+    return [*synth_data.overrides, f"train.run_root={run_root}", "parallel=ep2", "stage=s1_pretrain",
+            "stage.init_from=null", "stage.train_tokens=null", "stage.train_steps=6", "stage.seq_length=256",
+            "train.global_batch_size=4", "train.save_interval=2", "train.log_interval=1",
+            "stage.optimizer.warmup_steps=1", *extra]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _descendants(pid: int) -> list[int]:
+    """All processes below ``pid`` (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _losses(run_root: Path, stage: str = "s1_pretrain") -> list[tuple[int, float]]:
+    lines = (run_root / stage / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def _train(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(TORCHRUN + args, capture_output=True, text=True, env=_env(), timeout=600)
+
+
+def test_sigkill_and_restart_gives_the_same_losses(synth_data, tmp_path):
+    straight = tmp_path / "straight"
+    done = _train(_stage_args(synth_data, straight))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    reference = dict(_losses(straight))
+    assert sorted(reference) == [1, 2, 3, 4, 5, 6]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(TORCHRUN + _stage_args(synth_data, killed), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env())
+    metrics = killed / "s1_pretrain" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and both ranks, mid-run, no clean-up
+        os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+    logged_before_kill = len(_losses(killed))
+    assert 3 <= logged_before_kill < 6
+    latest = (killed / "s1_pretrain" / "checkpoints" / "latest").read_text().strip()
+
+    done = _train(_stage_args(synth_data, killed))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from" in done.stdout and latest in done.stdout
+    resumed = _losses(killed)
+    # Every step, including those repeated after the restart, has the uninterrupted run's loss.
+    assert {step for step, _ in resumed} == set(reference)
+    for step, loss in resumed:
+        assert loss == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    state = json.loads((killed / "s1_pretrain/checkpoints" / "step_00000006" / "trainer.json").read_text())
+    reference_state = json.loads((straight / "s1_pretrain/checkpoints/step_00000006/trainer.json").read_text())
+    assert state["consumed_tokens"] == reference_state["consumed_tokens"] > 0
+    # keep-last-k: only the newest two checkpoints remain.
+    assert sorted(p.name for p in (killed / "s1_pretrain/checkpoints").glob("step_*")) == \
+        ["step_00000004", "step_00000006"]
+
+
+def test_next_stage_starts_from_the_previous_checkpoint_in_another_layout(synth_data, tmp_path):
+    first = _train(_stage_args(synth_data, tmp_path, "stage.train_steps=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _train([*synth_data.overrides, f"train.run_root={tmp_path}", "stage=sft", "parallel=tp2_ep2_sp",
+                     f"stage.init_from={tmp_path}/s1_pretrain/checkpoints", "stage.train_steps=2",
+                     "stage.seq_length=256", "train.global_batch_size=2", "stage.optimizer.warmup_steps=1"])
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert f"weights from {tmp_path}/s1_pretrain/checkpoints/step_00000002" in second.stdout
+    assert [s for s, _ in _losses(tmp_path, "sft")] == [1, 2]
+
+
+def test_bad_inputs_are_one_line_errors(synth_data, tmp_path):
+    missing = _train(_stage_args(synth_data, tmp_path, f"stage.init_from={tmp_path}/nothing"))
+    assert missing.returncode != 0 and "init_from=" in missing.stderr and "no checkpoint there" in missing.stderr
+    layout = _train(_stage_args(synth_data, tmp_path, "parallel.ep=1", "parallel.tp=4"))
+    assert layout.returncode != 0 and "world size 2 is not divisible by tp*pp*cp = 4*1*1 = 4" in layout.stderr
+    tokenizer = _train(_stage_args(synth_data, tmp_path, "model.image_token_id=3"))
+    assert tokenizer.returncode != 0 and "model.image_token_id=3 but the tokenizer has" in tokenizer.stderr
+    for done in (missing, layout, tokenizer):
+        # torchrun reports the failed ranks with its own traceback; the ranks themselves print none.
+        assert not [line for line in done.stderr.splitlines()
+                    if line.strip().startswith('File "') and "/pretrain/" in line], done.stderr[-3000:]
+
+
+def _hf_parity_body(rank, ckpt, hf_dir, image):
+    """Logits of our trained checkpoint and of its HF export loaded by transformers, same input."""
+    import transformers
+    from PIL import Image
+
+    from pretrain.generate import encode_prompt, load_inference_model
+
+    im = load_inference_model(ckpt)
+    inputs = encode_prompt(im, Image.open(image).convert("RGB"), "image", "What colour is the shape?")
+    ours = im.model(inputs["input_ids"][None], inputs["position_ids"][:, None, :],
+                    pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(hf_dir, torch_dtype="float32").eval()
+    ids = inputs["input_ids"][None]
+    mm_types = (ids == im.model.cfg.image_token_id).long()
+    reference = hf(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                   mm_token_type_ids=mm_types).logits
+    return type(hf).__name__, float((ours.detach() - reference.detach()).abs().max())
+
+
+def test_final_checkpoint_exports_to_a_transformers_model(synth_data, tmp_path):
+    from tests.multirank import run_ranks
+
+    done = _train([*synth_data.overrides, f"train.run_root={tmp_path}", "stage=sft", "parallel=ep2",
+                   "stage.init_from=null", "stage.train_steps=2", "stage.seq_length=256",
+                   "train.global_batch_size=2", "stage.optimizer.warmup_steps=1"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    hf_dir = tmp_path / "hf"
+    export = subprocess.run([sys.executable, "-m", "model.convert", "mcore-to-hf", "--ckpt",
+                             str(tmp_path / "sft" / "checkpoints"), "--out", str(hf_dir)],
+                            capture_output=True, text=True, env=_env())
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    assert (hf_dir / "config.json").is_file() and (hf_dir / "tokenizer.json").is_file()
+    image = next((synth_data.raw / "images").iterdir())
+    ((name, diff),) = run_ranks(_hf_parity_body, 1, str(tmp_path / "sft" / "checkpoints"), str(hf_dir), str(image))
+    assert name == "Qwen3VLMoeForConditionalGeneration"
+    assert diff < 1e-4
