@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 from typing import Mapping, Sequence
 
 # Job states after which a job will not run again by itself (REQUEUED/PENDING/RUNNING are not here).
@@ -86,7 +85,3 @@ def wait_for_job(job_id: str, timeout_s: float, env: Mapping[str, str] | None = 
                              f"after {timeout_s:.0f} s")
         time.sleep(poll_s)
 
-
-def job_log_paths(record: Mapping[str, str]) -> tuple[Path, Path]:
-    """The job's stdout and stderr files, from its record."""
-    return Path(record["StdOut"]), Path(record["StdErr"])
