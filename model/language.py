@@ -18,6 +18,27 @@ from megatron.core.transformer import TransformerConfig
 from model.layer_specs import qwen3_block_spec
 
 
+def runtime_settings(params_dtype: torch.dtype) -> dict:
+    """``TransformerConfig`` fields set by where and how the model runs, not by its architecture:
+    no dropout (as Qwen3 trains), fusions off (they need CUDA kernels; the GPU path switches them on
+    through overrides), CPU initialisation without a GPU, the parameter dtype."""
+    return dict(
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        init_method_std=0.02,
+    )
+
+
 @dataclass
 class Qwen3TextConfig:
     """Architecture of a Qwen3 decoder. Sizes in elements; ``num_experts=0`` means dense."""
@@ -64,20 +85,7 @@ class Qwen3TextConfig:
             activation_func=F.silu,
             add_bias_linear=False,
             add_qkv_bias=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            # Fusions need CUDA kernels; they are switched on by the GPU path's overrides.
-            bias_activation_fusion=False,
-            masked_softmax_fusion=False,
-            bias_dropout_fusion=False,
-            apply_rope_fusion=False,
-            persist_layer_norm=False,
-            gradient_accumulation_fusion=False,
-            use_cpu_initialization=not torch.cuda.is_available(),
-            params_dtype=params_dtype,
-            pipeline_dtype=params_dtype,
-            bf16=params_dtype == torch.bfloat16,
-            init_method_std=0.02,
+            **runtime_settings(params_dtype),
             tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
             pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
             expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),

@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, get_nu
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from model.config import ConfigError, Qwen3VLConfig
+from model.language import runtime_settings
 from model.layer_specs import qwen3vl_decoder_block_spec, use_transformer_engine
 from model.rope import InterleavedMRoPE
 from model.vision.vision_model import Qwen3VLVisionModel
@@ -100,19 +101,7 @@ def vision_transformer_config(cfg: Qwen3VLConfig, params_dtype: torch.dtype = to
         add_qkv_bias=True,
         gated_linear_unit=False,
         activation_func=partial(F.gelu, approximate="tanh"),
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        use_cpu_initialization=not torch.cuda.is_available(),
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        init_method_std=0.02,
+        **runtime_settings(params_dtype),
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=1,
         sequence_parallel=False,

@@ -8,6 +8,7 @@ the reason, and the entry points print them without a traceback.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,14 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return job
+
+
+def stage_total_steps(job: JobConfig) -> int:
+    """The stage's budget in optimizer steps (a token budget is rounded up to whole steps)."""
+    if job.stage.train_steps is not None:
+        return job.stage.train_steps
+    tokens_per_step = job.train.global_batch_size * job.stage.seq_length
+    return max(1, math.ceil(job.stage.train_tokens / tokens_per_step))
 
 
 def check_batch_layout(train: TrainSchema, data_parallel_size: int) -> int:

@@ -3,6 +3,8 @@
 One stage of Qwen3-VL training (see ``pretrain/trainer.py``). Start it on every rank: ``torchrun
 --nproc-per-node N -m pretrain.train ...`` on one machine, or through ``python -m slurm.submit`` on a
 cluster. ``--cfg job`` prints the resolved config and exits; a bad config is a one-line error (exit 2).
+Exit status: 0 when the stage finished or was requeued after a signal, 1 on an error, 3 when a
+signal stopped it (checkpoint saved) and no requeue will restart it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import sys
 
 from omegaconf import OmegaConf
+
+EXIT_STOPPED_EARLY = 3  # stopped by a signal, checkpoint saved, not requeued
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.trainer import TrainingStopped, run_stage
 
     try:
-        run_stage(job, OmegaConf.to_yaml(cfg, resolve=True))
+        result = run_stage(job, OmegaConf.to_yaml(cfg, resolve=True))
     except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         destroy_distributed()
+    if result.preempted and not result.requeued:
+        # Saved, but nobody restarts it: the stage is unfinished, which a job chain must see.
+        print(f"stage {result.stage} stopped at step {result.start_step + result.steps} of {result.total_steps} "
+              f"(checkpoint saved, not requeued); rerun the same command to resume from {result.checkpoint}",
+              file=sys.stderr)
+        return EXIT_STOPPED_EARLY
     return 0
 
 

@@ -33,7 +33,7 @@ from pretrain.checkpoint import (
     load_weights,
     restore_rng_state,
 )
-from pretrain.config import JobConfig, check_batch_layout
+from pretrain.config import JobConfig, check_batch_layout, stage_total_steps
 from pretrain.forward import qwen3vl_forward_step
 from pretrain.lr_schedule import build_lr_scheduler
 from pretrain.metrics import ExpertLoadTracker, MetricsLogger, peak_flops_per_gpu, qwen3vl_train_flops
@@ -51,23 +51,17 @@ class StageResult:
     """What a stage did, for the summary table and the demo."""
 
     stage: str
-    steps: int
+    steps: int  # steps done by this run
     start_step: int
+    total_steps: int  # the stage's budget
     tokens: int
     first_loss: float | None
     last_loss: float | None
     wall_seconds: float
     skipped_steps: int
     checkpoint: str | None
-    preempted: bool = False
-
-
-def stage_total_steps(job: JobConfig) -> int:
-    """The stage's budget in optimizer steps (a token budget is rounded up to whole steps)."""
-    if job.stage.train_steps is not None:
-        return job.stage.train_steps
-    tokens_per_step = job.train.global_batch_size * job.stage.seq_length
-    return max(1, math.ceil(job.stage.train_tokens / tokens_per_step))
+    preempted: bool = False  # stopped early by a signal, after saving
+    requeued: bool = False  # ... and SLURM will restart the job from that checkpoint
 
 
 def _precision(job: JobConfig) -> torch.dtype:
@@ -111,6 +105,16 @@ def check_tokenizer_matches_model(tokenizer, model_cfg, where: str) -> None:
         wrong.append(f"model.text.vocab_size={model_cfg.text.vocab_size} < the tokenizer's {tokenizer.vocab_size} ids")
     if wrong:
         raise ConfigError(f"tokenizer {where} does not fit the model: " + "; ".join(wrong))
+
+
+def _broadcast_flag(flag: bool) -> bool:
+    """Rank 0's value of ``flag`` on every rank."""
+    t = torch.tensor([int(flag)])
+    if dist.is_initialized():
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.broadcast(t, src=0)
+    return bool(t.item())
 
 
 def _all_reduce_dp(values: list[float]) -> list[float]:
@@ -246,7 +250,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     data = iter(loader)
     start_step, first_loss, last_loss, consecutive_skips = state.step, None, None, 0
     started = time.perf_counter()
-    preempted = False
+    preempted = requeued = False
     checkpoint = str(latest) if latest else None
 
     while state.step < total_steps:
@@ -306,15 +310,20 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if stop:
             preempted = True
             logger.message(f"signal {watcher.received} received: saved {checkpoint} at step {state.step}")
+            requeued = False
             if rank0:
-                logger.message(requeue_slurm_job(job.cluster.max_requeues))
+                outcome = requeue_slurm_job(job.cluster.max_requeues)
+                requeued = outcome.startswith("requeued")
+                logger.message(outcome)
+            requeued = _broadcast_flag(requeued)
             break
 
     wall = time.perf_counter() - started
     result = StageResult(stage=job.stage.name, steps=state.step - start_step, start_step=start_step,
+                         total_steps=total_steps,
                          tokens=state.consumed_tokens, first_loss=first_loss, last_loss=last_loss,
                          wall_seconds=wall, skipped_steps=state.skipped_steps, checkpoint=checkpoint,
-                         preempted=preempted)
+                         preempted=preempted, requeued=requeued)
     logger.close({"steps": f"{start_step}->{state.step}", "tokens": state.consumed_tokens,
                   "loss first->last": f"{_num(first_loss)} -> {_num(last_loss)}",
                   "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})

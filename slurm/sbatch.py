@@ -247,6 +247,6 @@ def render_sbatch_script(job: JobConfig, overrides: Sequence[str], *, workdir: s
 
 
 def _total_steps(job: JobConfig) -> int:
-    from pretrain.trainer import stage_total_steps
+    from pretrain.config import stage_total_steps
 
     return stage_total_steps(job)

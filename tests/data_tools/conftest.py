@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
+from dt_helpers import KIND_MANIFESTS, SMALL_CORPUS, build
 
-from data_tools.build import run_build
-from data_tools.config import BuildConfig
 from data_tools.synth import SynthConfig, generate
-
-KIND_MANIFESTS = {"image_text": "image_text.jsonl", "interleaved": "interleaved.jsonl", "video": "video.jsonl", "sft": "sft.jsonl"}
-SMALL_CORPUS = dict(seed=7, images=24, videos=6, docs=8, sft=15, eval=8)
-
-
-def build(kind: str, manifest: Path, out: Path, **options):
-    """Run a build in this process (``workers`` defaults to 0) and return its summary."""
-    options.setdefault("workers", 0)
-    config = BuildConfig(kind=kind, manifest=str(manifest), out=str(out), progress=False, **options)
-    return run_build(config)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="session")

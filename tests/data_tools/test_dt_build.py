@@ -13,7 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import KIND_MANIFESTS, build, read_jsonl
+from dt_helpers import KIND_MANIFESTS, build, read_jsonl
 from PIL import Image
 from test_dt_media import bar_column, moving_frames, png_bytes, png_header_only
 

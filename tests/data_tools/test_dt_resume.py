@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import build
+from dt_helpers import build
 from test_dt_media import moving_frames
 
 from data_tools.build import BUILD_DIR, JOURNAL, BuildError

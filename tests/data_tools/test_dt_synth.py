@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_jsonl
+from dt_helpers import read_jsonl
 
 from data_tools.synth import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, VIDEO_FPS, SynthConfig, generate
 from pretrain.data import media

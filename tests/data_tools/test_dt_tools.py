@@ -7,7 +7,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
-from conftest import build
+from dt_helpers import build
 from test_dt_media import moving_frames, png_bytes
 
 from data_tools.__main__ import main
