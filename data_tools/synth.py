@@ -271,11 +271,15 @@ class _Writer:
         self.file(name, ("\n".join(lines) + "\n").encode())
 
 
-def _insert(records: list, position_fraction: float, item) -> int:
-    """Insert ``item`` at a fixed fraction of the list; return its 1-based manifest line."""
+def _plant_bad(records: list, bad: list[dict], position_fraction: float, item, reason: str) -> None:
+    """Insert the bad ``item`` at a fixed fraction of ``records`` and record its 1-based manifest line
+    and expected rejection ``reason`` in ``bad``, moving the bad lines recorded earlier that it pushes down."""
     index = int(len(records) * position_fraction)
     records.insert(index, item)
-    return index + 1
+    line = index + 1
+    for b in bad:
+        b["line"] += b["line"] >= line
+    bad.append({"line": line, "reason": reason})
 
 
 def _image_questions(spec: ImageSpec) -> list[tuple[str, str]]:
@@ -334,10 +338,7 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
         (0.75, {"id": "bad-empty-text", "image": empty, "text": "   "}, "empty_text"),
         (0.9, '{"id": "bad-json", "image": "images/img_000000.png", "text": ', "malformed_json"),
     ):
-        line = _insert(image_text, fraction, record)
-        for b in bad["image_text.jsonl"]:
-            b["line"] += b["line"] >= line
-        bad["image_text.jsonl"].append({"line": line, "reason": reason})
+        _plant_bad(image_text, bad["image_text.jsonl"], fraction, record, reason)
     w.manifest("image_text.jsonl", image_text)
 
     # Videos with timestamped captions.
@@ -356,10 +357,7 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
         (0.7, {"id": "bad-late-caption", "video": late_path,
                "captions": [{"start": late.seconds + 1.0, "end": late.seconds + 3.0, "text": late.text()}]}, "caption_out_of_range"),
     ):
-        line = _insert(videos, fraction, record)
-        for b in bad["video.jsonl"]:
-            b["line"] += b["line"] >= line
-        bad["video.jsonl"].append({"line": line, "reason": reason})
+        _plant_bad(videos, bad["video.jsonl"], fraction, record, reason)
     w.manifest("video.jsonl", videos)
 
     # Interleaved documents.
@@ -377,8 +375,9 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
             segments.append({"text": f"There are {len(specs)} shapes: " + ", ".join(s.shape for s in specs) + "."})
         docs.append({"id": f"doc-{i:06d}", "segments": segments})
         bar.update()
-    line = _insert(docs, 0.5, {"id": "bad-missing-image", "segments": [{"text": "Look at this image."}, {"image": "docs/does_not_exist.png"}]})
-    bad["interleaved.jsonl"].append({"line": line, "reason": "missing_file"})
+    _plant_bad(docs, bad["interleaved.jsonl"], 0.5,
+               {"id": "bad-missing-image", "segments": [{"text": "Look at this image."}, {"image": "docs/does_not_exist.png"}]},
+               "missing_file")
     w.manifest("interleaved.jsonl", docs)
 
     # SFT conversations (one medium each; every fifth is a video).
@@ -403,11 +402,10 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
         bar.update()
     spec_bad = w.unique_image(rng)
     bad_path = w.image("sft_media/bad_empty_answer", spec_bad)
-    line = _insert(sft, 0.5, {"id": "bad-empty-answer", "messages": [
+    _plant_bad(sft, bad["sft.jsonl"], 0.5, {"id": "bad-empty-answer", "messages": [
         {"role": "user", "content": [{"type": "image", "image": bad_path}, {"type": "text", "text": "What colour is the shape?"}]},
         {"role": "assistant", "content": ""},
-    ]})
-    bad["sft.jsonl"].append({"line": line, "reason": "empty_text"})
+    ]}, "empty_text")
     w.manifest("sft.jsonl", sft)
 
     # Held-out evaluation: media that no manifest refers to.

@@ -42,7 +42,7 @@ BUILDS = [("build-image-text", "image_text"), ("build-interleaved", "interleaved
           ("build-video", "video"), ("build-sft", "sft")]
 
 
-def run(cmd: list[str], log: Path | None = None, quiet: bool = False) -> None:
+def run(cmd: list[str], log: Path | None = None) -> None:
     """Run a command, print it first; its output goes to the console (and to ``log``)."""
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -50,15 +50,12 @@ def run(cmd: list[str], log: Path | None = None, quiet: bool = False) -> None:
         lines = []
         for line in proc.stdout:
             lines.append(line)
-            if not quiet:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
         proc.wait()
     if log is not None:
         log.write_text("".join(lines))
     if proc.returncode:
-        if quiet:
-            sys.stdout.write("".join(lines[-40:]))
         raise SystemExit(f"demo: command failed with exit code {proc.returncode}: {shlex.join(cmd)}")
 
 

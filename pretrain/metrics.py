@@ -100,8 +100,6 @@ class MetricsLogger:
         self.stage = stage
         self.total_steps = total_steps
         self.log_interval = log_interval
-        self.history: list[dict[str, Any]] = []
-        self.started = time.perf_counter()
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -117,7 +115,6 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"stage": self.stage, "step": step, "time": time.time(), **metrics}
-        self.history.append(record)
         self.jsonl.write(json.dumps(record) + "\n")
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):

@@ -47,8 +47,10 @@ class PreemptionWatcher:
 def requeue_slurm_job(max_requeues: int, environ=None) -> str:
     """Ask SLURM to requeue this job; returns what was done, for the log. Call on one rank only."""
     env = os.environ if environ is None else environ
-    job_id = env.get("SLURM_ARRAY_JOB_ID") and f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}" \
-        or env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_JOB_ID"):  # an array task is requeued by its array id and index
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    else:
+        job_id = env.get("SLURM_JOB_ID")
     if not job_id:
         return "not under SLURM: no requeue (rerun the same command to resume)"
     restarts = int(env.get("SLURM_RESTART_COUNT", "0"))

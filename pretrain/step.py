@@ -100,21 +100,6 @@ def _global_loss(losses_reduced: list[dict[str, torch.Tensor]]) -> tuple[float, 
     return loss_sum / max(tokens, 1.0), int(round(tokens))
 
 
-def _run_schedule(model, forward_step_func, data_iterator, num_microbatches: int, seq_length: int,
-                  micro_batch_size: int, forward_only: bool) -> tuple[float, int]:
-    """Megatron's (pipelined) forward/backward schedule; returns the global batch's mean loss and tokens."""
-    losses_reduced = get_forward_backward_func()(
-        forward_step_func=forward_step_func,
-        data_iterator=data_iterator,
-        model=model,
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=forward_only,
-    )
-    return _global_loss(losses_reduced)
-
-
 def train_step(
     model: list[DistributedDataParallel],
     optimizer: MegatronOptimizer,
@@ -132,8 +117,16 @@ def train_step(
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    loss, num_tokens = _run_schedule(model, forward_step_func, data_iterator, num_microbatches,
-                                     seq_length, micro_batch_size, forward_only=False)
+    losses_reduced = get_forward_backward_func()(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=False,
+    )
+    loss, num_tokens = _global_loss(losses_reduced)
 
     grad_norm, stepped = _checked_optimizer_step(optimizer, loss_is_finite=math.isfinite(loss))
     return StepResult(loss=loss, num_tokens=num_tokens, grad_norm=grad_norm, skipped=not stepped)
@@ -159,17 +152,3 @@ def _checked_optimizer_step(optimizer: MegatronOptimizer, loss_is_finite: bool) 
                 use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
     return grad_norm, bool(optimizer.step_with_ready_grads())
-
-
-@torch.no_grad()
-def eval_step(
-    model: list[DistributedDataParallel],
-    forward_step_func: Callable,
-    data_iterator,
-    num_microbatches: int,
-    seq_length: int,
-    micro_batch_size: int,
-) -> tuple[float, int]:
-    """Mean per-token loss over ``num_microbatches`` micro-batches, without touching gradients."""
-    return _run_schedule(model, forward_step_func, data_iterator, num_microbatches, seq_length,
-                         micro_batch_size, forward_only=True)

@@ -20,6 +20,14 @@ IMAGE_MIN_PIXELS = 65_536
 IMAGE_MAX_PIXELS = 16_777_216
 
 
+def _check_aspect_ratio(height: int, width: int) -> None:
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
+            f"got {max(height, width) / min(height, width):.1f} ({height}x{width} pixels)"
+        )
+
+
 def smart_resize(
     height: int,
     width: int,
@@ -34,11 +42,7 @@ def smart_resize(
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image side must be positive, got {height}x{width} pixels")
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
-            f"got {max(height, width) / min(height, width):.1f} ({height}x{width} pixels)"
-        )
+    _check_aspect_ratio(height, width)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
@@ -88,11 +92,7 @@ def smart_resize_video(
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
-    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
-            f"got {max(height, width) / min(height, width):.1f} ({height}x{width} pixels)"
-        )
+    _check_aspect_ratio(height, width)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     t_bar = round(num_frames / temporal_factor) * temporal_factor
