@@ -97,7 +97,7 @@ def measure_step(batches, tokenizer, model_name: str, steps: int) -> float:
 
     from model.qwen3vl import build_qwen3vl
     from model.registry import get_config
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pretrain.data.tokenizer import load_tokenizer
+    from common.tokens.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
     console = Console()

@@ -7,7 +7,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from pretrain.data.media import DEFAULT_MAX_PIXELS
+from common.media.decode import DEFAULT_MAX_PIXELS
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 

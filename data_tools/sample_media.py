@@ -2,9 +2,9 @@
 
 Used by every ``data_tools.kinds`` module, so all four builds check media the same way:
 
-* images: :func:`pretrain.data.media.load_image` (exists, decodes fully, bomb/size/aspect rules), then
+* images: :func:`common.media.decode.load_image` (exists, decodes fully, bomb/size/aspect rules), then
   either the original bytes, or a ``smart_resize`` downscale when ``--downscale-pixels`` asks for it;
-* videos: :func:`pretrain.data.media.probe_video` (decord, PyAV fallback), at least one frame at
+* videos: :func:`common.media.decode.probe_video` (decord, PyAV fallback), at least one frame at
   ``--video-sample-fps``, and the middle and last sampled frames must decode too.
 
 Duplicates are detected on the sha256 of the SOURCE file bytes (``source_digests``); the build driver
@@ -23,7 +23,7 @@ from PIL import Image
 from data_tools.config import BuildConfig
 from data_tools.schema import Media, Sample, media_part_name, sample_to_json
 from data_tools.validation import Rejected
-from pretrain.data.media import (
+from common.media.decode import (
     MediaError,
     VideoInfo,
     frame_indices_at_fps,
@@ -32,7 +32,7 @@ from pretrain.data.media import (
     probe_video,
     read_video_frames,
 )
-from pretrain.data.resize import FACTOR, MAX_ASPECT_RATIO, smart_resize
+from common.media.resize import FACTOR, MAX_ASPECT_RATIO, smart_resize
 
 #: PIL format -> file extension of stored images.
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}

@@ -1,9 +1,9 @@
 """Statistics of built sets: counts per kind, resolution and duration histograms, token estimates.
 
 Reads only the sample JSONs (media sizes and durations were recorded at build time). Visual tokens
-are what Qwen3-VL's preprocessing would give (patch 16, merge 2, ``pretrain.data.vision_inputs``
-sizes, videos sampled at 2 fps by ``pretrain.data.video_sampling``); text tokens are counted with the
-project tokenizer (``pretrain.data.tokenizer``; the real Qwen vocabulary unless ``--tokenizer`` names a
+are what Qwen3-VL's preprocessing would give (patch 16, merge 2, ``common.media.vision_inputs``
+sizes, videos sampled at 2 fps by ``common.media.frame_sampling``); text tokens are counted with the
+project tokenizer (``common.tokens.tokenizer``; the real Qwen vocabulary unless ``--tokenizer`` names a
 folder with a tokenizer.json) over every text field, without chat-template tokens.
 """
 
@@ -53,8 +53,8 @@ class TokenEstimator:
     """Visual-token estimates of Qwen3-VL's preprocessing for recorded media sizes."""
 
     def __init__(self, image_min_pixels: int | None = None, image_max_pixels: int | None = None, video_fps: float = 2.0):
-        from pretrain.data.video_sampling import FrameSamplingConfig
-        from pretrain.data.vision_inputs import VisionInputConfig
+        from common.media.frame_sampling import FrameSamplingConfig
+        from common.media.vision_inputs import VisionInputConfig
 
         kwargs = {}
         if image_min_pixels is not None:
@@ -65,17 +65,17 @@ class TokenEstimator:
         self.sampling = FrameSamplingConfig(fps=video_fps)
 
     def image(self, width: int, height: int) -> int:
-        from pretrain.data.resize import visual_tokens
-        from pretrain.data.vision_inputs import image_target_size
+        from common.media.resize import visual_tokens
+        from common.media.vision_inputs import image_target_size
 
         h, w = image_target_size(height, width, self.vision)
         p = self.vision.patch_size
         return visual_tokens(1, h // p, w // p, self.vision.merge_size)
 
     def video(self, width: int, height: int, num_frames: int, fps: float) -> int:
-        from pretrain.data.resize import visual_tokens
-        from pretrain.data.video_sampling import num_sampled_frames
-        from pretrain.data.vision_inputs import video_target_size
+        from common.media.resize import visual_tokens
+        from common.media.frame_sampling import num_sampled_frames
+        from common.media.vision_inputs import video_target_size
 
         t = max(num_sampled_frames(num_frames, fps, self.sampling), self.vision.temporal_patch_size)
         h, w = video_target_size(t, height, width, self.vision)
@@ -87,7 +87,7 @@ class TokenEstimator:
 def _tokenizer(spec: str):
     if spec == "none":
         return None
-    from pretrain.data.tokenizer import Tokenizer
+    from common.tokens.tokenizer import Tokenizer
 
     return Tokenizer.qwen() if spec == "qwen" else Tokenizer.from_dir(spec)
 

@@ -216,7 +216,7 @@ def video_frames(spec: VideoSpec):
 
 
 def encode_synth_video(spec: VideoSpec) -> bytes:
-    from pretrain.data.media import encode_video
+    from common.media.encode import encode_video
 
     return encode_video(video_frames(spec), VIDEO_FPS)
 

@@ -3,7 +3,7 @@
 Reads the texts of manifests (``--manifest``, the JSONL inputs of the build-* commands) and/or of built
 shard sets (``--shards``): captions, interleaved text segments, video descriptions and timed captions
 (as the sample encoder writes them, with ``<t seconds>`` frame timestamps), and SFT messages (with their
-role headers). Writes ``OUT/tokenizer.json`` (load it with ``pretrain.data.tokenizer.Tokenizer.from_dir``)
+role headers). Writes ``OUT/tokenizer.json`` (load it with ``common.tokens.tokenizer.Tokenizer.from_dir``)
 and ``OUT/tokenizer_info.json`` (sources, counts, vocabulary size). Unreadable lines are skipped and
 counted, never fatal. The same inputs and options give a byte-identical tokenizer.json.
 
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _timestamps_text(duration: float) -> str:
     """Frame-group timestamps a 2 fps video of ``duration`` seconds gets in its encoded text."""
-    from pretrain.data.video_sampling import format_timestamp
+    from common.media.frame_sampling import format_timestamp
 
     count = max(1, int(duration))  # one frame group per second at 2 fps
     return "".join(format_timestamp(i + 0.25) for i in range(min(count, 600)))
@@ -61,7 +61,7 @@ def _content_text(content, where: str) -> str:
 
 def texts_of_record(record: Mapping) -> list[str]:
     """The texts one manifest line or sample JSON contributes (see the module docstring)."""
-    from pretrain.data.encoding import EncodingConfig
+    from common.media.frame_sampling import CAPTION_FORMAT
 
     if not isinstance(record, Mapping):
         raise ValueError("line is not a JSON object")
@@ -84,12 +84,11 @@ def texts_of_record(record: Mapping) -> list[str]:
         captions = record.get("captions") or []
         if not isinstance(captions, list):
             raise ValueError("'captions' must be a list")
-        caption_format = EncodingConfig().caption_format
         end = 0.0
         for c in captions:
             if isinstance(c, Mapping) and isinstance(c.get("text"), str):
                 start, stop = float(c.get("start", 0.0)), float(c.get("end", 0.0))
-                texts.append(caption_format.format(start=start, end=stop, text=c["text"]))
+                texts.append(CAPTION_FORMAT.format(start=start, end=stop, text=c["text"]))
                 end = max(end, stop)
         if "video" in record:
             texts.append(_timestamps_text(end or float(record.get("duration", 1.0) or 1.0)))
@@ -144,7 +143,7 @@ def _write_json_atomic(path: Path, data: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pretrain.data.tokenizer import Tokenizer, train_byte_level_bpe
+    from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
 
     sources = [("manifest", Path(p)) for p in args.manifest] + [("shards", Path(p)) for p in args.shards]
     if not sources:

@@ -2,7 +2,7 @@
 
 Every rejected manifest line gets exactly one reason code from ``REASONS`` (recorded in
 ``rejected.jsonl`` with a sentence naming the field or file and what is wrong). Media checks live in
-``pretrain.data.media`` (their ``MediaError.reason`` codes are reused as they are) and
+``common.media.decode`` (their ``MediaError.reason`` codes are reused as they are) and
 ``data_tools.sample_media``.
 """
 
@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Mapping
 
-from pretrain.data.tokenizer import SPECIAL_TOKENS
+from common.tokens.tokenizer import SPECIAL_TOKENS
 
 #: Reason code -> what it means. The order is the order of the end-of-build summary.
 REASONS: dict[str, str] = {

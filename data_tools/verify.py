@@ -28,7 +28,7 @@ def verify(directory: str | os.PathLike, *, decode: bool = False, progress: bool
 
     from data_tools.schema import SchemaError, sample_from_json
     from data_tools.shards import iter_shard, sha256_file
-    from pretrain.data.media import MediaError, load_image, probe_video
+    from common.media.decode import MediaError, load_image, probe_video
 
     root = Path(directory)
     problems: list[str] = []

@@ -10,7 +10,7 @@ sequence of text, images and a video), prints the max abs logit difference per i
 one is above the tolerance.
 
 Inputs are made from the config alone (random token ids and pixels with a fixed seed), so any valid
-Qwen3-VL / Qwen3-VL-MoE config works. Position ids come from :mod:`pretrain.data.positions`; the reference
+Qwen3-VL / Qwen3-VL-MoE config works. Position ids come from :mod:`common.tokens.positions`; the reference
 computes its own with ``get_rope_index``, so they are checked too.
 
 The tool starts its ranks itself (one process each, gloo on CPU, NCCL on GPUs), ``world = lcm(tp * pp,
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -77,7 +75,7 @@ class _Builder:
         self.types += [0] * n
 
     def _frames(self, num_frames: int, h_patches: int, w_patches: int):
-        from pretrain.data.vision_inputs import patchify
+        from common.media.vision_inputs import patchify
 
         v = self.cfg.vision
         frames = self.rng.uniform(-1, 1, (num_frames, v.in_channels, h_patches * v.patch_size,
@@ -104,7 +102,7 @@ class _Builder:
             self.types += [0] + [2] * per_group + [0]
 
     def build(self, name: str, pad_multiple: int) -> ParityInput:
-        from pretrain.data.positions import mrope_position_ids
+        from common.tokens.positions import mrope_position_ids
 
         if len(self.ids) % pad_multiple:
             self.text(pad_multiple - len(self.ids) % pad_multiple)
@@ -158,8 +156,10 @@ def _layout(args) -> dict:
 
 
 def world_size_for(tp: int, pp: int, ep: int, etp: int | None) -> int:
-    etp = tp if etp is None else etp
-    return math.lcm(tp * pp, etp * ep * pp)
+    """The ranks the tool starts: the smallest world size the layout runs on."""
+    from common.distributed.parallel import ParallelConfig
+
+    return ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp).min_world_size()
 
 
 def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, torch.Tensor] | None:
@@ -170,7 +170,7 @@ def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, 
 
     from model.hf_adapter import HFCheckpointReader, load_hf_weights
     from model.qwen3vl import build_qwen3vl
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
 
     initialize_distributed(layout)
     reader = HFCheckpointReader(hf_dir)
@@ -197,22 +197,14 @@ def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, 
     return results if keeper else None
 
 
-def _worker(rank: int, world: int, port: int, hf_dir: str, layout: dict, seed: int, out_file: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _worker(rank: int, hf_dir: str, layout: dict, seed: int) -> dict[str, torch.Tensor] | None:
     cfg = Qwen3VLConfig.from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
     inputs = parity_inputs(cfg, seed, pad_multiple=layout["tp"] if layout["sequence_parallel"] else 1)
     logits = run_ours(hf_dir, layout, inputs)
-    if logits is not None:
-        tmp = f"{out_file}.tmp{rank}"
-        torch.save(logits, tmp)
-        os.replace(tmp, out_file)
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.barrier()
+    return logits
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -256,23 +248,9 @@ def check(hf_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
     cfg = Qwen3VLConfig.from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
     inputs = parity_inputs(cfg, seed, pad_multiple=tp if layout["sequence_parallel"] else 1)
     world = world_size_for(tp, pp, ep, etp)
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "ours.pt")
-        import multiprocessing as mp
-        from pretrain.parallel import _free_port
+    from common.distributed.spawn import spawn_ranks
 
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_worker, args=(r, world, port, hf_dir, layout, seed, out_file))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        bad = [r for r, p in enumerate(procs) if p.exitcode != 0]
-        if bad:
-            raise RuntimeError(f"rank(s) {bad} of our model failed (exit codes {[procs[r].exitcode for r in bad]})")
-        ours = torch.load(out_file)
+    ours = next(r for r in spawn_ranks(_worker, world, hf_dir, layout, seed) if r is not None)
     return compare(ours, reference_logits(hf_dir, inputs), inputs)
 
 

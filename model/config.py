@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from model.language import Qwen3TextConfig
+from model.text_config import Qwen3TextConfig
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class Qwen3VLTextConfig(Qwen3TextConfig):
-    """The language decoder: :class:`model.language.Qwen3TextConfig` plus Qwen3-VL's 3D rotary layout.
+    """The language decoder: :class:`model.text_config.Qwen3TextConfig` plus Qwen3-VL's 3D rotary layout.
 
     ``mrope_section`` splits the ``head_dim / 2`` rotary frequencies between time, height and width
     (interleaved: frequency ``i`` belongs to height when ``i % 3 == 1`` and ``i < 3 * section[1]``, to width

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -43,16 +42,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
-def _hf_to_mcore_rank(rank: int, world: int, port: int, hf_dir: str, tmp_out: str, layout: dict, dtype: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+def _hf_to_mcore_rank(rank: int, hf_dir: str, tmp_out: str, layout: dict, dtype: str) -> None:
     import torch.distributed as dist
 
+    from common.distributed.parallel import initialize_distributed
+    from model.checkpoint_io import save_weights
     from model.hf_adapter import HFCheckpointReader, load_hf_weights
-    from pretrain.checkpoint import save_weights
     from model.qwen3vl import build_qwen3vl
-    from pretrain.parallel import initialize_distributed
 
     initialize_distributed(layout)
     reader = HFCheckpointReader(hf_dir)
@@ -61,16 +57,14 @@ def _hf_to_mcore_rank(rank: int, world: int, port: int, hf_dir: str, tmp_out: st
     load_hf_weights(model, reader, progress=rank == 0)
     save_weights(tmp_out, [model])
     dist.barrier()
-    dist.destroy_process_group()
 
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1, ep: int = 1,
                 etp: int | None = None) -> Path:
     """Convert an HF checkpoint directory into a Megatron distributed checkpoint at ``out_dir``."""
-    import multiprocessing as mp
-
+    from common.distributed.parallel import ParallelConfig
+    from common.distributed.spawn import spawn_ranks
     from model.hf_adapter import HFCheckpointReader
-    from pretrain.parallel import _free_port
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
     if out.exists():
@@ -82,26 +76,16 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
         raise ValueError(f"{hf_dir}: tensors of several dtypes {sorted(map(str, dtypes))}; a bit-exact "
                          "conversion needs one")
     dtype = _dtype_name(dtypes.pop())
-    etp_size = tp if etp is None else etp
     layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "sequence_parallel": tp > 1 and ep > 1}
     if ep > 1 and cfg.text.num_experts % ep:
         raise ValueError(f"--ep {ep} does not divide the {cfg.text.num_experts} experts")
-    world = math.lcm(tp * pp, etp_size * ep * pp)
+    world = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp).min_world_size()
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        ctx = mp.get_context("spawn")
-        port = _free_port()
-        procs = [ctx.Process(target=_hf_to_mcore_rank, args=(r, world, port, str(hf_dir), str(tmp), layout, dtype))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"conversion rank(s) failed: exit codes {[p.exitcode for p in procs]}")
+        spawn_ranks(_hf_to_mcore_rank, world, str(hf_dir), str(tmp), layout, dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(reader.config_dict, indent=2) + "\n")
         (tmp / META_FILE).write_text(json.dumps({
             "dtype": dtype, "source": str(hf_dir), "written_in_layout": layout, "world_size": world,
@@ -120,7 +104,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
 
 def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, model) -> None:
     """Load a distributed checkpoint into ``model`` (built in any layout, in the initialised state)."""
-    from pretrain.checkpoint import load_weights
+    from model.checkpoint_io import load_weights
 
     load_weights(ckpt_dir, [model])
 
@@ -141,9 +125,9 @@ def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     its newest step), which carries the same config files."""
     from model.hf_adapter import export_hf_tensors, write_hf_checkpoint
     from model.qwen3vl import build_qwen3vl
-    from pretrain.parallel import destroy_distributed, initialize_distributed
-
-    from pretrain.checkpoint import resolve_checkpoint
+    from common.distributed.parallel import destroy_distributed, initialize_distributed
+    from common.distributed.spawn import free_port
+    from model.checkpoint_io import resolve_checkpoint
 
     # A training run's checkpoints folder (or its 'latest') means its newest step.
     ckpt, out = (resolve_checkpoint(ckpt_dir) or Path(ckpt_dir)).resolve(), Path(out_dir).resolve()
@@ -153,9 +137,7 @@ def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
         raise RuntimeError("mcore-to-hf runs as one process; do not launch it with torchrun")
-    from pretrain.parallel import _free_port
-
-    env["MASTER_PORT"] = str(_free_port())
+    env["MASTER_PORT"] = str(free_port())
     initialize_distributed({"tp": 1}, environ=env)
     try:
         model = build_qwen3vl(cfg, params_dtype=dtype)

@@ -65,19 +65,6 @@ def qwen3_layer_spec(num_experts: int | None = None, moe_grouped_gemm: bool = Fa
     )
 
 
-def qwen3_block_spec(config: TransformerConfig, use_te: bool | None = None,
-                     vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """Specs of the decoder layers this pipeline stage builds, plus the final norm."""
-    use_te = use_transformer_engine() if use_te is None else use_te
-    layer = qwen3_layer_spec(config.num_moe_experts, config.moe_grouped_gemm, use_te)
-    if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm as final_norm
-    else:
-        final_norm = RMSNorm
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Qwen3-VL: decoder layers that take DeepStack features, and the ViT layer.
 

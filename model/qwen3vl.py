@@ -5,7 +5,7 @@ MRoPE, LM head and per-token loss.
 Build it with :func:`build_qwen3vl`; its ``forward`` contract::
 
     model(input_ids [b, s] int64,
-          position_ids [3, b, s] int64 (t, h, w; pretrain.data.positions) or [b, s] for text,
+          position_ids [3, b, s] int64 (t, h, w; common.tokens.positions) or [b, s] for text,
           attention_mask=None,           # None: causal. Else bool [b, 1, s, s], True = masked
                                          # (block-diagonal x causal for packed documents; local backend)
           labels=None,                   # [b, s] int64 -> per-token losses [b, s] (float32)
@@ -43,7 +43,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock, get_nu
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from model.config import ConfigError, Qwen3VLConfig
-from model.language import runtime_settings
+from model.text_config import runtime_settings
 from model.layer_specs import qwen3vl_decoder_block_spec, use_transformer_engine
 from model.rope import InterleavedMRoPE
 from model.vision.vision_model import Qwen3VLVisionModel
@@ -290,7 +290,7 @@ class Qwen3VLModel(LanguageModule):
         if position_ids is None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("position_ids [3, b, s] are required with images or videos "
-                                 "(pretrain.data.positions.mrope_position_ids)")
+                                 "(common.tokens.positions.mrope_position_ids)")
             position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         rotary = self.rotary_pos_emb(position_ids.to(input_ids.device))
         if rotary.shape[0] != s or rotary.shape[1] != b:

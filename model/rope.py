@@ -1,6 +1,6 @@
 """Interleaved multimodal RoPE (MRoPE) of the Qwen3-VL language model, in Megatron-Core's format.
 
-Each token has 3 positions (time, height, width); see :mod:`pretrain.data.positions` for how they are
+Each token has 3 positions (time, height, width); see :mod:`common.tokens.positions` for how they are
 assigned. The rotary frequencies ``inv_freq[i] = theta ** (-2i / head_dim)``, ``i < head_dim / 2``, are
 shared out between the three axes *interleaved*: frequency ``i`` rotates by the height position when
 ``i % 3 == 1`` and ``i < 3 * mrope_section[1]``, by the width position when ``i % 3 == 2`` and

@@ -74,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", help=f"config names (default: all of {list_configs()})")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference count")
     args = p.parse_args(argv)
-    from pretrain.parallel import destroy_distributed, initialize_distributed
-    from pretrain.parallel import _free_port
+    from common.distributed.parallel import destroy_distributed, initialize_distributed
+    from common.distributed.spawn import free_port
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     initialize_distributed({"tp": 1}, environ=env)
     header = f"{'config':20s} {'total':>10s} {'active':>10s} {'vision':>10s}"
     if not args.no_reference:

@@ -1,3 +1,3 @@
-from pretrain.quiet import silence_optional_dependency_warnings
+from common.quiet import silence_optional_dependency_warnings
 
 silence_optional_dependency_warnings()

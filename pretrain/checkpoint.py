@@ -30,15 +30,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.checkpoint_io import (
+    LATEST,
+    CheckpointError,
+    load_model_state,
+    model_key,
+    model_sharded_state,
+    resolve_checkpoint,
+)
 from pretrain.megatron_fixes import apply_megatron_fixes
 
-LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path and the reason."""
 
 
 @dataclass
@@ -66,23 +69,6 @@ def _barrier() -> None:
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path | None:
-    """A step directory (or a weights-only checkpoint), or a checkpoints folder / ``latest`` file
-    resolved to its newest step; None if there is none."""
-    p = Path(path)
-    if p.name == LATEST or (p.is_dir() and (p / LATEST).is_file()):
-        latest = p if p.name == LATEST else p / LATEST
-        if not latest.is_file():
-            return None
-        target = latest.parent / latest.read_text().strip()
-        if not target.is_dir():
-            raise CheckpointError(f"{latest} names {target.name}, which does not exist")
-        return target
-    if p.is_dir() and ((p / "trainer.json").is_file() or (p / "metadata.json").is_file()):
-        return p  # a training step, or weights saved by save_weights (e.g. model.convert hf-to-mcore)
-    return None
 
 
 def collect_rng_state() -> dict[str, Any]:
@@ -134,20 +120,8 @@ def _num_optimizers(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _model_key(i: int, n: int) -> str:
-    return "model" if n == 1 else f"model{i}"
-
-
-def _model_sharded_state(model: list) -> dict:
-    """Sharded state dicts of the model chunks, without their DDP / Float16 wrappers' prefixes."""
-    from megatron.core.utils import unwrap_model
-
-    return {_model_key(i, len(model)): chunk.sharded_state_dict()
-            for i, chunk in enumerate(unwrap_model(model))}
-
-
 def _sharded_state(model: list, optimizer, is_loading: bool = False) -> dict:
-    model_state = _model_sharded_state(model)
+    model_state = model_sharded_state(model)
     state = dict(model_state)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
@@ -241,40 +215,13 @@ class CheckpointManager:
                 "(EP=1 or EP>1); load the weights alone with stage.init_from instead."
             )
         loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
-        _load_model_state(model, loaded)
+        load_model_state(model, loaded)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])
         rank_file = path / "ranks" / f"rank_{_rank():05d}.pt"
         same_layout = state.layout == current_layout()
         rank_state = torch.load(rank_file, weights_only=False) if same_layout and rank_file.is_file() else None
         return state, rank_state
-
-
-def save_weights(path: str | os.PathLike, model: list) -> None:
-    """Save only the model weights as a distributed checkpoint, in the training checkpoints' layout
-    (so ``stage.init_from`` and ``load_weights`` read it); collective over all ranks."""
-    from megatron.core import dist_checkpointing
-
-    dist_checkpointing.save(_model_sharded_state(model), str(path))
-
-
-def load_weights(path: str | os.PathLike, model: list) -> Path:
-    """Load only the model weights of a checkpoint (a stage's ``init_from``): any layout."""
-    from megatron.core import dist_checkpointing
-
-    resolved = resolve_checkpoint(path)
-    if resolved is None:
-        raise CheckpointError(f"init_from={path}: no checkpoint there (no 'latest' file or trainer.json)")
-    loaded = dist_checkpointing.load(_model_sharded_state(model), str(resolved))
-    _load_model_state(model, loaded)
-    return resolved
-
-
-def _load_model_state(model: list, loaded: dict) -> None:
-    from megatron.core.utils import unwrap_model
-
-    for i, chunk in enumerate(unwrap_model(model)):
-        chunk.load_state_dict(loaded[_model_key(i, len(model))])
 
 
 def _read_trainer_state(path: Path) -> TrainerState:

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.parallel import ParallelConfig
+from common.distributed.parallel import ParallelConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from pretrain.checkpoint import CheckpointError, load_weights, resolve_checkpoint
+from model.checkpoint_io import CheckpointError, load_weights, resolve_checkpoint
 
 
 @dataclass
@@ -40,8 +40,8 @@ def load_inference_model(ckpt: str | Path) -> InferenceModel:
     from model.qwen3vl import build_qwen3vl
     from pretrain.data.encoding import SampleEncoder
     from pretrain.data.loader import encoding_config_from_data
-    from pretrain.data.tokenizer import load_tokenizer
-    from pretrain.parallel import initialize_distributed
+    from common.tokens.tokenizer import load_tokenizer
+    from common.distributed.parallel import initialize_distributed
 
     resolved = resolve_checkpoint(ckpt)
     if resolved is None:
@@ -62,8 +62,8 @@ def load_inference_model(ckpt: str | Path) -> InferenceModel:
 
 def load_media(path: str | Path, kind: str, frames) -> Any:
     """A PIL image or a sampled :class:`VideoClip` (the run's fps and frame bounds)."""
-    from pretrain.data.media import load_image
-    from pretrain.data.video_sampling import load_video_clip
+    from common.media.decode import load_image
+    from common.media.frame_sampling import load_video_clip
 
     return load_image(str(path)) if kind == "image" else load_video_clip(str(path), frames)
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)
-    from pretrain.data.media import MediaError
+    from common.media.decode import MediaError
 
     try:
         im = load_inference_model(args.ckpt)

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "Train one stage of a Qwen3-VL model.")
     from model.config import ConfigError as ModelConfigError
     from pretrain.checkpoint import CheckpointError
-    from pretrain.parallel import ParallelConfigError, destroy_distributed
+    from common.distributed.parallel import ParallelConfigError, destroy_distributed
     from pretrain.trainer import TrainingStopped, run_stage
 
     try:

@@ -30,14 +30,14 @@ from pretrain.checkpoint import (
     CheckpointManager,
     TrainerState,
     collect_rng_state,
-    load_weights,
     restore_rng_state,
 )
+from model.checkpoint_io import load_weights
 from pretrain.config import JobConfig, check_batch_layout, stage_total_steps
 from pretrain.forward import qwen3vl_forward_step
 from pretrain.lr_schedule import build_lr_scheduler
 from pretrain.metrics import ExpertLoadTracker, MetricsLogger, peak_flops_per_gpu, qwen3vl_train_flops
-from pretrain.parallel import initialize_distributed
+from common.distributed.parallel import initialize_distributed
 from pretrain.preemption import PreemptionWatcher, requeue_slurm_job
 from pretrain.step import setup_optimizer, train_step, wrap_with_ddp
 
@@ -185,7 +185,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
 
     from model.config import Qwen3VLConfig
     from pretrain.data.loader import build_train_loader
-    from pretrain.data.tokenizer import load_tokenizer
+    from common.tokens.tokenizer import load_tokenizer
 
     info = initialize_distributed(job.parallel, seed=job.train.seed)
     rank0 = info.rank == 0

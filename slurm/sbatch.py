@@ -197,9 +197,9 @@ def render_sbatch_script(job: JobConfig, overrides: Sequence[str], *, workdir: s
     lines += [
         "",
         "# Rendezvous: the first node is the master; the port follows from the job id (as in",
-        "# pretrain/parallel.py), so jobs sharing a node do not collide. Each rank reads its place from",
+        "# common/distributed/parallel.py), so jobs sharing a node do not collide. Each rank reads its place from",
         "# SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; torchrun variables inherited from the submitting shell",
-        "# would take precedence in pretrain/parallel.py, hence the unset.",
+        "# would take precedence in common/distributed/parallel.py, hence the unset.",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))",
         "unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE",

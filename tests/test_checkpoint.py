@@ -16,7 +16,7 @@ def _setup(layout, seed=7, cfg_name="TINY_MOE"):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
     from pretrain.step import setup_optimizer, wrap_with_ddp
     from tests import tiny_gpt
 
@@ -123,7 +123,8 @@ def test_checkpoint_loads_in_other_layouts(tmp_path, cfg_name, layouts):
 
 
 def _ep_kind_change_body(rank, run_dir):
-    from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState, load_weights
+    from model.checkpoint_io import load_weights
+    from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState
 
     manager = CheckpointManager(run_dir)
     model, optimizer = _setup({"ep": 2})

@@ -8,7 +8,7 @@ from tests.multirank import run_ranks
 def _redirections(rank):
     import torch
 
-    from pretrain.cpu_runtime import cpu_runtime_active, install_cpu_runtime
+    from common.distributed.cpu_runtime import cpu_runtime_active, install_cpu_runtime
 
     assert install_cpu_runtime() is True and cpu_runtime_active()
     assert install_cpu_runtime() is True  # idempotent
@@ -45,7 +45,7 @@ def _rng_streams(rank):
     from megatron.core import tensor_parallel
     from megatron.core.transformer.moe import moe_utils
 
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
 
     initialize_distributed({}, seed=5)
     tracker = tensor_parallel.get_cuda_rng_tracker()

@@ -13,7 +13,7 @@ from tests.multirank import run_ranks
 def _reinit(parallel: dict) -> None:
     from megatron.core import parallel_state
 
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pretrain.parallel import ParallelConfig, ParallelConfigError, process_info
+from common.distributed.parallel import ParallelConfig, ParallelConfigError, process_info
 
 
 @pytest.mark.parametrize("layout, world, message", [

@@ -13,7 +13,7 @@ def _nan_step_body(rank):
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
     from pretrain.step import setup_optimizer, token_loss, train_step, wrap_with_ddp
     from tests import tiny_gpt
 

@@ -1,4 +1,5 @@
-"""Tiny Qwen3 decoders (Megatron-Core GPTModel) and a forward step, for the parallelism tests."""
+"""Tiny text-only Qwen3 decoders (Megatron-Core GPTModel with our decoder layers) and a forward step, for
+the CPU-runtime and packed-loss tests."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from functools import partial
 
 import torch
 
-from model.language import Qwen3TextConfig, build_language_model
+from model.text_config import Qwen3TextConfig
 from pretrain.step import token_loss
 
 SEQ = 16
@@ -32,6 +33,39 @@ def build(cfg: Qwen3TextConfig, sequence_parallel: bool = False, seed: int = 7,
     torch.manual_seed(seed)
     config = cfg.transformer_config(sequence_parallel=sequence_parallel)
     return build_language_model(cfg, config, max_sequence_length=SEQ, parallel_output=for_training)
+
+
+def build_language_model(
+    cfg: Qwen3TextConfig,
+    config: TransformerConfig,
+    max_sequence_length: int,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    parallel_output: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """The Qwen3 decoder of this pipeline stage (embedding on the first, LM head on the last)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    from model.layer_specs import qwen3vl_decoder_block_spec
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=qwen3vl_decoder_block_spec(config, [int(cfg.is_moe)] * cfg.num_hidden_layers,
+                                                          vp_stage=vp_stage),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=max_sequence_length,
+        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if pre_process is None else pre_process,
+        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        if post_process is None else post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(cfg.rope_theta),
+        vp_stage=vp_stage,
+    )
 
 
 def fixed_batch(batch: int = 2, seq: int = SEQ, seed: int = 0, vocab: int = 128) -> dict:

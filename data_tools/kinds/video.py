@@ -21,7 +21,8 @@ import math
 from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare, validate_video
 from data_tools.schema import Caption, Clip, Source, VideoSample, sample_key
 from data_tools.validation import Rejected, check_text, check_total_text, field, number, source_id
-from pretrain.data.media import MediaError, VideoInfo, encode_video, iter_video_frames
+from common.media.decode import MediaError, VideoInfo, iter_video_frames
+from common.media.encode import encode_video
 
 
 def _parse_captions(record: dict) -> list[Caption]:

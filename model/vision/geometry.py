@@ -1,7 +1,7 @@
 """Per-patch index tensors of the Qwen3-VL ViT, computed from ``grid_thw`` (no weights).
 
 Patches of one image / video arrive in *merge-block order*: time, block row, block column, then the
-``merge x merge`` patches of the block row-major (see :func:`pretrain.data.vision_inputs.patchify`).
+``merge x merge`` patches of the block row-major (see :func:`common.media.vision_inputs.patchify`).
 ``grid_thw`` rows are (t, h, w) counted in patches.
 """
 

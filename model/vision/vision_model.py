@@ -2,7 +2,7 @@
 frame-segmented attention layers (tensor-parallel), the patch merger and the DeepStack mergers.
 
 Input: ``pixel_values`` float ``(num_patches, 3 * temporal_patch * patch**2)`` of any number of images or
-videos concatenated, and their ``grid_thw`` (see :mod:`pretrain.data.vision_inputs`). Output: one
+videos concatenated, and their ``grid_thw`` (see :mod:`common.media.vision_inputs`). Output: one
 LLM-width embedding per ``merge x merge`` patch block, ``(num_patches / merge**2, out_hidden)``, and one
 such tensor per DeepStack layer.
 

@@ -33,12 +33,12 @@ import numpy as np
 import PIL.Image
 import torch
 
-from pretrain.data.chat_template import chat_segments
-from pretrain.data.positions import IMAGE, TEXT, VIDEO, mrope_position_ids
+from common.tokens.chat_template import chat_segments
+from common.tokens.positions import IMAGE, TEXT, VIDEO, mrope_position_ids
 from pretrain.data.sample import IGNORE_INDEX, EncodedSample
-from pretrain.data.tokenizer import Tokenizer
-from pretrain.data.video_sampling import FrameSamplingConfig, VideoClip, format_timestamp
-from pretrain.data.vision_inputs import VisionInputConfig, VisualPatches, process_image, process_video
+from common.tokens.tokenizer import Tokenizer
+from common.media.frame_sampling import CAPTION_FORMAT, FrameSamplingConfig, VideoClip, format_timestamp
+from common.media.vision_inputs import VisionInputConfig, VisualPatches, process_image, process_video
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class EncodingConfig:
     vision: VisionInputConfig = field(default_factory=VisionInputConfig)
     frames: FrameSamplingConfig = field(default_factory=FrameSamplingConfig)
     append_eos: bool = True
-    caption_format: str = "<{start:.1f} - {end:.1f} seconds> {text}"
+    caption_format: str = CAPTION_FORMAT
     max_tokens: int | None = None
 
 
@@ -343,14 +343,14 @@ class _MediaDecoder:
         return self.media[name]
 
     def image(self, name: str) -> PIL.Image.Image:
-        from pretrain.data import media
+        from common.media import decode as media
 
         if name not in self._cache:
             self._cache[name] = media.load_image(self._bytes(name))
         return self._cache[name]
 
     def video(self, name: str) -> VideoClip:
-        from pretrain.data.video_sampling import load_video_clip
+        from common.media.frame_sampling import load_video_clip
 
         if name not in self._cache:
             self._cache[name] = load_video_clip(self._bytes(name), self.frames)
@@ -365,7 +365,7 @@ class _MediaDecoder:
 def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, bytes]) -> EncodedSample:
     """Encode a ``data_tools.schema`` sample with its media bytes (part name -> bytes).
 
-    Images are decoded with ``pretrain.data.media.load_image``; videos are sampled at
+    Images are decoded with ``common.media.decode.load_image``; videos are sampled at
     ``encoder.config.frames`` and decoded with ``media.read_video_frames`` (clips are stored as their own
     files, with captions already re-timed to the clip). Raises ``ValueError`` (``MediaError`` for bad
     media) naming the sample key.

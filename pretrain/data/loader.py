@@ -46,9 +46,9 @@ from pretrain.data.blend import BlendSource, metadataset_config, resolve_blend
 from pretrain.data.encoding import EncodingConfig, SampleEncoder
 from pretrain.data.packing import PackingConfig
 from pretrain.data.task_encoder import PackingTaskEncoder
-from pretrain.data.tokenizer import Tokenizer, load_tokenizer
-from pretrain.data.video_sampling import FrameSamplingConfig
-from pretrain.data.vision_inputs import VisionInputConfig
+from common.tokens.tokenizer import Tokenizer, load_tokenizer
+from common.media.frame_sampling import FrameSamplingConfig
+from common.media.vision_inputs import VisionInputConfig
 
 logger = logging.getLogger("pretrain.data")
 

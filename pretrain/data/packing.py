@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pretrain.data import resize
+from common.media import resize
 from pretrain.data.sample import IGNORE_INDEX, EncodedSample
 
 OVERLONG_POLICIES = ("truncate", "drop")
-IMAGE, VIDEO = 1, 2  # mm_token_type_ids values (pretrain.data.positions)
+IMAGE, VIDEO = 1, 2  # mm_token_type_ids values (common.tokens.positions)
 
 
 @dataclass(frozen=True)

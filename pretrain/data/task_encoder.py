@@ -120,7 +120,7 @@ class PackingTaskEncoder(TaskEncoder):
     which the packs of one buffer are emitted.
     """
 
-    decoder = None  # the members stay bytes: media are decoded by pretrain.data.media only
+    decoder = None  # the members stay bytes: media are decoded by common.media.decode only
     cookers = (Cooker(raw_shard_sample),)
 
     def __init__(

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.data.tokenizer import Tokenizer, train_byte_level_bpe
+from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
 
 QWEN3_VL_IMAGE = dict(
     patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.data.chat_template import chat_segments, render_chat
+from common.tokens.chat_template import chat_segments, render_chat
 
 # tests/data/qwen3_vl_chat_template.jinja is the ``chat_template`` of the published Qwen3-VL Instruct
 # checkpoints, byte for byte (5,292 bytes; the SHA-256 below is the one of the shipped template).

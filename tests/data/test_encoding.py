@@ -11,8 +11,8 @@ import torch
 
 from pretrain.data.encoding import Caption, EncodingConfig, SampleEncoder
 from pretrain.data.sample import IGNORE_INDEX
-from pretrain.data.video_sampling import VideoClip, sample_frame_indices
-from pretrain.data.vision_inputs import VisionInputConfig
+from common.media.frame_sampling import VideoClip, sample_frame_indices
+from common.media.vision_inputs import VisionInputConfig
 
 TEMPLATE = Path(__file__).with_name("qwen3_vl_chat_template.jinja").read_text(encoding="utf-8")
 VIDEO_FPS = 10.0
@@ -238,7 +238,8 @@ def test_shard_schema_adapter(encoder):
     import io
 
     from data_tools import schema
-    from pretrain.data import media as media_module
+    from common.media import decode as media_module
+    from common.media.encode import encode_video
     from pretrain.data.encoding import SampleEncodingError, encode_shard_parts
 
     image = _image(12, 80, 120)
@@ -246,7 +247,7 @@ def test_shard_schema_adapter(encoder):
     image.save(png, format="PNG")
     png = png.getvalue()
     video = _video(13, 20, 64, 96)
-    mp4 = media_module.encode_video(list(video), fps=VIDEO_FPS)
+    mp4 = encode_video(list(video), fps=VIDEO_FPS)
     img_media = schema.Media("img0.png", "image", "png", "0" * 64, len(png), 120, 80, "a.png")
     vid_media = schema.Media("vid0.mp4", "video", "mp4", "0" * 64, len(mp4), 96, 64, "v.mp4",
                              num_frames=20, fps=VIDEO_FPS, duration=2.0, backend="decord")

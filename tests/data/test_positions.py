@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data.positions import mrope_position_ids
+from common.tokens.positions import mrope_position_ids
 
 
 def _layout(rng, images, videos):

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from pretrain.data.tokenizer import (
+from common.tokens.tokenizer import (
     QWEN_SPLIT_PATTERN,
     SPECIAL_TOKENS,
     Tokenizer,

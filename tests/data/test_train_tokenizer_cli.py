@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from data_tools import train_tokenizer
-from pretrain.data.tokenizer import Tokenizer
+from common.tokens.tokenizer import Tokenizer
 
 COLOURS = "red green blue yellow purple orange black white".split()
 SHAPES = "circle square triangle star".split()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from pretrain.data.video_sampling import (
+from common.media.frame_sampling import (
     FrameSamplingConfig,
     VideoClip,
     clip_frame_range,
@@ -89,12 +89,13 @@ def test_bad_sampling_inputs():
 
 def test_load_video_clip_from_real_mp4():
     """A real MP4 written by media.encode_video: sampled at 2 fps, frames and times as decoded."""
-    from pretrain.data import media
+    from common.media import decode as media
+    from common.media.encode import encode_video
 
     frames = np.zeros((25, 64, 96, 3), np.uint8)
     for i in range(25):
         frames[i, :, :, 0] = i * 10  # the red channel encodes the frame index
-    data = media.encode_video(list(frames), fps=10.0)
+    data = encode_video(list(frames), fps=10.0)
     clip = load_video_clip(data, FrameSamplingConfig(fps=2.0))
     expected = sample_frame_indices(25, 10.0)  # 2.5 s at 2 fps -> 5 frames
     assert clip.num_frames == len(expected) == 5

@@ -10,8 +10,8 @@ import PIL.Image
 import pytest
 import torch
 
-from pretrain.data import resize
-from pretrain.data.vision_inputs import (
+from common.media import resize
+from common.media.vision_inputs import (
     VisionInputConfig,
     image_target_size,
     patchify,

@@ -14,7 +14,7 @@ import pytest
 from data_tools.build import run_build
 from data_tools.config import BuildConfig
 from data_tools.synth import SynthConfig, generate
-from pretrain.data.tokenizer import Tokenizer, train_byte_level_bpe
+from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
 
 KINDS = {kind: f"{kind}.jsonl" for kind in ("image_text", "interleaved", "video", "sft")}
 CORPUS = dict(seed=11, images=40, videos=4, docs=10, sft=24, eval=2)

@@ -1,6 +1,6 @@
 """The packed micro-batch is loss-equivalent to its documents run one by one (issue 7, item 4).
 
-A tiny Qwen3 decoder (Megatron-Core GPTModel on CPU, ``model/language.py``) runs once on a packed
+A tiny Qwen3 decoder (Megatron-Core GPTModel on CPU, ``model/text_config.py``) runs once on a packed
 micro-batch with the block-diagonal causal mask, and once per document alone. Per-token losses, the
 (weighted) loss sums and the parameter gradients must agree; without the document mask they must not.
 """
@@ -27,8 +27,9 @@ TEXTS = [
 
 
 def _losses_packed_and_alone(rank, batch, documents, vocab_size, seq_length):
-    from model.language import Qwen3TextConfig, build_language_model
-    from pretrain.parallel import initialize_distributed
+    from model.text_config import Qwen3TextConfig
+    from tests.tiny_gpt import build_language_model
+    from common.distributed.parallel import initialize_distributed
 
     initialize_distributed({})
     cfg = Qwen3TextConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -115,7 +116,7 @@ def _multimodal_losses(rank, batch, documents, special_ids, vocab_size):
 
     from model.qwen3vl import build_qwen3vl
     from model.registry import get_config
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
 
     initialize_distributed({})
     cfg = get_config("tiny_dense")
@@ -150,8 +151,8 @@ def test_packed_multimodal_loss_equals_sum_of_documents_alone(tokenizer):
     import PIL.Image
 
     from pretrain.data.encoding import EncodingConfig
-    from pretrain.data.video_sampling import VideoClip
-    from pretrain.data.vision_inputs import VisionInputConfig
+    from common.media.frame_sampling import VideoClip
+    from common.media.vision_inputs import VisionInputConfig
 
     rng = np.random.default_rng(0)
 

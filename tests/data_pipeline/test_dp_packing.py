@@ -16,8 +16,8 @@ from pretrain.data.packing import (
     safe_prefix_length,
 )
 from pretrain.data.sample import IGNORE_INDEX
-from pretrain.data.video_sampling import VideoClip
-from pretrain.data.vision_inputs import VisionInputConfig
+from common.media.frame_sampling import VideoClip
+from common.media.vision_inputs import VisionInputConfig
 
 VISION = VisionInputConfig(image_min_pixels=4096, image_max_pixels=16384, video_min_pixels=4096, video_max_pixels=65536)
 

@@ -22,7 +22,8 @@ from data_tools.config import BuildConfig
 from data_tools.schema import sample_from_json
 from data_tools.shards import iter_shard
 from data_tools.verify import verify
-from pretrain.data import media
+from common.media import decode as media
+from common.media.encode import encode_video
 
 MEMBER_RE = re.compile(r"^\d{9}(_\d{4})?\.(json|img\d+\.[a-z0-9]+|vid\d+\.[a-z0-9]+)$")
 REPO = Path(__file__).resolve().parents[2]
@@ -194,8 +195,8 @@ def test_interleaved_and_sft_rules(tmp_path):
 
 
 def test_video_validation_and_caption_checks(tmp_path):
-    (tmp_path / "v.mp4").write_bytes(media.encode_video(moving_frames(16), fps=8))  # 2.0 s
-    (tmp_path / "w.mp4").write_bytes(media.encode_video(moving_frames(12), fps=8))
+    (tmp_path / "v.mp4").write_bytes(encode_video(moving_frames(16), fps=8))  # 2.0 s
+    (tmp_path / "w.mp4").write_bytes(encode_video(moving_frames(12), fps=8))
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 2048)
     manifest = write_manifest(tmp_path / "v.jsonl", [
         {"id": "ok", "video": "v.mp4", "captions": [{"start": 0, "end": 2.1, "text": "moves"}]},  # 0.1 s late: clamped
@@ -217,8 +218,8 @@ def test_video_validation_and_caption_checks(tmp_path):
 
 
 def test_long_videos_are_cut_into_clips_with_retimed_captions(tmp_path):
-    (tmp_path / "long.mp4").write_bytes(media.encode_video(moving_frames(24), fps=4))  # 6.0 s at 4 fps
-    (tmp_path / "short.mp4").write_bytes(media.encode_video(moving_frames(8), fps=4))  # 2.0 s: not cut
+    (tmp_path / "long.mp4").write_bytes(encode_video(moving_frames(24), fps=4))  # 6.0 s at 4 fps
+    (tmp_path / "short.mp4").write_bytes(encode_video(moving_frames(8), fps=4))  # 2.0 s: not cut
     manifest = write_manifest(tmp_path / "v.jsonl", [
         {"id": "long", "video": "long.mp4", "text": "a bar moves right",
          "captions": [{"start": 0.0, "end": 1.0, "text": "start"}, {"start": 1.0, "end": 6.0, "text": "moving"},

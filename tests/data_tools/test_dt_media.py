@@ -1,4 +1,4 @@
-"""pretrain.data.media: image validation and decoding, video probing and frame reading (decord and PyAV)."""
+"""common.media.decode: image validation and decoding, video probing and frame reading (decord and PyAV)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.data import media
-from pretrain.data.media import MediaError
+from common.media import decode as media
+
+from common.media.encode import encode_video
+from common.media.decode import MediaError
 
 
 def png_bytes(width: int, height: int, mode: str = "RGB", color=(10, 200, 30)) -> bytes:
@@ -95,7 +97,7 @@ def bar_column(frame: np.ndarray) -> int:
 
 
 def test_decord_probe_and_frames_in_requested_order(tmp_path):
-    data = media.encode_video(moving_frames(), fps=12)
+    data = encode_video(moving_frames(), fps=12)
     info = media.probe_video(data)
     assert info == media.VideoInfo(num_frames=24, fps=12.0, duration=2.0, width=64, height=48, backend="decord")
     frames = media.read_video_frames(data, [10, 0, 10, 23])
@@ -117,7 +119,7 @@ def test_pyav_fallback_on_av1_that_decord_cannot_open():
         av.codec.Codec("libsvtav1", "w")
     except Exception:
         pytest.skip("this PyAV build has no AV1 encoder (libsvtav1)")
-    data = media.encode_video(moving_frames(), fps=12, codec="libsvtav1")
+    data = encode_video(moving_frames(), fps=12, codec="libsvtav1")
     with pytest.raises(Exception):
         decord.VideoReader(io.BytesIO(data))  # precondition: decord really cannot open it
     info = media.probe_video(data)
@@ -129,7 +131,7 @@ def test_pyav_fallback_on_av1_that_decord_cannot_open():
 
 
 def test_video_rejections(tmp_path):
-    data = media.encode_video(moving_frames(6), fps=6)
+    data = encode_video(moving_frames(6), fps=6)
     assert reason(media.probe_video, b"\x00\x01garbage" * 300) == "video_decode_error"
     assert reason(media.probe_video, data[: len(data) // 3]) == "video_decode_error"
     assert reason(media.probe_video, tmp_path / "nope.mp4") == "missing_file"
@@ -140,8 +142,8 @@ def test_video_rejections(tmp_path):
 def test_encode_video_is_deterministic_for_still_then_moving_frames():
     # A clip that stays still then moves: x264's mb-tree rate control made these bytes vary run to run.
     frames = [moving_frames(1)[0]] * 8 + moving_frames(12)
-    first = media.encode_video(frames, fps=8)
-    assert all(media.encode_video(frames, fps=8) == first for _ in range(5))
+    first = encode_video(frames, fps=8)
+    assert all(encode_video(frames, fps=8) == first for _ in range(5))
     assert media.probe_video(first).num_frames == 20
 
 

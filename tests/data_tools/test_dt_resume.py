@@ -17,7 +17,8 @@ from test_dt_media import moving_frames
 from data_tools.build import BUILD_DIR, JOURNAL, BuildError
 from data_tools.synth import SynthConfig, generate
 from data_tools.verify import verify
-from pretrain.data import media
+from common.media import decode as media
+from common.media.encode import encode_video
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -127,7 +128,7 @@ def test_resume_after_crash_between_rename_and_journal(corpus, tmp_path):
 
 def test_resume_in_the_middle_of_a_video_cut_into_clips(tmp_path):
     for name, n in (("a.mp4", 24), ("b.mp4", 8), ("c.mp4", 20)):
-        (tmp_path / name).write_bytes(media.encode_video(moving_frames(n), fps=4))
+        (tmp_path / name).write_bytes(encode_video(moving_frames(n), fps=4))
     manifest = tmp_path / "v.jsonl"
     manifest.write_text("".join(json.dumps({"video": v, "text": f"video {v}"}) + "\n" for v in ("a.mp4", "b.mp4", "c.mp4")))
     options = dict(max_clip_seconds=2.0, max_samples_per_shard=2)

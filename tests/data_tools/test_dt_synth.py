@@ -10,7 +10,7 @@ import pytest
 from dt_helpers import read_jsonl
 
 from data_tools.synth import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, VIDEO_FPS, SynthConfig, generate
-from pretrain.data import media
+from common.media import decode as media
 
 
 def files(root: Path) -> dict[str, bytes]:

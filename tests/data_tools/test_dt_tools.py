@@ -14,7 +14,8 @@ from data_tools.__main__ import main
 from data_tools.shards import iter_shard
 from data_tools.stats import collect
 from data_tools.verify import verify
-from pretrain.data import media
+from common.media import decode as media
+from common.media.encode import encode_video
 
 
 def test_inspect_shows_samples_and_dumps_members(built_sets, tmp_path, capsys):
@@ -35,7 +36,7 @@ def test_inspect_shows_samples_and_dumps_members(built_sets, tmp_path, capsys):
 def test_stats_counts_and_token_estimates(tmp_path, monkeypatch):
     monkeypatch.setenv("QWEN3VL_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "a.png").write_bytes(png_bytes(64, 64))
-    (tmp_path / "v.mp4").write_bytes(media.encode_video(moving_frames(32, 64, 64), fps=8))  # 4 s, 64x64
+    (tmp_path / "v.mp4").write_bytes(encode_video(moving_frames(32, 64, 64), fps=8))  # 4 s, 64x64
     manifest = tmp_path / "sft.jsonl"
     messages = [
         {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "video", "video": "v.mp4"},
@@ -48,7 +49,7 @@ def test_stats_counts_and_token_estimates(tmp_path, monkeypatch):
     # Image 64x64 -> smart_resize up to min_pixels 65,536 -> 256x256 -> 16x16 patches -> 64 tokens.
     # Video: 4 s at 2 fps -> 8 frames, 64x64 kept -> grid (4, 4, 4) -> 16 tokens.
     assert stats["visual_tokens"] == {"image": 64, "video": 16, "total": 80}
-    from pretrain.data.tokenizer import Tokenizer
+    from common.tokens.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.qwen()
     assert stats["text_tokens"] == len(tokenizer.encode("What colour is the shape?")) + len(tokenizer.encode("red"))

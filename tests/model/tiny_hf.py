@@ -71,7 +71,7 @@ def shifted_labels(input_ids: torch.Tensor) -> torch.Tensor:
 def _reinit(layout: dict) -> None:
     from megatron.core import parallel_state
 
-    from pretrain.parallel import initialize_distributed
+    from common.distributed.parallel import initialize_distributed
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

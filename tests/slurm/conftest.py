@@ -35,7 +35,7 @@ def tiny_data(tmp_path_factory) -> dict:
     from data_tools.build import run_build
     from data_tools.config import BuildConfig
     from data_tools.synth import SynthConfig, generate
-    from pretrain.data.tokenizer import Tokenizer, train_byte_level_bpe
+    from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
 
     root = tmp_path_factory.mktemp("slurm_data")
     generate(SynthConfig(out=str(root / "corpus"), **CORPUS), progress=False)

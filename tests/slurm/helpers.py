@@ -79,7 +79,7 @@ def job_logs(record: dict) -> str:
 
 def checkpoint_step(run_dir: Path) -> int:
     """The step of ``<run_dir>/checkpoints/latest`` (from its trainer.json)."""
-    from pretrain.checkpoint import resolve_checkpoint
+    from model.checkpoint_io import resolve_checkpoint
 
     path = resolve_checkpoint(run_dir / "checkpoints")
     assert path is not None, f"no checkpoint in {run_dir / 'checkpoints'}"

@@ -6,7 +6,7 @@ Qwen3-VL samples a video uniformly at ``fps`` frames per second (default 2), cla
 the mean time of the group's two frames. These rules mirror transformers' ``Qwen3VLVideoProcessor.
 sample_frames`` and ``Qwen3VLProcessor._calculate_timestamps``.
 
-Decoding is not done here: :func:`load_video_clip` asks ``pretrain.data.media`` (the one media module).
+Decoding is not done here: :func:`load_video_clip` asks ``common.media.decode`` (the one media module).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pretrain.data.resize import TEMPORAL_PATCH_SIZE
+from common.media.resize import TEMPORAL_PATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,10 @@ def frame_group_timestamps(frame_times: Sequence[float], temporal_patch_size: in
 def format_timestamp(seconds: float) -> str:
     """The text announcing a frame group: ``<{seconds:.1f} seconds>``, as Qwen3-VL writes it."""
     return f"<{seconds:.1f} seconds>"
+
+
+# One timed caption line of a video sample; fields ``start``, ``end`` (seconds from the clip start), ``text``.
+CAPTION_FORMAT = "<{start:.1f} - {end:.1f} seconds> {text}"
 
 
 @dataclass
@@ -141,9 +145,9 @@ def load_video_clip(
     """Probe ``src``, sample its frames (optionally only those in ``[start, end)`` seconds) and decode them.
 
     Frame times are relative to ``start`` (0 for a whole video), so timestamps in the text match captions
-    re-timed to the clip. Raises ``pretrain.data.media.MediaError`` (a ``ValueError``) for bad videos.
+    re-timed to the clip. Raises ``common.media.decode.MediaError`` (a ``ValueError``) for bad videos.
     """
-    from pretrain.data import media  # the one decoding module; imported here so sampling has no decoder deps
+    from common.media import decode as media  # the one decoding module; imported here so sampling has no decoder deps
 
     info = media.probe_video(src)
     if start is None and end is None:

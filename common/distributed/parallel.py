@@ -7,7 +7,7 @@ The process layout comes from the launcher's environment:
   ``SLURM_JOB_NODELIST`` as master (``MASTER_PORT`` from the environment, else derived from the job id);
 * nothing: a single process (world size 1) on a free local port.
 
-The backend is NCCL when CUDA is available, else gloo with :mod:`pretrain.cpu_runtime` installed.
+The backend is NCCL when CUDA is available, else gloo with :mod:`common.distributed.cpu_runtime` installed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import datetime
 import math
 import os
 import re
-import socket
 import subprocess
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
@@ -24,7 +23,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
-from pretrain.cpu_runtime import install_cpu_runtime
+from common.distributed.cpu_runtime import install_cpu_runtime
+from common.distributed.spawn import free_port
 
 
 class ParallelConfigError(ValueError):
@@ -129,12 +129,6 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] + suffix
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def process_info(environ: Mapping[str, str] | None = None) -> ProcessInfo:
     """Read this process' rank and rendezvous from the launcher's environment (see module docstring)."""
     env = os.environ if environ is None else environ
@@ -159,7 +153,7 @@ def process_info(environ: Mapping[str, str] | None = None) -> ProcessInfo:
             master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
             launcher="slurm",
         )
-    return ProcessInfo(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return ProcessInfo(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
 def initialize_distributed(

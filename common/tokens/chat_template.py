@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pretrain.data.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
+from common.tokens.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
 
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 VIDEO_PLACEHOLDER = VISION_START + VIDEO_PAD + VISION_END

@@ -1,4 +1,4 @@
-"""Qwen3 language model (dense or MoE decoder) as a Megatron-Core ``GPTModel``.
+"""The Qwen3 language decoder's architecture (dense or MoE) and its Megatron-Core ``TransformerConfig``.
 
 :class:`Qwen3TextConfig` holds the architecture numbers with the names of the Hugging Face Qwen3 text
 config; :meth:`Qwen3TextConfig.transformer_config` turns them into Megatron-Core's ``TransformerConfig``
@@ -12,10 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from model.layer_specs import qwen3_block_spec
 
 
 def runtime_settings(params_dtype: torch.dtype) -> dict:
@@ -107,31 +105,3 @@ class Qwen3TextConfig:
             )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)
-
-
-def build_language_model(
-    cfg: Qwen3TextConfig,
-    config: TransformerConfig,
-    max_sequence_length: int,
-    pre_process: bool | None = None,
-    post_process: bool | None = None,
-    parallel_output: bool = True,
-    vp_stage: int | None = None,
-) -> GPTModel:
-    """The Qwen3 decoder of this pipeline stage (embedding on the first, LM head on the last)."""
-    ps = parallel_state
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=qwen3_block_spec(config, vp_stage=vp_stage),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=max_sequence_length,
-        pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-        if pre_process is None else pre_process,
-        post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        if post_process is None else post_process,
-        parallel_output=parallel_output,
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(cfg.rope_theta),
-        vp_stage=vp_stage,
-    )

@@ -2,7 +2,7 @@
 
 Steps, as the reference processors do them:
 
-1. Resize with :mod:`pretrain.data.resize` (both sides multiples of ``patch_size * merge_size`` = 32 px;
+1. Resize with :mod:`common.media.resize` (both sides multiples of ``patch_size * merge_size`` = 32 px;
    images bounded per image, videos by a budget over all their sampled frames).
    Images use PIL bicubic (transformers' ``Qwen2VLImageProcessorPil``); video frames use PyTorch's
    antialiased bicubic on uint8 tensors, which is what transformers' torchvision-based
@@ -26,7 +26,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from pretrain.data import resize
+from common.media import resize
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def process_image(image: PIL.Image.Image, config: VisionInputConfig = VisionInpu
     if not isinstance(image, PIL.Image.Image):
         raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
     if image.mode != "RGB":
-        raise ValueError(f"image must be RGB (decode it with pretrain.data.media.load_image), got mode {image.mode}")
+        raise ValueError(f"image must be RGB (decode it with common.media.decode.load_image), got mode {image.mode}")
     height, width = image.height, image.width
     new_h, new_w = image_target_size(height, width, config)
     if (new_h, new_w) != (height, width):

@@ -1,0 +1,107 @@
+"""Start N ranks of a function in fresh processes, the way torchrun would, and collect their results.
+
+Used by the tools that start their own ranks (``model.convert``, ``model.check_parity``) and by the
+multi-rank tests. Each rank gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+``MASTER_PORT`` in its environment, then calls ``fn(rank, *args)``; whatever it returns comes back to
+the caller (it must be picklable). A rank that raises fails the whole call with a :class:`RankError`
+carrying that rank's exception and traceback; the other ranks are stopped (they would otherwise wait
+in a collective for the failed one).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue as queue_module
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a single-node rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankError(RuntimeError):
+    """A spawned rank raised: ``error`` is its exception (re-created here), ``rank_traceback`` its text."""
+
+    def __init__(self, rank: int, error: BaseException, rank_traceback: str):
+        super().__init__(f"rank {rank} failed: {type(error).__name__}: {error}")
+        self.rank, self.error, self.rank_traceback = rank, error, rank_traceback
+
+
+def _portable(exc: BaseException) -> BaseException:
+    """The exception itself when it survives pickling, else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _entry(fn: Callable, rank: int, world_size: int, port: int, threads: int, args: tuple, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        # Pickled here, by value: a tensor put on the queue as it is would travel as a shared-memory
+        # handle that dies with this process, which may exit before the parent reads it.
+        results.put((rank, True, pickle.dumps(fn(rank, *args)), ""))
+    except BaseException as exc:  # report any failure, asserts included, to the parent
+        results.put((rank, False, _portable(exc), traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 3600,
+                threads_per_rank: int | None = None) -> list[Any]:
+    """Call ``fn(rank, *args)`` in ``world_size`` spawned processes; return the results by rank.
+
+    ``fn`` must be importable (a module-level function). ``threads_per_rank`` defaults to the CPU
+    cores shared evenly (at least one). Raises :class:`RankError` for the first rank that fails, and
+    ``TimeoutError`` when no rank reports within ``timeout`` seconds.
+    """
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, threads, args, results))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    failure: RankError | None = None
+    try:
+        for _ in range(world_size):
+            try:
+                rank, ok, payload, text = results.get(timeout=timeout)
+            except queue_module.Empty:
+                raise TimeoutError(f"no rank of {world_size} reported within {timeout:.0f} s") from None
+            if not ok:
+                failure = RankError(rank, payload, text)
+                break
+            out[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=5 if failure else timeout)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failure is not None:
+        raise failure
+    dead = [r for r, p in enumerate(procs) if p.exitcode not in (0, None) and r not in out]
+    if dead:
+        raise RuntimeError(f"rank(s) {dead} exited without a result (exit codes {[procs[r].exitcode for r in dead]})")
+    return [out[r] for r in range(world_size)]
