@@ -43,18 +43,27 @@ class InterleavedMRoPE(torch.nn.Module):
     def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, int, int]):
         super().__init__()
         self.head_dim = head_dim
-        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta), persistent=False)
-        self.register_buffer("axis", mrope_axis_of_frequency(head_dim, tuple(mrope_section)), persistent=False)
+        # Plain attributes, not buffers: Megatron's Float16Module casts every buffer to bf16/fp16, and
+        # bf16 frequencies (8 mantissa bits) give angles off by whole radians at 8K positions. The
+        # angles are always computed in float32, as Megatron's own RotaryEmbedding does.
+        self._inv_freq = rope_inv_freq(head_dim, theta)
+        self._axis = mrope_axis_of_frequency(head_dim, tuple(mrope_section))
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._on_device:
+            self._on_device[device] = (self._inv_freq.to(device), self._axis.to(device))
+        return self._on_device[device]
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         if position_ids.dim() == 2:
             position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
         if position_ids.dim() != 3 or position_ids.shape[0] != 3:
             raise ValueError(f"position_ids must be [3, batch, seq] or [batch, seq], got {tuple(position_ids.shape)}")
-        inv_freq = self.inv_freq.to(position_ids.device)
+        inv_freq, axis = self._tables(position_ids.device)
         # [3, b, s, d/2]: every axis' angle for every frequency, then each frequency keeps its axis.
         freqs = position_ids[..., None].float() * inv_freq
-        index = self.axis.to(position_ids.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:])
+        index = axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])
         angles = freqs.gather(0, index)[0]  # [b, s, d/2]
         emb = torch.cat((angles, angles), dim=-1)  # rotate-half layout
         return emb.transpose(0, 1).unsqueeze(2).contiguous()  # [s, b, 1, d]

@@ -39,6 +39,7 @@ def packed_seq_params(batch: dict) -> PackedSeqParams | None:
 
 
 def to_device(batch: dict) -> dict:
+    """The tensors of ``batch`` on the current CUDA device when there is one (inputs are built on the CPU)."""
     if not torch.cuda.is_available():
         return batch
     return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.checkpoint_io import CheckpointError, load_weights, resolve_checkpoint
+from pretrain.forward import to_device
 
 
 @dataclass
@@ -106,8 +107,10 @@ def next_token_logits(im: InferenceModel, inputs: dict, continuations: list[list
         if pixels in inputs:  # every row holds the same media
             media[pixels] = inputs[pixels].repeat(n, 1)
             media[grid] = inputs[grid].repeat(n, 1)
-    logits = im.model(ids, positions, **media)
-    return logits[:, prompt.shape[0] - 1:].float()
+    # Inputs are built on the CPU; the model may sit on a GPU.
+    batch = to_device({"input_ids": ids, "position_ids": positions, **media})
+    logits = im.model(batch.pop("input_ids"), batch.pop("position_ids"), **batch)
+    return logits[:, prompt.shape[0] - 1:].float().cpu()
 
 
 def generate(im: InferenceModel, inputs: dict, max_new_tokens: int = 16) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.distributed.comm import communication_device
+
 # Dense bf16 tensor-core peak per GPU (FLOP/s), by device-name fragment, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -60,12 +62,16 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
 class ExpertLoadTracker:
     """Tokens routed to each expert of each MoE layer, from forward hooks on Megatron's routers.
 
-    :meth:`imbalance` returns, per decoder layer (1-based global number), ``max / mean`` of the expert
-    loads counted since its last call over all ranks (1.0: perfectly balanced). Collective.
+    Counts accumulate on the routers' device (no host copy, hence no GPU sync, per router call);
+    :meth:`imbalance` reads them once per log interval and returns, per decoder layer (1-based global
+    number), ``max / mean`` of the expert loads counted since its last call over all ranks (1.0:
+    perfectly balanced). Collective.
     """
 
     def __init__(self, model_chunks: list[torch.nn.Module]):
-        self.counts: dict[int, torch.Tensor] = {}
+        config = model_chunks[0].config  # the same TransformerConfig on every rank and chunk
+        self.shape = (config.num_layers + 1, config.num_moe_experts)  # row 0 unused: layers are 1-based
+        self.counts: torch.Tensor | None = None
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
                 if name.endswith("mlp.router"):
@@ -74,21 +80,19 @@ class ExpertLoadTracker:
     def _record(self, router, inputs, output) -> None:
         if not router.training or not isinstance(output, tuple):
             return
-        counts = output[1].detach().sum(0).float().cpu()  # routing_map [tokens, experts]
-        layer = int(getattr(router, "layer_number", 0) or 0)
-        self.counts[layer] = self.counts.get(layer, 0) + counts
+        routing_map = output[1].detach()  # [tokens, experts]
+        if self.counts is None:
+            self.counts = torch.zeros(self.shape, dtype=torch.float32, device=routing_map.device)
+        self.counts[int(getattr(router, "layer_number", 0) or 0)] += routing_map.sum(0)
 
     def imbalance(self) -> dict[int, float]:
-        gathered = [self.counts]
+        totals = self.counts if self.counts is not None else torch.zeros(self.shape)
         if dist.is_initialized():
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, self.counts)
-        self.counts = {}
-        totals: dict[int, torch.Tensor] = {}
-        for per_rank in gathered:
-            for layer, counts in per_rank.items():
-                totals[layer] = totals.get(layer, 0) + counts
-        return {layer: float(c.max() / c.mean()) for layer, c in sorted(totals.items()) if c.sum() > 0}
+            totals = totals.to(communication_device())
+            dist.all_reduce(totals)
+        self.counts = None
+        totals = totals.cpu()
+        return {layer: float(c.max() / c.mean()) for layer, c in enumerate(totals) if c.sum() > 0}
 
 
 class MetricsLogger:

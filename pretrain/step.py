@@ -25,6 +25,8 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import MegatronModule
 
+from common.distributed.comm import all_reduce_values
+
 LOSS_KEY = "lm loss"
 
 
@@ -86,17 +88,17 @@ def token_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 def _global_loss(losses_reduced: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
     """Mean loss over the global batch, seen identically by every rank."""
-    total = torch.zeros(2, dtype=torch.float64)
+    total = [0.0, 0.0]
     for entry in losses_reduced:
-        total += entry[LOSS_KEY].double().cpu()
+        loss_sum, tokens = entry[LOSS_KEY].double().tolist()
+        total = [total[0] + loss_sum, total[1] + tokens]
     if dist.is_initialized():
         # Only last-stage ranks hold losses: sum over the whole world, then average by tokens
         # (the DP replicas and the last stage's ranks each count once per tp*cp group).
         group_size = parallel_state.get_tensor_model_parallel_world_size() * \
             parallel_state.get_context_parallel_world_size()
-        dist.all_reduce(total)
-        total /= group_size
-    loss_sum, tokens = total.tolist()
+        total = [v / group_size for v in all_reduce_values(total)]
+    loss_sum, tokens = total
     return loss_sum / max(tokens, 1.0), int(round(tokens))
 
 
