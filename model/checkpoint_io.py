@@ -52,6 +52,7 @@ def save_weights(path: str | os.PathLike, model: list) -> None:
     (so ``stage.init_from`` and ``load_weights`` read it); collective over all ranks."""
     from megatron.core import dist_checkpointing
 
+    Path(path).mkdir(parents=True, exist_ok=True)  # Megatron wants an existing, empty folder
     dist_checkpointing.save(model_sharded_state(model), str(path))
 
 

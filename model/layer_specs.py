@@ -1,9 +1,16 @@
-"""Megatron-Core module specs of the Qwen3 decoder (dense and MoE).
+"""Megatron-Core module specs of the Qwen3 decoder (dense and MoE) and of the ViT layer.
 
-Two backends, chosen by :func:`use_transformer_engine`: transformer-engine's fused modules on a GPU with
-TE installed, else Megatron-Core's local modules with our :class:`model.norm.RMSNorm` (which supports
-sequence parallelism). Both have RMSNorm, grouped-query attention with QK-norm, SwiGLU and no biases;
-which of those is on is set by the ``TransformerConfig``.
+Three attention backends (:data:`ATTENTION_BACKENDS`):
+
+* ``te``: transformer-engine's fused modules (a GPU with TE installed; THD packed sequences);
+* ``document``: Megatron-Core's local modules with our :class:`model.norm.RMSNorm` (which supports
+  sequence parallelism) and :class:`model.attention.DocumentAttention` (per-document flash attention,
+  context parallelism, no ``s x s`` mask): the path on CPU and on GPUs without TE;
+* ``dense_mask``: the same local modules with Megatron's ``DotProductAttention`` and an explicit
+  ``[b, 1, s, s]`` mask (quadratic memory; kept as a reference for tests and benchmarks).
+
+All have RMSNorm, grouped-query attention with QK-norm, SwiGLU and no biases; which of those is on is
+set by the ``TransformerConfig``.
 """
 
 from __future__ import annotations
@@ -37,11 +44,39 @@ def use_transformer_engine() -> bool:
     return True
 
 
+ATTENTION_BACKENDS = ("te", "document", "dense_mask")
+
+
+def resolve_attention_backend(backend: str | None = None, context_parallel: int = 1) -> str:
+    """``backend``, checked; None picks ``te`` when CUDA and transformer-engine are present and the
+    layout has no context parallelism (this project's CP runs on the ``document`` backend), else
+    ``document``."""
+    if backend is None:
+        return "te" if use_transformer_engine() and context_parallel == 1 else "document"
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {list(ATTENTION_BACKENDS)}")
+    if backend == "te" and not use_transformer_engine():
+        raise ValueError("attention backend 'te' needs CUDA and transformer-engine")
+    if context_parallel > 1 and backend != "document":
+        raise ValueError(f"context parallelism (cp={context_parallel}) runs on the 'document' attention "
+                         f"backend, not {backend!r}")
+    return backend
+
+
+def _local_core_attention(backend: str):
+    if backend == "document":
+        from model.attention import DocumentAttention
+
+        return DocumentAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    return DotProductAttention
+
+
 def qwen3_layer_spec(num_experts: int | None = None, moe_grouped_gemm: bool = False,
-                     use_te: bool | None = None) -> ModuleSpec:
+                     backend: str = "document") -> ModuleSpec:
     """Spec of one Qwen3 decoder layer: dense (``num_experts`` None) or MoE."""
-    use_te = use_transformer_engine() if use_te is None else use_te
-    if use_te:
+    if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=moe_grouped_gemm, qk_layernorm=True
         )
@@ -59,7 +94,8 @@ def qwen3_layer_spec(num_experts: int | None = None, moe_grouped_gemm: bool = Fa
             pre_mlp_layernorm=RMSNorm,
             self_attention=dataclasses.replace(
                 layer.self_attention,
-                submodules=dataclasses.replace(attention, q_layernorm=RMSNorm, k_layernorm=RMSNorm),
+                submodules=dataclasses.replace(attention, q_layernorm=RMSNorm, k_layernorm=RMSNorm,
+                                               core_attention=_local_core_attention(backend)),
             ),
         ),
     )
@@ -90,19 +126,18 @@ class DeepStackTransformerLayer(TransformerLayer):
         return output, context
 
 
-def qwen3vl_decoder_block_spec(config: TransformerConfig, moe_pattern: list[int], use_te: bool | None = None,
+def qwen3vl_decoder_block_spec(config: TransformerConfig, moe_pattern: list[int], backend: str = "document",
                                vp_stage: int | None = None) -> TransformerBlockSubmodules:
     """Specs of the Qwen3-VL decoder layers this pipeline stage builds (dense or MoE per ``moe_pattern``,
     one entry per global layer), plus the final RMSNorm."""
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    use_te = use_transformer_engine() if use_te is None else use_te
-    dense = dataclasses.replace(qwen3_layer_spec(None, False, use_te), module=DeepStackTransformerLayer)
+    dense = dataclasses.replace(qwen3_layer_spec(None, False, backend), module=DeepStackTransformerLayer)
     moe = None
     if any(moe_pattern):
-        moe = dataclasses.replace(qwen3_layer_spec(config.num_moe_experts, config.moe_grouped_gemm, use_te),
+        moe = dataclasses.replace(qwen3_layer_spec(config.num_moe_experts, config.moe_grouped_gemm, backend),
                                   module=DeepStackTransformerLayer)
-    if use_te:
+    if backend == "te":
         from megatron.core.extensions.transformer_engine import TENorm as final_norm
     else:
         final_norm = RMSNorm
@@ -112,21 +147,19 @@ def qwen3vl_decoder_block_spec(config: TransformerConfig, moe_pattern: list[int]
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)
 
 
-def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
+def vision_layer_spec(backend: str = "document") -> ModuleSpec:
     """Spec of one Qwen3-VL ViT layer: pre-LayerNorm, bidirectional attention with QKV and output
-    biases (no QK-norm), GELU(tanh) MLP with biases. The attention mask (local backend) or the
-    packed-sequence boundaries (transformer-engine) keep it within each frame group."""
+    biases (no QK-norm), GELU(tanh) MLP with biases. Frame segment ids (``document``), an attention
+    mask (``dense_mask``) or the packed-sequence boundaries (``te``) keep it within each frame group."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    use_te = use_transformer_engine() if use_te is None else use_te
-    if use_te:
+    if backend == "te":
         from megatron.core.extensions.transformer_engine import (
             TEDotProductAttention,
             TELayerNormColumnParallelLinear,
@@ -137,7 +170,7 @@ def vision_layer_spec(use_te: bool | None = None) -> ModuleSpec:
                                      TELayerNormColumnParallelLinear, TERowParallelLinear)
         input_norm = pre_mlp_norm = IdentityOp
     else:
-        qkv, attn, proj, fc1, fc2 = (ColumnParallelLinear, DotProductAttention, RowParallelLinear,
+        qkv, attn, proj, fc1, fc2 = (ColumnParallelLinear, _local_core_attention(backend), RowParallelLinear,
                                      ColumnParallelLinear, RowParallelLinear)
         input_norm = pre_mlp_norm = WrappedTorchNorm
     return ModuleSpec(

@@ -6,18 +6,26 @@ Build it with :func:`build_qwen3vl`; its ``forward`` contract::
 
     model(input_ids [b, s] int64,
           position_ids [3, b, s] int64 (t, h, w; common.tokens.positions) or [b, s] for text,
-          attention_mask=None,           # None: causal. Else bool [b, 1, s, s], True = masked
-                                         # (block-diagonal x causal for packed documents; local backend)
-          labels=None,                   # [b, s] int64 -> per-token losses [b, s] (float32)
+          document_ids=None,             # [b, s] int: packed documents (runs of equal ids), causal
+                                         # within each; None: one document per row
+          labels=None,                   # [b, s] int64 -> per-token losses [b, s / cp] (float32)
           pixel_values=None, image_grid_thw=None,          # (patches, 1536) float, (n_images, 3)
           pixel_values_videos=None, video_grid_thw=None,   # (patches, 1536) float, (n_videos, 3)
-          packed_seq_params=None)        # GPU/transformer-engine THD path (b == 1, cu_seqlens)
-      -> logits [b, s, vocab] (vocab split over tensor-parallel ranks unless parallel_output=False)
-         or, with labels, per-token losses [b, s].
+          packed_seq_params=None,        # transformer-engine THD path (b == 1, cu_seqlens)
+          attention_mask=None)           # dense_mask backend only: bool [b, 1, s, s], True = masked
+      -> logits [b, s / cp, vocab] (vocab split over tensor-parallel ranks unless parallel_output=False)
+         or, with labels, per-token losses [b, s / cp].
 
-On a pipeline stage other than the last it returns the hidden states to send on. Parallel layouts:
-tensor (``tp``), pipeline (``pp``, with the vision encoder on the first stage), expert (``ep``/``etp``)
-and sequence parallelism; context parallelism is not supported.
+Inputs always hold the full sequence ``s``. On a pipeline stage other than the last it returns the hidden
+states to send on. Parallel layouts: tensor (``tp``), pipeline (``pp``, with the vision encoder on the
+first stage), expert (``ep``/``etp``), sequence parallelism and context parallelism (``cp``).
+
+Context parallelism: every CP rank runs the vision encoder on all the micro-batch's images and videos
+and embeds the whole sequence; then the embedded sequence, the DeepStack features, the rotary angles
+(from the 3-axis position ids) and the labels are cut the same way (:mod:`model.context_parallel`), and
+attention all-gathers keys and values inside the CP group (:mod:`model.attention`). Outputs are this
+rank's tokens, in its order; ``model.context_parallel.split_on_this_rank`` cuts loss weights to match
+and ``gather_on_this_rank`` puts logits back in sequence order.
 
 DeepStack across pipeline stages: the features for the decoder layers of later stages travel with the
 hidden states, concatenated along the hidden dimension (``[s, b, h * (1 + n)]``); the builder switches on
@@ -44,7 +52,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from model.config import ConfigError, Qwen3VLConfig
 from model.text_config import runtime_settings
-from model.layer_specs import qwen3vl_decoder_block_spec, use_transformer_engine
+from model.context_parallel import cp_size_and_rank, split_sequence
+from model.layer_specs import qwen3vl_decoder_block_spec, resolve_attention_backend
 from model.rope import InterleavedMRoPE
 from model.vision.vision_model import Qwen3VLVisionModel
 
@@ -69,8 +78,6 @@ def language_transformer_config(
         extra["moe_layer_freq"] = pattern
     config = t.transformer_config(params_dtype=params_dtype, sequence_parallel=sequence_parallel,
                                   **extra, **overrides)
-    if config.context_parallel_size > 1:
-        raise ConfigError("context parallelism (cp > 1) is not supported by the Qwen3-VL model")
     if cfg.num_deepstack and config.pipeline_model_parallel_size > 1:
         first = get_num_layers_to_build(config, vp_stage=0 if config.virtual_pipeline_model_parallel_size else None,
                                         pp_rank=0)
@@ -86,8 +93,6 @@ def vision_transformer_config(cfg: Qwen3VLConfig, params_dtype: torch.dtype = to
     nor sequence parallel."""
     v = cfg.vision
     tp = parallel_state.get_tensor_model_parallel_world_size()
-    if v.num_heads % tp:
-        raise ConfigError(f"vision.num_heads {v.num_heads} is not divisible by tensor parallel size {tp}")
     kwargs = dict(
         num_layers=v.depth,
         hidden_size=v.hidden_size,
@@ -167,7 +172,7 @@ class Qwen3VLModel(LanguageModule):
         post_process: bool = True,
         parallel_output: bool = True,
         vp_stage: int | None = None,
-        use_te: bool | None = None,
+        attention: str = "document",
     ):
         super().__init__(config=config)
         self.cfg = cfg
@@ -177,16 +182,11 @@ class Qwen3VLModel(LanguageModule):
         self.parallel_output = parallel_output
         self.vp_stage = vp_stage
         self.share_embeddings_and_output_weights = cfg.tie_word_embeddings
-        self.use_te = use_transformer_engine() if use_te is None else use_te
+        self.attention = attention  # a backend of model.layer_specs.ATTENTION_BACKENDS
         t = cfg.text
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        if t.vocab_size % tp:
-            raise ConfigError(f"text.vocab_size {t.vocab_size} is not divisible by tensor parallel size {tp}")
-        if t.num_key_value_heads % tp and tp % t.num_key_value_heads:
-            raise ConfigError(f"text.num_key_value_heads {t.num_key_value_heads} does not divide over tp={tp}")
 
         if pre_process:
-            self.vision = Qwen3VLVisionModel(cfg.vision, vision_config, use_te=self.use_te)
+            self.vision = Qwen3VLVisionModel(cfg.vision, vision_config, attention=attention)
             # Visual embeddings replace the image/video pad tokens before the sequence is split over
             # tensor-parallel ranks, so the embedding does not scatter; forward does.
             self.embedding = LanguageModelEmbedding(config=config, vocab_size=t.vocab_size,
@@ -196,7 +196,7 @@ class Qwen3VLModel(LanguageModule):
         self.rotary_pos_emb = InterleavedMRoPE(t.head_dim, t.rope_theta, t.mrope_section)
         self.decoder = Qwen3VLDecoderBlock(
             config=config,
-            spec=qwen3vl_decoder_block_spec(config, t.moe_layer_pattern(), self.use_te, vp_stage=vp_stage),
+            spec=qwen3vl_decoder_block_spec(config, t.moe_layer_pattern(), attention, vp_stage=vp_stage),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
@@ -273,6 +273,24 @@ class Qwen3VLModel(LanguageModule):
             visual_mask = visual_mask | mask
         return dense, visual_mask, (torch.stack(deep) if deep else None)
 
+    def _attention_input(self, document_ids, attention_mask, packed_seq_params, b: int, s: int):
+        """What the decoder layers' attention takes: segment ids (``document``), a dense mask
+        (``dense_mask``) or nothing (``te``: ``packed_seq_params`` carries the documents)."""
+        if self.attention == "te":
+            return None
+        if packed_seq_params is not None:
+            raise ValueError(f"packed_seq_params is for the 'te' attention backend; this model uses "
+                             f"{self.attention!r}: pass document_ids")
+        if document_ids is not None and tuple(document_ids.shape) != (b, s):
+            raise ValueError(f"document_ids {tuple(document_ids.shape)} do not match input_ids {(b, s)}")
+        if self.attention == "document":
+            if attention_mask is not None:
+                raise ValueError("the 'document' attention backend takes document_ids, not an attention_mask")
+            return document_ids
+        if attention_mask is None and document_ids is not None:
+            attention_mask = dense_document_mask(document_ids)
+        return attention_mask
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -285,8 +303,13 @@ class Qwen3VLModel(LanguageModule):
         video_grid_thw: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
         runtime_gather_output: bool | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, s = input_ids.shape
+        cp_size, cp_rank = cp_size_and_rank()
+        if cp_size > 1 and s % (2 * cp_size):
+            raise ValueError(f"sequence length {s} is not divisible by 2*cp = {2 * cp_size} "
+                             "(context parallelism cuts each sequence into 2*cp equal chunks)")
         if position_ids is None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("position_ids [3, b, s] are required with images or videos "
@@ -295,6 +318,8 @@ class Qwen3VLModel(LanguageModule):
         rotary = self.rotary_pos_emb(position_ids.to(input_ids.device))
         if rotary.shape[0] != s or rotary.shape[1] != b:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}")
+        rotary = split_sequence(rotary, 0, cp_size, cp_rank)
+        attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, s)
 
         decoder_input, context = None, None
         if self.pre_process:
@@ -307,13 +332,17 @@ class Qwen3VLModel(LanguageModule):
                                             decoder_input)
                 if deep is not None:
                     context = deep.transpose(1, 2).to(decoder_input.dtype)  # [n, s, b, h]
+            # Context parallelism: this rank's tokens from here on (after the ViT and the embedding).
+            decoder_input = split_sequence(decoder_input, 0, cp_size, cp_rank)
+            if context is not None:
+                context = split_sequence(context, 1, cp_size, cp_rank)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
                 if context is not None:
                     context = tensor_parallel.scatter_to_sequence_parallel_region(
                         context.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, context=context,
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_input, context=context,
                               rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
         if not self.post_process:
             return hidden
@@ -322,9 +351,18 @@ class Qwen3VLModel(LanguageModule):
         if labels is not None:
             # The vocabulary-parallel cross entropy needs the logits split over the vocabulary.
             logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=False)
-            return self.compute_language_model_loss(labels, logits)
+            return self.compute_language_model_loss(split_sequence(labels, 1, cp_size, cp_rank), logits)
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
         return logits.transpose(0, 1).contiguous()
+
+
+def dense_document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[b, 1, s, s]``, True = masked (the ``dense_mask`` backend): token ``i`` sees token ``j``
+    iff ``j <= i`` and both have the same document id."""
+    s = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return (~(same & causal)).unsqueeze(1)
 
 
 def build_qwen3vl(
@@ -337,7 +375,7 @@ def build_qwen3vl(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     parallel_output: bool = True,
-    use_te: bool | None = None,
+    attention: str | None = None,
     config_overrides: dict | None = None,
 ) -> Qwen3VLModel:
     """Qwen3-VL for this pipeline stage in the initialised Megatron parallel state.
@@ -345,12 +383,19 @@ def build_qwen3vl(
     ``freeze``: parts whose parameters get no gradient (``vision``, ``merger``, ``language``).
     ``config_overrides``: extra ``TransformerConfig`` fields of the decoder (e.g. recomputation,
     ``moe_grouped_gemm``); the ViT takes the recomputation settings too.
-    ``use_te``: transformer-engine spec (default: when CUDA and TE are present).
+    ``attention``: a backend of :data:`model.layer_specs.ATTENTION_BACKENDS`; default ``te`` when CUDA
+    and transformer-engine are present and cp = 1, else ``document``.
     """
     ps = parallel_state
-    use_te = use_transformer_engine() if use_te is None else use_te
+    # Before Megatron's configs, whose own checks would say less.
+    cfg.check_layout(ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+                     ps.get_expert_tensor_parallel_world_size())
+    try:
+        attention = resolve_attention_backend(attention, ps.get_context_parallel_world_size())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     overrides = dict(config_overrides or {})
-    if use_te:
+    if attention == "te":
         # The fused GPU path; bf16 numerics are set by params_dtype.
         overrides.setdefault("bias_activation_fusion", True)
         overrides.setdefault("masked_softmax_fusion", True)
@@ -370,6 +415,6 @@ def build_qwen3vl(
                                                "perform_initialization") if k in overrides}
         vision_config = vision_transformer_config(cfg, params_dtype=params_dtype, **recompute)
     model = Qwen3VLModel(cfg, config, vision_config, pre_process=pre_process, post_process=post_process,
-                         parallel_output=parallel_output, vp_stage=vp_stage, use_te=use_te)
+                         parallel_output=parallel_output, vp_stage=vp_stage, attention=attention)
     model.freeze(freeze)
     return model

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from model.context_parallel import split_on_this_rank
 from pretrain.step import LOSS_KEY
 
 MODEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
@@ -45,22 +46,35 @@ def to_device(batch: dict) -> dict:
     return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool = False):
-    """Schedule forward step: every pipeline stage reads the same micro-batch and uses what it needs."""
+def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | None = None):
+    """Schedule forward step: every pipeline stage reads the same micro-batch and uses what it needs.
+
+    Documents reach attention as ``packed_seq_params`` (THD) on the transformer-engine backend and as
+    ``document_ids`` otherwise; ``use_packed_seq_params`` None decides from the model's backend. With
+    context parallelism the model returns this rank's token losses, so the weights are cut to match.
+    """
+    from megatron.core.utils import get_attr_wrapped_model
+
     batch = to_device(next(data_iterator))
     media = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None and batch[k].numel()}
     if "pixel_values" not in media:
         media.pop("image_grid_thw", None)
     if "pixel_values_videos" not in media:
         media.pop("video_grid_thw", None)
+    attention = get_attr_wrapped_model(model, "attention")
+    if use_packed_seq_params is None:
+        use_packed_seq_params = attention == "te"
     thd = packed_seq_params(batch) if use_packed_seq_params else None
     output = model(
         batch["tokens"],
         batch["position_ids"],
-        attention_mask=None if thd is not None else batch.get("attention_mask"),
+        document_ids=None if thd is not None else batch["document_ids"],
+        attention_mask=batch.get("attention_mask") if attention == "dense_mask" else None,
         # Positions without a target hold -100; their loss is weighted 0, any valid id will do.
         labels=batch["labels"].clamp(min=0),
         packed_seq_params=thd,
         **media,
     )
-    return output, partial(weighted_token_loss, batch["loss_weights"], batch["loss_mask"])
+    loss_weights = split_on_this_rank(batch["loss_weights"], 1)
+    loss_mask = split_on_this_rank(batch["loss_mask"], 1)
+    return output, partial(weighted_token_loss, loss_weights, loss_mask)

@@ -93,11 +93,10 @@ def _global_loss(losses_reduced: list[dict[str, torch.Tensor]]) -> tuple[float, 
         loss_sum, tokens = entry[LOSS_KEY].double().tolist()
         total = [total[0] + loss_sum, total[1] + tokens]
     if dist.is_initialized():
-        # Only last-stage ranks hold losses: sum over the whole world, then average by tokens
-        # (the DP replicas and the last stage's ranks each count once per tp*cp group).
-        group_size = parallel_state.get_tensor_model_parallel_world_size() * \
-            parallel_state.get_context_parallel_world_size()
-        total = [v / group_size for v in all_reduce_values(total)]
+        # Only last-stage ranks hold losses: sum over the whole world, then divide by the tensor-parallel
+        # size (TP peers hold the same values; context-parallel peers hold disjoint tokens).
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        total = [v / tp for v in all_reduce_values(total)]
     loss_sum, tokens = total
     return loss_sum / max(tokens, 1.0), int(round(tokens))
 

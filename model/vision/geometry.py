@@ -43,12 +43,17 @@ def cu_seqlens(grid_thw: torch.Tensor, device=None) -> torch.Tensor:
     return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
 
 
+def frame_segment_ids(grid_thw: torch.Tensor, device=None) -> torch.Tensor:
+    """int64 ``[1, n]``: the frame group of every patch (segment ids for :mod:`model.attention`)."""
+    lengths = frame_lengths(grid_thw)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                   torch.tensor(lengths, device=device))[None]
+
+
 def block_diagonal_mask(grid_thw: torch.Tensor, device=None) -> torch.Tensor:
     """bool ``[1, 1, n, n]``, True where attention is *masked* (Megatron's convention): patches of
-    different frame groups never attend to each other."""
-    lengths = frame_lengths(grid_thw)
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                      torch.tensor(lengths, device=device))
+    different frame groups never attend to each other (the ``dense_mask`` backend)."""
+    segment = frame_segment_ids(grid_thw, device)[0]
     return (segment[:, None] != segment[None, :])[None, None]
 
 

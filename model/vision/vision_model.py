@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 
 from model.config import Qwen3VLVisionConfig
-from model.layer_specs import use_transformer_engine, vision_layer_spec
+from model.layer_specs import vision_layer_spec
 from model.vision import geometry
 from model.vision.merger import PatchMerger
 
@@ -29,10 +29,10 @@ from model.vision.merger import PatchMerger
 class Qwen3VLVisionModel(MegatronModule):
     """Vision encoder; ``forward(pixel_values, grid_thw) -> (embeds, [deepstack embeds])``."""
 
-    def __init__(self, cfg: Qwen3VLVisionConfig, config: TransformerConfig, use_te: bool | None = None):
+    def __init__(self, cfg: Qwen3VLVisionConfig, config: TransformerConfig, attention: str = "document"):
         super().__init__(config=config)
         self.cfg = cfg
-        self.use_te = use_transformer_engine() if use_te is None else use_te
+        self.attention = attention  # a backend of model.layer_specs.ATTENTION_BACKENDS
         dtype = config.params_dtype
         # Conv3d weight layout (hidden, channels, temporal, patch, patch), as the reference stores it.
         self.patch_embed = torch.nn.Conv3d(
@@ -41,7 +41,7 @@ class Qwen3VLVisionModel(MegatronModule):
             stride=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), bias=True, dtype=dtype,
         )
         self.pos_embed = torch.nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size, dtype=dtype)
-        spec = vision_layer_spec(self.use_te)
+        spec = vision_layer_spec(attention)
         self.layers = torch.nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(cfg.depth)]
         )
@@ -92,14 +92,15 @@ class Qwen3VLVisionModel(MegatronModule):
 
         rotary = geometry.vision_rotary_angles(grid_thw, cfg.spatial_merge_size, cfg.head_dim, cfg.rope_theta)
         rotary = rotary.to(device)
-        if self.use_te:
+        packed = mask = None
+        if self.attention == "te":
             cu = geometry.cu_seqlens(grid_thw, device=device)
             max_len = max(geometry.frame_lengths(grid_thw))
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=max_len, max_seqlen_kv=max_len)
-            mask = None
+        elif self.attention == "document":
+            mask = geometry.frame_segment_ids(grid_thw, device=device)  # [1, patches]
         else:
-            packed = None
             mask = geometry.block_diagonal_mask(grid_thw, device=device)
 
         hidden = x.unsqueeze(1)  # [s, b=1, h]

@@ -1,0 +1,181 @@
+"""Packed-document attention without transformer-engine, on CPU and CUDA, with context parallelism.
+
+:class:`DocumentAttention` is a Megatron-Core core-attention module (the ``core_attention`` of a
+``SelfAttention`` spec). Instead of an ``[s, s]`` mask it takes, as its ``attention_mask`` argument, the
+**segment ids** of the full sequence: an integer tensor ``[b, S]`` (``S`` = the whole sequence before
+any context-parallel split) whose runs of equal values are the documents of a packed sequence (the
+decoder, causal within each document) or the frames of the vision encoder (bidirectional within each).
+``None`` means one segment per row.
+
+Each document is attended separately with PyTorch's ``scaled_dot_product_attention`` (flash kernels on
+CPU and CUDA, grouped-query attention without repeating keys), so memory grows linearly with the
+sequence: nothing ``s x s`` is ever built. A query block that starts inside a document (only with
+context parallelism) sees the keys up to its own positions: it is processed in blocks of
+:data:`QUERY_BLOCK` rows with a ``block x keys`` boolean mask.
+
+Context parallelism (``cp > 1``): the rank's queries are its tokens in the layout of
+:mod:`model.context_parallel`; keys and values are all-gathered inside the CP group (autograd-aware:
+their gradients are reduce-scattered back) and put in sequence order, so every query sees exactly the
+keys it would see without CP.
+
+The segment ids of one forward pass are the same tensor for every layer; the document plan derived from
+them is cached on that tensor, so it is computed once per forward, not once per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import divide
+
+from model.context_parallel import gathered_to_global_order, local_token_positions
+
+QUERY_BLOCK = 1024  # query rows per masked block (memory: QUERY_BLOCK x keys booleans)
+
+
+@dataclass(frozen=True)
+class AttentionPiece:
+    """Local query rows ``[q_start, q_end)`` attend to keys ``[k_start, k_end)`` (sequence order).
+
+    ``causal_offset`` None: every key is visible. Otherwise query row ``q_start + i`` sees keys
+    ``k_start .. k_start + causal_offset + i`` (``causal_offset`` 0 is the ordinary causal square).
+    """
+
+    q_start: int
+    q_end: int
+    k_start: int
+    k_end: int
+    causal_offset: int | None
+
+
+def _runs(segment_ids: list[int]) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of equal values."""
+    runs, start = [], 0
+    for i in range(1, len(segment_ids) + 1):
+        if i == len(segment_ids) or segment_ids[i] != segment_ids[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def attention_pieces(segment_ids: list[int], causal: bool, cp_size: int = 1, cp_rank: int = 0) -> list[AttentionPiece]:
+    """The pieces of one row: this rank's query rows, document by document, in local order.
+
+    ``segment_ids`` cover the full sequence (``S`` tokens); with ``cp_size > 1`` the rank holds the
+    tokens of :func:`model.context_parallel.local_token_positions` and keys are in sequence order.
+    """
+    seq = len(segment_ids)
+    if cp_size == 1:
+        chunks = [(0, seq, 0)]  # (global start, global end, local start)
+    else:
+        positions = local_token_positions(seq, cp_size, cp_rank)
+        half = len(positions) // 2
+        chunks = [(int(positions[0]), int(positions[0]) + half, 0),
+                  (int(positions[half]), int(positions[half]) + half, half)]
+    pieces = []
+    documents = _runs(segment_ids)
+    for g0, g1, local in chunks:
+        for d0, d1 in documents:
+            q0, q1 = max(g0, d0), min(g1, d1)
+            if q0 >= q1:
+                continue
+            lq0 = local + q0 - g0
+            if causal:
+                pieces.append(AttentionPiece(lq0, lq0 + q1 - q0, d0, q1, q0 - d0))
+            else:
+                pieces.append(AttentionPiece(lq0, lq0 + q1 - q0, d0, d1, None))
+    return pieces
+
+
+def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, cp_size: int, cp_rank: int):
+    """Pieces per batch row, cached on the ``segment_ids`` tensor (shared by every layer of a forward)."""
+    key = (causal, cp_size, cp_rank, seq)
+    if segment_ids is not None:
+        cache = getattr(segment_ids, "_attention_plans", None)
+        if cache is None:
+            cache = {}
+            segment_ids._attention_plans = cache
+        if key not in cache:
+            if segment_ids.dim() != 2 or segment_ids.shape != (batch, seq):
+                raise ValueError(f"segment ids must be [batch, full sequence] = [{batch}, {seq}], "
+                                 f"got {tuple(segment_ids.shape)}")
+            rows = segment_ids.tolist()
+            cache[key] = [attention_pieces(r, causal, cp_size, cp_rank) for r in rows]
+        return cache[key]
+    return [attention_pieces([0] * seq, causal, cp_size, cp_rank)] * batch
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None, scale: float,
+            dropout_p: float) -> torch.Tensor:
+    """q ``[hq, lq, d]``, k/v ``[hk, lk, d]`` -> ``[hq, lq, d]``."""
+    gqa = q.shape[0] != k.shape[0]
+    q, k, v = q[None], k[None], v[None]
+    if causal_offset is None or (causal_offset == 0 and q.shape[2] == k.shape[2]):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal_offset == 0, scale=scale,
+                                             dropout_p=dropout_p, enable_gqa=gqa)
+        return out[0]
+    blocks = []
+    for b0 in range(0, q.shape[2], QUERY_BLOCK):
+        b1 = min(b0 + QUERY_BLOCK, q.shape[2])
+        visible = causal_offset + b1  # keys k_start .. k_start + causal_offset + (b1 - 1)
+        rows = torch.arange(b0, b1, device=q.device)[:, None] + causal_offset
+        mask = torch.arange(visible, device=q.device)[None, :] <= rows
+        blocks.append(F.scaled_dot_product_attention(q[:, :, b0:b1], k[:, :, :visible], v[:, :, :visible],
+                                                     attn_mask=mask, scale=scale, dropout_p=dropout_p,
+                                                     enable_gqa=gqa)[0])
+    return torch.cat(blocks, dim=1)
+
+
+class DocumentAttention(MegatronModule):
+    """Core attention over the documents (or frames) of packed sequences; see the module docstring.
+
+    ``forward(query [sq, b, hq, d], key/value [sq, b, hk, d], attention_mask=segment ids [b, S] or None)
+    -> [sq, b, hq * d]`` with ``sq = S / cp``. Causal for ``AttnMaskType.causal``, bidirectional
+    within segments otherwise.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("DocumentAttention takes segment ids as attention_mask, not packed_seq_params "
+                             "or an attention bias")
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            raise ValueError("DocumentAttention takes integer segment ids [b, S], not a boolean mask")
+        causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+        # From the config, not the parallel state: the ViT runs whole on every CP rank (cp = 1 there).
+        cp_size = self.config.context_parallel_size
+        cp_rank = parallel_state.get_context_parallel_rank() if cp_size > 1 else 0
+        sq, batch = query.shape[:2]
+        seq = sq * cp_size
+        if cp_size > 1:
+            group = parallel_state.get_context_parallel_group()
+            order = gathered_to_global_order(seq, cp_size, device=key.device)
+            key = tensor_parallel.gather_from_sequence_parallel_region(key, True, group).index_select(0, order)
+            value = tensor_parallel.gather_from_sequence_parallel_region(value, True, group).index_select(0, order)
+        plans = _plan(attention_mask, batch, seq, causal, cp_size, cp_rank)
+        dropout_p = self.dropout if self.training else 0.0
+        rows = []
+        for b, pieces in enumerate(plans):
+            q, k, v = (t[:, b].transpose(0, 1) for t in (query, key, value))  # [heads, s, d]
+            parts = [_attend(q[:, p.q_start:p.q_end], k[:, p.k_start:p.k_end], v[:, p.k_start:p.k_end],
+                             p.causal_offset, self.softmax_scale, dropout_p) for p in pieces]
+            rows.append(torch.cat(parts, dim=1))  # [hq, sq, d]
+        out = torch.stack(rows, dim=0)  # [b, hq, sq, d]
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)

@@ -1,0 +1,137 @@
+"""Context parallelism on the tiny Qwen3-VL (dense and MoE): CP2 equals CP1.
+
+Packed sequences hold text, images and a video, cut into three documents whose boundaries fall inside
+the CP chunks (never on them). The CP layouts load the single-rank model's weights from a distributed
+checkpoint (the product path between layouts), then their logits and per-token losses, gathered back
+into sequence order, and their gradients (summed over the CP group) must equal the single layout's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+TOL = 1e-5
+PAD = 8  # sequence lengths a multiple of 2 * cp * tp for every layout here
+
+
+def _documents(seq: int) -> torch.Tensor:
+    """Three documents; with cp = 2 the chunk edges are at seq/4, seq/2, 3seq/4: boundaries avoid them."""
+    ids = torch.zeros(1, seq, dtype=torch.long)
+    ids[:, seq // 4 + 1:] = 1
+    ids[:, 5 * seq // 8 + 1:] = 2
+    return ids
+
+
+def _run(rank, model_name, layout, ckpt, save):
+    import re
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from common.distributed.parallel import initialize_distributed
+    from model.check_parity import parity_inputs
+    from model.checkpoint_io import load_weights, save_weights
+    from model.context_parallel import gather_on_this_rank
+    from model.qwen3vl import build_qwen3vl
+    from model.registry import get_config
+
+    initialize_distributed(layout)
+    cfg = get_config(model_name)
+    torch.manual_seed(0)
+    model = build_qwen3vl(cfg, parallel_output=False, sequence_parallel=layout.get("sequence_parallel", False))
+    if save:
+        save_weights(ckpt, [model])
+    else:
+        load_weights(ckpt, [model])
+    out = {}
+    for x in parity_inputs(cfg, seed=0, pad_multiple=PAD):
+        docs = _documents(x.input_ids.shape[1])
+        labels = torch.roll(x.input_ids, -1, dims=1)
+        with torch.no_grad():
+            logits = gather_on_this_rank(model(x.input_ids, **x.model_kwargs(), document_ids=docs), 1)
+        model.zero_grad()
+        losses = model(x.input_ids, **x.model_kwargs(), document_ids=docs, labels=labels)
+        losses.sum().backward()
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.grad is None:
+                continue
+            g = p.grad.clone()
+            if ".local_experts." in name:
+                # An expert's gradient is whole on the rank that holds it (tokens of every CP rank are
+                # dispatched to it); name it by its global expert index.
+                local = cfg.text.num_experts // ps.get_expert_model_parallel_world_size()
+                name = re.sub(r"local_experts\.(\d+)\.", lambda m: f"local_experts.{ps.get_expert_model_parallel_rank() * local + int(m.group(1))}.", name)
+            elif ps.get_context_parallel_world_size() > 1:
+                dist.all_reduce(g, group=ps.get_context_parallel_group())  # as Megatron's DDP over DP x CP
+            grads[name] = g
+        out[x.name] = (logits, gather_on_this_rank(losses.detach(), 1), grads)
+    return out
+
+
+@pytest.fixture(scope="module", params=["tiny_dense", "tiny_moe"])
+def single(request, tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("cp") / request.param
+    return request.param, ckpt, run_ranks(_run, 1, request.param, {}, str(ckpt), True)[0]
+
+
+def _compare(reference, result, layout, grads=True):
+    for name, (logits, losses, ref_grads) in reference.items():
+        got_logits, got_losses, got_grads = result[name]
+        assert got_logits.shape == logits.shape
+        diff = (got_logits - logits).abs().max().item()
+        assert diff <= TOL, f"{layout} {name}: max |logit diff| {diff:.2e}"
+        diff = (got_losses - losses).abs().max().item()
+        assert diff <= TOL, f"{layout} {name}: max |token loss diff| {diff:.2e}"
+        if not grads:
+            continue
+        compared = 0
+        for pname, g in ref_grads.items():
+            if pname in got_grads and got_grads[pname].shape == g.shape:  # whole (not split) parameters
+                gdiff = (got_grads[pname] - g).abs().max().item()
+                assert gdiff <= TOL * max(1.0, g.abs().max().item()), f"{layout} {name} {pname}: {gdiff:.2e}"
+                compared += 1
+        assert compared >= len(ref_grads) // 2, f"{layout}: only {compared} of {len(ref_grads)} gradients compared"
+
+
+def test_cp2_equals_cp1(single):
+    model_name, ckpt, reference = single
+    layout = {"cp": 2, "ep": 2} if model_name == "tiny_moe" else {"cp": 2}
+    result = [r for r in run_ranks(_run, 2, model_name, layout, str(ckpt), False) if r is not None][0]
+    _compare(reference, result, layout)
+
+
+@pytest.mark.slow
+def test_cp2_tp2_sequence_parallel_equals_cp1(single):
+    model_name, ckpt, reference = single
+    layout = {"cp": 2, "tp": 2, "sequence_parallel": True}
+    if model_name == "tiny_moe":
+        layout["ep"] = 2
+    result = run_ranks(_run, 4, model_name, layout, str(ckpt), False)[0]
+    _compare(reference, result, layout, grads=False)
+
+
+def test_attention_pieces_cover_every_query_once():
+    from model.attention import attention_pieces
+
+    segments = [0] * 5 + [1] * 9 + [2] * 2  # 16 tokens, cp = 2: chunks of 4
+    for rank in range(2):
+        pieces = attention_pieces(segments, causal=True, cp_size=2, cp_rank=rank)
+        rows = [r for p in pieces for r in range(p.q_start, p.q_end)]
+        assert rows == list(range(8))
+        for p in pieces:
+            assert segments[p.k_start] == segments[p.k_end - 1]  # keys stay within one document
+    # rank 1 holds tokens 4..7 and 8..11: token 4 ends document 0, tokens 5..11 are inside document 1
+    pieces = attention_pieces(segments, causal=True, cp_size=2, cp_rank=1)
+    assert [(p.q_start, p.q_end, p.k_start, p.k_end, p.causal_offset) for p in pieces] == [
+        (0, 1, 0, 5, 4), (1, 4, 5, 8, 0), (4, 8, 5, 12, 3)]
+
+
+def test_cp_refuses_a_sequence_that_does_not_split():
+    from model.context_parallel import check_sequence_length
+
+    with pytest.raises(ValueError, match="sequence length 30 is not divisible by 2\\*cp = 4"):
+        check_sequence_length(30, 2)
