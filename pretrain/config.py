@@ -24,6 +24,8 @@ TRAINABLE_PARTS = ("vision", "merger", "language")
 LOSS_NORMALIZATIONS = ("token", "sample", "square_root")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,21 @@ class OptimizerSchema:
 
 
 @dataclass
+class RecomputeSchema:
+    """Activation recomputation (Megatron's): what the backward pass computes again instead of storing.
+
+    granularity: null (store everything), ``selective`` (the attention core only) or ``full`` (whole
+    layers: only each recomputed layer's input is stored). method and num_layers (``full`` only):
+    ``uniform`` recomputes groups of ``num_layers`` layers, ``block`` the first ``num_layers`` layers
+    of each pipeline stage. The ViT follows the decoder's setting (``full``: its layers too).
+    """
+
+    granularity: str | None = None
+    method: str = "uniform"
+    num_layers: int = 1
+
+
+@dataclass
 class StageSchema:
     """One training stage of the report (S0 alignment, S1 8K, S2 32K, S3 256K, SFT)."""
 
@@ -58,6 +75,7 @@ class StageSchema:
     loss_normalization: str = "token"
     init_from: str | None = None  # previous stage's checkpoints folder (its latest) or step dir: weights only
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    recompute: RecomputeSchema = field(default_factory=RecomputeSchema)
     data_weights: dict[str, float] = field(default_factory=dict)  # per data source name
 
 
@@ -207,11 +225,39 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
     for name in stage.data_weights:
         if name not in names:
             raise ConfigError(f"stage.data_weights.{name}: no data source named {name!r} (have {names})")
+    _one_of("stage.recompute.granularity", stage.recompute.granularity, RECOMPUTE_GRANULARITIES)
+    _one_of("stage.recompute.method", stage.recompute.method, RECOMPUTE_METHODS)
+    _positive("stage.recompute.num_layers", stage.recompute.num_layers)
     try:
         job.parallel.validate()  # the world size is checked at launch, before any work
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    check_sequence_layout(stage.seq_length, job.parallel)
     return job
+
+
+def check_sequence_layout(seq_length: int, parallel: ParallelConfig) -> None:
+    """A packed sequence must split over the layout: into 2*cp equal chunks (context parallelism), each
+    of which splits over tp ranks with sequence parallelism."""
+    multiple = 2 * parallel.cp if parallel.cp > 1 else 1
+    if parallel.sequence_parallel:
+        multiple *= parallel.tp
+    if seq_length % multiple:
+        parts = (["2*cp"] if parallel.cp > 1 else []) + (["tp"] if parallel.sequence_parallel else [])
+        raise ConfigError(
+            f"stage.seq_length={seq_length} is not divisible by {'*'.join(parts)} = {multiple} "
+            f"(parallel.cp={parallel.cp}, parallel.tp={parallel.tp}, "
+            f"sequence_parallel={parallel.sequence_parallel})")
+
+
+def recompute_overrides(recompute: RecomputeSchema) -> dict:
+    """``TransformerConfig`` fields for ``stage.recompute`` (``config_overrides`` of ``build_qwen3vl``)."""
+    if recompute.granularity is None:
+        return {}
+    if recompute.granularity == "selective":
+        return {"recompute_granularity": "selective"}
+    return {"recompute_granularity": "full", "recompute_method": recompute.method,
+            "recompute_num_layers": recompute.num_layers}
 
 
 def stage_total_steps(job: JobConfig) -> int:

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 PY = sys.executable
-# (stage, CPU-sized overrides). Sequence lengths keep the 8K -> 32K -> 256K progression's shape.
+# (stage, CPU-sized overrides). Sequence lengths keep the 8K -> 32K -> 256K progression's shape; S3, the
+# long-context stage, runs with context parallelism as on a cluster (each sequence over both ranks).
 STAGES = [
     ("s0_align", ["stage.seq_length=512", "stage.train_steps=20", "stage.optimizer.lr=2e-3",
                   "stage.optimizer.warmup_steps=3"]),
@@ -33,8 +34,8 @@ STAGES = [
                      "stage.optimizer.min_lr=2e-4", "stage.optimizer.warmup_steps=10"]),
     ("s2_long_32k", ["stage.seq_length=1024", "stage.train_steps=10", "stage.optimizer.lr=5e-4",
                      "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=2"]),
-    ("s3_long_256k", ["stage.seq_length=2048", "stage.train_steps=3", "stage.optimizer.lr=3e-4",
-                      "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=1"]),
+    ("s3_long_256k", ["parallel=cp2", "parallel.ep=2", "stage.seq_length=2048", "stage.train_steps=3",
+                      "stage.optimizer.lr=3e-4", "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=1"]),
     ("sft", ["stage.seq_length=512", "stage.train_steps=100", "stage.optimizer.lr=1e-3",
              "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=5"]),
 ]
@@ -70,6 +71,12 @@ def model_overrides(tokenizer_dir: Path) -> list[str]:
             f"model.vision_end_token_id={ids['<|vision_end|>']}"]
 
 
+def layout_name(layout: dict) -> str:
+    """``tp2·ep2`` for the parallel sizes above 1 of a checkpoint's recorded layout (``dp`` for none)."""
+    parts = [f"{k}{layout[k]}" for k in ("tp", "pp", "cp", "ep") if layout.get(k, 1) > 1]
+    return "·".join(parts) or f"dp{layout.get('dp', 1)}"
+
+
 def stage_table(run_root: Path) -> list[dict]:
     rows = []
     for stage, _ in STAGES:
@@ -77,7 +84,13 @@ def stage_table(run_root: Path) -> list[dict]:
         if not path.is_file():
             continue
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        latest = run_root / stage / "checkpoints" / "latest"
+        layout = "?"
+        if latest.is_file():
+            trainer_state = latest.parent / latest.read_text().strip() / "trainer.json"
+            layout = layout_name(json.loads(trainer_state.read_text())["layout"])
         rows.append({
+            "layout": layout,
             "stage": stage, "steps": records[-1]["step"], "tokens": records[-1]["consumed_tokens"],
             "first": records[0]["loss"], "last": records[-1]["loss"],
             "seconds": sum(r["step_seconds"] for r in records),
@@ -97,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo_out", help="working folder (default demo_out)")
     parser.add_argument("--layout", default="tp2_ep2_sp", choices=["ep2", "tp2_ep2_sp"],
-                        help="parallel layout of the 2 ranks (conf/parallel)")
+                        help="parallel layout of the 2 ranks (conf/parallel) for every stage but S3 (cp2 x ep2)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke run)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
@@ -115,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
          "--vocab-size", "1024", "--out", str(tokenizer)])
 
     print("\n== 2. training: S0 -> S1 -> S2 -> S3 -> SFT on 2 gloo ranks")
-    common = ["model=tiny_moe", f"parallel={args.layout}", "data=synth", f"data.root={shards}",
+    common = ["model=tiny_moe", "data=synth", f"data.root={shards}",
               f"data.tokenizer={tokenizer}", f"train.run_root={runs}", "train.global_batch_size=8",
               "train.micro_batch_size=1", "train.log_interval=10", "train.save_interval=1000000",
               "stage.train_tokens=null", *model_overrides(tokenizer)]
@@ -125,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
             overrides = [o for o in overrides if not o.startswith("stage.train_steps")] + ["stage.train_steps=3"]
         if (runs / stage / "checkpoints" / "latest").is_file():
             print(f"\n(stage {stage}: {runs / stage} already holds a checkpoint; the stage resumes from it)")
-        run(torchrun + [f"stage={stage}", *common, *overrides], log=logs / f"{stage}.log")
+        layout = [] if any(o.startswith("parallel=") for o in overrides) else [f"parallel={args.layout}"]
+        run(torchrun + [f"stage={stage}", *layout, *common, *overrides], log=logs / f"{stage}.log")
 
     print("\n== 3. results")
     rows = stage_table(runs)
-    print(f"{'stage':<14}{'steps':>6}{'tokens':>10}{'loss first -> last':>22}{'wall s':>9}")
+    print(f"{'stage':<14}{'layout':<10}{'steps':>6}{'tokens':>10}{'loss first -> last':>22}{'wall s':>9}")
     for r in rows:
-        print(f"{r['stage']:<14}{r['steps']:>6}{r['tokens']:>10}{r['first']:>12.3f} -> {r['last']:<7.3f}{r['seconds']:>9.1f}")
+        print(f"{r['stage']:<14}{r['layout']:<10}{r['steps']:>6}{r['tokens']:>10}{r['first']:>12.3f} -> "
+              f"{r['last']:<7.3f}{r['seconds']:>9.1f}")
     eval_file = raw / "eval.jsonl"
     before = evaluate(runs / "s0_align" / "checkpoints", eval_file)
     after = evaluate(runs / "sft" / "checkpoints", eval_file)

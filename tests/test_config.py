@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pretrain.cli import load_job
 from pretrain.config import ConfigError, check_batch_layout
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ["s0_align", "s1_pretrain", "s2_long_32k", "s3_long_256k", "sft"]
+STAGES = ["s0_align", "s1_pretrain", "s2_long_32k", "s3_long_256k", "sft", "sft_long_256k"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -46,9 +47,13 @@ def test_overrides_and_interpolation():
     (["stage.loss_normalization=mean"], "stage.loss_normalization='mean': must be one of"),
     (["stage.train_tokens=null"], "set exactly one of stage.train_steps and stage.train_tokens"),
     (["+stage.data_weights.books=1.0"], "stage.data_weights.books: no data source named 'books'"),
+    (["parallel.cp=3"], "stage.seq_length=8192 is not divisible by 2*cp = 6"),
+    (["parallel=cp2", "parallel.tp=3", "parallel.sequence_parallel=true"],
+     "stage.seq_length=8192 is not divisible by 2*cp*tp = 12"),
+    (["stage.recompute.granularity=most"], "stage.recompute.granularity='most': must be one of"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", "'")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_job(overrides)
 
 
@@ -57,3 +62,21 @@ def test_batch_layout():
     assert check_batch_layout(job.train, data_parallel_size=3) == 2
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size"):
         check_batch_layout(job.train, data_parallel_size=4)
+
+
+def test_long_context_stages_default_to_context_parallel_and_recompute():
+    from pretrain.config import recompute_overrides
+
+    for stage in ("s3_long_256k", "sft_long_256k"):
+        _, job = load_job([f"stage={stage}"])
+        assert job.stage.seq_length == 262144 and job.parallel.cp == 8
+        assert recompute_overrides(job.stage.recompute) == {
+            "recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    _, job = load_job(["stage=sft_long_256k"])
+    assert job.stage.init_from == "runs/sft/checkpoints"
+    _, job = load_job(["stage=s3_long_256k", "parallel=cp2"])  # the command line wins
+    assert job.parallel.cp == 2
+    _, job = load_job(["stage=s1_pretrain"])
+    assert job.parallel.cp == 1 and recompute_overrides(job.stage.recompute) == {}
+    _, job = load_job(["stage.recompute.granularity=selective"])
+    assert recompute_overrides(job.stage.recompute) == {"recompute_granularity": "selective"}

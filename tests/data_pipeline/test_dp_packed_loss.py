@@ -37,12 +37,13 @@ def _losses_packed_and_alone(rank, batch, documents, vocab_size, seq_length):
     torch.manual_seed(0)
     model = build_language_model(cfg, cfg.transformer_config(), max_sequence_length=seq_length, parallel_output=True)
 
-    def run(tokens, labels, attention_mask):
+    def run(tokens, labels, document_ids):
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        return model(tokens, positions, attention_mask=attention_mask, labels=labels)
+        # The decoder's document attention (model/attention.py) takes the document ids as its mask.
+        return model(tokens, positions, attention_mask=document_ids, labels=labels)
 
     model.zero_grad()
-    packed = run(batch["tokens"], batch["labels"], batch["attention_mask"])
+    packed = run(batch["tokens"], batch["labels"], batch["document_ids"])
     (packed * batch["loss_weights"]).sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters()]
     with torch.no_grad():
@@ -124,15 +125,15 @@ def _multimodal_losses(rank, batch, documents, special_ids, vocab_size):
     torch.manual_seed(0)
     model = build_qwen3vl(cfg)
 
-    def run(inputs, attention_mask):
+    def run(inputs, document_ids):
         pixel_values, image_grid_thw = _media(inputs, "pixel_values", "image_grid_thw")
         pixel_values_videos, video_grid_thw = _media(inputs, "pixel_values_videos", "video_grid_thw")
-        return model(inputs["tokens"], inputs["position_ids"], attention_mask=attention_mask, labels=inputs["labels"],
+        return model(inputs["tokens"], inputs["position_ids"], document_ids=document_ids, labels=inputs["labels"],
                      pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                      pixel_values_videos=pixel_values_videos, video_grid_thw=video_grid_thw)
 
     model.zero_grad()
-    packed = run(batch, batch["attention_mask"])
+    packed = run(batch, batch["document_ids"])
     (packed * batch["loss_weights"]).sum().backward()
     packed_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()

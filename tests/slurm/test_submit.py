@@ -78,6 +78,10 @@ def test_cpu_cluster_without_container_uses_this_interpreter(tmp_path, capsys):
     (["cluster.max_requeues=-1"], "cluster.max_requeues=-1: must be 0 or more"),
     (["cluster=local"], "cluster=local is this machine without a scheduler"),
     (["cluster.nodes=two"], "cluster.nodes: Value 'two'"),
+    (["parallel.cp=3"], "stage.seq_length=8192 is not divisible by 2*cp*tp = 24"),
+    (["stage=s3_long_256k", "parallel=cp8", "model=qwen3vl_8b", "cluster.nodes=1", "cluster.tasks_per_node=4"],
+     "1 node(s) x 4 task(s) per node = 4 ranks do not fit the parallel layout: world size 4 is not divisible by "
+     "tp*pp*cp = 1*1*8 = 8"),
 ])
 def test_bad_layout_is_refused_before_submitting(tmp_path, capsys, monkeypatch, overrides, message):
     # An sbatch that records any call: nothing may reach it.
