@@ -328,8 +328,10 @@ class Qwen3VLModel(LanguageModule):
                                             pixel_values_videos, video_grid_thw)
             if visual is not None:
                 embeds, mask, deep = visual
+                # .contiguous(): torch.where takes the [b, s] memory order of the transposed mask; with
+                # b > 1 the MoE router's .view() of the hidden states then fails.
                 decoder_input = torch.where(mask.t()[..., None], embeds.transpose(0, 1).to(decoder_input.dtype),
-                                            decoder_input)
+                                            decoder_input).contiguous()
                 if deep is not None:
                     context = deep.transpose(1, 2).to(decoder_input.dtype)  # [n, s, b, h]
             # Context parallelism: this rank's tokens from here on (after the ViT and the embedding).

@@ -1,0 +1,119 @@
+"""Rewards: answer extraction and normalisation, the format check, weights and the set-up errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.posttrain.rewards import (
+    RewardSet,
+    exact_match_reward,
+    extract_final_answer,
+    format_reward,
+    normalize_answer,
+    parse_reward_specs,
+    WeightedReward,
+)
+
+END = "<|im_end|>"
+
+
+@pytest.mark.parametrize("text, normal", [
+    ("  The   Eiffel Tower. ", "eiffel tower"),
+    ("PARIS!", "paris"),
+    ("an apple, a pear", "apple pear"),
+    ("1,000,000", "1000000"),
+    ("3.5", "3.5"),
+    ("1/2", "1/2"),
+    ("-3", "-3"),
+    ("x-3", "x 3"),
+    ("$42.", "42"),
+    ("don't", "dont"),
+    ("ＡＢＣ", "abc"),  # full-width letters (NFKC)
+    ("New-York", "new york"),
+])
+def test_normalize_answer(text, normal):
+    assert normalize_answer(text) == normal
+
+
+@pytest.mark.parametrize("response, answer", [
+    ("Let me think.\n<answer> 42 </answer>" + END, "42"),
+    ("so the result is \\boxed{\\frac{1}{2}} indeed", "\\frac{1}{2}"),
+    ("Reasoning...\nFinal Answer: Paris\nThanks", "Paris"),
+    ("answer: 1\nwait, answer: 2", "2"),
+    ("step one\nstep two\n\n  7  \n" + END + "trailing garbage", "7"),
+    ("<think>answer: no</think>\nThe answer is below\n12", "12"),
+    ("", ""),
+])
+def test_extract_final_answer(response, answer):
+    assert extract_final_answer(response) == answer
+
+
+def test_exact_match():
+    assert exact_match_reward("Working...\nAnswer: The Eiffel Tower." + END, "eiffel tower") == 1.0
+    assert exact_match_reward("Answer: -3" + END, "3") == 0.0
+    assert exact_match_reward("Answer: 3.50", "3.5") == 0.0  # no numeric equivalence
+    assert exact_match_reward("Answer: the", "a") == 0.0  # nothing left after normalisation never matches
+
+
+@pytest.mark.parametrize("response, ok", [
+    ("The answer is 4." + END, True),
+    ("The answer is 4." + END + "\n", True),
+    ("<think>2 + 2</think>\n4" + END, True),
+    ("The answer is 4.", False),  # cut at the length limit: no end of turn
+    ("4" + END + "more" + END, False),  # two turns' worth
+    ("4<|im_start|>user" + END, False),  # template leaked
+    ("4<|endoftext|>" + END, False),
+    ("4 \ufffd" + END, False),  # broken bytes
+    ("   " + END, False),  # empty
+    ("<think>2 + 2</think>" + END, False),  # thought, never answered
+    ("</think>4<think>" + END, False),
+    ("<think>a</think><think>b</think>4" + END, False),
+])
+def test_format_reward(response, ok):
+    assert format_reward(response) == float(ok)
+
+
+def test_weighted_total_and_parts():
+    rewards = RewardSet(["exact_match", {"name": "format", "weight": 0.25}])
+    responses = ["Answer: 4" + END, "Answer: 5" + END, "Answer: Paris", "answer: paris." + END]
+    total, parts = rewards.score(responses, references=["4", "Paris"], group_size=2)
+    assert parts["exact_match"].tolist() == [1.0, 0.0, 1.0, 1.0]
+    assert parts["format"].tolist() == [1.0, 1.0, 0.0, 1.0]
+    torch.testing.assert_close(total, torch.tensor([1.25, 0.25, 1.0, 1.25]))
+
+
+def test_specs_accept_names_and_mappings():
+    assert parse_reward_specs(["exact_match", "format"]) == (WeightedReward("exact_match"), WeightedReward("format"))
+    assert parse_reward_specs([{"name": "format", "weight": 2}]) == (WeightedReward("format", 2.0),)
+    from omegaconf import OmegaConf  # as it comes from the Hydra config
+
+    spec = OmegaConf.create({"rewards": ["exact_match", {"name": "format", "weight": 0.5}]}).rewards
+    assert parse_reward_specs(spec) == (WeightedReward("exact_match"), WeightedReward("format", 0.5))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: RewardSet(["exact_match", "bleu"]), "unknown reward 'bleu'; known: ['exact_match', 'format']"),
+    (lambda: RewardSet([{"name": "format", "scale": 2}]), "must have a 'name' and optionally a 'weight'"),
+    (lambda: RewardSet([{"name": "format", "weight": float("nan")}]), "it must be a finite number"),
+    (lambda: RewardSet(["format", {"name": "format", "weight": 2}]), "['format'] selected more than once"),
+    (lambda: RewardSet([]), "rewards is empty"),
+    (lambda: RewardSet("format"), "rewards must be a list"),
+    (lambda: RewardSet(["exact_match"]).validate(4, ["4", None, " ", "x"]),
+     "reward(s) ['exact_match'] need a reference answer per prompt, but 2 of 4 prompts have none (first: prompt 1)"),
+    (lambda: RewardSet(["exact_match"]).validate(4, None),
+     "need a reference answer per prompt, but the prompts have none"),
+    (lambda: RewardSet(["format"]).validate(1), "group size G=1 must be an integer >= 2"),
+    (lambda: RewardSet(["format"]).score(["a" + END], None, group_size=1), "group size G=1"),
+    (lambda: RewardSet(["exact_match"]).score(["a", "b"], [None], group_size=2),
+     "1 of 1 prompts have none"),
+])
+def test_set_up_errors_are_one_line(call, message):
+    with pytest.raises(ValueError) as info:
+        call()
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_format_alone_needs_no_references():
+    total, _ = RewardSet(["format"]).score(["a" + END, "b"], None, group_size=2)
+    assert total.tolist() == [1.0, 0.0]
