@@ -2,8 +2,8 @@
 
 Without transformer-engine and NVIDIA apex, Megatron-Core warns at import that it falls back to its
 local (pure PyTorch) implementations. That fallback is this project's intended CPU path, so the
-warnings only bury the messages that matter. Called by the package ``__init__`` files, before
-Megatron-Core is imported.
+warnings only bury the messages that matter. ``common/__init__.py`` installs the filters, so every
+process of the project has them before it imports Megatron-Core (see there why that holds).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ _TORCH_DEPRECATIONS = (
     r"Please use DTensor instead and we are deprecating ShardedTensor",  # inside dist_checkpointing
     r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
     r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+    # torch.distributed.checkpoint's, called by dist_checkpointing's loader (every resume, every rank)
+    r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead",
 )
 
 

@@ -1,6 +1,4 @@
 """Qwen3-VL (dense and MoE) on Megatron-Core: see model/README.md for the modules and commands
 (``python -m model.sizes``, ``model.convert``, ``model.check_parity``)."""
 
-from common.quiet import silence_optional_dependency_warnings
-
-silence_optional_dependency_warnings()
+import common  # noqa: F401  (first: installs common.quiet's warning filters before anything imports Megatron)

@@ -1,20 +1,21 @@
 """Numerical parity of our Megatron-Core Qwen3-VL with the Hugging Face reference, on an HF checkpoint.
 
     python -m model.check_parity --hf DIR [--tp N --pp N --ep N --etp N --sequence-parallel]
-                                 [--tolerance 1e-4] [--json OUT]
+                                 [--tolerance 1e-5] [--json OUT]
 
 Loads the HF-layout checkpoint and its ``config.json`` into our model (in the given parallel layout) and
 into transformers' ``Qwen3VL(Moe)ForConditionalGeneration``, both in float32, runs a fixed set of inputs
 (text only; one image; two images of different non-square sizes; a video with timestamps; an interleaved
 sequence of text, images and a video), prints the max abs logit difference per input and exits 1 when
-one is above the tolerance.
+one is above the tolerance (default 1e-5, what tests/model/test_qwen3vl_parity.py asserts).
 
 Inputs are made from the config alone (random token ids and pixels with a fixed seed), so any valid
 Qwen3-VL / Qwen3-VL-MoE config works. Position ids come from :mod:`common.tokens.positions`; the reference
 computes its own with ``get_rope_index``, so they are checked too.
 
 The tool starts its ranks itself (one process each, gloo on CPU, NCCL on GPUs), ``world = lcm(tp * pp,
-etp * ep * pp)``; do not launch it with torchrun.
+etp * ep * pp)``; do not launch it with torchrun. A layout the config cannot be split over is refused
+before any rank starts; user errors (there or in a rank) are one line, ``error: ...``, exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +162,15 @@ def world_size_for(tp: int, pp: int, ep: int, etp: int | None) -> int:
     return ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp).min_world_size()
 
 
+def check_layout(cfg: Qwen3VLConfig, layout: dict) -> None:
+    """Refuse a layout that cannot run (``ParallelConfigError``) or that the architecture cannot be split
+    over (``ConfigError``) before starting ranks that would each fail on it."""
+    from common.distributed.parallel import ParallelConfig
+
+    ParallelConfig(**layout).validate()
+    cfg.check_layout(layout["tp"], layout["ep"], layout["etp"])
+
+
 def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, torch.Tensor] | None:
     """Logits ``[1, s, vocab]`` per input from our model in ``layout``; returned on the rank that holds
     the last pipeline stage with tensor/data-parallel rank 0, None elsewhere."""
@@ -241,11 +250,12 @@ def check(hf_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = 
     """Run our model in the layout (in spawned rank processes) and the reference (in this process); the
     report maps each input name to its token count and max abs logit difference."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        raise RuntimeError("check_parity starts its own ranks: run it as a single process, not under torchrun")
+        raise ValueError("check_parity starts its own ranks: run it as a single process, not under torchrun")
     args = argparse.Namespace(tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=sequence_parallel)
     layout = _layout(args)
     hf_dir = str(Path(hf_dir).resolve())
     cfg = Qwen3VLConfig.from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
+    check_layout(cfg, layout)
     inputs = parity_inputs(cfg, seed, pad_multiple=tp if layout["sequence_parallel"] else 1)
     world = world_size_for(tp, pp, ep, etp)
     from common.distributed.spawn import spawn_ranks
@@ -262,13 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
     p.add_argument("--sequence-parallel", action="store_true", help="(automatic when tp > 1 and ep > 1)")
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="max abs logit difference (default 1e-5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
     if not (Path(args.hf) / "config.json").is_file():
         p.error(f"--hf {args.hf}: no config.json there")
-    report = check(args.hf, args.tp, args.pp, args.ep, args.etp, args.sequence_parallel, args.seed)
+    from common.distributed.spawn import user_error_message
+
+    try:
+        report = check(args.hf, args.tp, args.pp, args.ep, args.etp, args.sequence_parallel, args.seed)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     layout = _layout(args)
     print(f"parity of {args.hf} (float32), layout {layout}")
     worst = 0.0

@@ -160,6 +160,37 @@ class Qwen3VLConfig:
                 f"{len(ds)} DeepStack features need at least as many decoder layers, got {t.num_hidden_layers}"
             )
 
+    def check_layout(self, tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+        """Raise :class:`ConfigError` when the architecture cannot be split over tensor parallel size
+        ``tp``, expert parallel size ``ep`` and expert tensor parallel size ``etp`` (None: ``tp``).
+
+        Checked before any rank starts (the tools) and when a model is built: attention heads, KV heads
+        (a multiple or a divisor of tp), vocabulary and dense SwiGLU width over tp, ViT heads and MLP
+        width over tp, experts over ep and the expert width over etp.
+        """
+        t, v = self.text, self.vision
+        etp = tp if etp is None else etp
+        tensor, expert, expert_tensor = (("tensor parallel size", tp), ("expert parallel size", ep),
+                                         ("expert tensor parallel size", etp))
+        pattern = t.moe_layer_pattern()
+        splits = [
+            ("text.num_attention_heads", t.num_attention_heads, tensor),
+            ("text.vocab_size", t.vocab_size, tensor),
+            ("vision.num_heads", v.num_heads, tensor),
+            ("vision.intermediate_size", v.intermediate_size, tensor),
+        ]
+        if not all(pattern):  # some decoder layers are dense
+            splits.append(("text.intermediate_size", t.intermediate_size, tensor))
+        if any(pattern):
+            splits += [("text.num_experts", t.num_experts, expert),
+                       ("text.moe_intermediate_size", t.moe_intermediate_size, expert_tensor)]
+        for field_name, value, (what, size) in splits:
+            if value % size:
+                raise ConfigError(f"{field_name} {value} is not divisible by the {what} {size}")
+        if t.num_key_value_heads % tp and tp % t.num_key_value_heads:
+            raise ConfigError(f"text.num_key_value_heads {t.num_key_value_heads} is neither a multiple nor a "
+                              f"divisor of the tensor parallel size {tp}")
+
     # ------------------------------------------------------------------ named configs (YAML)
 
     @classmethod

@@ -77,9 +77,11 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
                          "conversion needs one")
     dtype = _dtype_name(dtypes.pop())
     layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "sequence_parallel": tp > 1 and ep > 1}
-    if ep > 1 and cfg.text.num_experts % ep:
-        raise ValueError(f"--ep {ep} does not divide the {cfg.text.num_experts} experts")
-    world = ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp).min_world_size()
+    # Refused here, before starting ranks that would each fail on it.
+    parallel = ParallelConfig(**layout)
+    parallel.validate()
+    cfg.check_layout(tp, ep, etp)
+    world = parallel.min_world_size()
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -136,7 +138,7 @@ def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     cfg, dtype = read_checkpoint_config(ckpt)
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     if "WORLD_SIZE" in os.environ and os.environ["WORLD_SIZE"] != "1":
-        raise RuntimeError("mcore-to-hf runs as one process; do not launch it with torchrun")
+        raise ValueError("mcore-to-hf runs as one process; do not launch it with torchrun")
     env["MASTER_PORT"] = str(free_port())
     initialize_distributed({"tp": 1}, environ=env)
     try:
@@ -162,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    from common.distributed.spawn import user_error_message
+
     try:
         if args.command == "hf-to-mcore":
             out = hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, args.etp)
         else:
             out = mcore_to_hf(args.ckpt, args.out)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

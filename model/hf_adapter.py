@@ -291,6 +291,31 @@ def _offsets(model) -> tuple[int, int]:
     return layer_offset, expert_offset
 
 
+def hf_shards(model, get: Callable[[str], torch.Tensor], progress: bool = False
+              ) -> Iterator[tuple[str, str, torch.nn.Parameter, torch.Tensor]]:
+    """For each parameter of this rank's ``model``: (local name, canonical name, the parameter, this
+    rank's part of the HF tensor(s) behind it, read with ``get(hf_name)``).
+
+    ``get`` serves HF-named tensors of the full model: a checkpoint's weights (:func:`load_hf_weights`),
+    or e.g. the reference model's gradients to compare with ours in any parallel layout. Raises
+    ``ValueError`` when a part's shape differs from the parameter's.
+    """
+    cfg = model.cfg
+    layout = _experts_in_memory_layout(cfg) if cfg.is_moe else None
+    layer_offset, expert_offset = _offsets(model)
+    params = list(model.named_parameters())
+    if progress:
+        from tqdm import tqdm
+
+        params = tqdm(params, desc="hf->mcore", unit="tensor")
+    for local, param in params:
+        name = canonical_name(local, layer_offset, expert_offset)
+        shard = local_shard(name, hf_tensor_for(name, get, cfg, layout), param)
+        if shard.shape != param.shape:
+            raise ValueError(f"{local} ({name}): checkpoint gives {tuple(shard.shape)}, model has {tuple(param.shape)}")
+        yield local, name, param, shard
+
+
 @torch.no_grad()
 def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -> int:
     """Copy the HF checkpoint into this rank's ``model`` (a :class:`model.qwen3vl.Qwen3VLModel`), exactly.
@@ -298,23 +323,11 @@ def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -
     Every parameter must be found (a missing tensor raises ``KeyError`` naming it; a shape mismatch
     raises ``ValueError``). Returns the number of parameters set.
     """
-    cfg = model.cfg
-    layout = _experts_in_memory_layout(cfg) if cfg.is_moe else None
-    layer_offset, expert_offset = _offsets(model)
-    params = list(model.named_parameters())
-    iterator = params
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(params, desc="hf->mcore", unit="tensor")
-    for local, param in iterator:
-        name = canonical_name(local, layer_offset, expert_offset)
-        full = hf_tensor_for(name, reader.get, cfg, layout)
-        shard = local_shard(name, full, param)
-        if shard.shape != param.shape:
-            raise ValueError(f"{local} ({name}): checkpoint gives {tuple(shard.shape)}, model has {tuple(param.shape)}")
+    count = 0
+    for _, _, param, shard in hf_shards(model, reader.get, progress=progress):
         param.copy_(shard)
-    return len(params)
+        count += 1
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -322,21 +335,15 @@ def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -
 
 
 @torch.no_grad()
-def export_hf_tensors(model, grads: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF tensors of a single-rank ``model`` (tp = pp = ep = 1), published layout, grouped by layer.
-
-    ``grads=True`` gives the parameters' gradients (zeros where there is none) in the same layout, to
-    compare with the reference's gradients.
-    """
+def export_hf_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors of a single-rank ``model`` (tp = pp = ep = 1), published layout, grouped by layer."""
     if (parallel_state.get_tensor_model_parallel_world_size() != 1
             or parallel_state.get_pipeline_model_parallel_world_size() != 1
             or parallel_state.get_expert_model_parallel_world_size() != 1):
         raise RuntimeError("export_hf_tensors needs the model in the single-rank layout (tp = pp = ep = 1)")
     cfg = model.cfg
     t, v = cfg.text, cfg.vision
-    state = {canonical_name(n): (p.detach() if not grads else
-                                 p.grad if p.grad is not None else torch.zeros_like(p))
-             for n, p in model.named_parameters()}
+    state = {canonical_name(n): p.detach() for n, p in model.named_parameters()}
 
     yield HF_LM + "embed_tokens.weight", state["embedding.word_embeddings.weight"]
     yield from _export_vision(state, v)

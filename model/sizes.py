@@ -9,13 +9,12 @@ the same figures of the transformers reference, also built on the meta device. N
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass
 
 import torch
 
-from model.config import Qwen3VLConfig
+from model.config import ConfigError, Qwen3VLConfig
 from model.registry import get_config, list_configs
 
 
@@ -47,7 +46,7 @@ def ours(cfg: Qwen3VLConfig) -> Size:
     from model.qwen3vl import build_qwen3vl
 
     with torch.device("meta"):
-        model = build_qwen3vl(cfg, use_te=False, config_overrides={"perform_initialization": False})
+        model = build_qwen3vl(cfg, attention="document", config_overrides={"perform_initialization": False})
     return _split(model.named_parameters(), ".mlp.experts.", "vision.", cfg)
 
 
@@ -74,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", help=f"config names (default: all of {list_configs()})")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference count")
     args = p.parse_args(argv)
+    try:  # every name first: a bad one is one line (exit 2), before any work
+        configs = [(name, get_config(name)) for name in args.names or list_configs()]
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from common.distributed.parallel import destroy_distributed, initialize_distributed
     from common.distributed.spawn import free_port
 
@@ -86,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     ok = True
     try:
-        for name in args.names or list_configs():
-            cfg = get_config(name)
+        for name, cfg in configs:
             s = ours(cfg)
             line = f"{name:20s} {_fmt(s.total)} {_fmt(s.active)} {_fmt(s.vision)}"
             if not args.no_reference:

@@ -1,3 +1,1 @@
-from common.quiet import silence_optional_dependency_warnings
-
-silence_optional_dependency_warnings()
+import common  # noqa: F401  (first: installs common.quiet's warning filters before anything imports Megatron)

@@ -3,16 +3,23 @@
 Layout of ``<run_dir>/checkpoints``::
 
     step_00000100/            a Megatron distributed checkpoint (model + optimizer shards, any layout)
-        trainer.json          step, consumed samples/tokens, scheduler state, skipped steps, layout
-        ranks/rank_00003.pt   per-rank state: RNG states and the data loader's position
+        trainer.json          step, consumed samples/tokens, scheduler state, skipped steps, layout,
+                              number of data streams
+        ranks/rank_00003.pt   per-rank state: RNG states
+        data/stream_00001.pt  the position of data stream 1 (pretrain/data/loader.py), written once
     latest                    text file naming the newest complete step directory
 
 A checkpoint is written to ``step_00000100.tmp`` by all ranks, then rank 0 renames it to its final
 name and only after that rewrites ``latest`` (write-then-rename): a crash or kill at any point leaves
 the previous checkpoint and ``latest`` intact, and a half-written directory is never under a final
 name. Model and optimizer shards use Megatron's ``fully_reshardable`` optimizer format, so a
-checkpoint loads in another tensor/pipeline/expert-parallel layout; the per-rank state (RNG, data
-position) is restored only when the layout and world size are unchanged.
+checkpoint loads in another tensor/pipeline/expert/data-parallel layout. The data streams are the
+stage's, not a rank's, so their positions load in any layout too
+(:meth:`CheckpointManager.load_data_states`).
+The per-rank RNG states are restored only when the layout and world size are unchanged: in another
+layout every rank goes on with the RNG that ``initialize_distributed`` seeded from ``train.seed`` at
+start-up. Training draws no random numbers as configured (the model configs set dropout to
+0), so that changes no loss; it would change the dropout masks of a model with dropout.
 """
 
 from __future__ import annotations
@@ -56,6 +63,10 @@ class TrainerState:
     layout: dict = field(default_factory=dict)  # world size and parallel sizes at save time
     stage: str = ""
     num_optimizers: int = 1  # Megatron's chained optimizers: 2 for MoE with EP>1 (dense + experts)
+    data_streams: int = 0  # the stage's data streams (its first data-parallel size); 0: none saved
+    # Resumes whose data could not continue the saved streams (pretrain.data.loader.plan_data_resume):
+    # {"step": ..., "warning": ...}, oldest first.
+    data_resumes: list = field(default_factory=list)
 
 
 def _rank() -> int:
@@ -133,6 +144,14 @@ def _sharded_state(model: list, optimizer, is_loading: bool = False) -> dict:
     return state
 
 
+def _first_of_data_replica() -> bool:
+    """Whether this rank is the first of the ranks that share its data (tensor/pipeline/context peers)."""
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+            and ps.get_context_parallel_rank() == 0)
+
+
 def current_layout() -> dict[str, int]:
     from megatron.core import parallel_state as ps
 
@@ -156,11 +175,14 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, model: list, optimizer, state: TrainerState, rank_state: dict[str, Any],
-             describe=None) -> Path:
+             describe=None, data_states: dict[int, Any] | None = None) -> Path:
         """Write a complete checkpoint for ``state.step``; collective over all ranks.
 
-        ``describe(folder)``, called on rank 0 before the checkpoint gets its final name, adds files
-        that make the checkpoint self-describing (the model config, the tokenizer).
+        ``rank_state``: this rank's own state (RNG). ``data_states``: {stream: position} of the data
+        streams this rank saves (each stream from one data-parallel rank; of the ranks sharing that
+        rank's data, the first writes). ``describe(folder)``, called on rank 0 before the checkpoint
+        gets its final name, adds files that make the checkpoint self-describing (the model config, the
+        tokenizer).
         """
         from megatron.core import dist_checkpointing
 
@@ -174,6 +196,10 @@ class CheckpointManager:
         dist_checkpointing.save(_sharded_state(model, optimizer), str(tmp))
         (tmp / "ranks").mkdir(exist_ok=True)
         torch.save(rank_state, tmp / "ranks" / f"rank_{_rank():05d}.pt")
+        if data_states and _first_of_data_replica():
+            (tmp / "data").mkdir(exist_ok=True)
+            for stream, data_state in data_states.items():
+                torch.save(data_state, tmp / "data" / f"stream_{stream:05d}.pt")
         _barrier()
         if _rank() == 0:
             state.layout = current_layout()
@@ -200,7 +226,8 @@ class CheckpointManager:
 
     def load(self, path: Path, model: list, optimizer) -> tuple[TrainerState, dict[str, Any] | None]:
         """Restore model, optimizer and progress from ``path``; returns the trainer state and this
-        rank's saved state (None when the layout changed, so RNG and data position cannot map)."""
+        rank's saved state (None when the layout changed: the RNG states of one layout's ranks do not
+        map to another's). The data positions load in any layout: :meth:`load_data_states`."""
         from megatron.core import dist_checkpointing
 
         state = _read_trainer_state(path)
@@ -222,6 +249,14 @@ class CheckpointManager:
         same_layout = state.layout == current_layout()
         rank_state = torch.load(rank_file, weights_only=False) if same_layout and rank_file.is_file() else None
         return state, rank_state
+
+    def load_data_states(self, path: Path, streams: list[int]) -> dict[int, Any]:
+        """The saved positions of data ``streams`` in checkpoint ``path``, by stream."""
+        files = {stream: path / "data" / f"stream_{stream:05d}.pt" for stream in streams}
+        missing = [stream for stream, file in files.items() if not file.is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: no saved position of data stream(s) {missing} (data/stream_*.pt)")
+        return {stream: torch.load(file, weights_only=False) for stream, file in files.items()}
 
 
 def _read_trainer_state(path: Path) -> TrainerState:

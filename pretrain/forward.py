@@ -33,6 +33,10 @@ def packed_seq_params(batch: dict) -> PackedSeqParams | None:
     """THD layout for transformer-engine attention on GPU (b == 1): document boundaries of the pack."""
     if "cu_seqlens" not in batch or not torch.cuda.is_available():
         return None
+    if batch["tokens"].shape[0] != 1:
+        # Megatron's THD layout is one row of concatenated documents; the packs already hold many.
+        raise ValueError(f"train.micro_batch_size={batch['tokens'].shape[0]}: the transformer-engine packed "
+                         "(THD) path takes micro_batch_size=1; pack longer sequences instead")
     cu = batch["cu_seqlens"].to(torch.int32).cuda(non_blocking=True)
     max_len = int(batch["max_seqlen"])
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,

@@ -6,8 +6,14 @@
 2. Qwen3-VL for this pipeline stage (``model.build_qwen3vl``), parts outside ``stage.trainable``
    frozen, bf16 with fp32 main weights on GPU or fp32 on CPU, Megatron DDP and optimizer
    (distributed optimizer by default), the stage's learning-rate schedule;
-3. resume from ``<run_dir>/checkpoints/latest`` when it exists (model, optimizer, schedule, RNG,
-   data position: the run continues exactly), else the weights of ``stage.init_from``;
+3. resume from ``<run_dir>/checkpoints/latest`` when it exists (model, optimizer, schedule, data
+   position: the run continues exactly, in this layout or another one; RNG in the same layout), else the
+   weights of ``stage.init_from``. The data streams are the stage's, one per data-parallel rank of the
+   layout it started with; a resume in another layout draws from the same streams, so its global batches
+   are the uninterrupted run's (``pretrain/data/loader.py``). Only a checkpoint without stream positions,
+   or a global batch that no longer splits over its streams, cannot continue them: the run then skips
+   the consumed sequences in new streams, warns, and records that in ``trainer.json``
+   (``data_resumes``) and in the ``data_resume`` field of the step's ``metrics.jsonl`` record;
 4. steps until the stage's step or token budget, with per-token loss normalisation over the global
    batch, non-finite steps skipped and counted (the run stops after ``train.max_consecutive_skips``
    in a row), metrics every step, checkpoints every ``train.save_interval`` steps and at the end;
@@ -19,21 +25,23 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pretrain.checkpoint import (
+    CheckpointError,
     CheckpointManager,
     TrainerState,
     collect_rng_state,
+    current_layout,
     restore_rng_state,
 )
 from model.checkpoint_io import load_weights
-from pretrain.config import JobConfig, check_batch_layout, stage_total_steps
+from pretrain.config import JobConfig, check_batch_layout, recompute_overrides, stage_total_steps
 from pretrain.forward import qwen3vl_forward_step
 from pretrain.lr_schedule import build_lr_scheduler
 from pretrain.metrics import ExpertLoadTracker, MetricsLogger, peak_flops_per_gpu, qwen3vl_train_flops
@@ -82,7 +90,8 @@ def build_model_chunks(job: JobConfig, params_dtype: torch.dtype) -> list[torch.
     chunks = []
     for vp_stage in range(job.parallel.vpp or 1):
         chunk = build_qwen3vl(cfg, vp_stage=vp_stage if job.parallel.vpp else None, freeze=freeze,
-                              params_dtype=params_dtype, sequence_parallel=job.parallel.sequence_parallel)
+                              params_dtype=params_dtype, sequence_parallel=job.parallel.sequence_parallel,
+                              config_overrides=recompute_overrides(job.stage.recompute))
         if params_dtype == torch.bfloat16:
             chunk = Float16Module(chunk.config, chunk)
         chunks.append(chunk)
@@ -140,11 +149,12 @@ def normalize_loss_weights(micro_batches: list[dict]) -> None:
 
 
 def _step_counts(micro_batches: list[dict]) -> dict[str, float]:
-    """Tokens, documents and attention work of this rank's micro-batches of one step."""
-    real = docs = pairs = patches = vision_pairs = 0
+    """Tokens, documents, attention work and data fingerprint of this rank's micro-batches of one step."""
+    real = docs = pairs = patches = vision_pairs = fingerprint = 0
     for b in micro_batches:
         real += int(b["num_real_tokens"])
         docs += int(b["num_documents"])
+        fingerprint += sum(zlib.crc32(doc.encode()) for row in b.get("doc_ids", ()) for doc in row)
         lengths = torch.diff(b["cu_seqlens"].long()) if "cu_seqlens" in b else torch.tensor([])
         pairs += int((lengths * (lengths + 1) // 2).sum())
         for key in ("image_grid_thw", "video_grid_thw"):
@@ -153,7 +163,8 @@ def _step_counts(micro_batches: list[dict]) -> dict[str, float]:
                 per_frame = grid[:, 1] * grid[:, 2]
                 patches += int((grid[:, 0] * per_frame).sum())
                 vision_pairs += int((grid[:, 0] * per_frame * per_frame).sum())
-    return {"tokens": real, "documents": docs, "pairs": pairs, "patches": patches, "vision_pairs": vision_pairs}
+    return {"tokens": real, "documents": docs, "pairs": pairs, "patches": patches, "vision_pairs": vision_pairs,
+            "fingerprint": fingerprint}
 
 
 def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stage: str):
@@ -172,8 +183,38 @@ def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stag
 
 def _save(manager, model, optimizer, scheduler, state, loader, describe) -> Path:
     state.scheduler = scheduler.state_dict()
-    return manager.save(model, optimizer, state, {"rng": collect_rng_state(), "data": loader.save_state()},
-                        describe=describe)
+    data = {stream: position for stream, position in loader.save_state().items() if loader.plan.writes(stream)}
+    return manager.save(model, optimizer, state, {"rng": collect_rng_state()}, describe=describe, data_states=data)
+
+
+def _open_train_data(job: JobConfig, state: TrainerState, manager: CheckpointManager, latest: Path | None,
+                     tokenizer, dp_rank: int, dp_size: int):
+    """The rank's training loader, positioned where the stage stands; returns it with the warning of
+    :func:`pretrain.data.loader.plan_data_resume` (None when the data continues exactly)."""
+    from pretrain.data.loader import build_train_loader, plan_data_resume
+
+    resume = plan_data_resume(
+        saved_streams=state.data_streams if latest is not None else None, consumed_samples=state.consumed_samples,
+        global_batch_size=job.train.global_batch_size, micro_batch_size=job.train.micro_batch_size,
+        dp_size=dp_size)
+    loader = build_train_loader(
+        job.data, job.stage, seq_length=job.stage.seq_length, micro_batch_size=job.train.micro_batch_size,
+        dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed, tokenizer=tokenizer,
+        global_batch_size=job.train.global_batch_size, num_streams=resume.num_streams,
+        # Attention takes the document ids (model/attention.py) or, with transformer-engine, their
+        # boundaries (cu_seqlens); never an s x s mask.
+        attention_mask=False)
+    if resume.restore:
+        try:
+            loader.restore_state(manager.load_data_states(latest, loader.streams))
+        except ValueError as exc:  # e.g. stage.seq_length changed: the saved streams are other streams
+            raise CheckpointError(f"{latest}: {exc}") from None
+    elif resume.skip:
+        loader.skip(resume.skip)
+    state.data_streams = resume.num_streams
+    if resume.warning:
+        state.data_resumes.append({"step": state.step, "warning": resume.warning})
+    return loader, resume.warning
 
 
 def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
@@ -184,7 +225,6 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     from model.config import Qwen3VLConfig
-    from pretrain.data.loader import build_train_loader
     from common.tokens.tokenizer import load_tokenizer
 
     info = initialize_distributed(job.parallel, seed=job.train.seed)
@@ -222,16 +262,12 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
 
     tokenizer = load_tokenizer(job.data.tokenizer)
     check_tokenizer_matches_model(tokenizer, model_cfg, job.data.tokenizer)
-    loader = build_train_loader(
-        job.data, job.stage, seq_length=seq_length, micro_batch_size=job.train.micro_batch_size,
-        dp_rank=parallel_state.get_data_parallel_rank(), dp_size=dp_size, seed=job.train.seed,
-        tokenizer=tokenizer,
-        # The dense [b, 1, s, s] mask serves Megatron's local attention (CPU); on GPU the
-        # transformer-engine kernels take the document boundaries (cu_seqlens) instead.
-        attention_mask=not torch.cuda.is_available())
+    loader, data_warning = _open_train_data(job, state, manager, latest, tokenizer,
+                                            parallel_state.get_data_parallel_rank(), dp_size)
     if rank_state is not None:
         restore_rng_state(rank_state["rng"])
-        loader.restore_state(rank_state["data"])
+    elif latest is not None and state.layout != current_layout():
+        origin += f" in another layout ({state.layout} -> {current_layout()}; RNG seeded from train.seed)"
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if composed_yaml:
@@ -242,11 +278,13 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     logger = MetricsLogger(run_dir, job.stage.name, total_steps, state.step, job.train.log_interval, rank0)
     logger.message(f"{job.stage.name}: {origin}; {total_steps} steps of {job.train.global_batch_size} x "
                    f"{seq_length} tokens; layout {info.world_size} ranks, dp={dp_size}, "
-                   f"{job.parallel}; {dtype}")
+                   f"{job.parallel}; {dtype}; {state.data_streams} data stream(s)")
+    if data_warning:
+        logger.message(f"WARNING: {data_warning}")
     experts = ExpertLoadTracker(chunks) if model_cfg.is_moe else None
     moe_pattern = model_cfg.text.moe_layer_pattern() if model_cfg.is_moe else None
     peak = peak_flops_per_gpu()
-    forward_step = partial(qwen3vl_forward_step, use_packed_seq_params=torch.cuda.is_available())
+    forward_step = qwen3vl_forward_step  # THD packed sequences on the transformer-engine backend only
     data = iter(loader)
     start_step, first_loss, last_loss, consecutive_skips = state.step, None, None, 0
     started = time.perf_counter()
@@ -268,8 +306,8 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
             scheduler.step(increment=1)
             consecutive_skips = 0
         counts = _step_counts(micro_batches)
-        tokens, pairs, patches, vision_pairs = _all_reduce_dp(
-            [counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"]])
+        tokens, pairs, patches, vision_pairs, fingerprint = _all_reduce_dp(
+            [counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"], counts["fingerprint"]])
         state.consumed_samples += job.train.global_batch_size
         state.consumed_tokens += int(tokens)
         elapsed = time.perf_counter() - t0
@@ -277,7 +315,12 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
             "loss": result.loss, "grad_norm": result.grad_norm, "lr": scheduler.get_lr(optimizer.param_groups[0]),
             "tokens_per_s": tokens / elapsed, "step_seconds": elapsed, "consumed_tokens": state.consumed_tokens,
             "skipped_steps": state.skipped_steps, "mfu": None,
+            # Which documents the global batch held (a sum of CRC32s of their ids): equal in any layout
+            # for the same global batch, so runs and resumes can be compared step by step.
+            "data_fingerprint": int(fingerprint),
         }
+        if data_warning and state.step == start_step + 1:
+            metrics["data_resume"] = data_warning
         if peak is not None:
             flops = qwen3vl_train_flops(model_cfg, int(tokens), int(pairs), int(patches), int(vision_pairs))
             metrics["mfu"] = flops / elapsed / (peak * info.world_size)

@@ -87,7 +87,8 @@ def _layout_change_body(rank, run_dir, cfg_name, layouts):
     manager = CheckpointManager(run_dir)
     model, optimizer = _setup(layouts[0], cfg_name=cfg_name)
     _steps(model, optimizer, 3, parallel_state.get_data_parallel_rank(), 0)
-    manager.save(model, optimizer, TrainerState(step=3), {})
+    # Both ranks hold data-parallel rank 0 (layouts[0] is tensor-parallel): the first of them saves stream 0.
+    manager.save(model, optimizer, TrainerState(step=3), {}, data_states={0: {"saved_by": rank}})
     # The same global batch of the next step, split over however many data-parallel ranks exist.
     results = []
     for layout in layouts:
@@ -104,7 +105,7 @@ def _layout_change_body(rank, run_dir, cfg_name, layouts):
             r = train_step(model, optimizer, tiny_gpt.forward_step, iter(mine), num_microbatches=len(mine),
                            seq_length=tiny_gpt.SEQ, micro_batch_size=1)
             losses.append(r.loss)
-        results.append((layout, losses, rank_state is not None))
+        results.append((layout, losses, rank_state is not None, manager.load_data_states(manager.latest(), [0])))
     return results
 
 
@@ -116,10 +117,11 @@ def test_checkpoint_loads_in_other_layouts(tmp_path, cfg_name, layouts):
     results = run_ranks(_layout_change_body, 2, tmp_path / "run", cfg_name, layouts)
     for per_rank in results:
         reference = per_rank[0][1]
-        for layout, losses, restored_rank_state in per_rank:
+        for layout, losses, restored_rank_state, data_states in per_rank:
             assert losses == pytest.approx(reference, rel=1e-5), layout
-        # Per-rank state (RNG, data position) only comes back in the layout it was saved in.
-        assert [r for *_, r in per_rank] == [True] + [False] * (len(layouts) - 1)
+            assert data_states == {0: {"saved_by": 0}}, layout  # in every layout
+        # Per-rank state (RNG) only comes back in the layout it was saved in.
+        assert [r for *_, r, _ in per_rank] == [True] + [False] * (len(layouts) - 1)
 
 
 def _ep_kind_change_body(rank, run_dir):

@@ -79,3 +79,47 @@ def _rng_streams(rank):
 def test_tensor_parallel_rng_tracker_forks_the_cpu_generator():
     (checks,) = run_ranks(_rng_streams, 1)
     assert all(checks.values()), checks
+
+
+def _uneven_collectives(rank):
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import (
+        gather_from_sequence_parallel_region,
+        reduce_scatter_to_sequence_parallel_region,
+    )
+
+    from common.distributed.parallel import initialize_distributed
+
+    initialize_distributed({"tp": 2})
+    group = parallel_state.get_tensor_model_parallel_group()
+    sizes = [5, 2]  # rows per rank: what the MoE dispatcher exchanges with expert tensor parallelism
+
+    def rows(r, n, salt):  # the tensor rank r holds, known to every rank
+        return torch.arange(n * 3, dtype=torch.float32).reshape(n, 3) * (r + 1) + salt
+
+    # All-gather of unequal pieces (forward) and its backward, a reduce-scatter of unequal pieces.
+    x = rows(rank, sizes[rank], 0.5).requires_grad_()
+    gathered = gather_from_sequence_parallel_region(x, group=group, output_split_sizes=sizes)
+    upstream = rows(rank, sum(sizes), 0.25)
+    gathered.backward(upstream)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    expected_grad = rows(0, sum(sizes), 0.25)[mine] + rows(1, sum(sizes), 0.25)[mine]
+
+    # Reduce-scatter of unequal pieces, one of them empty.
+    empty_sizes = [0, 4]
+    y = rows(rank, 4, 0.125)
+    scattered = reduce_scatter_to_sequence_parallel_region(y, group=group, input_split_sizes=empty_sizes)
+    expected_scatter = (rows(0, 4, 0.125) + rows(1, 4, 0.125))[sum(empty_sizes[:rank]):sum(empty_sizes[: rank + 1])]
+    return {
+        "gather": torch.equal(gathered, torch.cat([rows(0, 5, 0.5), rows(1, 2, 0.5)])),
+        "gather_backward": torch.equal(x.grad, expected_grad),
+        "reduce_scatter": scattered.shape == expected_scatter.shape and torch.equal(scattered, expected_scatter),
+    }
+
+
+def test_uneven_all_gather_and_reduce_scatter_on_gloo():
+    """Megatron's all-gather / reduce-scatter with split sizes (the MoE dispatcher under etp > 1) are
+    exact on gloo, which by itself refuses pieces of different sizes."""
+    for checks in run_ranks(_uneven_collectives, 2):
+        assert all(checks.values()), checks

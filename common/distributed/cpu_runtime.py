@@ -24,6 +24,13 @@ How (and why this way):
   tracker's fork therefore really switches the stream dropout uses per tensor-parallel rank.
 * Megatron specifics: ``moe_utils.te_general_gemm`` is defined (0.16.1 raises NameError without
   transformer-engine) and ``maybe_move_tensor_to_cpu(as_numpy=True)`` returns numpy as its callers expect.
+* Uneven collectives: with expert tensor parallelism (etp > 1) the MoE all-to-all dispatcher all-gathers
+  its tokens over the expert-tensor-parallel group and reduce-scatters them back with a different
+  number of rows per rank (``tensor_parallel.mappings._gather_along_first_dim`` /
+  ``_reduce_scatter_along_first_dim`` with split sizes call ``torch.distributed.all_gather`` /
+  ``reduce_scatter`` on lists of unequal tensors). NCCL accepts that, gloo does not; on gloo those two
+  functions pad every piece to the longest along the first dimension, run the collective and copy the
+  real rows out (exact: the padding rows are never read).
 
 It is a no-op when CUDA is available. Call it once per process before building models; it is idempotent.
 """
@@ -37,6 +44,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["install_cpu_runtime", "cpu_runtime_active", "CudaToCpuMode"]
@@ -228,6 +236,67 @@ def _patch_megatron() -> None:
     _replace_function(moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
 
 
+def _uneven_rows(tensors: list[torch.Tensor]) -> int | None:
+    """The longest first dimension when ``tensors`` differ in it only (same dtype and other dims);
+    None when they all have one shape (or differ otherwise: the collective reports that itself)."""
+    first = tensors[0]
+    if all(t.shape == first.shape for t in tensors):
+        return None
+    if first.dim() == 0 or any(t.dim() != first.dim() or t.shape[1:] != first.shape[1:] or t.dtype != first.dtype
+                               for t in tensors):
+        return None
+    return max(t.shape[0] for t in tensors)
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    if tensor.shape[0] == rows:
+        return tensor.contiguous()
+    out = tensor.new_zeros((rows, *tensor.shape[1:]))
+    out[: tensor.shape[0]] = tensor
+    return out
+
+
+def _on_gloo(group) -> bool:
+    return dist.get_backend(group) == dist.Backend.GLOO
+
+
+def _uneven_all_gather(all_gather):
+    """``torch.distributed.all_gather`` that also gathers tensors of different lengths on gloo."""
+
+    def run(tensor_list, tensor, group=None, async_op=False):
+        rows = None if async_op else _uneven_rows([*tensor_list, tensor])
+        if rows is None or not _on_gloo(group):
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        padded = [t.new_empty((rows, *t.shape[1:])) for t in tensor_list]
+        all_gather(padded, _pad_rows(tensor, rows), group=group)
+        for out, got in zip(tensor_list, padded):
+            out.copy_(got[: out.shape[0]])
+        return None
+
+    return run
+
+
+def _uneven_reduce_scatter(reduce_scatter):
+    """``torch.distributed.reduce_scatter`` that also scatters pieces of different lengths on gloo."""
+
+    def run(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        rows = None if async_op else _uneven_rows([*input_list, output])
+        if rows is None or not _on_gloo(group):
+            return reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        padded = output.new_empty((rows, *output.shape[1:]))
+        reduce_scatter(padded, [_pad_rows(t, rows) for t in input_list], op=op, group=group)
+        output.copy_(padded[: output.shape[0]])
+        return None
+
+    return run
+
+
+def _patch_uneven_collectives() -> None:
+    # Megatron calls them as ``torch.distributed.all_gather(...)``: the module attribute is enough.
+    dist.all_gather = _uneven_all_gather(dist.all_gather)
+    dist.reduce_scatter = _uneven_reduce_scatter(dist.reduce_scatter)
+
+
 def _run_backward_under_mode(engine_run_backward):
     """Keep the mode active while the autograd engine runs custom ``backward`` methods.
 
@@ -264,6 +333,7 @@ def install_cpu_runtime(force: bool = False) -> bool:
     warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
     _patch_torch_cuda()
     _patch_megatron()
+    _patch_uneven_collectives()
     # record_stream's argument parser rejects the inert stream before any torch-function dispatch.
     torch.Tensor.record_stream = lambda self, stream: None
     import torch.autograd as autograd

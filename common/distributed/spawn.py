@@ -5,7 +5,9 @@ multi-rank tests. Each rank gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MAS
 ``MASTER_PORT`` in its environment, then calls ``fn(rank, *args)``; whatever it returns comes back to
 the caller (it must be picklable). A rank that raises fails the whole call with a :class:`RankError`
 carrying that rank's exception and traceback; the other ranks are stopped (they would otherwise wait
-in a collective for the failed one).
+in a collective for the failed one). Ranks print no traceback themselves: the caller decides, e.g. one
+line for a user error (:func:`user_error_message`), the rank's traceback (chained as the RankError's
+cause) for anything else.
 """
 
 from __future__ import annotations
@@ -32,6 +34,30 @@ class RankError(RuntimeError):
     def __init__(self, rank: int, error: BaseException, rank_traceback: str):
         super().__init__(f"rank {rank} failed: {type(error).__name__}: {error}")
         self.rank, self.error, self.rank_traceback = rank, error, rank_traceback
+
+
+class _RankTraceback(Exception):
+    """The failed rank's traceback text, as the cause of its :class:`RankError` (printed above it)."""
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+# What the tools report as bad input (a config, a layout, a checkpoint's files) rather than as a bug: the
+# model's ConfigError and ParallelConfigError are ValueErrors, a KeyError names a missing tensor.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, FileNotFoundError, FileExistsError)
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message of ``exc`` when it is a user error (:data:`USER_ERRORS`) raised in this
+    process or, for a :class:`RankError`, by a rank; None for anything else, which should propagate
+    with its traceback. Command-line tools print it as ``error: <message>`` and exit 2."""
+    error = exc.error if isinstance(exc, RankError) else exc
+    if not isinstance(error, USER_ERRORS):
+        return None
+    if isinstance(error, KeyError) and error.args:
+        return str(error.args[0])  # str(KeyError) would quote the message
+    return str(error)
 
 
 def _portable(exc: BaseException) -> BaseException:
@@ -100,7 +126,7 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
                 p.kill()
                 p.join()
     if failure is not None:
-        raise failure
+        raise failure from _RankTraceback(failure.rank_traceback)
     dead = [r for r, p in enumerate(procs) if p.exitcode not in (0, None) and r not in out]
     if dead:
         raise RuntimeError(f"rank(s) {dead} exited without a result (exit codes {[procs[r].exitcode for r in dead]})")

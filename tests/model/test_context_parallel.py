@@ -135,3 +135,13 @@ def test_cp_refuses_a_sequence_that_does_not_split():
 
     with pytest.raises(ValueError, match="sequence length 30 is not divisible by 2\\*cp = 4"):
         check_sequence_length(30, 2)
+
+
+def test_cp_needs_the_document_attention_backend():
+    from model.layer_specs import resolve_attention_backend
+
+    assert resolve_attention_backend(None, context_parallel=2) == "document"
+    with pytest.raises(ValueError, match="context parallelism \\(cp=2\\) runs on the 'document' attention backend"):
+        resolve_attention_backend("dense_mask", context_parallel=2)
+    with pytest.raises(ValueError, match="is not one of"):
+        resolve_attention_backend("flash", context_parallel=1)
