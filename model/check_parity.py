@@ -1,6 +1,6 @@
 """Numerical parity of our Megatron-Core Qwen3-VL with the Hugging Face reference, on an HF checkpoint.
 
-    python -m model.check_parity --hf DIR [--tp N --pp N --ep N --etp N --sequence-parallel]
+    python -m model.check_parity --hf DIR [--tp N --pp N --ep N --etp N --cp N --sequence-parallel]
                                  [--tolerance 1e-5] [--json OUT]
 
 Loads the HF-layout checkpoint and its ``config.json`` into our model (in the given parallel layout) and
@@ -13,8 +13,9 @@ Inputs are made from the config alone (random token ids and pixels with a fixed 
 Qwen3-VL / Qwen3-VL-MoE config works. Position ids come from :mod:`common.tokens.positions`; the reference
 computes its own with ``get_rope_index``, so they are checked too.
 
-The tool starts its ranks itself (one process each, gloo on CPU, NCCL on GPUs), ``world = lcm(tp * pp,
-etp * ep * pp)``; do not launch it with torchrun. A layout the config cannot be split over is refused
+The tool starts its ranks itself (one process each, gloo on CPU, NCCL on GPUs), ``world = lcm(tp * pp *
+cp, etp * ep * pp)``; do not launch it with torchrun. With context parallelism (``--cp``) every rank holds
+its chunks of each input; the logits are gathered back into sequence order before the comparison. A layout the config cannot be split over is refused
 before any rank starts; user errors (there or in a rank) are one line, ``error: ...``, exit status 2.
 """
 
@@ -50,6 +51,11 @@ class ParityInput:
         return dict(position_ids=self.position_ids, pixel_values=self.pixel_values,
                     image_grid_thw=self.image_grid_thw, pixel_values_videos=self.pixel_values_videos,
                     video_grid_thw=self.video_grid_thw)
+
+    def to(self, device) -> "ParityInput":
+        """The same input with its tensors on ``device`` (the model's: CUDA on a GPU)."""
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(self).items()}
+        return ParityInput(**moved)
 
     def reference_kwargs(self) -> dict:
         out = dict(input_ids=self.input_ids, mm_token_type_ids=self.mm_token_type_ids)
@@ -152,14 +158,20 @@ def parity_inputs(cfg: Qwen3VLConfig, seed: int = 0, pad_multiple: int = 1) -> l
 
 def _layout(args) -> dict:
     sp = args.sequence_parallel or (args.tp > 1 and args.ep > 1)
-    return {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "sequence_parallel": sp}
+    return {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp, "cp": args.cp, "sequence_parallel": sp}
 
 
-def world_size_for(tp: int, pp: int, ep: int, etp: int | None) -> int:
+def world_size_for(tp: int, pp: int, ep: int, etp: int | None, cp: int = 1) -> int:
     """The ranks the tool starts: the smallest world size the layout runs on."""
     from common.distributed.parallel import ParallelConfig
 
-    return ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp).min_world_size()
+    return ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp, cp=cp).min_world_size()
+
+
+def pad_multiple(layout: dict) -> int:
+    """Input lengths the layout splits: 2*cp chunks (context parallel), each over tp ranks with SP."""
+    multiple = 2 * layout.get("cp", 1) if layout.get("cp", 1) > 1 else 1
+    return multiple * (layout["tp"] if layout["sequence_parallel"] else 1)
 
 
 def check_layout(cfg: Qwen3VLConfig, layout: dict) -> None:
@@ -177,9 +189,10 @@ def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, 
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from common.distributed.parallel import initialize_distributed
+    from model.context_parallel import gather_on_this_rank
     from model.hf_adapter import HFCheckpointReader, load_hf_weights
     from model.qwen3vl import build_qwen3vl
-    from common.distributed.parallel import initialize_distributed
 
     initialize_distributed(layout)
     reader = HFCheckpointReader(hf_dir)
@@ -188,10 +201,13 @@ def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, 
     load_hf_weights(model, reader)
     model.eval()
 
+    device = next(model.parameters()).device
+
     def forward_step(data_iterator, module):
-        x = next(data_iterator)
+        x = next(data_iterator).to(device)
         logits = module(x.input_ids, **x.model_kwargs())
-        return logits, lambda out: (out.sum() * 0.0, {"logits": out.detach()})
+        # This rank's tokens under context parallelism: put the sequence back together.
+        return logits, lambda out: (out.sum() * 0.0, {"logits": gather_on_this_rank(out.detach(), 1)})
 
     results = {}
     with torch.no_grad():
@@ -202,13 +218,13 @@ def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, 
             if ps.is_pipeline_last_stage():
                 results[x.name] = store[0]["logits"].float().cpu()
     keeper = (ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-              and ps.get_data_parallel_rank() == 0)
+              and ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0)
     return results if keeper else None
 
 
 def _worker(rank: int, hf_dir: str, layout: dict, seed: int) -> dict[str, torch.Tensor] | None:
     cfg = Qwen3VLConfig.from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
-    inputs = parity_inputs(cfg, seed, pad_multiple=layout["tp"] if layout["sequence_parallel"] else 1)
+    inputs = parity_inputs(cfg, seed, pad_multiple=pad_multiple(layout))
     logits = run_ours(hf_dir, layout, inputs)
     import torch.distributed as dist
 
@@ -246,18 +262,18 @@ def compare(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], inputs:
 
 
 def check(hf_dir: str, tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None,
-          sequence_parallel: bool = False, seed: int = 0) -> dict:
+          sequence_parallel: bool = False, seed: int = 0, cp: int = 1) -> dict:
     """Run our model in the layout (in spawned rank processes) and the reference (in this process); the
     report maps each input name to its token count and max abs logit difference."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError("check_parity starts its own ranks: run it as a single process, not under torchrun")
-    args = argparse.Namespace(tp=tp, pp=pp, ep=ep, etp=etp, sequence_parallel=sequence_parallel)
+    args = argparse.Namespace(tp=tp, pp=pp, ep=ep, etp=etp, cp=cp, sequence_parallel=sequence_parallel)
     layout = _layout(args)
     hf_dir = str(Path(hf_dir).resolve())
     cfg = Qwen3VLConfig.from_hf(json.loads((Path(hf_dir) / "config.json").read_text()))
     check_layout(cfg, layout)
-    inputs = parity_inputs(cfg, seed, pad_multiple=tp if layout["sequence_parallel"] else 1)
-    world = world_size_for(tp, pp, ep, etp)
+    inputs = parity_inputs(cfg, seed, pad_multiple=pad_multiple(layout))
+    world = world_size_for(tp, pp, ep, etp, cp)
     from common.distributed.spawn import spawn_ranks
 
     ours = next(r for r in spawn_ranks(_worker, world, hf_dir, layout, seed) if r is not None)
@@ -271,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
     p.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
+    p.add_argument("--cp", type=int, default=1, help="context parallel size")
     p.add_argument("--sequence-parallel", action="store_true", help="(automatic when tp > 1 and ep > 1)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max abs logit difference (default 1e-5)")
     p.add_argument("--seed", type=int, default=0)
@@ -281,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.distributed.spawn import user_error_message
 
     try:
-        report = check(args.hf, args.tp, args.pp, args.ep, args.etp, args.sequence_parallel, args.seed)
+        report = check(args.hf, args.tp, args.pp, args.ep, args.etp, args.sequence_parallel, args.seed, args.cp)
     except Exception as exc:
         message = user_error_message(exc)
         if message is None:

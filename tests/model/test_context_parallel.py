@@ -145,3 +145,25 @@ def test_cp_needs_the_document_attention_backend():
         resolve_attention_backend("dense_mask", context_parallel=2)
     with pytest.raises(ValueError, match="is not one of"):
         resolve_attention_backend("flash", context_parallel=1)
+
+
+def test_check_parity_in_context_parallel_layouts(tmp_path):
+    """The parity command against transformers with --cp 2 (dense), and CP2 x EP2 (MoE)."""
+    import json
+    import subprocess
+    import sys
+
+    from model.check_parity import check
+    from tests.model import tiny_hf
+
+    dense = tiny_hf.save_reference("dense", tmp_path / "dense")
+    done = subprocess.run([sys.executable, "-m", "model.check_parity", "--hf", str(dense), "--cp", "2",
+                           "--json", str(tmp_path / "report.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["layout"]["cp"] == 2 and report["worst"] <= TOL
+
+    moe = tiny_hf.save_reference("moe", tmp_path / "moe")
+    report = check(str(moe), cp=2, ep=2)
+    assert set(report) == {"text", "one_image", "two_images", "video", "interleaved"}
+    assert max(r["max_abs_diff"] for r in report.values()) <= TOL
