@@ -37,7 +37,8 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
                         vision_attention_pairs: int) -> float:
     """Model FLOPs of one training step (forward + backward = 3x forward), as MFU counts them.
 
-    ``cfg`` is a ``model.config.Qwen3VLConfig``. Matmul FLOPs only: 2 per multiply-add; the LLM's
+    ``cfg`` is a ``model.config.Qwen3VLConfig``. Matmul FLOPs only: 2 per multiply-add (the ViT's
+    layers, patch embedding, patch merger and DeepStack mergers; the LLM's
     weights are counted with the top-k experts a token actually uses; attention costs
     ``4 * head_dim * heads`` per attended (query, key) pair, with ``attention_token_pairs`` the causal
     pairs inside the step's documents and ``vision_attention_pairs`` the ViT's pairs inside images or
@@ -52,7 +53,10 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
         mlp = 3 * t.hidden_size * t.intermediate_size
     llm_per_token = t.num_hidden_layers * (attn_weights + mlp) + t.hidden_size * t.vocab_size
     vision_layer = 4 * v.hidden_size * v.hidden_size + 2 * v.hidden_size * v.intermediate_size
-    vision_per_patch = v.depth * vision_layer + v.patch_dim * v.hidden_size
+    merged = v.hidden_size * v.spatial_merge_size**2  # one merger input: a merge x merge block of patches
+    mergers_per_patch = (1 + cfg.num_deepstack) * (merged * merged + merged * v.out_hidden_size) \
+        / v.spatial_merge_size**2
+    vision_per_patch = v.depth * vision_layer + v.patch_dim * v.hidden_size + mergers_per_patch
     forward = 2 * (llm_per_token * real_tokens + vision_per_patch * visual_patches)
     forward += 4 * q * t.num_hidden_layers * attention_token_pairs
     forward += 4 * v.hidden_size * v.depth * vision_attention_pairs

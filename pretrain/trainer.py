@@ -72,7 +72,7 @@ class StageResult:
     requeued: bool = False  # ... and SLURM will restart the job from that checkpoint
 
 
-def _precision(job: JobConfig) -> torch.dtype:
+def training_dtype(job: JobConfig) -> torch.dtype:
     if job.train.precision == "bf16" or (job.train.precision == "auto" and torch.cuda.is_available()):
         return torch.bfloat16
     return torch.float32
@@ -96,6 +96,24 @@ def build_model_chunks(job: JobConfig, params_dtype: torch.dtype) -> list[torch.
             chunk = Float16Module(chunk.config, chunk)
         chunks.append(chunk)
     return chunks
+
+
+def build_training(job: JobConfig, params_dtype: torch.dtype):
+    """This rank's model chunks, their Megatron DDP wrappers and the optimizer of ``job``'s stage
+    (call after ``initialize_distributed``); the stage's trainer and ``benchmarks/bench_step.py`` use it."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    chunks = build_model_chunks(job, params_dtype)
+    model = wrap_with_ddp(chunks, DistributedDataParallelConfig(
+        use_distributed_optimizer=job.train.use_distributed_optimizer, grad_reduce_in_fp32=True))
+    opt = job.stage.optimizer
+    optimizer = setup_optimizer(model, OptimizerConfig(
+        optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
+        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
+        clip_grad=opt.clip_grad, bf16=params_dtype == torch.bfloat16, params_dtype=params_dtype,
+        use_distributed_optimizer=job.train.use_distributed_optimizer))
+    return chunks, model, optimizer
 
 
 def check_tokenizer_matches_model(tokenizer, model_cfg, where: str) -> None:
@@ -148,7 +166,7 @@ def normalize_loss_weights(micro_batches: list[dict]) -> None:
         b["loss_weights"] = b["loss_weights"] * scale
 
 
-def _step_counts(micro_batches: list[dict]) -> dict[str, float]:
+def step_counts(micro_batches: list[dict]) -> dict[str, float]:
     """Tokens, documents, attention work and data fingerprint of this rank's micro-batches of one step."""
     real = docs = pairs = patches = vision_pairs = fingerprint = 0
     for b in micro_batches:
@@ -220,8 +238,6 @@ def _open_train_data(job: JobConfig, state: TrainerState, manager: CheckpointMan
 def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     """Train one stage on this rank (call on every rank; see the module docstring)."""
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     from model.config import Qwen3VLConfig
@@ -234,19 +250,11 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     num_micro = check_batch_layout(job.train, dp_size)
     total_steps = stage_total_steps(job)
     seq_length = job.stage.seq_length
-    dtype = _precision(job)
+    dtype = training_dtype(job)
     model_cfg = Qwen3VLConfig.from_mapping(job.model)
 
-    chunks = build_model_chunks(job, dtype)
-    model = wrap_with_ddp(chunks, DistributedDataParallelConfig(
-        use_distributed_optimizer=job.train.use_distributed_optimizer, grad_reduce_in_fp32=True))
-    opt = job.stage.optimizer
-    optimizer = setup_optimizer(model, OptimizerConfig(
-        optimizer="adam", lr=opt.lr, min_lr=opt.min_lr, weight_decay=opt.weight_decay,
-        adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps,
-        clip_grad=opt.clip_grad, bf16=dtype == torch.bfloat16, params_dtype=dtype,
-        use_distributed_optimizer=job.train.use_distributed_optimizer))
-    scheduler = build_lr_scheduler(optimizer, opt, total_steps)
+    chunks, model, optimizer = build_training(job, dtype)
+    scheduler = build_lr_scheduler(optimizer, job.stage.optimizer, total_steps)
 
     manager = CheckpointManager(run_dir, keep_last=job.train.keep_last)
     state, rank_state = TrainerState(stage=job.stage.name), None
@@ -305,7 +313,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         else:
             scheduler.step(increment=1)
             consecutive_skips = 0
-        counts = _step_counts(micro_batches)
+        counts = step_counts(micro_batches)
         tokens, pairs, patches, vision_pairs, fingerprint = _all_reduce_dp(
             [counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"], counts["fingerprint"]])
         state.consumed_samples += job.train.global_batch_size

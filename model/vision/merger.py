@@ -8,6 +8,14 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 
+def parameter_device(config: TransformerConfig) -> torch.device:
+    """The device of parameters built outside Megatron's layers (plain torch modules of the ViT): the
+    current GPU unless ``config.use_cpu_initialization``, as Megatron's layers do."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 class PatchMerger(MegatronModule):
     """LayerNorm, then ``merge**2 * hidden -> merge**2 * hidden`` (column-parallel), exact GELU,
     ``-> out_hidden`` (row-parallel), with biases.
@@ -23,7 +31,7 @@ class PatchMerger(MegatronModule):
         self.merged = hidden_size * merge_size**2
         self.postshuffle_norm = postshuffle_norm
         self.norm = torch.nn.LayerNorm(self.merged if postshuffle_norm else hidden_size, eps=eps,
-                                       dtype=config.params_dtype)
+                                       dtype=config.params_dtype, device=parameter_device(config))
         init = config.init_method
         self.linear_fc1 = ColumnParallelLinear(self.merged, self.merged, config=config, init_method=init,
                                                bias=True, gather_output=False)

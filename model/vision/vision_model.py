@@ -23,7 +23,7 @@ from megatron.core.transformer.spec_utils import build_module
 from model.config import Qwen3VLVisionConfig
 from model.layer_specs import vision_layer_spec
 from model.vision import geometry
-from model.vision.merger import PatchMerger
+from model.vision.merger import PatchMerger, parameter_device
 
 
 class Qwen3VLVisionModel(MegatronModule):
@@ -33,14 +33,15 @@ class Qwen3VLVisionModel(MegatronModule):
         super().__init__(config=config)
         self.cfg = cfg
         self.attention = attention  # a backend of model.layer_specs.ATTENTION_BACKENDS
-        dtype = config.params_dtype
+        # Where Megatron's own layers put their parameters (the GPU unless use_cpu_initialization).
+        factory = dict(dtype=config.params_dtype, device=parameter_device(config))
         # Conv3d weight layout (hidden, channels, temporal, patch, patch), as the reference stores it.
         self.patch_embed = torch.nn.Conv3d(
             cfg.in_channels, cfg.hidden_size,
             kernel_size=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size),
-            stride=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), bias=True, dtype=dtype,
+            stride=(cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size), bias=True, **factory,
         )
-        self.pos_embed = torch.nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size, dtype=dtype)
+        self.pos_embed = torch.nn.Embedding(cfg.num_position_embeddings, cfg.hidden_size, **factory)
         spec = vision_layer_spec(attention)
         self.layers = torch.nn.ModuleList(
             [build_module(spec, config=config, layer_number=i + 1) for i in range(cfg.depth)]

@@ -1,0 +1,363 @@
+"""The GPU path (pytest marker ``gpu``): what the CPU suite cannot run — CUDA kernels, bf16 under Megatron's
+``Float16Module``, NCCL (one rank). Every test skips with the reason 'needs CUDA' without a GPU; on a GPU node
+``benchmarks/gpu_check.sh`` runs them (``python -m pytest -m gpu tests/test_gpu.py``).
+
+* parity with transformers on CUDA (tiny dense and MoE references of ``tests/model/tiny_hf.py``), float32
+  with TF32 off and bf16: our model as built on the GPU (every parameter there), then its logits against
+  transformers' float32 logits, and our bf16 error against transformers' own bf16 error;
+* packed document attention on CUDA: the ``document`` backend (``model/attention.py``, SDPA per
+  document) against the ``dense_mask`` backend, on packed multimodal sequences of three documents,
+  float32 (logits, token losses, gradients) and bf16, and on a 4K-token pack of documents of 16 to 400
+  tokens;
+* one training step of the tiny MoE model in bf16 as the trainer builds it (``Float16Module``, fp32 main
+  weights, distributed optimizer) on a packed multimodal micro-batch; save, 2 more steps, then a fresh
+  model restored from the checkpoint repeats those 2 steps;
+* ``benchmarks/bench_step.py`` runs on the GPU and prints its MFU line.
+
+Tolerances were set before any GPU run (the measured values are printed: run with ``-s``): float32 on
+CUDA sums in other orders than on CPU, hence 1e-4 where the CPU tests assert 1e-5. The rank bodies run
+by hand on CPU measured: float32 parity <= 7e-7, bf16 logits 1.1-1.6 % of the largest logit for the
+dense model (transformers' bf16: 1.0-2.0 %), 9.4 % for MoE (transformers: 9.4 %); document vs dense-mask
+attention 3e-7 in float32; the resumed steps bit-identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.multirank import run_ranks
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32_TOL = 1e-4  # max |logit diff| (and token losses), float32 with TF32 off; CPU tests: 1e-5
+# bf16 logits within this fraction of the largest float32 logit: 5 % for the dense model (as
+# tests/test_bf16_path.py); for MoE a router choice that flips under bf16 moves a token's logits by
+# more, in transformers as much as in ours (measured on CPU: 9.4 % for both), hence 15 %.
+BF16_REL = {"dense": 0.05, "moe": 0.15}
+
+
+def _float32_exact_matmuls() -> None:
+    """No TF32 (10-bit mantissa) in float32 matmuls and convolutions: cuDNN allows it by default."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _device() -> torch.device:
+    """The rank's GPU (the CPU only when a body is run by hand without one, to check its logic)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _on(x, device):
+    """A ``model.check_parity.ParityInput`` with its tensors on ``device`` (they are built on the CPU)."""
+    return dataclasses.replace(x, **{f.name: getattr(x, f.name).to(device) for f in dataclasses.fields(x)
+                                     if torch.is_tensor(getattr(x, f.name))})
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity with transformers
+
+
+def _parity_body(rank, hf_dir: str) -> dict:
+    import transformers
+    from megatron.core.transformer.module import Float16Module
+
+    from common.distributed.parallel import initialize_distributed
+    from model.check_parity import parity_inputs
+    from model.config import Qwen3VLConfig
+    from model.hf_adapter import HFCheckpointReader, load_hf_weights
+    from model.qwen3vl import build_qwen3vl
+    from tests.model.tiny_hf import reference_model
+
+    initialize_distributed({})
+    _float32_exact_matmuls()
+    device = _device()
+    reader = HFCheckpointReader(hf_dir)
+    cfg = Qwen3VLConfig.from_hf(reader.config_dict)
+
+    ours = build_qwen3vl(cfg, parallel_output=False)
+    off_gpu = sorted(n for n, t in [*ours.named_parameters(), *ours.named_buffers()] if t.device.type != device.type)
+    load_hf_weights(ours, reader)
+    ours = ours.to(device).eval()  # a no-op when the build placed everything on the GPU (checked above)
+    bf16 = build_qwen3vl(cfg, parallel_output=False, params_dtype=torch.bfloat16)
+    load_hf_weights(bf16, reader)
+    bf16 = Float16Module(bf16.config, bf16.to(device)).eval()  # as pretrain.trainer.build_model_chunks
+
+    ref32 = reference_model(hf_dir).to(device)
+    cls = type(ref32)
+    ref16 = cls.from_pretrained(hf_dir, dtype=torch.bfloat16).to(device).eval()
+    out = {"off_gpu": off_gpu, "inputs": {}, "transformers": transformers.__version__}
+    with torch.no_grad():
+        for x in parity_inputs(cfg, seed=0):
+            x = _on(x, device)
+            reference = ref32(**x.reference_kwargs()).logits.float()
+            ours_bf16 = bf16(x.input_ids, **x.model_kwargs()).float()
+            out["inputs"][x.name] = {
+                "scale": reference.abs().max().item(),
+                "fp32": (ours(x.input_ids, **x.model_kwargs()).float() - reference).abs().max().item(),
+                "bf16": (ours_bf16 - reference).abs().max().item(),
+                "hf_bf16": (ref16(**x.reference_kwargs()).logits.float() - reference).abs().max().item(),
+                "bf16_argmax": (ours_bf16.argmax(-1) == reference.argmax(-1)).float().mean().item(),
+            }
+    return out
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def parity(request, tmp_path_factory):
+    from tests.model.tiny_hf import save_reference
+
+    path = save_reference(request.param, tmp_path_factory.mktemp(f"gpu_parity_{request.param}"))
+    result = run_ranks(_parity_body, 1, str(path))[0]
+    print(f"\n{request.param} parity on CUDA (transformers {result['transformers']}):")
+    for name, r in result["inputs"].items():
+        print(f"  {name:12s} max|logit| {r['scale']:.3f}  fp32 diff {r['fp32']:.2e}  bf16 diff {r['bf16']:.2e} "
+              f"(transformers bf16 {r['hf_bf16']:.2e})  bf16 greedy agreement {r['bf16_argmax']:.0%}")
+    return request.param, result
+
+
+def test_model_is_built_on_the_gpu(parity):
+    kind, result = parity
+    # Megatron's layers are allocated on the current CUDA device; a torch module created without a
+    # device stays on the CPU and only a distributed-optimizer DDP buffer would move it.
+    assert result["off_gpu"] == [], f"{kind}: built off the GPU: {result['off_gpu']}"
+
+
+def test_float32_parity_on_cuda(parity):
+    kind, result = parity
+    for name, r in result["inputs"].items():
+        assert r["fp32"] <= FP32_TOL, f"{kind} {name}: max |logit diff| {r['fp32']:.2e} > {FP32_TOL:g}"
+
+
+def test_bf16_parity_on_cuda(parity):
+    kind, result = parity
+    for name, r in result["inputs"].items():
+        assert r["bf16"] <= BF16_REL[kind] * r["scale"], \
+            f"{kind} {name}: bf16 diff {r['bf16']:.2e}, max|logit| {r['scale']:.2e}"
+        assert r["bf16_argmax"] >= 0.9, f"{kind} {name}: greedy tokens agree on {r['bf16_argmax']:.0%}"
+        # Our bf16 path (Float16Module, fp32 rotary and softmax) is no farther from the float32 truth
+        # than transformers' own bf16 model, within a factor 2 and 1e-3 of the logit scale.
+        bound = 2 * r["hf_bf16"] + 1e-3 * r["scale"]
+        assert r["bf16"] <= bound, f"{kind} {name}: our bf16 diff {r['bf16']:.2e} vs transformers' {r['hf_bf16']:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packed document attention
+
+
+def _three_documents(seq: int, device) -> torch.Tensor:
+    ids = torch.zeros(1, seq, dtype=torch.long, device=device)
+    ids[:, seq // 4 + 1:] = 1
+    ids[:, 5 * seq // 8 + 1:] = 2
+    return ids
+
+
+def _random_documents(seq: int, device, seed: int = 0) -> torch.Tensor:
+    """Document ids of a pack of documents of 16 to 400 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids, doc, pos = torch.empty(seq, dtype=torch.long), 0, 0
+    while pos < seq:
+        n = int(torch.randint(16, 401, (1,), generator=g))
+        ids[pos:pos + n] = doc
+        pos, doc = pos + n, doc + 1
+    return ids[None].to(device)
+
+
+def _document_attention_body(rank) -> dict:
+    from megatron.core.transformer.module import Float16Module
+
+    from common.distributed.parallel import initialize_distributed
+    from model.check_parity import parity_inputs
+    from model.qwen3vl import build_qwen3vl
+    from model.registry import get_config
+
+    initialize_distributed({})
+    _float32_exact_matmuls()
+    device = _device()
+    cfg = get_config("tiny_dense")
+    models = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        built = {backend: build_qwen3vl(cfg, attention=backend, params_dtype=dtype).to(device)
+                 for backend in ("document", "dense_mask")}
+        built["dense_mask"].load_state_dict(built["document"].state_dict())  # the same weights
+        for backend, m in built.items():
+            models[(dtype, backend)] = Float16Module(m.config, m) if dtype == torch.bfloat16 else m
+
+    def run(model, x, docs, labels):
+        model.zero_grad()
+        losses = model(x.input_ids, **x.model_kwargs(), document_ids=docs, labels=labels)
+        losses.sum().backward()
+        with torch.no_grad():
+            logits = model(x.input_ids, **x.model_kwargs(), document_ids=docs)
+        inner = model.module if isinstance(model, Float16Module) else model
+        grads = {n: p.grad.float().clone() for n, p in inner.named_parameters() if p.grad is not None}
+        return logits.float(), losses.detach().float(), grads
+
+    out = {"packs": {}, "long": None}
+    for x in parity_inputs(cfg, seed=0, pad_multiple=8):
+        x = _on(x, device)
+        docs = _three_documents(x.input_ids.shape[1], device)
+        labels = torch.roll(x.input_ids, -1, dims=1)
+        r = {}
+        for dtype, tag in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            a = run(models[(dtype, "document")], x, docs, labels)
+            b = run(models[(dtype, "dense_mask")], x, docs, labels)
+            r[tag] = {"scale": b[0].abs().max().item(), "logits": (a[0] - b[0]).abs().max().item(),
+                      "losses": (a[1] - b[1]).abs().max().item(),
+                      "grads": max((a[2][n] - g).abs().max().item() / max(1.0, g.abs().max().item())
+                                   for n, g in b[2].items()),
+                      "num_grads": len(b[2])}
+        out["packs"][x.name] = r
+    # A 4K-token text pack of many documents (the flash kernels' sizes), bf16.
+    seq = 4096
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, cfg.text.vocab_size - 16, (1, seq), generator=g).to(device)
+    docs = _random_documents(seq, device)
+    labels = torch.roll(tokens, -1, dims=1)
+    with torch.no_grad():
+        a = models[(torch.bfloat16, "document")](tokens, document_ids=docs, labels=labels).float()
+        b = models[(torch.bfloat16, "dense_mask")](tokens, document_ids=docs, labels=labels).float()
+    out["long"] = {"documents": int(docs.max()) + 1, "loss_diff": (a - b).abs().max().item(),
+                   "mean_loss": b.mean().item(), "mean_diff": (a.mean() - b.mean()).abs().item()}
+    return out
+
+
+@pytest.fixture(scope="module")
+def document_attention():
+    result = run_ranks(_document_attention_body, 1)[0]
+    print("\ndocument vs dense_mask attention on CUDA (tiny_dense):")
+    for name, r in result["packs"].items():
+        for tag, d in r.items():
+            print(f"  {name:12s} {tag}: max|logit| {d['scale']:.3f} logits {d['logits']:.2e} "
+                  f"token losses {d['losses']:.2e} gradients (relative) {d['grads']:.2e} over {d['num_grads']}")
+    print(f"  4K pack of {result['long']['documents']} documents, bf16: max token loss diff "
+          f"{result['long']['loss_diff']:.2e}, mean loss {result['long']['mean_loss']:.4f} "
+          f"(diff {result['long']['mean_diff']:.2e})")
+    return result
+
+
+def test_document_attention_equals_dense_mask_float32(document_attention):
+    for name, r in document_attention["packs"].items():
+        d = r["fp32"]
+        assert d["num_grads"] > 10, name
+        assert d["logits"] <= FP32_TOL and d["losses"] <= FP32_TOL, f"{name}: {d}"
+        assert d["grads"] <= 10 * FP32_TOL, f"{name}: gradients differ by {d['grads']:.2e} of their scale"
+
+
+def test_document_attention_follows_dense_mask_bf16(document_attention):
+    for name, r in document_attention["packs"].items():
+        d = r["bf16"]
+        assert d["logits"] <= BF16_REL["dense"] * d["scale"], f"{name}: {d}"
+        # Token losses are log-probabilities of order ln(vocab) = 7.6; bf16 keeps ~3 significant digits.
+        assert d["losses"] <= 0.1, f"{name}: {d}"
+    long = document_attention["long"]
+    assert long["documents"] >= 10
+    assert long["loss_diff"] <= 0.1 and long["mean_diff"] <= 0.01, long
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 training step, checkpoint save and resume
+
+
+def _train_resume_body(rank, job, micro_batches: list[dict], run_dir: str) -> dict:
+    from megatron.core.transformer.module import Float16Module
+
+    from benchmarks.bench_step import training_step
+    from pretrain.trainer import build_training
+    from common.distributed.parallel import initialize_distributed
+    from pretrain.checkpoint import CheckpointManager, TrainerState, collect_rng_state
+
+    initialize_distributed(job.parallel, seed=job.train.seed)
+
+    def params(chunks):
+        return [p.detach().float().cpu().clone() for c in chunks for p in c.parameters()]
+
+    chunks, model, optimizer = build_training(job, torch.bfloat16)
+    out = {"float16_module": all(isinstance(c, Float16Module) for c in chunks),
+           "dtypes": sorted({str(p.dtype) for c in chunks for p in c.parameters()}),
+           "devices": sorted({p.device.type for c in chunks for p in c.parameters()}),
+           "main_dtypes": sorted({str(p.dtype) for g in optimizer.param_groups for p in g["params"]})}
+    def main_params():
+        return [p.detach().cpu().clone() for g in optimizer.param_groups for p in g["params"]]
+
+    initial, initial_main = params(chunks), main_params()
+    steps = [training_step(model, optimizer, micro_batches) for _ in range(3)]
+    out["changed"] = sum(not torch.equal(a, b) for a, b in zip(initial, params(chunks)))
+    out["num_params"] = len(initial)
+    out["changed_main"] = sum(not torch.equal(a, b) for a, b in zip(initial_main, main_params()))
+    out["num_main"] = len(initial_main)
+    manager = CheckpointManager(run_dir)
+    manager.save(model, optimizer, TrainerState(step=3), {"rng": collect_rng_state()})
+    saved = params(chunks)
+    steps += [training_step(model, optimizer, micro_batches) for _ in range(2)]
+    out["steps"] = [(r.loss, r.grad_norm, r.skipped) for r in steps]
+
+    chunks, model, optimizer = build_training(job, torch.bfloat16)  # fresh weights and optimizer
+    out["fresh_differs"] = any(not torch.equal(a, b) for a, b in zip(saved, params(chunks)))
+    state, _ = manager.load(manager.latest(), model, optimizer)
+    out["restored_step"] = state.step
+    out["restored_equal"] = all(torch.equal(a, b) for a, b in zip(saved, params(chunks)))
+    out["resumed"] = [(r.loss, r.grad_norm, r.skipped) for r in
+                      (training_step(model, optimizer, micro_batches) for _ in range(2))]
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_resume(tmp_path_factory):
+    from benchmarks.bench_step import bench_tokenizer, compose_job, fit_model_to_tokenizer, synthetic_global_batch
+
+    job = compose_job("tiny_moe", "single", seq_length=1024, overrides=["stage.optimizer.lr=1e-3"])
+    tokenizer = bench_tokenizer(tmp_path_factory.mktemp("gpu_tok"))
+    fit_model_to_tokenizer(job, tokenizer)
+    micro_batches = synthetic_global_batch(tokenizer, 1024, 1, 2, image_side=256)
+    result = run_ranks(_train_resume_body, 1, job, micro_batches, str(tmp_path_factory.mktemp("gpu_run")))[0]
+    print(f"\nbf16 training on CUDA (tiny_moe, 2 packed micro-batches of 1024): steps (loss, grad norm, skipped) "
+          f"{result['steps']}; after resume from step 3: {result['resumed']}")
+    return result
+
+
+def test_bf16_training_step_on_cuda(train_resume):
+    r = train_resume
+    assert r["float16_module"] and r["dtypes"] == ["torch.bfloat16"] and r["devices"] == ["cuda"], r
+    assert r["main_dtypes"] == ["torch.float32"], r  # the optimizer steps fp32 main weights
+    # Every fp32 main weight moves; a bf16 copy may not (a norm weight of 1.0 moves by less than its
+    # half-ulp, 2**-9, in three steps of lr 1e-3), but most do.
+    assert r["changed_main"] == r["num_main"], f"{r['changed_main']} of {r['num_main']} main weights changed"
+    assert 2 * r["changed"] > r["num_params"], f"{r['changed']} of {r['num_params']} bf16 parameters changed"
+    for loss, norm, skipped in r["steps"]:
+        assert not skipped and loss == loss and norm is not None and 0 < norm < float("inf"), r["steps"]
+    losses = [loss for loss, *_ in r["steps"]]
+    # The same batch every step: an Adam step at lr 1e-3 lowers its loss (by ~0.1 per step on CPU).
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_checkpoint_resume_on_cuda(train_resume):
+    r = train_resume
+    assert r["fresh_differs"], "the fresh model already had the saved weights: the load would prove nothing"
+    assert r["restored_step"] == 3 and r["restored_equal"], "weights differ from the saved ones after loading"
+    for (loss, norm, _), (rl, rn, rs) in zip(r["steps"][3:], r["resumed"]):
+        # The same kernels on the same inputs; a lost Adam state would move the loss by ~1e-2.
+        assert not rs and rl == pytest.approx(loss, rel=1e-3) and rn == pytest.approx(norm, rel=1e-2), r
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step benchmark on the GPU
+
+
+def test_bench_step_prints_mfu_on_gpu():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--model", "tiny_moe",
+                           "--steps", "2", "--warmup", "1", "--seq-length", "2048"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    print(done.stdout + done.stderr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "megatron (bfloat16" in done.stdout
+    mfu = re.search(r"^MFU: ([0-9.]+)% ", done.stdout, re.M)
+    assert mfu and 0 < float(mfu.group(1)) < 100, done.stdout
