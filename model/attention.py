@@ -20,6 +20,14 @@ keys it would see without CP.
 
 The segment ids of one forward pass are the same tensor for every layer; the document plan derived from
 them is cached on that tensor, so it is computed once per forward, not once per layer.
+
+Generation with a KV cache (Megatron's ``StaticInferenceContext``): after the prefill, ``SelfAttention``
+hands over keys and values of the whole sequence so far (``S`` tokens) with queries for the last ``sq``
+of them only. The segment ids then cover the ``S`` tokens, and every query row attends, in one batched
+``scaled_dot_product_attention``, to the keys of its own segment up to its own position (a
+``[b, 1, sq, S]`` boolean mask: small, ``sq`` is 1 per decoding step). Megatron switches the mask type
+to ``no_mask`` for those steps (its kernels assume one unpadded sequence per row); the layer's own
+causal type is used instead, so left-padded rows and packed prompts stay exact.
 """
 
 from __future__ import annotations
@@ -158,6 +166,8 @@ class DocumentAttention(MegatronModule):
                              "or an attention bias")
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             raise ValueError("DocumentAttention takes integer segment ids [b, S], not a boolean mask")
+        if key.shape[0] != query.shape[0]:
+            return self._attend_cached(query, key, value, attention_mask)
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         # From the config, not the parallel state: the ViT runs whole on every CP rank (cp = 1 there).
         cp_size = self.config.context_parallel_size
@@ -178,4 +188,28 @@ class DocumentAttention(MegatronModule):
                              p.causal_offset, self.softmax_scale, dropout_p) for p in pieces]
             rows.append(torch.cat(parts, dim=1))  # [hq, sq, d]
         out = torch.stack(rows, dim=0)  # [b, hq, sq, d]
+        return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)
+
+    def _attend_cached(self, query, key, value, segment_ids):
+        """Queries for the last ``sq`` of ``S`` positions, keys/values of all ``S`` from a KV cache
+        (see the module docstring): ``query [sq, b, hq, d]``, ``key/value [S, b, hk, d]``, segment ids
+        ``[b, S]`` or None -> ``[sq, b, hq * d]``."""
+        if self.config.context_parallel_size > 1:
+            raise ValueError("DocumentAttention with a KV cache runs with context parallelism 1")
+        sq, batch = query.shape[:2]
+        seq = key.shape[0]
+        if seq < sq:
+            raise ValueError(f"{sq} queries but only {seq} keys: keys longer than queries come from a KV cache")
+        q_pos = torch.arange(seq - sq, seq, device=query.device)
+        visible = torch.ones(batch, sq, seq, dtype=torch.bool, device=query.device)
+        if self.attn_mask_type == AttnMaskType.causal:
+            visible = visible & (torch.arange(seq, device=query.device)[None, :] <= q_pos[:, None])
+        if segment_ids is not None:
+            if tuple(segment_ids.shape) != (batch, seq):
+                raise ValueError(f"segment ids must be [batch, cached + new tokens] = [{batch}, {seq}], "
+                                 f"got {tuple(segment_ids.shape)}")
+            visible = visible & (segment_ids[:, None, :] == segment_ids[:, seq - sq:, None])
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=self.softmax_scale,
+                                             enable_gqa=q.shape[1] != k.shape[1])
         return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)

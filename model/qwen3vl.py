@@ -20,6 +20,16 @@ Inputs always hold the full sequence ``s``. On a pipeline stage other than the l
 states to send on. Parallel layouts: tensor (``tp``), pipeline (``pp``, with the vision encoder on the
 first stage), expert (``ep``/``etp``), sequence parallelism and context parallelism (``cp``).
 
+Generation with a KV cache (``inference_context=``, a Megatron-Core ``StaticInferenceContext``, in
+``eval()`` mode): ``input_ids`` [b, s] are only the new tokens, the ones after the context's
+``sequence_len_offset`` cached ones; ``position_ids`` [3, b, offset + s] and ``document_ids``
+[b, offset + s] cover the whole sequence so far (the rotary angles of the cached keys come from them);
+images and videos come with the tokens that hold their pad tokens (the prefill). Each layer's
+``SelfAttention`` appends the new keys and values to the context's cache; the caller advances
+``sequence_len_offset``. Logits are returned for the last token only ([b, 1, vocab]). This path needs
+the ``document`` attention backend, no sequence parallelism and cp = 1 (see
+``pretrain.posttrain.rollout``, which arranges that for the length of a generation).
+
 Context parallelism: every CP rank runs the vision encoder on all the micro-batch's images and videos
 and embeds the whole sequence; then the embedded sequence, the DeepStack features, the rotary angles
 (from the 3-axis position ids) and the labels are cut the same way (:mod:`model.context_parallel`), and
@@ -291,6 +301,23 @@ class Qwen3VLModel(LanguageModule):
             attention_mask = dense_document_mask(document_ids)
         return attention_mask
 
+    def _check_cache_path(self, inference_context, labels, cp_size: int) -> int:
+        """One-line errors for what the KV-cache path does not do; the number of cached tokens."""
+        if self.training:
+            raise ValueError("the KV-cache path (inference_context) is for generation: call model.eval() first")
+        if labels is not None:
+            raise ValueError("inference_context (KV cache) and labels do not go together: the cache path "
+                             "returns the last token's logits")
+        if self.attention != "document":
+            raise ValueError(f"the KV-cache path runs on the 'document' attention backend, this model uses "
+                             f"{self.attention!r}")
+        if self.config.sequence_parallel:
+            raise ValueError("the KV-cache path runs without sequence parallelism (one new token per row "
+                             "cannot be split over the tensor-parallel ranks): turn it off for generation")
+        if cp_size > 1:
+            raise ValueError(f"the KV-cache path runs with context parallelism 1, not cp={cp_size}")
+        return int(inference_context.sequence_len_offset)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -304,22 +331,26 @@ class Qwen3VLModel(LanguageModule):
         packed_seq_params: PackedSeqParams | None = None,
         runtime_gather_output: bool | None = None,
         document_ids: torch.Tensor | None = None,
+        inference_context=None,
     ) -> torch.Tensor:
         b, s = input_ids.shape
         cp_size, cp_rank = cp_size_and_rank()
         if cp_size > 1 and s % (2 * cp_size):
             raise ValueError(f"sequence length {s} is not divisible by 2*cp = {2 * cp_size} "
                              "(context parallelism cuts each sequence into 2*cp equal chunks)")
+        # With a KV cache, positions and documents cover the cached tokens too (see the module docstring).
+        total = s if inference_context is None else self._check_cache_path(inference_context, labels, cp_size) + s
         if position_ids is None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("position_ids [3, b, s] are required with images or videos "
                                  "(common.tokens.positions.mrope_position_ids)")
-            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
+            position_ids = torch.arange(total, device=input_ids.device).expand(b, total)
         rotary = self.rotary_pos_emb(position_ids.to(input_ids.device))
-        if rotary.shape[0] != s or rotary.shape[1] != b:
-            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}")
+        if rotary.shape[0] != total or rotary.shape[1] != b:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}"
+                             + (f" after {total - s} cached tokens" if total != s else ""))
         rotary = split_sequence(rotary, 0, cp_size, cp_rank)
-        attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, s)
+        attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, total)
 
         decoder_input, context = None, None
         if self.pre_process:
@@ -345,9 +376,12 @@ class Qwen3VLModel(LanguageModule):
                         context.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_input, context=context,
-                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
+                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
+                              inference_context=inference_context)
         if not self.post_process:
             return hidden
+        if inference_context is not None and inference_context.materialize_only_last_token_logits:
+            hidden = hidden[-1:]  # generation needs the next token's logits only
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         if labels is not None:
