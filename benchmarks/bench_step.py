@@ -156,7 +156,7 @@ def synthetic_global_batch(tokenizer, seq_length: int, micro_batch_size: int, nu
         packs.append(pack_documents([documents[i] for i in fullest], seq_length, tokenizer.pad_id))
     batches = []
     for m in range(num_micro_batches):
-        batch = collate_micro_batch(packs[m * micro_batch_size:(m + 1) * micro_batch_size], attention_mask=False)
+        batch = collate_micro_batch(packs[m * micro_batch_size:(m + 1) * micro_batch_size])
         batch["loss_weights"] = token_loss_weights(batch["loss_mask"], batch["document_ids"], loss_normalization)
         batches.append(batch)
     return batches

@@ -23,7 +23,6 @@ COMMANDS: dict[str, str] = {
     "synth": "data_tools.synth",
     "train-tokenizer": "data_tools.train_tokenizer",  # owned by the tokenizer module's engineer
 }
-COMMANDS["train-tokenizer"] = "data_tools.train_tokenizer"
 
 
 def build_parser() -> argparse.ArgumentParser:

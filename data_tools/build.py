@@ -5,12 +5,17 @@ prepare samples (``data_tools.kinds``); results come back IN MANIFEST ORDER, and
 detects duplicates, cuts shards and writes them. Hence the same input and options give byte-identical
 shards whatever ``--workers`` is.
 
-Every non-blank manifest line ends up either in exactly one shard (as one sample, or one per clip) or
-in ``rejected.jsonl`` with a reason. Output folder::
+Every non-blank manifest line ends up either in exactly one shard (as one sample, or one per clip),
+in ``rejected.jsonl`` with a reason (the INPUT is bad), or, when processing it raised an unexpected
+exception (a BUG in data_tools, not bad input), in ``internal_errors.jsonl`` with the traceback. The
+build goes on past a bug so that one run shows all of them, but its summary reports them apart from
+the rejections and the command exits with status 3 (:func:`run_build_command`). Output folder::
 
     shard-000000.tar ...   WebDataset shards (data_tools.schema describes a sample)
-    index.json             shards (samples, bytes, sha256), totals, rejections by reason, config, version
+    index.json             shards (samples, bytes, sha256), totals (incl. failed_lines: internal errors),
+                           rejections by reason, config, version
     rejected.jsonl         {"line", "reason", "detail", "input"} per rejected line, in line order
+    internal_errors.jsonl  {"line", "error", "traceback", "input"} per line that hit a bug (only when some did)
     .nv-meta/, *.tar.idx   energon metadata (data_tools.energon_meta)
     .build/journal.jsonl   what is committed, for --resume (data_tools.journal)
 
@@ -20,14 +25,15 @@ journal, deletes anything not journaled, and goes on from the last committed sam
 makes the result identical to an uninterrupted build.
 
 A worker process that dies (a decoder segfault, the OOM killer) does not stop the build: the lines
-that were in flight are re-run one at a time in fresh processes, and the one that kills its process
-again is rejected as ``worker_crash``.
+that were in flight are re-run one at a time in a fresh process (a new one after each crash), and the
+one that kills its process again is rejected as ``worker_crash`` (an input a decoder cannot survive).
 """
 
 from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -59,6 +65,7 @@ from data_tools.validation import REASONS, Rejected, decode_line, parse_record
 
 INDEX_JSON = "index.json"
 REJECTED_JSONL = "rejected.jsonl"
+INTERNAL_ERRORS_JSONL = "internal_errors.jsonl"
 BUILD_DIR = ".build"
 JOURNAL = "journal.jsonl"
 SHARD_RE = re.compile(r"^shard-(\d{6})\.tar(\.idx)?$")
@@ -83,13 +90,17 @@ def tool_version() -> str:
 
 @dataclass
 class LineResult:
-    """What became of one manifest line: samples and source media digests, or a rejection."""
+    """What became of one manifest line: samples and source media digests, a rejection (``reason``,
+    ``detail``: the input is bad), or an internal error (``error``: one line naming the exception and
+    where it was raised, ``traceback``: the full one; the input may be fine, data_tools has a bug)."""
 
     line: int
     samples: list[PreparedSample] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
     reason: str | None = None
     detail: str | None = None
+    error: str | None = None
+    traceback: str | None = None
 
 
 _WORKER: dict = {}
@@ -117,8 +128,17 @@ def _as_text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+def internal_error(line: int, e: Exception) -> LineResult:
+    """The result of a line whose processing raised ``e``, an exception no validation rule raises."""
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    error = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
+    return LineResult(line, error=error, traceback="".join(traceback.format_exception(e)))
+
+
 def process_line(task: tuple[int, bytes]) -> LineResult:
-    """Validate one manifest line and prepare its samples. Never raises."""
+    """Validate one manifest line and prepare its samples. Never raises: ``Rejected`` becomes a
+    rejection, any other exception an internal error (a bug must neither stop the build nor pass
+    for bad input)."""
     line, raw = task
     try:
         record = parse_record(decode_line(raw))
@@ -127,10 +147,8 @@ def process_line(task: tuple[int, bytes]) -> LineResult:
         return LineResult(line, samples=samples, digests=digests)
     except Rejected as r:
         return LineResult(line, reason=r.reason, detail=r.detail)
-    except Exception as e:  # a bug must not stop the build, but it must be visible
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        detail = f"{type(e).__name__}: {e} (at {os.path.basename(where.filename)}:{where.lineno})"
-        return LineResult(line, reason="internal_error", detail=detail)
+    except Exception as e:
+        return internal_error(line, e)
 
 
 def _executor(config: BuildConfig, workers: int) -> ProcessPoolExecutor:
@@ -141,15 +159,65 @@ def _executor(config: BuildConfig, workers: int) -> ProcessPoolExecutor:
     )
 
 
-def _run_alone(task: tuple[int, bytes], config: BuildConfig, fn) -> LineResult:
-    with _executor(config, 1) as solo:
-        try:
-            return solo.submit(fn, task).result()
-        except BrokenProcessPool:
-            return LineResult(
-                task[0], reason="worker_crash",
-                detail="processing this line killed its worker process twice (decoder crash or out of memory)",
-            )
+#: Lines travel to the workers in chunks, one message each: a process pool costs about half a
+#: millisecond per message on a busy machine, more than decoding a small image (one line per message
+#: made build-image-text 1.5-1.7x slower on 64-160 px images). A chunk holds about CHUNK_SECONDS of
+#: work (lines that take longer, such as videos, go one by one), at most MAX_CHUNK_LINES lines and
+#: about MAX_CHUNK_BYTES of results (memory: at most ``CHUNKS_PER_WORKER * workers`` chunks are in
+#: flight), judged from the lines done so far.
+CHUNK_SECONDS = 0.02
+MAX_CHUNK_LINES = 64
+MAX_CHUNK_BYTES = 4 << 20
+CHUNKS_PER_WORKER = 3
+
+
+def run_chunk(fn, chunk: list[tuple[int, bytes]]) -> tuple[list[LineResult], float]:
+    """Worker side: ``fn`` over the lines of a chunk; (results, seconds it took)."""
+    started = time.perf_counter()
+    results = [fn(task) for task in chunk]
+    return results, time.perf_counter() - started
+
+
+class _ChunkSizer:
+    """Lines per chunk from the mean seconds and result bytes per line seen so far (1 before any)."""
+
+    def __init__(self):
+        self.lines = 0
+        self.seconds = 0.0
+        self.bytes = 0
+
+    def record(self, results: list[LineResult], seconds: float) -> None:
+        self.lines += len(results)
+        self.seconds += seconds
+        self.bytes += sum(sample.num_bytes for r in results for sample in r.samples)
+
+    def size(self) -> int:
+        if not self.lines:
+            return 1
+        by_time = CHUNK_SECONDS * self.lines / max(self.seconds, 1e-9)
+        by_bytes = MAX_CHUNK_BYTES * self.lines / max(self.bytes, 1)
+        return max(1, min(MAX_CHUNK_LINES, int(by_time), int(by_bytes)))
+
+
+_CRASH_DETAIL = "processing this line killed its worker process twice (decoder crash or out of memory)"
+
+
+def _run_alone(tasks: list[tuple[int, bytes]], config: BuildConfig, fn) -> Iterator[tuple[tuple[int, bytes], LineResult]]:
+    """``(task, fn(task))`` for lines whose worker died: one at a time in a fresh process, so that the
+    line that kills its process again is found (and rejected as ``worker_crash``) and the others are not."""
+    solo = None
+    try:
+        for task in tasks:
+            solo = solo or _executor(config, 1)
+            try:
+                yield task, solo.submit(fn, task).result()
+            except BrokenProcessPool:
+                yield task, LineResult(task[0], reason="worker_crash", detail=_CRASH_DETAIL)
+                solo.shutdown(wait=True)
+                solo = None
+    finally:
+        if solo is not None:
+            solo.shutdown(wait=True)
 
 
 def ordered_results(
@@ -157,41 +225,46 @@ def ordered_results(
 ) -> Iterator[tuple[tuple[int, bytes], LineResult]]:
     """``(task, fn(task))`` over ``tasks`` on ``config.workers`` processes, in task order.
 
-    ``fn`` (a picklable module-level function, default :func:`process_line`) must not raise. At most
-    ``4 * workers`` tasks are in flight, so memory stays bounded whatever the manifest size.
+    ``fn`` (a picklable module-level function, default :func:`process_line`) must not raise. Lines go
+    to the workers in chunks (see ``CHUNK_SECONDS``); at most ``CHUNKS_PER_WORKER * workers`` chunks
+    are in flight, so memory stays bounded whatever the manifest size.
     """
     if config.workers == 0:
         init_worker(config)
         for task in tasks:
             yield task, fn(task)
         return
-    window = 4 * config.workers
+    window = CHUNKS_PER_WORKER * config.workers
+    sizer = _ChunkSizer()
     pool = _executor(config, config.workers)
-    pending: deque = deque()
+    pending: deque = deque()  # (chunk, future)
     try:
         while True:
             while len(pending) < window:
-                task = next(tasks, None)
-                if task is None:
+                chunk = list(itertools.islice(tasks, sizer.size()))
+                if not chunk:
                     break
-                pending.append((task, pool.submit(fn, task)))
+                pending.append((chunk, pool.submit(run_chunk, fn, chunk)))
             if not pending:
                 return
-            task, future = pending.popleft()
+            chunk, future = pending.popleft()
             try:
-                result = future.result()
+                results, seconds = future.result()
             except BrokenProcessPool:
-                result = None
-            if result is not None:
-                yield task, result
+                results = None
+            if results is not None:
+                sizer.record(results, seconds)
+                yield from zip(chunk, results)
                 continue
-            # A worker died. Keep the results that arrived; re-run the others alone to find the culprit.
-            in_flight = [(task, future), *pending]
+            # A worker died. Keep the results that arrived; re-run the other lines alone to find the culprit.
+            in_flight = [(chunk, future), *pending]
             pending.clear()
             pool.shutdown(wait=True, cancel_futures=True)
-            for t, f in in_flight:
-                ok = f.done() and not f.cancelled() and f.exception() is None
-                yield t, (f.result() if ok else _run_alone(t, config, fn))
+            for c, f in in_flight:
+                if f.done() and not f.cancelled() and f.exception() is None:
+                    yield from zip(c, f.result()[0])
+                else:
+                    yield from _run_alone(c, config, fn)
             pool = _executor(config, config.workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -249,6 +322,7 @@ class BuildState:
 
     shards: list[dict] = field(default_factory=list)
     rejected: dict[int, dict] = field(default_factory=dict)
+    failed: dict[int, dict] = field(default_factory=dict)  # lines that hit an internal error
     seen: dict[str, int] = field(default_factory=dict)  # source media sha256 -> line that has it
     last: tuple[int, int] | None = None  # (line, sub-sample) of the last committed sample
     done: bool = False
@@ -262,6 +336,9 @@ class BuildState:
             elif record["type"] == "rejected":
                 for r in record["records"]:
                     state.rejected[r["line"]] = r
+            elif record["type"] == "failed":
+                for r in record["records"]:
+                    state.failed[r["line"]] = r
             elif record["type"] == "done":
                 state.done = True
         return state
@@ -274,7 +351,8 @@ class BuildState:
 
 
 def _our_outputs(out: Path) -> list[Path]:
-    names = {INDEX_JSON, REJECTED_JSONL, BUILD_DIR, META_DIR, INDEX_JSON + ".tmp", REJECTED_JSONL + ".tmp"}
+    names = {INDEX_JSON, REJECTED_JSONL, INTERNAL_ERRORS_JSONL, BUILD_DIR, META_DIR}
+    names |= {name + ".tmp" for name in (INDEX_JSON, REJECTED_JSONL, INTERNAL_ERRORS_JSONL)}
     return [p for p in out.iterdir() if p.name in names or SHARD_RE.match(p.name)]
 
 
@@ -297,8 +375,9 @@ def _remove_uncommitted(out: Path, state: BuildState) -> None:
     tmp = out / BUILD_DIR / "tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    for name in (INDEX_JSON, REJECTED_JSONL, INDEX_JSON + ".tmp", REJECTED_JSONL + ".tmp"):
+    for name in (INDEX_JSON, REJECTED_JSONL, INTERNAL_ERRORS_JSONL):
         (out / name).unlink(missing_ok=True)
+        (out / (name + ".tmp")).unlink(missing_ok=True)
     for p in out.iterdir():
         m = SHARD_RE.match(p.name)
         if m and (int(m.group(1)) >= len(state.shards) or m.group(2)):
@@ -329,6 +408,8 @@ class BuildSummary:
     rejected_by_reason: dict[str, int]
     seconds: float  # this run
     samples_this_run: int = 0
+    failed_lines: int = 0  # lines that hit an internal error (a bug), listed in internal_errors.jsonl
+    first_error: str | None = None  # the first of them: "line N: Exception: message (at file.py:line)"
 
     def text(self, command: str) -> str:
         mb = self.bytes / 1e6
@@ -339,9 +420,15 @@ class BuildSummary:
         ]
         if self.rejected_by_reason:
             lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()))
+        if self.failed_lines:
+            lines.append(
+                f"  INTERNAL ERRORS: {self.failed_lines} lines failed on a bug in data_tools, not on bad input "
+                f"(they are in no shard; tracebacks in {INTERNAL_ERRORS_JSONL}); first: {self.first_error}"
+            )
         lines.append(f"  this run: {self.samples_this_run} samples written in {self.seconds:.1f} s, {rate:.1f} samples/s")
+        errors = f", {INTERNAL_ERRORS_JSONL}" if self.failed_lines else ""
         energon = f", {META_DIR}/" if self.shards else ""
-        lines.append(f"  output: {self.out} ({INDEX_JSON}, {REJECTED_JSONL}{energon})")
+        lines.append(f"  output: {self.out} ({INDEX_JSON}, {REJECTED_JSONL}{errors}{energon})")
         return "\n".join(lines)
 
 
@@ -401,7 +488,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
 
     def tasks() -> Iterator[tuple[int, bytes]]:
         for line, raw in iter_manifest(manifest):
-            if line < resume_line or line in state.rejected:
+            if line < resume_line or line in state.rejected or line in state.failed:
                 bar.update(1)  # committed before this run
                 continue
             yield line, raw
@@ -414,6 +501,12 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         if pending_rejections:
             journal.append({"type": "rejected", "records": list(pending_rejections)})
             pending_rejections.clear()
+
+    def fail(result: LineResult, text: str) -> None:
+        """A line that hit a bug: journaled at once (they are rare), counted apart from the rejections."""
+        record = {"line": result.line, "error": result.error, "traceback": result.traceback, "input": text}
+        state.failed[result.line] = record
+        journal.append({"type": "failed", "records": [record]})
 
     def commit() -> None:
         nonlocal writer
@@ -441,6 +534,14 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         for (_, raw), result in ordered_results(tasks(), config):
             bar.update(1)
             resumed_mid_line = resume_point is not None and result.line == resume_point[0]
+            if result.error is not None:
+                if resumed_mid_line:
+                    raise BuildError(
+                        f"line {result.line} was accepted by the interrupted build but now fails with an internal "
+                        f"error ({result.error}); rebuild with --overwrite"
+                    )
+                fail(result, _as_text(raw))
+                continue
             if result.reason is not None:
                 if resumed_mid_line:
                     raise BuildError(
@@ -480,7 +581,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
                 if sub == 0 and not resumed_mid_line:
                     shard["lines"] += 1
                     shard["digests"].extend(new_digests)
-            if bar.n % 32 == 0:
+            if config.progress and bar.n % 32 == 0:  # (a disabled bar's n stays 0)
                 bar.set_postfix(accepted=counts["accepted"], rejected=counts["rejected"], refresh=False)
         if writer is not None:
             commit()
@@ -501,13 +602,16 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
 def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildState, fingerprint: dict) -> BuildSummary:
     """Write rejected.jsonl, the energon metadata and, last, index.json."""
     rejected = [state.rejected[line] for line in sorted(state.rejected)]
+    failed = [state.failed[line] for line in sorted(state.failed)]
     accepted_lines = sum(r["lines"] for r in state.shards)
-    if accepted_lines + len(rejected) != scan.input_lines:
+    if accepted_lines + len(rejected) + len(failed) != scan.input_lines:
         raise BuildError(
-            f"internal accounting error: {accepted_lines} accepted + {len(rejected)} rejected lines != "
-            f"{scan.input_lines} input lines; please report this with {out / BUILD_DIR / JOURNAL}"
+            f"internal accounting error: {accepted_lines} accepted + {len(rejected)} rejected + {len(failed)} failed "
+            f"lines != {scan.input_lines} input lines; please report this with {out / BUILD_DIR / JOURNAL}"
         )
-    write_atomic(out / REJECTED_JSONL, b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in rejected))
+    write_atomic(out / REJECTED_JSONL, _jsonl(rejected))
+    if failed:
+        write_atomic(out / INTERNAL_ERRORS_JSONL, _jsonl(failed))
     shard_names = [r["name"] for r in state.shards]
     if shard_names:
         write_energon_metadata(out, shard_names, config.kind, config.split, config.workers)
@@ -516,6 +620,7 @@ def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildSt
         out=str(out), input_lines=scan.input_lines, accepted_lines=accepted_lines, rejected_lines=len(rejected),
         samples=sum(r["samples"] for r in state.shards), shards=len(shard_names),
         bytes=sum(r["bytes"] for r in state.shards), rejected_by_reason=by_reason, seconds=0.0,
+        failed_lines=len(failed), first_error=_first_error(failed),
     )
     index = {
         "format": FORMAT,
@@ -529,6 +634,7 @@ def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildSt
             "blank_lines": scan.blank_lines,
             "accepted_lines": accepted_lines,
             "rejected_lines": len(rejected),
+            "failed_lines": len(failed),
             "samples": summary.samples,
             "shards": summary.shards,
             "bytes": summary.bytes,
@@ -546,19 +652,36 @@ def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildSt
     return summary
 
 
+def _jsonl(records: list[dict]) -> bytes:
+    return b"".join((json.dumps(r, ensure_ascii=False) + "\n").encode() for r in records)
+
+
+def _first_error(failed: list[dict]) -> str | None:
+    return f"line {failed[0]['line']}: {failed[0]['error']}" if failed else None
+
+
 def _summary_from_index(out: Path, seconds: float) -> BuildSummary:
     index = json.loads((out / INDEX_JSON).read_text())
     t = index["totals"]
+    failed = []
+    if t.get("failed_lines"):
+        failed = [json.loads(line) for line in (out / INTERNAL_ERRORS_JSONL).read_text().splitlines()]
     return BuildSummary(
         out=str(out), input_lines=t["input_lines"], accepted_lines=t["accepted_lines"], rejected_lines=t["rejected_lines"],
         samples=t["samples"], shards=t["shards"], bytes=t["bytes"], rejected_by_reason=index["rejected_by_reason"],
-        seconds=seconds,
+        seconds=seconds, failed_lines=len(failed), first_error=_first_error(failed),
     )
 
 
+#: Exit status of a build that hit internal errors (a bug in data_tools), whatever else happened.
+EXIT_INTERNAL_ERROR = 3
+
+
 def run_build_command(config: BuildConfig, command: str) -> int:
-    """Run a build for the CLI: print the summary; exit status 0, or 1 when no sample was accepted,
-    2 for a build that cannot run, 130 when interrupted."""
+    """Run a build for the CLI and print its summary. Exit status: 0 done; 1 no sample was accepted
+    (every line was bad input); 2 the build cannot run (bad options, foreign output folder);
+    3 (``EXIT_INTERNAL_ERROR``) some lines hit a bug in data_tools (the rest of the set is built, the
+    failed lines are in ``internal_errors.jsonl``); 130 interrupted."""
     try:
         summary = run_build(config)
     except BuildError as e:
@@ -568,6 +691,13 @@ def run_build_command(config: BuildConfig, command: str) -> int:
         print(f"{command}: interrupted; run the same command with --resume to finish", file=sys.stderr)
         return 130
     print(summary.text(command))
+    if summary.failed_lines:
+        print(
+            f"{command}: error: {summary.failed_lines} lines hit an internal error (a bug in data_tools, please "
+            f"report it with {Path(config.out) / INTERNAL_ERRORS_JSONL}); rebuild with --overwrite once it is fixed",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR
     if summary.samples == 0 and summary.input_lines > 0:
         print(f"{command}: error: no sample was accepted (see {REJECTED_JSONL})", file=sys.stderr)
         return 1

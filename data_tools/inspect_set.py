@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         f"{t['accepted_lines']} of {t['input_lines']} lines accepted, {t['rejected_lines']} rejected; "
         f"built by data_tools {index['tool_version']}"
     )
+    if t.get("failed_lines"):
+        print(f"  {t['failed_lines']} lines failed on an internal error of data_tools (see internal_errors.jsonl)")
     if args.rejected:
         with open(root / "rejected.jsonl") as f:
             for n, text in enumerate(f):

@@ -3,6 +3,8 @@
 Line 1 is the header (tool version and the build's fingerprint). Then, in the order they happened:
 
 * ``{"type": "rejected", "records": [{"line", "reason", "detail", "input"}, ...]}``
+* ``{"type": "failed", "records": [{"line", "error", "traceback", "input"}]}``: a line that hit an
+  internal error (a bug), recorded apart from the rejections.
 * ``{"type": "shard", "name", "samples", "bytes", "sha256", "last": [line, sub], "lines": n,
   "digests": [[sha256, line], ...]}``: a shard renamed to its final name; ``last`` is its last sample
   (manifest line, index of the sample within the line), ``lines`` the accepted lines that START in it,

@@ -34,8 +34,9 @@ REASONS: dict[str, str] = {
     "caption_out_of_range": "a caption's times are not inside the video",
     "duplicate_media": "a medium has the same bytes (sha256) as one in an earlier accepted sample",
     "worker_crash": "validating the line killed the worker process (decoder crash, out of memory)",
-    "internal_error": "a bug in data_tools while processing the line (please report it)",
 }
+# A bug (any exception other than Rejected) is not a rejection reason: the build records it apart, in
+# internal_errors.jsonl, and exits non-zero (data_tools.build).
 
 _SPECIAL_STRINGS = tuple(token for token, _ in SPECIAL_TOKENS)
 
@@ -44,9 +45,8 @@ class Rejected(Exception):
     """A manifest line that cannot become a sample: ``reason`` (a key of REASONS) and ``detail`` (words)."""
 
     def __init__(self, reason: str, detail: str):
-        if reason not in REASONS:
-            detail = f"(unknown reason {reason!r}) {detail}"
-            reason = "internal_error"
+        if reason not in REASONS:  # a bug in the code raising it, reported as an internal error
+            raise ValueError(f"Rejected with unknown reason {reason!r} (detail: {detail})")
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail

@@ -73,7 +73,6 @@ def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | Non
         batch["tokens"],
         batch["position_ids"],
         document_ids=None if thd is not None else batch["document_ids"],
-        attention_mask=batch.get("attention_mask") if attention == "dense_mask" else None,
         # Positions without a target hold -100; their loss is weighted 0, any valid id will do.
         labels=batch["labels"].clamp(min=0),
         packed_seq_params=thd,

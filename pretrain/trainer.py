@@ -218,10 +218,7 @@ def _open_train_data(job: JobConfig, state: TrainerState, manager: CheckpointMan
     loader = build_train_loader(
         job.data, job.stage, seq_length=job.stage.seq_length, micro_batch_size=job.train.micro_batch_size,
         dp_rank=dp_rank, dp_size=dp_size, seed=job.train.seed, tokenizer=tokenizer,
-        global_batch_size=job.train.global_batch_size, num_streams=resume.num_streams,
-        # Attention takes the document ids (model/attention.py) or, with transformer-engine, their
-        # boundaries (cu_seqlens); never an s x s mask.
-        attention_mask=False)
+        global_batch_size=job.train.global_batch_size, num_streams=resume.num_streams)
     if resume.restore:
         try:
             loader.restore_state(manager.load_data_states(latest, loader.streams))

@@ -3,15 +3,15 @@
 Contract with the trainer
 -------------------------
 ``build_train_loader(data_cfg, stage_cfg, *, seq_length, micro_batch_size, dp_rank, dp_size, seed,
-tokenizer, encoding_cfg=None, num_workers=None, attention_mask=True, global_batch_size=None,
+tokenizer, encoding_cfg=None, num_workers=None, global_batch_size=None,
 num_streams=None) -> TrainLoader``
 
 * Iterating a :class:`TrainLoader` yields micro-batches forever: dicts of ``micro_batch_size`` packed
   sequences of ``seq_length`` tokens for THIS data-parallel rank. Keys, dtypes and shapes are listed in
   :mod:`pretrain.data.micro_batch`; in short ``tokens``, ``labels`` (next-token targets, never across
   documents), ``loss_mask``, ``loss_weights`` (the stage's loss normalisation, see
-  :mod:`pretrain.data.loss_weights`), ``position_ids`` [3, b, s], ``attention_mask`` [b, 1, s, s]
-  (CPU), ``cu_seqlens``/``max_seqlen`` (GPU), ``document_ids``, ``doc_ids``, ``mm_token_type_ids``, the
+  :mod:`pretrain.data.loss_weights`), ``position_ids`` [3, b, s], ``document_ids``
+  (attention stays within documents), ``cu_seqlens``/``max_seqlen`` (transformer-engine), ``doc_ids``, ``mm_token_type_ids``, the
   vision inputs, and counters. The loader adds running totals: ``samples_skipped_total`` and
   ``micro_batches_total``.
 * Data streams: the data of a stage is ``num_streams`` independent energon streams, one per
@@ -231,14 +231,13 @@ def _worker_config(rank: int, world_size: int, num_workers: int, seed: int):
     )
 
 
-def _task_encoder(tokenizer, encoding_cfg, packing, loss_normalization, attention_mask, seed) -> PackingTaskEncoder:
+def _task_encoder(tokenizer, encoding_cfg, packing, loss_normalization, seed) -> PackingTaskEncoder:
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     return PackingTaskEncoder(
         SampleEncoder(tok, encoding_cfg),
         packing,
         pad_id=tok.pad_id,
         loss_normalization=loss_normalization,
-        attention_mask=attention_mask,
         seed=seed,
     )
 
@@ -416,7 +415,6 @@ def build_train_loader(
     tokenizer: Tokenizer | str,
     encoding_cfg: EncodingConfig | None = None,
     num_workers: int | None = None,
-    attention_mask: bool = True,
     global_batch_size: int | None = None,
     num_streams: int | None = None,
 ) -> TrainLoader:
@@ -427,7 +425,7 @@ def build_train_loader(
         overlong, pixel bounds and video fps. stage_cfg: the ``stage`` section (``data_weights``,
         ``loss_normalization``). tokenizer: a :class:`Tokenizer`, ``"qwen"`` or a tokenizer directory.
         encoding_cfg: defaults to :func:`encoding_config_from_data`. num_workers: overrides
-        ``data_cfg.num_workers``. attention_mask: include the dense [b, 1, s, s] mask (CPU attention).
+        ``data_cfg.num_workers``.
         global_batch_size: packed sequences per optimizer step, all ranks (needed when ``num_streams``
         differs from ``dp_size``). num_streams: the stage's data streams (default ``dp_size``; a resumed
         stage keeps the number it started with, :func:`plan_data_resume`).
@@ -471,7 +469,7 @@ def build_train_loader(
     streams = []
     for index in plan.streams:
         task_encoder = _task_encoder(
-            tokenizer, encoding_cfg, packing, settings.loss_normalization, attention_mask, settings.seed
+            tokenizer, encoding_cfg, packing, settings.loss_normalization, settings.seed
         )
         dataset = get_train_dataset(
             metadataset_config(sources, "train"),
@@ -505,7 +503,6 @@ def build_eval_loader(
     encoding_cfg: EncodingConfig | None = None,
     split_part: str = "val",
     limit: int | None = None,
-    attention_mask: bool = True,
 ):
     """Packed micro-batches of the ``split_part`` shards of the stage's sources, once, without shuffling
     (in-process: no workers). ``limit`` caps the number of micro-batches. Iterate it once per evaluation."""
@@ -521,7 +518,7 @@ def build_eval_loader(
         merge_size=encoding_cfg.vision.merge_size,
     )
     task_encoder = _task_encoder(
-        tokenizer, encoding_cfg, packing, str(_field(stage_cfg, "loss_normalization", "token")), attention_mask, 0
+        tokenizer, encoding_cfg, packing, str(_field(stage_cfg, "loss_normalization", "token")), 0
     )
     dataset = get_val_dataset(
         metadataset_config(sources, split_part),

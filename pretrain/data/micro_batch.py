@@ -13,12 +13,9 @@ loss_mask                   float32 [b, s]        1 where ``labels`` is a target
 position_ids                int64 [3, b, s]       MRoPE (t, h, w) positions, restarting at 0 per document
 document_ids                int64 [b, s]          document index within its row, -1 on padding
 mm_token_type_ids           int64 [b, s]          0 text, 1 image placeholder, 2 video placeholder
-attention_mask              bool [b, 1, s, s]     True = masked: causal AND same document; a padding
-                                                  token sees only itself (no row is fully masked).
-                                                  Only with ``attention_mask=True`` (CPU path).
 cu_seqlens                  int32 [n + 1]         segment boundaries over the flattened ``b * s`` tokens:
                                                   every document, and each row's padding tail, is one
-                                                  segment (THD layout for GPU attention kernels)
+                                                  segment (THD layout for transformer-engine)
 max_seqlen                  int                   longest segment
 pixel_values                float32 [P, 1536]     image patches of the whole micro-batch, token order
 image_grid_thw              int64 [n_img, 3]
@@ -44,17 +41,6 @@ import torch
 from pretrain.data.packing import PackedSequence
 
 
-def document_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """bool [b, 1, s, s], True = masked: token ``i`` may see token ``j`` iff ``j <= i`` and both lie in
-    the same document; a padding token (id -1) sees only itself, so no softmax row is empty."""
-    b, s = document_ids.shape
-    same = document_ids[:, :, None] == document_ids[:, None, :]
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    padding = (document_ids < 0)[:, :, None] & ~torch.eye(s, dtype=torch.bool)
-    visible = same & causal & ~padding
-    return (~visible).unsqueeze(1)
-
-
 def segment_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(cu_seqlens int32, max_seqlen) of the flattened micro-batch: a segment starts at every change of
     document id and at every row start, so documents and each row's padding are separate segments."""
@@ -69,7 +55,6 @@ def segment_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 def collate_micro_batch(
     packs: Sequence[PackedSequence],
     *,
-    attention_mask: bool = True,
     skipped: Sequence[dict] = (),
     num_truncated: int = 0,
 ) -> dict[str, Any]:
@@ -95,8 +80,6 @@ def collate_micro_batch(
         "pixel_values_videos": torch.cat([p.pixel_values_videos for p in packs]),
         "video_grid_thw": torch.cat([p.video_grid_thw for p in packs]),
     }
-    if attention_mask:
-        batch["attention_mask"] = document_attention_mask(document_ids)
     image_patches = int(batch["pixel_values"].shape[0])
     video_patches = int(batch["pixel_values_videos"].shape[0])
     batch.update(

@@ -11,7 +11,7 @@ re-created from their restore keys, not pickled):
    (``encode_shard_parts``: JSON, media decoding, tokens, positions), applies the over-long policy
    (:func:`fit_sample`), and keeps only the sizes and the raw bytes. The pixels are dropped so that the
    packing buffer holds hundreds of samples at the cost of their compressed bytes, not their float32
-   patches (which is what makes >= 99% packing fill affordable). A sample that fails to encode becomes a
+   patches (which is what makes ~99% packing fill affordable). A sample that fails to encode becomes a
    *skip record*: it is logged (source, shard, key, reason) and travels on as a zero-token document, so
    the count of skipped samples reaches the trainer and survives save/restore exactly.
 3. :meth:`select_samples_to_pack` groups a full buffer with :func:`first_fit_decreasing` (token
@@ -115,9 +115,8 @@ class PackingTaskEncoder(TaskEncoder):
 
     encoder: the :class:`SampleEncoder` (tokenizer + vision settings); packing: the pack geometry and
     over-long policy; pad_id: padding token and label filler; loss_normalization: "token" | "sample" |
-    "square_root" (the ``loss_weights`` of each micro-batch); attention_mask: add the dense
-    [b, 1, s, s] mask (CPU attention) or not (GPU kernels use ``cu_seqlens``); seed: mixes the order in
-    which the packs of one buffer are emitted.
+    "square_root" (the ``loss_weights`` of each micro-batch); seed: mixes the order in which the packs
+    of one buffer are emitted.
     """
 
     decoder = None  # the members stay bytes: media are decoded by common.media.decode only
@@ -130,7 +129,6 @@ class PackingTaskEncoder(TaskEncoder):
         *,
         pad_id: int,
         loss_normalization: str = "token",
-        attention_mask: bool = True,
         seed: int = 0,
     ):
         if loss_normalization not in LOSS_NORMALIZATIONS:
@@ -141,7 +139,6 @@ class PackingTaskEncoder(TaskEncoder):
         self.packing = packing
         self.pad_id = pad_id
         self.loss_normalization = loss_normalization
-        self.attention_mask = attention_mask
         self.seed = seed
 
     # ------------------------------------------------------------------------------------ helpers
@@ -253,7 +250,6 @@ class PackingTaskEncoder(TaskEncoder):
             raise SkipSample()
         batch = collate_micro_batch(
             [p.pack for p in packs],
-            attention_mask=self.attention_mask,
             skipped=[record for p in packs for record in p.skipped],
             num_truncated=sum(p.num_truncated for p in packs),
         )

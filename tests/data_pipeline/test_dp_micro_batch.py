@@ -9,19 +9,19 @@ import torch
 
 from pretrain.data.encoding import SampleEncoder
 from pretrain.data.loss_weights import token_loss_weights
-from pretrain.data.micro_batch import collate_micro_batch, document_attention_mask, segment_boundaries
+from pretrain.data.micro_batch import collate_micro_batch, segment_boundaries
 from pretrain.data.packing import pack_documents
 
 
-def test_attention_mask_is_causal_and_block_diagonal():
+def test_dense_reference_mask_is_causal_and_block_diagonal():
+    """The dense_mask attention backend's mask (model/qwen3vl.py): causal within each run of equal ids."""
+    from model.qwen3vl import dense_document_mask
+
     ids = torch.tensor([[0, 0, 0, 1, 1, -1, -1]])
-    masked = document_attention_mask(ids)[0, 0]
-    visible = ~masked
+    visible = ~dense_document_mask(ids)[0, 0]
     for i in range(7):
         for j in range(7):
-            same_doc = ids[0, i] == ids[0, j] and ids[0, i] >= 0
-            expected = (same_doc and j <= i) or (ids[0, i] < 0 and i == j)
-            assert bool(visible[i, j]) == bool(expected), (i, j)
+            assert bool(visible[i, j]) == bool(ids[0, i] == ids[0, j] and j <= i), (i, j)
     assert bool(visible.any(dim=1).all())  # every row sees something: no NaN softmax
 
 
@@ -46,14 +46,13 @@ def test_collate_shapes_and_counters(tokenizer):
     batch = collate_micro_batch(packs, skipped=[{"key": "k", "reason": "r"}], num_truncated=1)
     assert batch["tokens"].shape == batch["labels"].shape == batch["loss_mask"].shape == (2, seq)
     assert batch["position_ids"].shape == (3, 2, seq)
-    assert batch["attention_mask"].shape == (2, 1, seq, seq) and batch["attention_mask"].dtype == torch.bool
+    assert "attention_mask" not in batch  # attention takes the document ids: no s x s mask is ever built
     assert batch["num_documents"] == 3
     assert batch["num_real_tokens"] == int((batch["document_ids"] >= 0).sum())
     assert batch["num_loss_tokens"] == int(batch["loss_mask"].sum())
     assert batch["num_skipped"] == 1 and batch["num_truncated"] == 1
     assert batch["cu_seqlens"][-1] == 2 * seq
     assert batch["pixel_values"].shape == (0, 1536)
-    assert "attention_mask" not in collate_micro_batch(packs, attention_mask=False)
 
 
 def test_loss_weights_per_mode():

@@ -182,7 +182,7 @@ def test_packed_multimodal_loss_equals_sum_of_documents_alone(tokenizer):
         offset = 0
         for doc in members:
             n = doc.num_tokens
-            one = collate_micro_batch([pack_documents([doc], n, tokenizer.pad_id)], attention_mask=False)
+            one = collate_micro_batch([pack_documents([doc], n, tokenizer.pad_id)])
             alone_inputs.append((one, batch["loss_weights"][row, offset : offset + n][None]))
             where.append((row, offset, n))
             offset += n

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from test_dt_media import bar_column, moving_frames, png_bytes, png_header_only
 
 from data_tools.build import BuildError, LineResult, ordered_results
 from data_tools.config import BuildConfig
+from data_tools.kinds.image_text import make_samples as make_image_text_samples
 from data_tools.schema import sample_from_json
 from data_tools.shards import iter_shard
 from data_tools.verify import verify
@@ -249,34 +251,115 @@ def test_long_videos_are_cut_into_clips_with_retimed_captions(tmp_path):
     assert verify(tmp_path / "out", decode=True)[0] == []
 
 
-def test_shards_are_byte_identical_whatever_the_workers_and_respect_limits(corpus, tmp_path):
-    limits = dict(max_samples_per_shard=4, max_shard_bytes=12_000)
-    build("image_text", corpus / "image_text.jsonl", tmp_path / "w0", workers=0, **limits)
-    build("image_text", corpus / "image_text.jsonl", tmp_path / "w2", workers=2, **limits)
-    a = json.loads((tmp_path / "w0" / "index.json").read_text())
-    b = json.loads((tmp_path / "w2" / "index.json").read_text())
-    assert a["shards"] == b["shards"] and len(a["shards"]) > 5
-    for s in a["shards"]:
-        assert (tmp_path / "w0" / s["name"]).read_bytes() == (tmp_path / "w2" / s["name"]).read_bytes()
-        assert s["samples"] <= 4 and (s["bytes"] <= 12_000 or s["samples"] == 1)
-    assert any(s["samples"] < 4 for s in a["shards"][:-1])  # the byte limit cut some shards early
-    assert (tmp_path / "w0" / "rejected.jsonl").read_bytes() == (tmp_path / "w2" / "rejected.jsonl").read_bytes()
+def built_files(out: Path) -> dict[str, bytes]:
+    """Every file a build writes for the trainer and the user (energon's .nv-meta aside: it holds a uuid)."""
+    index = json.loads((out / "index.json").read_text())
+    names = ["index.json", "rejected.jsonl", *(s["name"] for s in index["shards"])]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == sorted(s["name"] for s in index["shards"])
+    return {name: (out / name).read_bytes() for name in names}
 
 
-def crash_on_line_3(task):
+@pytest.mark.parametrize("kind, options", [
+    ("image_text", dict(max_samples_per_shard=4, max_shard_bytes=12_000)),
+    ("interleaved", dict(max_samples_per_shard=3)),
+    ("video", dict(max_samples_per_shard=4, max_clip_seconds=1.5)),  # clips: decoded and re-encoded to H.264
+    ("sft", dict(max_samples_per_shard=4)),  # images and videos
+])
+def test_builds_are_byte_identical_whatever_the_workers(kind, options, corpus, tmp_path):
+    manifest = corpus / KIND_MANIFESTS[kind]
+    build(kind, manifest, tmp_path / "w0", workers=0, **options)
+    build(kind, manifest, tmp_path / "w2", workers=2, **options)
+    one, two = built_files(tmp_path / "w0"), built_files(tmp_path / "w2")
+    assert one.keys() == two.keys() and len(one) > 4  # index.json, rejected.jsonl and at least 3 shards
+    for name in one:
+        assert one[name] == two[name], name
+    samples = samples_of(tmp_path / "w0")
+    if kind == "video":
+        assert sum(s.clip is not None for s in samples) > len({s.source.line for s in samples})  # videos were cut
+    if kind == "image_text":  # both limits hold, and the byte limit cut some shards early
+        shards = json.loads(one["index.json"])["shards"]
+        assert all(s["samples"] <= 4 and (s["bytes"] <= 12_000 or s["samples"] == 1) for s in shards)
+        assert any(s["samples"] < 4 for s in shards[:-1])
+
+
+def crash_on_line_30(task):
     """Stands in for a decoder that segfaults on one input: the worker process dies."""
     line, raw = task
-    if line == 3:
+    if line == 30:
         os._exit(1)
     return LineResult(line)
 
 
 def test_a_worker_that_dies_rejects_only_its_line(tmp_path):
+    # Line 30 comes in a chunk of many lines (they are quick): only it is rejected, every other line has its result.
     config = BuildConfig(kind="image_text", manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), workers=1)
-    tasks = iter([(line, b"{}") for line in range(1, 7)])
-    results = [result for _, result in ordered_results(tasks, config, fn=crash_on_line_3)]
-    assert [r.line for r in results] == [1, 2, 3, 4, 5, 6]
-    assert [r.reason for r in results] == [None, None, "worker_crash", None, None, None]
+    tasks = iter([(line, b"{}") for line in range(1, 41)])
+    results = [result for _, result in ordered_results(tasks, config, fn=crash_on_line_30)]
+    assert [r.line for r in results] == list(range(1, 41))
+    assert {r.line: r.reason for r in results if r.reason} == {30: "worker_crash"}
+
+
+def make_samples_with_a_bug(record: dict, ctx):
+    """image_text's make_samples with a real bug on valid lines whose caption names a background: it
+    reads an option that BuildConfig does not have (an AttributeError, as a typo would raise)."""
+    samples, digests = make_image_text_samples(record, ctx)
+    if "background" in record["text"]:
+        ctx.config.max_caption_chars
+    return samples, digests
+
+
+def process_line_with_a_bug(task):
+    """process_line in a worker process, over the buggy kind (spawned workers do not see a monkeypatch)."""
+    from data_tools import build as driver
+
+    driver._WORKER["make"] = make_samples_with_a_bug
+    return driver.process_line(task)
+
+
+def test_a_bug_is_an_internal_error_apart_from_the_rejections(corpus, tmp_path, monkeypatch, capsys):
+    from data_tools import build as driver
+    from data_tools.kinds import image_text
+    from data_tools.validation import Rejected
+
+    manifest = corpus / "image_text.jsonl"
+    records = read_jsonl_lenient(manifest)
+    bad = {b["line"]: b["reason"] for b in json.loads((corpus / "synth.json").read_text())["bad_lines"]["image_text.jsonl"]}
+    buggy = {line for line, r in enumerate(records, start=1) if r and line not in bad and "background" in r["text"]}
+    assert 0 < len(buggy) < len(records) - len(bad)
+
+    monkeypatch.setattr(image_text, "make_samples", make_samples_with_a_bug)
+    out = tmp_path / "out"
+    config = BuildConfig(kind="image_text", manifest=str(manifest), out=str(out), workers=0, progress=False)
+    assert driver.run_build_command(config, "build-image-text") == driver.EXIT_INTERNAL_ERROR
+    printed = capsys.readouterr()
+    assert f"INTERNAL ERRORS: {len(buggy)} lines" in printed.out and "max_caption_chars" in printed.out
+    assert "internal error (a bug in data_tools" in printed.err
+
+    # The bad inputs are rejected as before; the lines that hit the bug are not rejections.
+    assert {r["line"]: r["reason"] for r in read_jsonl(out / "rejected.jsonl")} == bad
+    errors = read_jsonl(out / "internal_errors.jsonl")
+    assert [e["line"] for e in errors] == sorted(buggy)
+    for e in errors:
+        assert e["error"].startswith("AttributeError:") and "max_caption_chars" in e["error"]
+        assert "make_samples_with_a_bug" in e["traceback"] and e["input"] == manifest.read_text().splitlines()[e["line"] - 1]
+    totals = json.loads((out / "index.json").read_text())["totals"]
+    assert totals["failed_lines"] == len(buggy) and totals["rejected_lines"] == len(bad)
+    assert totals["accepted_lines"] + totals["rejected_lines"] + totals["failed_lines"] == totals["input_lines"]
+    assert not {s.source.line for s in samples_of(out)} & buggy
+    problems, _ = verify(out)
+    assert len(problems) == 1 and f"{len(buggy)} input lines failed on an internal error" in problems[0]
+    # A finished set keeps saying so.
+    resumed = BuildConfig(kind="image_text", manifest=str(manifest), out=str(out), workers=0, progress=False, resume=True)
+    assert driver.run_build_command(resumed, "build-image-text") == driver.EXIT_INTERNAL_ERROR
+
+    # The same classification when the bug runs in worker processes.
+    tasks = list(driver.iter_manifest(manifest))
+    results = [r for _, r in ordered_results(iter(tasks), replace(config, workers=2), fn=process_line_with_a_bug)]
+    assert {r.line for r in results if r.error} == buggy
+    assert {r.line: r.reason for r in results if r.reason} == bad
+    # A rejection reason that does not exist is a bug too, not a rejection.
+    with pytest.raises(ValueError, match="unknown reason 'no_such_reason'"):
+        Rejected("no_such_reason", "x")
 
 
 def test_output_folder_rules(corpus, tmp_path):
