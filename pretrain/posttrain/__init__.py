@@ -1,10 +1,13 @@
-"""Post-training (issue #13): the pieces an RL / distillation loop is built from.
+"""Post-training as the Qwen3-VL report does it (strong-to-weak distillation, RL with SAPO): the pieces
+the distillation and RL stages are built from.
 
 * :mod:`.policy_loss`: SAPO, GRPO and GSPO policy losses behind one function, with an explicit
   aggregation ('seq-mean-token-mean' or 'token-mean');
 * :mod:`.advantages`: group-normalised advantages and the filtering of too-hard / too-easy prompts;
 * :mod:`.rewards`: rewards registered by name, combined with weights (``exact_match``, ``format``);
-* :mod:`.distill`: forward KL(teacher || student) on vocab-parallel logits, without gathering the vocabulary.
+* :mod:`.distill`: forward KL(teacher || student) on vocab-parallel logits, without gathering the vocabulary;
+* :mod:`.rollout`: batched sampling of G responses per prompt with a KV cache, in the training layout,
+  and the log-probs of given responses under a model (old policy, reference).
 
 Batch layout shared by all of them: B = prompts * G responses, the G responses of prompt p at rows
 ``p*G .. p*G + G - 1``; per-token tensors are [B, T] with a response mask [B, T] (1 = a generated token).

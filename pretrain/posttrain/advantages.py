@@ -10,8 +10,8 @@ same for every token of response i. The papers write "std" without saying which 
 that is the default here; ``unbiased_std=False`` divides by G (with G = 16 the advantages are
 sqrt(16/15) = 1.033 times larger). A group whose rewards are all equal gets A = 0 for every response.
 
-Filtering (the prompt filtering of the report issue #13 follows): a group where every response fails
-has nothing to learn from, and neither has one where (nearly) all succeed; both are dropped. A
+Filtering (the Qwen3-VL report's prompt filtering for RL, arXiv 2511.21631): a group where every
+response fails has nothing to learn from, and neither has one where (nearly) all succeed; both are dropped. A
 response *succeeds* when its reward >= ``pass_threshold``. A group is too easy when at least
 ``easy_fraction * G`` responses succeed (default 15/16: with G = 16, 15 or 16 successes).
 """
