@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 
-def _documents(seq: int, seed: int = 0) -> torch.Tensor:
-    """int64 [1, seq]: document ids of lengths drawn from 256..4096 tokens."""
+def random_document_ids(seq: int, shortest: int = 256, longest: int = 4096, seed: int = 0) -> torch.Tensor:
+    """int64 [1, seq]: the document ids of a pack of documents of ``shortest``..``longest`` tokens."""
     g = torch.Generator().manual_seed(seed)
     ids, doc, pos = torch.empty(seq, dtype=torch.long), 0, 0
     while pos < seq:
-        n = int(torch.randint(256, 4097, (1,), generator=g))
+        n = int(torch.randint(shortest, longest + 1, (1,), generator=g))
         ids[pos:pos + n] = doc
         pos, doc = pos + n, doc + 1
     return ids[None]
@@ -53,7 +53,7 @@ def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int) -> dic
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, cfg.text.vocab_size - 16, (1, seq), generator=g).to(device)
-    documents = _documents(seq).to(device)
+    documents = random_document_ids(seq).to(device)
     labels = torch.roll(tokens, -1, dims=1)
     cuda = device.type == "cuda"
     if cuda:

@@ -295,16 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not (Path(args.hf) / "config.json").is_file():
         p.error(f"--hf {args.hf}: no config.json there")
-    from common.distributed.spawn import user_error_message
+    from common.distributed.spawn import call_reporting_user_errors
 
-    try:
-        report = check(args.hf, args.tp, args.pp, args.ep, args.etp, args.sequence_parallel, args.seed, args.cp)
-    except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    report = call_reporting_user_errors(check, args.hf, args.tp, args.pp, args.ep, args.etp,
+                                        args.sequence_parallel, args.seed, args.cp)
     layout = _layout(args)
     print(f"parity of {args.hf} (float32), layout {layout}")
     worst = 0.0

@@ -164,19 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from common.distributed.spawn import user_error_message
+    from common.distributed.spawn import call_reporting_user_errors
 
-    try:
-        if args.command == "hf-to-mcore":
-            out = hf_to_mcore(args.hf, args.out, args.tp, args.pp, args.ep, args.etp)
-        else:
-            out = mcore_to_hf(args.ckpt, args.out)
-    except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    if args.command == "hf-to-mcore":
+        out = call_reporting_user_errors(hf_to_mcore, args.hf, args.out, args.tp, args.pp, args.ep, args.etp)
+    else:
+        out = call_reporting_user_errors(mcore_to_hf, args.ckpt, args.out)
     print(f"wrote {out}")
     return 0
 

@@ -359,12 +359,14 @@ class Qwen3VLModel(LanguageModule):
                                             pixel_values_videos, video_grid_thw)
             if visual is not None:
                 embeds, mask, deep = visual
+                del visual  # with the names below: the full-sequence features are freed after the CP split
                 # .contiguous(): torch.where takes the [b, s] memory order of the transposed mask; with
                 # b > 1 the MoE router's .view() of the hidden states then fails.
                 decoder_input = torch.where(mask.t()[..., None], embeds.transpose(0, 1).to(decoder_input.dtype),
                                             decoder_input).contiguous()
                 if deep is not None:
                     context = deep.transpose(1, 2).to(decoder_input.dtype)  # [n, s, b, h]
+                del embeds, deep
             # Context parallelism: this rank's tokens from here on (after the ViT and the embedding).
             decoder_input = split_sequence(decoder_input, 0, cp_size, cp_rank)
             if context is not None:

@@ -129,6 +129,9 @@ class ClusterSchema:
     name: str = "local"
     nodes: int = 1
     gpus_per_node: int = 0
+    # Memory per GPU in GB (1e9 bytes) that training may use; slurm.submit refuses a job whose plan
+    # (python -m pretrain.plan) needs more. None: not checked (CPU clusters).
+    gpu_memory_gb: float | None = None
     cpus_per_task: int = 1
     tasks_per_node: int | None = None  # training processes per node; None: gpus_per_node (one per GPU)
     python: str | None = None  # interpreter in the job; None: the one running slurm.submit (shared FS)

@@ -97,6 +97,8 @@ def check_job_layout(job: JobConfig) -> JobLayout:
     if cluster.gpus_per_node and tasks > cluster.gpus_per_node:
         raise ConfigError(f"cluster.tasks_per_node={tasks} > cluster.gpus_per_node={cluster.gpus_per_node}: "
                           "each training process needs its own GPU")
+    if cluster.gpu_memory_gb is not None and cluster.gpu_memory_gb <= 0:
+        raise ConfigError(f"cluster.gpu_memory_gb={cluster.gpu_memory_gb}: must be positive (or null: not checked)")
     if cluster.max_requeues < 0:
         raise ConfigError(f"cluster.max_requeues={cluster.max_requeues}: must be 0 or more")
     limit = time_limit_seconds(cluster.time_limit)

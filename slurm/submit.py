@@ -6,8 +6,10 @@ for the cluster) and submits it with ``sbatch``; ``--dry-run`` prints the script
 (``afterok``) and starting from its final checkpoint (see :mod:`slurm.chain`).
 
 Everything is validated before the first ``sbatch``: the config (as ``python -m pretrain.train``
-would), the cluster section, and the world size (nodes x tasks per node) against the parallel
-layout and the global batch. A bad value is one ``config error: ...`` line (exit 2).
+would), the cluster section, the world size (nodes x tasks per node) against the parallel layout and
+the global batch, and the memory per GPU: the capacity plan of each stage (``python -m pretrain.plan``)
+is printed, and a stage whose plan exceeds ``cluster.gpu_memory_gb`` is refused unless ``--force``.
+A bad value is one ``config error: ...`` line (exit 2), with ``--dry-run`` too.
 
 The script of each job is kept next to its logs, in ``cluster.output_dir`` (relative to
 ``--workdir``, default the current directory, which is also the job's working directory).
@@ -25,10 +27,13 @@ from typing import Sequence
 from pretrain.config import ConfigError
 
 USAGE_EPILOG = """examples:
-  python -m slurm.submit stage=s1_pretrain model=qwen3vl_30b_a3b parallel=tp4_pp2_ep8 cluster=example_h100 --dry-run
+  python -m slurm.submit stage=s1_pretrain model=qwen3vl_30b_a3b parallel=tp4_pp2_ep8 cluster=example_h100 \\
+      data.max_visual_patches_per_pack=16384 --dry-run
   python -m slurm.submit --chain s0_align,s1_pretrain,s2_long_32k,s3_long_256k,sft model=qwen3vl_8b \\
-      cluster=example_h100 train.run_root=/lustre/me/qwen3vl-8b s3_long_256k:cluster.nodes=32
-Overrides use Hydra's grammar (group=option, key=value); with --chain, <stage>:key=value applies to one stage."""
+      cluster=example_h100 train.run_root=/lustre/me/qwen3vl-8b parallel.tp=2 parallel.sequence_parallel=true \\
+      stage.recompute.granularity=full data.max_visual_patches_per_pack=65536 s3_long_256k:cluster.nodes=32
+Overrides use Hydra's grammar (group=option, key=value); with --chain, <stage>:key=value applies to one stage.
+Each stage's memory plan (python -m pretrain.plan) is printed; one over cluster.gpu_memory_gb is refused."""
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -43,7 +48,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--workdir", default=".",
                         help="the job's working directory; relative paths of the config are relative to it "
                              "(default: the current directory)")
-    parser.add_argument("--parsable", action="store_true", help="print only the job ids, one per line")
+    parser.add_argument("--parsable", action="store_true",
+                        help="print only the job ids, one per line (the plans go to stderr)")
+    parser.add_argument("--force", action="store_true",
+                        help="submit even when a stage's plan exceeds cluster.gpu_memory_gb")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, including cluster=<name>")
     return parser.parse_args(list(argv))
 
@@ -66,6 +74,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    from pretrain.plan import format_plan, over_memory, plan_job
     from slurm.jobs import SlurmError, sbatch_command, submit_script
     from slurm.sbatch import check_job_layout, render_sbatch_script
 
@@ -76,12 +85,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.after is not None and not args.after.isdigit():
         print(f"error: --after {args.after!r}: not a job id", file=sys.stderr)
         return 2
-    # Compose, validate and render every stage before submitting anything.
+    # Compose, validate, plan and render every stage before submitting anything.
+    plan_out = sys.stderr if args.parsable else sys.stdout
+    prefix = "# " if args.dry_run else ""  # a dry run's output reads as a script
     try:
         stages = _stage_jobs(args)
         scripts = []
         for stage in stages:
             layout = check_job_layout(stage.job)
+            plan = plan_job(stage.job, world_size=layout.world_size)
+            shown = "\n".join((prefix + line).rstrip() for line in format_plan(plan).splitlines())
+            print(shown, file=plan_out, flush=True)
+            if plan.fits is False:
+                if not args.force:
+                    raise ConfigError(f"{over_memory(plan)}; change the layout, stage.recompute or "
+                                      "data.max_visual_patches_per_pack, or pass --force")
+                print(f"warning: --force: {over_memory(plan)}", file=sys.stderr)
             scripts.append((layout, render_sbatch_script(stage.job, stage.overrides, workdir=workdir, layout=layout)))
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)

@@ -161,13 +161,9 @@ def _three_documents(seq: int, device) -> torch.Tensor:
 
 def _random_documents(seq: int, device, seed: int = 0) -> torch.Tensor:
     """Document ids of a pack of documents of 16 to 400 tokens."""
-    g = torch.Generator().manual_seed(seed)
-    ids, doc, pos = torch.empty(seq, dtype=torch.long), 0, 0
-    while pos < seq:
-        n = int(torch.randint(16, 401, (1,), generator=g))
-        ids[pos:pos + n] = doc
-        pos, doc = pos + n, doc + 1
-    return ids[None].to(device)
+    from benchmarks.bench_attention import random_document_ids
+
+    return random_document_ids(seq, shortest=16, longest=400, seed=seed).to(device)
 
 
 def _document_attention_body(rank) -> dict:

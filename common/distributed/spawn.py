@@ -17,6 +17,7 @@ import os
 import pickle
 import queue as queue_module
 import socket
+import sys
 import traceback
 from typing import Any, Callable
 
@@ -58,6 +59,20 @@ def user_error_message(exc: BaseException) -> str | None:
     if isinstance(error, KeyError) and error.args:
         return str(error.args[0])  # str(KeyError) would quote the message
     return str(error)
+
+
+def call_reporting_user_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` for a command-line tool: a user error (:func:`user_error_message`) is
+    printed as one line, ``error: <message>``, and ends the process with exit status 2; anything else
+    propagates with its traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def _portable(exc: BaseException) -> BaseException:

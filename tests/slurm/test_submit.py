@@ -18,7 +18,11 @@ from slurm.jobs import sbatch_command
 from slurm.sbatch import check_job_layout, render_sbatch_script, time_limit_seconds
 from slurm.submit import main as submit_main
 
-H100 = ["stage=s1_pretrain", "model=qwen3vl_30b_a3b", "parallel=tp4_pp2_ep8", "cluster=example_h100"]
+# Fits the example cluster's 80 GB GPUs once the ViT's patches per sequence are bounded (tests below: the
+# same job without the bound does not).
+H100 = ["stage=s1_pretrain", "model=qwen3vl_30b_a3b", "parallel=tp4_pp2_ep8", "cluster=example_h100",
+        "data.max_visual_patches_per_pack=16384"]
+UNBOUNDED_H100 = H100[:-1]
 STAGES = ["s0_align", "s1_pretrain", "s2_long_32k", "s3_long_256k", "sft"]
 
 
@@ -52,6 +56,7 @@ def test_dry_run_renders_the_cluster_config(tmp_path, capsys):
     # 30B-A3B's token budget in steps at 256 x 8192 tokens per step
     assert "(( LATEST_STEP < 476838 ))" in out
     assert "16 ranks (2 node(s) x 8), dp=2" in out
+    assert re.search(r"^#   GPU memory: \d+\.\d of 80 GB \(cluster.gpu_memory_gb of example_h100\): fits$", out, re.M)
     assert not logs.exists()  # a dry run writes nothing
     assert "init_from=runs/s0_align/checkpoints does not exist yet" in err
 
@@ -93,6 +98,44 @@ def test_bad_layout_is_refused_before_submitting(tmp_path, capsys, monkeypatch, 
     assert code == 2
     assert err.startswith("config error: ") and message in err, err
     assert not calls.exists()
+
+
+def _recording_sbatch(tmp_path, monkeypatch) -> Path:
+    """An sbatch on PATH that records its calls (and answers job id 1); the file it writes to."""
+    calls = tmp_path / "sbatch_calls"
+    _stand_in(tmp_path / "bin", "sbatch", f'echo "$@" >> {calls}; echo 1')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    return calls
+
+
+@pytest.mark.parametrize("dry", [True, False])
+def test_a_job_over_the_gpu_memory_is_refused_before_submitting(tmp_path, capsys, monkeypatch, dry):
+    calls = _recording_sbatch(tmp_path, monkeypatch)
+    code = submit_main([*(["--dry-run"] if dry else []), "--workdir", str(tmp_path), *UNBOUNDED_H100])
+    out, err = capsys.readouterr()
+    assert code == 2 and not calls.exists()
+    # The plan was printed; the refusal is one line naming the totals and the largest term.
+    rows = dict(re.findall(r"^(?:# )?  (total|vision activations) +(\d+\.\d)", out, flags=re.M))
+    assert float(rows["total"]) > 80
+    assert err.count("\n") == 1 and err.startswith(
+        f"config error: stage s1_pretrain: the plan needs {rows['total']} GB per GPU, more than "
+        f"cluster.gpu_memory_gb=80 (largest term: vision activations, {rows['vision activations']} GB; "
+        "32,768 ViT patches per sequence assumed)"), err
+    assert "does NOT fit" in out
+
+
+def test_force_submits_a_job_over_the_gpu_memory(tmp_path, capsys, monkeypatch):
+    calls = _recording_sbatch(tmp_path, monkeypatch)
+    code = submit_main(["--force", "--parsable", "--workdir", str(tmp_path), *UNBOUNDED_H100])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == "1\n"  # --parsable: only the job id on stdout, the plan on stderr
+    assert len(calls.read_text().splitlines()) == 1
+    assert "warning: --force: stage s1_pretrain: the plan needs" in err and "does NOT fit" in err
+
+
+def test_gpu_memory_must_be_positive(tmp_path, capsys):
+    code, _, err = dry_run([*H100, "cluster.gpu_memory_gb=0"], tmp_path, capsys)
+    assert code == 2 and "config error: cluster.gpu_memory_gb=0.0: must be positive" in err
 
 
 @pytest.mark.parametrize("value, seconds", [

@@ -1,0 +1,467 @@
+"""Capacity planning: parameters, and memory per GPU, of Qwen3-VL training in a parallel layout.
+
+Pure arithmetic on a :class:`model.config.Qwen3VLConfig`, a :class:`ParallelConfig` with its world size,
+and a :class:`Workload` (sequence length, micro-batch, precision, optimizer, recomputation, visual
+patches): no model, process group or device is needed. The command line is ``python -m pretrain.plan``
+(it reads the job config, which lives in ``pretrain/``; ``model/`` must not import ``pretrain/``).
+
+Parameters (:func:`parameter_counts`, :func:`stage_parameters`) follow the modules of
+:mod:`model.qwen3vl` exactly: the counts equal those of the model built on the meta device
+(``python -m model.sizes``; tested for the six published sizes).
+
+Memory (:func:`plan_memory`) in bytes per GPU, for the pipeline stage that needs the most:
+
+* **weights**: the stage's parameters on this rank (tensor, expert and pipeline splits), 2 bytes in
+  bf16, 4 in fp32;
+* **gradients**: Megatron DDP's gradient buffer, one element per *trainable* parameter, fp32 with
+  ``grad_reduce_in_fp32`` (the trainer's setting) else the parameter dtype; never sharded;
+* **optimizer state**: Adam's two fp32 moments, plus fp32 main parameters when the weights are bf16;
+  with the distributed optimizer sharded over data x context parallel ranks (expert parameters: over
+  the expert-data-parallel ranks, ``world / (ep * etp * pp)``), as Megatron's
+  ``get_megatron_optimizer`` does;
+* **activations**: what autograd stores for the backward pass in this project's layers (the
+  ``document`` attention path: Megatron-Core local layers, our RMSNorm, per-document SDPA), counted
+  tensor by tensor from the code (see :func:`decoder_layer_bytes`) for every micro-batch the pipeline
+  schedule holds at once, with the recomputation setting (``selective``: the attention core;
+  ``full``: only each recomputed group's input is kept, and one group is recomputed at a time in the
+  backward pass). The sequence is split over context-parallel ranks (``s / cp`` tokens each; keys
+  and values are all-gathered per layer) and, in the norms and residual stream, over tensor-parallel
+  ranks with sequence parallelism. The ViT is not split by context or sequence parallelism: every CP
+  rank of the first pipeline stage encodes all the pack's images, and keeps the full-sequence visual
+  embeddings and DeepStack features until its forward pass ends;
+* **logits + loss**: the last stage's logits ``[s / cp, vocab / tp]`` and Megatron's cross entropy,
+  which works in fp32 (bf16 logits + their fp32 copy at the peak);
+* **working memory**: the largest short-lived buffers at the peak: the group of layers recomputed in
+  the backward pass, gradients in flight, a weight-sized gradient before it is added to the buffer,
+  the full-sequence embedding buffers while the visual features are merged.
+
+The peak is the largest of four moments (the *phase*): the ViT and embedding merge (first stage),
+the end of the forward pass (with the loss on the last stage), the loss's backward pass, the backward
+pass through the decoder. The optimizer step adds nothing to the weights, gradients and optimizer state
+with a fused Adam (transformer-engine's, on the GPU path; torch's foreach AdamW would add a copy of the
+optimizer's shard). Not modelled: the CUDA context, NCCL buffers and allocator fragmentation (a few GB on a
+GPU: keep that headroom in ``cluster.gpu_memory_gb``), pipeline send/receive buffers, load imbalance
+between experts (tokens are assumed evenly routed), and transformer-engine's layers (the GPU path at
+``cp = 1``), which store somewhat less than the local layers counted here. Validated on CPU in fp32
+against the measured peak of real training steps (``tests/test_plan.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.distributed.parallel import ParallelConfig
+from model.config import Qwen3VLConfig
+
+GB = 1e9  # bytes; GPU memory sizes in this project's configs are in these units
+
+PARTS = ("vision", "merger", "language")  # the freezable parts (model.qwen3vl.FREEZABLE)
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+# Bytes per token of small per-layer tensors measured in the local layers (fp32 CPU, ``tests/test_plan``
+# checks the totals): the MoE router (top-k indices, probabilities, aux-loss statistics) per expert and
+# per selected expert, and the token dispatcher's index tensors.
+_ROUTER_BYTES_PER_EXPERT = 4
+_ROUTER_BYTES_PER_TOPK = 20
+_DISPATCH_BYTES_PER_EXPERT = 5
+_DISPATCH_BYTES_PER_TOPK = 8
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    """Whole-model counts (no parallelism): ``active`` = what one token uses (all non-expert
+    parameters plus ``top-k / experts`` of the expert ones), ``vision`` = ViT + mergers."""
+
+    total: int
+    active: int
+    vision: int
+
+
+def _vision_counts(cfg: Qwen3VLConfig, tp: int = 1) -> dict[str, int]:
+    """ViT parameters (``vision``) and merger parameters (``merger``) on one tensor-parallel rank."""
+    v = cfg.vision
+    hv, fv, m, out = v.hidden_size, v.intermediate_size, v.merged_hidden_size, v.out_hidden_size
+    layer = (2 * 2 * hv  # two LayerNorms (weight + bias), replicated
+             + (3 * hv * hv + 3 * hv) // tp + hv * hv // tp + hv  # qkv (column), proj (row; bias replicated)
+             + (fv * hv + fv) // tp + hv * fv // tp + hv)  # fc1 (column), fc2 (row)
+    vision = v.patch_dim * hv + hv + v.num_position_embeddings * hv + v.depth * layer
+
+    def merger(norm_width: int) -> int:
+        return 2 * norm_width + (m * m + m) // tp + out * m // tp + out
+
+    mergers = merger(hv) + cfg.num_deepstack * merger(m)
+    return {"vision": vision, "merger": mergers}
+
+
+def _decoder_layer_counts(cfg: Qwen3VLConfig, moe: bool, tp: int = 1, ep: int = 1, etp: int = 1) -> tuple[int, int]:
+    """(dense, expert) parameters of one decoder layer on one rank."""
+    t = cfg.text
+    h, d = t.hidden_size, t.head_dim
+    q, kv = t.num_attention_heads * d, t.num_key_value_heads * d
+    dense = 2 * h + 2 * d + (q + 2 * kv) * h // tp + q * h // tp  # norms, QK-norms, qkv, proj
+    if not moe:
+        return dense + 3 * h * t.intermediate_size // tp, 0
+    experts = t.num_experts // ep * 3 * h * t.moe_intermediate_size // etp
+    return dense + t.num_experts * h, experts  # + the router (replicated)
+
+
+def parameter_counts(cfg: Qwen3VLConfig) -> ParameterCounts:
+    """Total, active and vision parameters of the whole model (``python -m model.sizes`` counts the
+    same on the built model)."""
+    t = cfg.text
+    dense = experts = 0
+    for moe in t.moe_layer_pattern():
+        d, e = _decoder_layer_counts(cfg, bool(moe))
+        dense, experts = dense + d, experts + e
+    language = dense + experts + t.vocab_size * t.hidden_size * (1 if cfg.tie_word_embeddings else 2) + t.hidden_size
+    vision = sum(_vision_counts(cfg).values())
+    total = language + vision
+    active = total - experts + (experts * t.num_experts_per_tok // t.num_experts if t.is_moe else 0)
+    return ParameterCounts(total=total, active=active, vision=vision)
+
+
+def _layers_of_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int) -> list[int]:
+    """Global indexes of the decoder layers on pipeline rank ``stage`` (Megatron's even split, over
+    ``pp * vpp`` model chunks, chunk ``c`` of rank ``r`` holding block ``c * pp + r``)."""
+    layers = cfg.text.num_hidden_layers
+    chunks = parallel.pp * (parallel.vpp or 1)
+    if layers % chunks:
+        raise ValueError(f"{layers} decoder layers do not split evenly over pp * vpp = {chunks} model chunks")
+    per_chunk = layers // chunks
+    return [i for c in range(parallel.vpp or 1) for i in range((c * parallel.pp + stage) * per_chunk,
+                                                                (c * parallel.pp + stage + 1) * per_chunk)]
+
+
+def stage_parameters(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int) -> dict[tuple[str, bool], int]:
+    """Parameters of one rank of pipeline stage ``stage``: ``{(part, is_expert): count}`` with part in
+    :data:`PARTS`. The ViT, mergers and token embedding live on the first stage, the final norm and
+    the output layer on the last (with tied embeddings and ``pp > 1`` the last stage holds a copy of
+    the embedding as its output layer, as Megatron does)."""
+    t = cfg.text
+    tp, ep, etp = parallel.tp, parallel.ep, parallel.expert_tp
+    first, last = stage == 0, stage == parallel.pp - 1
+    counts = {(part, expert): 0 for part in PARTS for expert in (False, True)}
+    pattern = t.moe_layer_pattern()
+    for i in _layers_of_stage(cfg, parallel, stage):
+        dense, experts = _decoder_layer_counts(cfg, bool(pattern[i]), tp, ep, etp)
+        counts["language", False] += dense
+        counts["language", True] += experts
+    embedding = t.vocab_size * t.hidden_size // tp
+    if first:
+        for part, n in _vision_counts(cfg, tp).items():
+            counts[part, False] += n
+        counts["language", False] += embedding
+    if last:
+        counts["language", False] += t.hidden_size  # final norm
+        if not (cfg.tie_word_embeddings and first):
+            counts["language", False] += embedding  # output layer (a synchronised copy when tied)
+    return counts
+
+
+# ----------------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What each rank trains on, per optimizer step.
+
+    ``micro_batches``: micro-batches per step per data-parallel rank (the pipeline holds up to ``pp``
+    of them at once). ``visual_patches``: ViT patches in one packed sequence (0: text only).
+    ``trainable``: the parts that get gradients and optimizer state.
+    """
+
+    seq_length: int
+    micro_batch_size: int = 1
+    micro_batches: int = 1
+    visual_patches: int = 0
+    bf16: bool = True
+    grad_reduce_in_fp32: bool = True
+    distributed_optimizer: bool = True
+    recompute: str | None = None  # None | "selective" | "full"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    trainable: tuple[str, ...] = PARTS
+
+    def __post_init__(self):
+        if self.recompute not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"recompute={self.recompute!r}: must be one of {list(RECOMPUTE_GRANULARITIES)}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            raise ValueError(f"recompute_method={self.recompute_method!r}: must be one of {list(RECOMPUTE_METHODS)}")
+        for name in ("seq_length", "micro_batch_size", "micro_batches", "recompute_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        if self.visual_patches < 0:
+            raise ValueError(f"visual_patches={self.visual_patches}: must be 0 or more")
+        unknown = sorted(set(self.trainable) - set(PARTS))
+        if unknown:
+            raise ValueError(f"trainable parts {unknown} unknown; known: {list(PARTS)}")
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+
+TERMS = ("weights", "gradients", "optimizer state", "decoder activations", "vision activations",
+         "logits + loss", "working memory")
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per GPU at the peak of the pipeline stage that needs the most (``stage``), by term
+    (:data:`TERMS`), with the moment of the peak (``phase``) and every stage's peak."""
+
+    stage: int
+    phase: str
+    terms: dict[str, float]
+    stage_totals: list[float] = field(default_factory=list)
+    phase_totals: dict[str, float] = field(default_factory=dict)  # of this stage
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def largest(self) -> tuple[str, float]:
+        name = max(self.terms, key=self.terms.get)
+        return name, self.terms[name]
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Token counts and widths of one rank (per micro-batch)."""
+
+    n: int  # tokens in the tensor-parallel region (b * s / cp)
+    n_sp: int  # tokens in the sequence-parallel region (n / tp with sequence parallelism)
+    tp: int
+    cp: int
+    etp: int
+    a: int  # activation bytes
+
+
+def workload_shape(parallel: ParallelConfig, work: Workload) -> _Shape:
+    """Tokens and widths of one rank for :func:`decoder_layer_bytes`."""
+    n = work.micro_batch_size * work.seq_length // parallel.cp
+    n_sp = n // parallel.tp if parallel.sequence_parallel else n
+    return _Shape(n, n_sp, parallel.tp, parallel.cp, parallel.expert_tp, work.act_bytes)
+
+
+def _norm_bytes(width: float, a: int, input_is_new: bool = True, rows: int = 1) -> float:
+    """What our RMSNorm stores for ``rows`` rows of ``width``: its input in fp32 (a copy in bf16; in fp32
+    the input itself, new storage only when ``input_is_new``), the normalised value, the fp32 1/rms."""
+    stored_input = 4 if (a == 2 or input_is_new) else 0
+    return (stored_input + a) * width + 4 * rows
+
+
+def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute: str | None) -> float:
+    """Bytes one decoder layer stores for the backward pass, per micro-batch on one rank, when it is not
+    recomputed as a whole (``recompute`` None or ``selective``).
+
+    Counted from the local layers (tests/test_plan.py measures the totals): per token of the
+    sequence-parallel region the two norms (input, normalised value, output: the next linear's
+    input); per token of the tensor-parallel region the fused qkv output, the QK-norms, the rotary
+    cos/sin, the rotated q and k, the attention output and its log-sum-exp, the projection's input,
+    and the SwiGLU MLP (fc1 output, silu output, the linear half, their product). MoE layers store the
+    router's tensors and, per routed token copy, the expert MLP's input and intermediates; with
+    context parallelism each layer keeps the all-gathered keys and values of the whole sequence.
+    """
+    t = cfg.text
+    n, n_sp, tp, cp, a = shape.n, shape.n_sp, shape.tp, shape.cp, shape.a
+    h, d = t.hidden_size, t.head_dim
+    heads = t.num_attention_heads // tp
+    groups = max(1, t.num_key_value_heads // tp)
+    hq, hkv = heads * d, groups * d
+    # Residual stream: input norm + its output (qkv input), post-attention norm + its output.
+    total = n_sp * 2 * (_norm_bytes(h, a) + a * h)
+    per_token = a * (hq + 2 * hkv)  # fused qkv output (v stays a view of it)
+    per_token += 4 * d * a  # cos and sin of q and of k
+    q_copy = groups > 1 and heads > groups  # reshaping q out of the fused output copies it
+    per_token += (a * hq if q_copy and a == 4 else 0) + _norm_bytes(hq, a, input_is_new=False, rows=heads)
+    per_token += _norm_bytes(hkv, a, input_is_new=False, rows=groups)
+    per_token += a * hq  # rotated q
+    if recompute == "selective" or cp == 1:
+        per_token += a * hkv  # rotated k (v is the fused output's view)
+    else:
+        per_token += 2 * a * hkv * cp  # keys and values of the whole sequence (all-gathered)
+    if recompute != "selective":
+        per_token += a * hq + 4 * heads  # attention output and log-sum-exp
+    per_token += a * hq  # projection input
+    total += n * per_token
+    if not moe:
+        total += n * 5 * a * t.intermediate_size // tp
+    else:
+        k, e = t.num_experts_per_tok, t.num_experts
+        # Each rank routes its sequence-parallel tokens; with expert tensor parallelism the routed copies
+        # are all-gathered over the etp ranks, each of which computes 1/etp of every expert's width.
+        total += n_sp * (_ROUTER_BYTES_PER_EXPERT * e + _ROUTER_BYTES_PER_TOPK * k
+                         + _DISPATCH_BYTES_PER_EXPERT * e + _DISPATCH_BYTES_PER_TOPK * k)
+        ffn = t.moe_intermediate_size // shape.etp
+        # per routed copy: the expert's input, fc1 output, silu output, linear half, their product, x prob
+        total += n_sp * shape.etp * k * (a * (h + 6 * ffn) + 4)
+    return total
+
+
+def vision_bytes(cfg: Qwen3VLConfig, patches: int, tp: int, a: int, recompute: str | None) -> float:
+    """Bytes the ViT and mergers store for one packed sequence of ``patches`` patches (first stage).
+
+    Per patch: the pixels, and per layer (not recomputed) the two LayerNorm inputs and outputs, the
+    fused qkv output, the rotated q and k, the attention output and log-sum-exp, the projection input,
+    the GELU MLP's two intermediates, the rotary cos/sin; ``full`` recomputation keeps only each
+    layer's input. The mergers (not recomputed) keep their norm, fc1 and GELU tensors.
+    """
+    if patches == 0:
+        return 0.0
+    v = cfg.vision
+    hv, fv, heads = v.hidden_size, v.intermediate_size, v.num_heads // tp
+    per_patch = a * v.patch_dim + 48  # pixels; position-embedding taps and rotary angles
+    if recompute == "full":
+        layer = a * hv
+    else:
+        layer = a * (4 * hv + 7 * hv // tp + 2 * fv // tp + 4 * v.head_dim) + 4 * (heads + 4)
+        if recompute == "selective":
+            layer -= a * hv // tp + 4 * heads
+    per_patch += v.depth * layer
+    # Mergers (a 2x2 block of patches -> one token: per patch hv of the merged width): the main one keeps
+    # its input (the last layer's output) and norm output, each DeepStack one its norm output (its input
+    # is a layer's output, kept anyway), both their fc1 output and GELU output (split over TP).
+    per_patch += a * (2 * hv + 2 * hv // tp) + cfg.num_deepstack * a * (hv + 2 * hv // tp)
+    return patches * per_patch
+
+
+def _static_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload,
+                  stage: int) -> dict[str, float]:
+    params = stage_parameters(cfg, parallel, stage)
+    weight_bytes = 2 if work.bf16 else 4
+    grad_bytes = 4 if work.grad_reduce_in_fp32 else weight_bytes
+    # Adam moments (fp32), plus fp32 main parameters when the model is bf16.
+    state_bytes = 8 + (4 if work.bf16 else 0)
+    dense_shards = world_size // (parallel.tp * parallel.pp) if work.distributed_optimizer else 1
+    expert_shards = world_size // (parallel.ep * parallel.expert_tp * parallel.pp) if work.distributed_optimizer else 1
+    weights = sum(params.values()) * weight_bytes
+    trainable = {key: n for key, n in params.items() if key[0] in work.trainable}
+    gradients = sum(trainable.values()) * grad_bytes
+    optimizer = sum(n * state_bytes / (expert_shards if expert else dense_shards)
+                    for (_, expert), n in trainable.items())
+    return {"weights": weights, "gradients": gradients, "optimizer state": optimizer}
+
+
+def _in_flight(parallel: ParallelConfig, work: Workload, stage: int) -> float:
+    """Micro-batches whose activations a stage holds at once, in units of the stage's layers:
+    1F1B holds ``pp - stage`` (at most the step's micro-batches); the interleaved schedule holds
+    ``2 * (pp - stage - 1) + (vpp - 1) * pp + 1`` model chunks of ``1 / vpp`` of the stage each."""
+    pp, m = parallel.pp, work.micro_batches
+    if not parallel.vpp or parallel.vpp == 1:
+        return min(pp - stage, m)
+    vpp = parallel.vpp
+    chunks = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, m * vpp)
+    return chunks / vpp
+
+
+def plan_memory(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload) -> MemoryPlan:
+    """Peak memory per GPU of training ``cfg`` in ``parallel`` over ``world_size`` ranks (see the
+    module docstring for the terms); the stage with the largest peak."""
+    parallel.data_parallel_size(world_size)  # raises on a layout that does not fit the world size
+    plans = [_plan_stage(cfg, parallel, world_size, work, stage) for stage in range(parallel.pp)]
+    worst = max(plans, key=lambda p: p.total)
+    worst.stage_totals = [p.total for p in plans]
+    return worst
+
+
+def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload,
+                stage: int) -> MemoryPlan:
+    t = cfg.text
+    shape = workload_shape(parallel, work)
+    n, n_sp, a = shape.n, shape.n_sp, shape.a
+    h, tp = t.hidden_size, parallel.tp
+    first, last = stage == 0, stage == parallel.pp - 1
+    static = _static_bytes(cfg, parallel, world_size, work, stage)
+    param_bytes = 2 if work.bf16 else 4
+    pattern = t.moe_layer_pattern()
+    layers = _layers_of_stage(cfg, parallel, stage)
+    b, s = work.micro_batch_size, work.seq_length
+
+    # Decoder: what one micro-batch stores, and the largest group recomputed at once in the backward pass.
+    full_layers = [decoder_layer_bytes(cfg, bool(pattern[i]), shape, work.recompute) for i in layers]
+    k = work.recompute_num_layers
+    recomputed_group = 0.0
+    if work.recompute == "full":
+        chunk = len(layers) // (parallel.vpp or 1)
+        chunk_layers = [full_layers[c * chunk:(c + 1) * chunk] for c in range(parallel.vpp or 1)]
+        layer_input = a * h * n_sp
+        stored = 0.0
+        for group in chunk_layers:
+            if work.recompute_method == "uniform":
+                starts = range(0, len(group), k)
+                stored += len(starts) * layer_input
+                recomputed_group = max([recomputed_group] + [sum(group[i:i + k]) for i in starts])
+            else:  # block: the first k layers of each chunk recomputed one by one, the others stored
+                stored += min(k, len(group)) * layer_input + sum(group[k:])
+                recomputed_group = max([recomputed_group] + group[:k])
+        stored += 4 * t.head_dim * n  # rotary angles, kept once for all groups
+        if first and work.visual_patches:
+            stored += cfg.num_deepstack * a * h * n_sp  # DeepStack features, an input of every group
+    else:
+        stored = sum(full_layers)
+    if last:  # final norm and the output layer's input
+        stored += n_sp * (_norm_bytes(h, a) + a * h)
+    in_flight = _in_flight(parallel, work, stage)
+    decoder = in_flight * stored
+
+    # Vision (first stage): the ViT's stored tensors per micro-batch in flight; the embeddings and
+    # DeepStack features of the whole sequence, kept until the micro-batch's forward pass ends.
+    vision = held = merge = 0.0
+    if first and work.visual_patches:
+        vision = min(parallel.pp, work.micro_batches) * vision_bytes(cfg, work.visual_patches, tp, a, work.recompute)
+        held = (1 + cfg.num_deepstack) * a * h * b * s
+        merge = (1 + cfg.num_deepstack) * a * h * b * s  # while merging: the token embeddings, the scattered copies
+
+    # Gradients in flight in the backward pass of a layer: the residual stream's two gradients, the
+    # widest intermediate's gradient, a weight-sized gradient before it is added to the buffer.
+    if any(pattern[i] for i in layers):
+        widest = max(n * 2 * t.intermediate_size // tp if not all(pattern) else 0,
+                     # etp x the routed copies, 1/etp of the width each
+                     n_sp * t.num_experts_per_tok * 2 * t.moe_intermediate_size)
+        weight = 2 * h * t.moe_intermediate_size // parallel.expert_tp  # one expert's fc1
+    else:
+        widest = n * 2 * t.intermediate_size // tp
+        weight = 2 * h * t.intermediate_size // tp  # fc1
+    backward = a * (2 * h * n_sp + widest) + param_bytes * weight
+    # Megatron's global buffer for the sequence-parallel all-gathers, kept from the first one on
+    sp_buffer = a * h * n if parallel.sequence_parallel else 0.0
+
+    # Logits and the fp32 cross entropy (last stage): bf16 logits + their fp32 copy at the peak.
+    vocab = t.vocab_size // tp
+    logits = (4 + (a if a == 2 else 0)) * n * vocab if last else 0.0
+    output_weight_grad = param_bytes * vocab * h if last else 0.0
+
+    phases = {
+        # everything stored; the first stage's forward pass still holds the whole sequence's visual features
+        "forward end (logits + loss)" if last else "forward end": {
+            "decoder activations": decoder, "vision activations": vision + held, "logits + loss": logits,
+            "working memory": sp_buffer},
+        # the loss's backward: the logits' gradient, the output layer's weight-sized gradient
+        "loss backward": {
+            "decoder activations": decoder, "vision activations": vision, "logits + loss": logits,
+            "working memory": sp_buffer + output_weight_grad + a * h * n},
+        "decoder backward": {
+            "decoder activations": decoder, "vision activations": vision, "logits + loss": 0.0,
+            "working memory": sp_buffer + recomputed_group + backward},
+        # the micro-batches already in flight, this one's ViT tensors and the merge's full-sequence buffers
+        "vision encoder and embedding merge": {
+            "decoder activations": decoder * (in_flight - 1) / in_flight, "vision activations": vision + held,
+            "logits + loss": 0.0, "working memory": sp_buffer + merge},
+    }
+    if not last:
+        del phases["loss backward"]
+    if not (first and work.visual_patches):
+        del phases["vision encoder and embedding merge"]
+    base = dict(static)
+    totals = {phase: sum({**base, **extra}.values()) for phase, extra in phases.items()}
+    peak = max(totals, key=totals.get)
+    terms = {**base, **phases[peak]}
+    return MemoryPlan(stage=stage, phase=peak, terms={name: terms[name] for name in TERMS}, phase_totals=totals)
