@@ -1,4 +1,4 @@
-"""`make demo`: the whole pipeline on small built-in data, 2 CPU ranks, about ten minutes on 2 cores.
+"""`make demo`: the whole pipeline on small built-in data, 2 CPU ranks, about five minutes on 2 cores.
 
     python -m pretrain.demo [--out demo_out] [--layout ep2|tp2_ep2_sp] [--quick]
 
@@ -6,8 +6,9 @@
    (with a few deliberately broken inputs), then the four shard builders and a small BPE tokenizer;
 2. the five stages of the Qwen3-VL recipe on a tiny MoE Qwen3-VL, each one ``torchrun -m
    pretrain.train stage=...`` command with CPU-sized overrides (short sequences, few steps), 2 gloo
-   ranks in a non-trivial layout, each stage starting from the previous stage's checkpoint;
-3. a table per stage (steps, tokens, loss first -> last, wall time) and the held-out accuracy of the
+   ranks in a non-trivial layout (S3 with context parallelism), each stage starting from the previous
+   stage's checkpoint;
+3. a table per stage (layout, steps, tokens, loss first -> last, wall time) and the held-out accuracy of the
    S0 model and of the final SFT model on questions about images and videos they never saw.
 
 Every command is printed before it runs, so each step can be rerun by hand.
