@@ -32,7 +32,7 @@ import re
 import shutil
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator
 
 import torch
 from megatron.core import parallel_state

@@ -45,7 +45,6 @@ therefore legal; the cost is the extra activation traffic when a DeepStack layer
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Iterable
 

@@ -41,7 +41,6 @@ from model.checkpoint_io import (
     LATEST,
     CheckpointError,
     load_model_state,
-    model_key,
     model_sharded_state,
     resolve_checkpoint,
 )

@@ -14,8 +14,9 @@ import os
 import signal
 import subprocess
 
-import torch
 import torch.distributed as dist
+
+from common.distributed.comm import all_reduce_values
 
 
 class PreemptionWatcher:
@@ -36,12 +37,8 @@ class PreemptionWatcher:
 
     def stop_requested(self) -> bool:
         """True on every rank when any rank got a signal (collective: call at the same step everywhere)."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        if dist.is_initialized():
-            if dist.get_backend() == "nccl":
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        (flag,) = all_reduce_values([1.0 if self.received is not None else 0.0], op=dist.ReduceOp.MAX)
+        return bool(flag)
 
 
 def requeue_slurm_job(max_requeues: int, environ=None) -> str:

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 import zlib
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from pretrain.config import JobConfig, check_batch_layout, recompute_overrides, 
 from pretrain.forward import qwen3vl_forward_step
 from pretrain.lr_schedule import build_lr_scheduler
 from pretrain.metrics import ExpertLoadTracker, MetricsLogger, peak_flops_per_gpu, qwen3vl_train_flops
+from common.distributed.comm import all_reduce_values, broadcast_flag
 from common.distributed.parallel import initialize_distributed
 from pretrain.preemption import PreemptionWatcher, requeue_slurm_job
 from pretrain.step import setup_optimizer, train_step, wrap_with_ddp
@@ -134,26 +134,12 @@ def check_tokenizer_matches_model(tokenizer, model_cfg, where: str) -> None:
         raise ConfigError(f"tokenizer {where} does not fit the model: " + "; ".join(wrong))
 
 
-def _broadcast_flag(flag: bool) -> bool:
-    """Rank 0's value of ``flag`` on every rank."""
-    t = torch.tensor([int(flag)])
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def _all_reduce_dp(values: list[float]) -> list[float]:
-    """Sum over data-parallel ranks (tensor/pipeline peers hold the same data)."""
+    """Sum over data-parallel ranks (tensor/pipeline/context peers hold the same data)."""
     from megatron.core import parallel_state
 
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
-    return t.cpu().tolist()
+    group = parallel_state.get_data_parallel_group() if dist.is_initialized() else None
+    return all_reduce_values(values, group=group)
 
 
 def normalize_loss_weights(micro_batches: list[dict]) -> None:
@@ -363,7 +349,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                 outcome = requeue_slurm_job(job.cluster.max_requeues)
                 requeued = outcome.startswith("requeued")
                 logger.message(outcome)
-            requeued = _broadcast_flag(requeued)
+            requeued = broadcast_flag(requeued)
             break
 
     wall = time.perf_counter() - started

@@ -13,7 +13,6 @@ ranks see every patch) and lives on the first pipeline stage.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig

@@ -83,6 +83,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from common.distributed.comm import all_reduce_values
 from common.tokens.tokenizer import ENDOFTEXT, IM_END
 from pretrain.forward import to_device
 
@@ -483,7 +484,7 @@ def _share_samples(tokens: torch.Tensor | None, logp: torch.Tensor | None, count
     return packed[0].long(), packed[1].float()
 
 
-def _anyone_running(model, running: bool, device) -> bool:
+def _anyone_running(model, running: bool) -> bool:
     """Whether a rank of this rank's expert group still has a running response: those ranks exchange
     tokens in every MoE layer, so they run the same number of forwards."""
     if not model.cfg.text.is_moe:
@@ -491,9 +492,8 @@ def _anyone_running(model, running: bool, device) -> bool:
     group = parallel_state.get_expert_tensor_and_model_parallel_group()
     if group is None or dist.get_world_size(group) == 1:
         return running
-    flag = torch.tensor([float(running)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
+    (flag,) = all_reduce_values([float(running)], group=group, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 def _synchronize() -> None:
@@ -571,7 +571,7 @@ def generate_rollouts(
                 batch.ids[active, batch.prompt_len + t] = tokens
                 done[active] = torch.isin(tokens, stop)
             running = (~done).nonzero()[:, 0]
-            if t + 1 == cfg.max_new_tokens or not _anyone_running(inner, running.numel() > 0, device):
+            if t + 1 == cfg.max_new_tokens or not _anyone_running(inner, running.numel() > 0):
                 break
             if running.numel() == 0:
                 rows = rows[:1]  # others in the expert group still run: step along with one row
