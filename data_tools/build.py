@@ -1,9 +1,17 @@
-"""The one build driver behind ``build-image-text``, ``build-interleaved``, ``build-video`` and ``build-sft``.
+"""The one build driver behind ``build-image-text``, ``build-interleaved``, ``build-video``, ``build-sft`` and ``build-rl``.
 
 Pipeline: the manifest is read line by line in the main process; worker processes validate lines and
 prepare samples (``data_tools.kinds``); results come back IN MANIFEST ORDER, and the main process alone
 detects duplicates, cuts shards and writes them. Hence the same input and options give byte-identical
 shards whatever ``--workers`` is.
+
+The manifest may also be one JSON array of records (``data_tools.json_array``): element ``n`` counts as
+line ``n``. The ``import-*`` commands run this same driver on other datasets' layouts: an importer
+(``data_tools.importers``) translates each input record into the kind's manifest record in the worker,
+before the kind's checks, and relative media paths resolve against ``--media-root``.
+``import-webdataset`` and ``import-parquet`` read tar and parquet files instead of a manifest (a
+:class:`RecordSource`): their records are numbered like lines, and their media travel to the workers
+as bytes (``LineContext.media``).
 
 Every non-blank manifest line ends up either in exactly one shard (as one sample, or one per clip),
 in ``rejected.jsonl`` with a reason (the INPUT is bad), or, when processing it raised an unexpected
@@ -50,13 +58,16 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from data_tools.atomic import write_atomic
 from data_tools.config import SHARD_PATTERN, BuildConfig
 from data_tools.energon_meta import META_DIR, write_energon_metadata
+from data_tools.importers import IMPORTERS, importer_maker
 from data_tools.journal import Journal, JournalError, load_journal
+from data_tools.json_array import JsonArrayError, is_json_array, iter_json_array
 from data_tools.kinds import maker
 from data_tools.sample_media import LineContext, PreparedSample
 from data_tools.schema import SCHEMA_VERSION
@@ -119,9 +130,9 @@ def init_worker(config: BuildConfig, watch_parent: bool = False) -> None:
     if watch_parent:
         threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
     _WORKER["config"] = config
-    _WORKER["make"] = maker(config.kind)
+    _WORKER["make"] = maker(config.kind) if config.importer is None else importer_maker(config.importer, config.kind)
     _WORKER["manifest_name"] = os.path.basename(config.manifest)
-    _WORKER["base_dir"] = os.path.dirname(config.manifest)
+    _WORKER["base_dir"] = config.media_root or os.path.dirname(config.manifest)
 
 
 def _as_text(raw: bytes) -> str:
@@ -135,20 +146,52 @@ def internal_error(line: int, e: Exception) -> LineResult:
     return LineResult(line, error=error, traceback="".join(traceback.format_exception(e)))
 
 
-def process_line(task: tuple[int, bytes]) -> LineResult:
-    """Validate one manifest line and prepare its samples. Never raises: ``Rejected`` becomes a
-    rejection, any other exception an internal error (a bug must neither stop the build nor pass
-    for bad input)."""
-    line, raw = task
+def _make_samples(line: int, prepare) -> LineResult:
+    """The kind's samples of the (manifest record, LineContext) that ``prepare()`` returns. Never
+    raises: ``Rejected`` becomes a rejection, any other exception an internal error (a bug must neither
+    stop the build nor pass for bad input)."""
     try:
-        record = parse_record(decode_line(raw))
-        ctx = LineContext(line, _WORKER["manifest_name"], _WORKER["base_dir"], _WORKER["config"])
+        record, ctx = prepare()
         samples, digests = _WORKER["make"](record, ctx)
         return LineResult(line, samples=samples, digests=digests)
     except Rejected as r:
         return LineResult(line, reason=r.reason, detail=r.detail)
     except Exception as e:
         return internal_error(line, e)
+
+
+def process_line(task: tuple[int, bytes]) -> LineResult:
+    """Validate one manifest line and prepare its samples. Never raises (see _make_samples)."""
+    line, raw = task
+    return _make_samples(line, lambda: (
+        parse_record(decode_line(raw)),
+        LineContext(line, _WORKER["manifest_name"], _WORKER["base_dir"], _WORKER["config"]),
+    ))
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """One record of an import whose input is not manifest lines (a tar sample, a parquet row), as a
+    worker receives it: ``name`` is the input file it comes from (the samples' ``source.manifest``),
+    ``data`` what the importer's ``translate`` takes (picklable), ``base_dir`` the folder relative media
+    paths of the translated record resolve against."""
+
+    name: str
+    data: Any
+    base_dir: str = ""
+
+
+def process_input(translate, task: tuple[int, InputRecord]) -> LineResult:
+    """Worker side of such an import: ``translate(data) -> (manifest record of the build's kind, its
+    media as ``{reference: bytes}``)`` (raises Rejected for a record it cannot translate), then the
+    kind's checks exactly as for a manifest line. Never raises (see _make_samples)."""
+    line, item = task
+
+    def prepare():
+        record, media = translate(item.data)
+        return record, LineContext(line, item.name, item.base_dir, _WORKER["config"], media)
+
+    return _make_samples(line, prepare)
 
 
 def _executor(config: BuildConfig, workers: int) -> ProcessPoolExecutor:
@@ -294,9 +337,15 @@ def _line_content(line: int, raw: bytes) -> bytes:
 
 
 def scan_manifest(path: Path) -> ManifestScan:
-    """sha256 of the manifest file and its counts of non-blank and blank lines (blank lines are not inputs)."""
+    """sha256 of the manifest file and its counts of non-blank and blank lines (blank lines are not inputs);
+    for a JSON array (data_tools.json_array), its count of elements. Raises JsonArrayError."""
     h = hashlib.sha256()
     nonblank = blank = 0
+    if is_json_array(path):
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return ManifestScan(h.hexdigest(), sum(1 for _ in iter_json_array(path)), 0)
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
             h.update(raw)
@@ -308,12 +357,79 @@ def scan_manifest(path: Path) -> ManifestScan:
 
 
 def iter_manifest(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line content) of every non-blank line."""
+    """(1-based line number, line content) of every non-blank line; of a JSON array, (1-based element
+    number, element text) of every element (data_tools.json_array)."""
+    if is_json_array(path):
+        yield from iter_json_array(path)
+        return
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
             content = _line_content(line, raw)
             if content.strip(_WHITESPACE):
                 yield line, content
+
+
+@dataclass
+class InputScan:
+    """What a build knows of its input before reading it: the entries it adds to the build's
+    fingerprint (compared on --resume), its number of records (None: counted while they are read) and
+    of blank manifest lines."""
+
+    fingerprint: dict
+    input_lines: int | None
+    blank_lines: int = 0
+
+
+class RecordSource:
+    """The input of a build: numbered records, and the worker function that turns one into a LineResult.
+
+    The build commands read their manifest (:class:`ManifestSource`, the default of :func:`run_build`);
+    ``import-webdataset`` and ``import-parquet`` read other containers (data_tools.importers) and hand
+    the workers :class:`InputRecord` s that carry their media as bytes. Contract: :meth:`records` yields
+    ``(number, payload)`` with numbers 1-based and increasing, the same records under the same numbers
+    on every call (determinism and --resume rest on it); ``process`` is a picklable function
+    ``((number, payload)) -> LineResult`` that never raises (it runs in the worker processes);
+    :meth:`input_text` is what rejected.jsonl and internal_errors.jsonl record as the input.
+    """
+
+    label = "build"  # progress bar
+    unit = "line"
+    process = staticmethod(process_line)
+
+    def scan(self) -> InputScan:
+        raise NotImplementedError
+
+    def records(self) -> Iterator[tuple[int, Any]]:
+        raise NotImplementedError
+
+    def input_text(self, payload: Any) -> str:
+        return _as_text(payload)
+
+
+class ManifestSource(RecordSource):
+    """The lines of ``config.manifest`` (JSONL, or one JSON array of records)."""
+
+    def __init__(self, config: BuildConfig):
+        self.config = config
+        self.path = Path(config.manifest)
+        self.label = f"import {config.importer}" if config.importer else f"build {config.kind}"
+
+    def scan(self) -> InputScan:
+        manifest, config = self.path, self.config
+        if not manifest.is_file():
+            raise BuildError(f"input {manifest} does not exist or is not a file")
+        if config.importer is not None and config.importer not in IMPORTERS:
+            raise BuildError(f"unknown importer {config.importer!r} (known: {', '.join(IMPORTERS)})")
+        if config.media_root is not None and not Path(config.media_root).is_dir():
+            raise BuildError(f"--media-root {config.media_root} does not exist or is not a folder")
+        try:
+            scan = scan_manifest(manifest)
+        except JsonArrayError as e:
+            raise BuildError(f"input {manifest} starts with '[' but is not a JSON array of records: {e}") from None
+        return InputScan({"manifest_sha256": scan.sha256}, scan.input_lines, scan.blank_lines)
+
+    def records(self) -> Iterator[tuple[int, bytes]]:
+        return iter_manifest(self.path)
 
 
 @dataclass
@@ -437,14 +553,14 @@ def _ordered_reasons(counts: Counter) -> dict[str, int]:
     return {r: counts[r] for r in sorted(counts, key=lambda r: (order.index(r) if r in order else len(order), r))}
 
 
-def run_build(config: BuildConfig) -> BuildSummary:
-    """Build (or with ``config.resume`` finish) the shard set of ``config``. Raises BuildError."""
+def run_build(config: BuildConfig, source: RecordSource | None = None) -> BuildSummary:
+    """Build (or with ``config.resume`` finish) the shard set of ``config`` from ``source`` (default:
+    the manifest, :class:`ManifestSource`). Raises BuildError."""
     started = time.monotonic()
-    out, manifest = Path(config.out), Path(config.manifest)
-    if not manifest.is_file():
-        raise BuildError(f"--manifest {manifest} does not exist or is not a file")
-    scan = scan_manifest(manifest)
-    fingerprint = {**config.fingerprint(), "manifest_sha256": scan.sha256}
+    out = Path(config.out)
+    source = source or ManifestSource(config)
+    scan = source.scan()
+    fingerprint = {**config.fingerprint(), **scan.fingerprint}
     journal_path = out / BUILD_DIR / JOURNAL
     if config.resume:
         if not journal_path.is_file():
@@ -467,27 +583,31 @@ def run_build(config: BuildConfig) -> BuildSummary:
     _remove_uncommitted(out, state)
     written = 0
     if not state.done:
-        written = _process(config, out, manifest, scan, state, journal_path)
+        written = _process(config, out, source, scan, state, journal_path)
+    elif scan.input_lines is None:  # finished but for the final files: count the records again
+        scan.input_lines = sum(1 for _ in source.records())
     summary = _finalize(config, out, scan, state, fingerprint)
     summary.samples_this_run = written
     summary.seconds = time.monotonic() - started  # everything: validation, writing, energon metadata
     return summary
 
 
-def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan, state: BuildState, journal_path: Path) -> int:
-    """Process the manifest from where the journal stops; return the samples written to shards."""
+def _process(config: BuildConfig, out: Path, source: RecordSource, scan: InputScan, state: BuildState, journal_path: Path) -> int:
+    """Process the records from where the journal stops; return the samples written to shards (and
+    set ``scan.input_lines`` when the source could not count its records up front)."""
     tmp_dir = out / BUILD_DIR / "tmp"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     journal = Journal(journal_path)
     resume_line = state.last[0] if state.last else 0
     bar = tqdm(
-        total=scan.input_lines, unit="line", desc=f"build {config.kind}", disable=not config.progress,
-        dynamic_ncols=True, mininterval=0.5,
+        total=scan.input_lines, unit=source.unit, disable=not config.progress, dynamic_ncols=True, mininterval=0.5,
+        desc=source.label,
     )
-    counts = {"accepted": sum(r["lines"] for r in state.shards), "rejected": len(state.rejected), "written": 0}
+    counts = {"accepted": sum(r["lines"] for r in state.shards), "rejected": len(state.rejected), "written": 0, "inputs": 0}
 
-    def tasks() -> Iterator[tuple[int, bytes]]:
-        for line, raw in iter_manifest(manifest):
+    def tasks() -> Iterator[tuple[int, Any]]:
+        for line, raw in source.records():
+            counts["inputs"] += 1
             if line < resume_line or line in state.rejected or line in state.failed:
                 bar.update(1)  # committed before this run
                 continue
@@ -531,7 +651,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
 
     resume_point = state.last  # the run goes on after this (line, sub-sample)
     try:
-        for (_, raw), result in ordered_results(tasks(), config):
+        for (_, raw), result in ordered_results(tasks(), config, source.process):
             bar.update(1)
             resumed_mid_line = resume_point is not None and result.line == resume_point[0]
             if result.error is not None:
@@ -540,7 +660,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
                         f"line {result.line} was accepted by the interrupted build but now fails with an internal "
                         f"error ({result.error}); rebuild with --overwrite"
                     )
-                fail(result, _as_text(raw))
+                fail(result, source.input_text(raw))
                 continue
             if result.reason is not None:
                 if resumed_mid_line:
@@ -548,7 +668,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
                         f"line {result.line} was accepted by the interrupted build but is now rejected "
                         f"({result.reason}: {result.detail}): its media changed; rebuild with --overwrite"
                     )
-                reject(result.line, result.reason, result.detail or "", _as_text(raw))
+                reject(result.line, result.reason, result.detail or "", source.input_text(raw))
                 continue
             skip = resume_point[1] + 1 if resumed_mid_line else 0
             new_digests: list[list] = []
@@ -559,7 +679,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
                     reject(
                         result.line, "duplicate_media",
                         f"medium {position} has the same bytes (sha256 {dup[:16]}...) as a medium of line {state.seen[dup]}",
-                        _as_text(raw),
+                        source.input_text(raw),
                     )
                     continue
                 for d in dict.fromkeys(result.digests):
@@ -588,6 +708,8 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         flush_rejections()
         journal.append({"type": "done"})
         state.done = True
+        if scan.input_lines is None:
+            scan.input_lines = counts["inputs"]
         return counts["written"]
     except BaseException:
         if writer is not None:
@@ -599,7 +721,7 @@ def _process(config: BuildConfig, out: Path, manifest: Path, scan: ManifestScan,
         journal.close()
 
 
-def _finalize(config: BuildConfig, out: Path, scan: ManifestScan, state: BuildState, fingerprint: dict) -> BuildSummary:
+def _finalize(config: BuildConfig, out: Path, scan: InputScan, state: BuildState, fingerprint: dict) -> BuildSummary:
     """Write rejected.jsonl, the energon metadata and, last, index.json."""
     rejected = [state.rejected[line] for line in sorted(state.rejected)]
     failed = [state.failed[line] for line in sorted(state.failed)]
@@ -677,13 +799,13 @@ def _summary_from_index(out: Path, seconds: float) -> BuildSummary:
 EXIT_INTERNAL_ERROR = 3
 
 
-def run_build_command(config: BuildConfig, command: str) -> int:
+def run_build_command(config: BuildConfig, command: str, source: RecordSource | None = None) -> int:
     """Run a build for the CLI and print its summary. Exit status: 0 done; 1 no sample was accepted
     (every line was bad input); 2 the build cannot run (bad options, foreign output folder);
     3 (``EXIT_INTERNAL_ERROR``) some lines hit a bug in data_tools (the rest of the set is built, the
     failed lines are in ``internal_errors.jsonl``); 130 interrupted."""
     try:
-        summary = run_build(config)
+        summary = run_build(config, source)
     except BuildError as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from common.media.decode import DEFAULT_MAX_PIXELS
+from data_tools.schema import KINDS
 
 SHARD_PATTERN = "shard-{index:06d}.tar"
 
@@ -16,9 +17,9 @@ SHARD_PATTERN = "shard-{index:06d}.tar"
 class BuildConfig:
     """Options of one shard-set build.
 
-    kind: "image_text" | "interleaved" | "video" | "sft".
-    manifest: the JSONL manifest (absolute path); relative media paths in it are resolved against its
-        folder. out: the output folder.
+    kind: one of data_tools.schema.KINDS ("image_text" | "interleaved" | "video" | "sft" | "rl").
+    manifest: the JSONL manifest, or JSON array of records (absolute path); relative media paths in it
+        are resolved against its folder, or ``media_root`` when set. out: the output folder.
     max_samples_per_shard, max_shard_bytes: a shard is closed before a sample that would exceed either
         (bytes of the finished tar file, including headers and padding); a single sample larger than
         ``max_shard_bytes`` gets a shard of its own.
@@ -31,6 +32,9 @@ class BuildConfig:
         seconds (re-encoded to H.264 MP4), captions re-timed to each clip.
     video_sample_fps: a video must give at least one frame when sampled at this rate (Qwen3-VL: 2 fps).
     split: energon train/val/test ratio over shards.
+    media_root: the folder relative media paths resolve against (absolute path; ``import-*`` commands).
+    importer: the ``data_tools.importers`` name ("llava", "messages") that translates each input record
+        into a ``kind`` manifest record, or None when the manifest is in the kind's own format.
     workers: processes that validate inputs (0 = in the main process, for debugging).
 
     Only ``workers`` and the run flags (``resume``, ``overwrite``, ``progress``) may change between a
@@ -48,13 +52,15 @@ class BuildConfig:
     max_clip_seconds: float | None = None
     video_sample_fps: float = 2.0
     split: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    media_root: str | None = None
+    importer: str | None = None
     workers: int = 1
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        if self.kind not in ("image_text", "interleaved", "video", "sft"):
+        if self.kind not in KINDS:
             raise ValueError(f"unknown kind {self.kind!r}")
         checks = [
             (self.max_samples_per_shard >= 1, "--max-samples-per-shard must be at least 1"),
@@ -98,9 +104,18 @@ def _split(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def add_build_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """The flags shared by every build command (``kind`` only adds the video-only ones)."""
-    parser.add_argument("--manifest", required=True, help="input JSONL manifest (relative media paths are relative to it)")
+MANIFEST_HELP = "input JSONL manifest (relative media paths are relative to it)"
+
+
+def add_build_arguments(
+    parser: argparse.ArgumentParser, kind: str, *, input_flag: str = "--manifest", input_help: str = MANIFEST_HELP,
+    media_root: bool = False,
+) -> None:
+    """The flags shared by every build command (``kind`` only adds the video-only ones). An ``import-*``
+    command names its input ``input_flag`` (stored as ``manifest``) and asks for ``--media-root``."""
+    parser.add_argument(input_flag, dest="manifest", metavar=input_flag.lstrip("-").upper(), required=True, help=input_help)
+    if media_root:
+        parser.add_argument("--media-root", required=True, help="folder that relative media paths in the input are relative to")
     parser.add_argument("--out", required=True, help="output folder for shards, index.json, rejected.jsonl, .nv-meta")
     parser.add_argument("--max-samples-per-shard", type=int, default=1000, help="samples per shard at most (default 1000)")
     parser.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="bytes per shard at most (default 1 GiB)")
@@ -125,7 +140,8 @@ def add_build_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-def config_from_args(args: argparse.Namespace, kind: str) -> BuildConfig:
+def config_from_args(args: argparse.Namespace, kind: str, importer: str | None = None) -> BuildConfig:
+    media_root = getattr(args, "media_root", None)
     return BuildConfig(
         kind=kind,
         manifest=os.path.abspath(args.manifest),
@@ -138,6 +154,8 @@ def config_from_args(args: argparse.Namespace, kind: str) -> BuildConfig:
         max_clip_seconds=getattr(args, "max_clip_seconds", None),
         video_sample_fps=args.video_sample_fps,
         split=tuple(args.split),
+        media_root=os.path.abspath(media_root) if media_root else None,
+        importer=importer,
         workers=args.workers,
         resume=args.resume,
         overwrite=args.overwrite,

@@ -4,7 +4,7 @@
 ``BaseWebdatasetFactory.prepare_dataset`` (writes ``<shard>.tar.idx`` next to each shard and
 ``.nv-meta/{index.sqlite, index.uuid, .info.json, split.yaml}``), then a ``.nv-meta/dataset.yaml``.
 For a ``CrudeWebdataset`` the CLI writes ``{__module__: megatron.energon, __class__: CrudeWebdataset}``;
-we add ``subflavors: {kind: <kind>}`` so the trainer's cooker can tell the four kinds apart.
+we add ``subflavors: {kind: <kind>}`` so the trainer's cooker can tell the kinds apart.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def _short(text: str | None, width: int) -> str:
 
 def describe(sample, width: int = 100) -> list[str]:
     """Lines describing one sample (a data_tools.schema sample)."""
-    from data_tools.schema import ImageTextSample, InterleavedSample, SftSample, VideoSample
+    from data_tools.schema import ImageTextSample, InterleavedSample, RlSample, SftSample, VideoSample
 
     src = sample.source
     lines = [f"{sample.key}  [{sample.kind}]  line {src.line} of {src.manifest}" + (f"  id={src.id}" if src.id else "")]
@@ -44,10 +44,13 @@ def describe(sample, width: int = 100) -> list[str]:
             lines.append(f"    text: {_short(sample.text, width)}")
         for c in sample.captions:
             lines.append(f"    [{c.start:7.2f} - {c.end:7.2f} s] {_short(c.text, width)}")
-    elif isinstance(sample, SftSample):
+    elif isinstance(sample, (SftSample, RlSample)):
         for msg in sample.messages:
             content = " ".join(_short(p.text, width) if p.type == "text" else f"<{p.image or p.video}>" for p in msg.content)
             lines.append(f"    {msg.role}: {_short(content, width)}")
+        if isinstance(sample, RlSample):
+            answer = "(none)" if sample.answer is None else _short(sample.answer, width)
+            lines.append(f"    answer: {answer}  [reward {sample.reward}]")
     return lines
 
 

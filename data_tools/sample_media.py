@@ -1,6 +1,6 @@
 """Media of one sample: read each file once, validate it, name it, and turn the sample into tar members.
 
-Used by every ``data_tools.kinds`` module, so all four builds check media the same way:
+Used by every ``data_tools.kinds`` module, so all builds check media the same way:
 
 * images: :func:`common.media.decode.load_image` (exists, decodes fully, bomb/size/aspect rules), then
   either the original bytes, or a ``smart_resize`` downscale when ``--downscale-pixels`` asks for it;
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from PIL import Image
@@ -48,6 +49,9 @@ class LineContext:
     manifest_name: str  # the manifest's file name, recorded in each sample's source
     base_dir: str  # folder that relative media paths are relative to
     config: BuildConfig
+    # Media an importer read from its input container (a tar member, a parquet cell), by the reference
+    # its record uses in place of a path; looked up before any file (SampleMedia.read).
+    media: Mapping[str, bytes] | None = None
 
 
 @dataclass
@@ -98,7 +102,10 @@ class SampleMedia:
         self._count = {"image": 0, "video": 0}
 
     def read(self, value: object, where: str) -> tuple[str, bytes]:
-        """Read the file named by manifest value ``value``: (the path as given, its bytes). Raises Rejected."""
+        """Read the medium named by manifest value ``value``: (the path as given, its bytes), from the
+        line's in-memory media when it names one, else from the file. Raises Rejected."""
+        if self.ctx.media and isinstance(value, str) and value in self.ctx.media:
+            return value, self.ctx.media[value]
         if not isinstance(value, str) or not value.strip():
             raise Rejected("invalid_fields", f"{where} must be a non-empty path string, got {value!r}")
         if "\x00" in value:

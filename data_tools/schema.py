@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 SCHEMA_VERSION = 1
-KINDS = ("image_text", "interleaved", "video", "sft")
+KINDS = ("image_text", "interleaved", "video", "sft", "rl")
+PROMPT_ROLES = ("system", "user")  # the roles of an RL prompt: the policy writes the assistant turn
 ROLES = ("system", "user", "assistant")
 MEDIA_TYPES = ("image", "video")
 JSON_PART = "json"
@@ -120,7 +121,7 @@ class Message:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The four sample kinds
+# The sample kinds
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -176,7 +177,22 @@ class SftSample:
     kind: str = "sft"
 
 
-Sample = ImageTextSample | InterleavedSample | VideoSample | SftSample
+@dataclass(frozen=True)
+class RlSample:
+    """A prompt for RL post-training: system/user ``messages`` ending with a user turn (no assistant
+    turn: the policy writes it), the reference ``answer`` (None when the prompt has none) and the name
+    of the ``reward`` the responses are scored with (stored as given; the trainer checks it exists)."""
+
+    key: str
+    source: Source
+    media: tuple[Media, ...]
+    messages: tuple[Message, ...]
+    answer: str | None
+    reward: str
+    kind: str = "rl"
+
+
+Sample = ImageTextSample | InterleavedSample | VideoSample | SftSample | RlSample
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,6 +238,10 @@ def _part_to_dict(p: Part) -> dict:
     return _drop_none(dict(p.__dict__))
 
 
+def _messages_to_list(messages: tuple[Message, ...]) -> list[dict]:
+    return [{"role": m.role, "content": [_part_to_dict(p) for p in m.content]} for m in messages]
+
+
 def sample_to_dict(sample: Sample) -> dict:
     """The JSON object of a sample (with ``schema_version``)."""
     d: dict = {
@@ -242,9 +262,9 @@ def sample_to_dict(sample: Sample) -> dict:
         if sample.clip is not None:
             d["clip"] = dict(sample.clip.__dict__)
     elif isinstance(sample, SftSample):
-        d.update(
-            messages=[{"role": m.role, "content": [_part_to_dict(p) for p in m.content]} for m in sample.messages]
-        )
+        d.update(messages=_messages_to_list(sample.messages))
+    elif isinstance(sample, RlSample):
+        d.update(messages=_messages_to_list(sample.messages), answer=sample.answer, reward=sample.reward)
     else:
         raise TypeError(f"not a sample: {type(sample).__name__}")
     return d
@@ -309,6 +329,20 @@ def _part_from_dict(d: Mapping, where: str) -> Part:
     return Part(type=part_type, **{part_type: _get(d, part_type, str, where)})
 
 
+def _messages_from_list(d: Mapping, where: str, roles: tuple[str, ...]) -> tuple[Message, ...]:
+    messages = []
+    for i, m in enumerate(_get(d, "messages", list, where)):
+        mw = f"{where}.messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise SchemaError(f"{mw}: must be an object")
+        role = _get(m, "role", str, mw)
+        if role not in roles:
+            raise SchemaError(f"{mw}: role must be one of {roles}, got {role!r}")
+        content = tuple(_part_from_dict(p, f"{mw}.content[{j}]") for j, p in enumerate(_get(m, "content", list, mw)))
+        messages.append(Message(role, content))
+    return tuple(messages)
+
+
 def sample_from_dict(d: Mapping) -> Sample:
     """Parse and check a sample JSON object. Raises SchemaError naming the bad field."""
     if not isinstance(d, Mapping):
@@ -351,17 +385,13 @@ def sample_from_dict(d: Mapping) -> Sample:
             captions=tuple(captions), clip=clip,
         )
     elif kind == "sft":
-        messages = []
-        for i, m in enumerate(_get(d, "messages", list, where)):
-            mw = f"{where}.messages[{i}]"
-            if not isinstance(m, Mapping):
-                raise SchemaError(f"{mw}: must be an object")
-            role = _get(m, "role", str, mw)
-            if role not in ROLES:
-                raise SchemaError(f"{mw}: role must be one of {ROLES}, got {role!r}")
-            content = tuple(_part_from_dict(p, f"{mw}.content[{j}]") for j, p in enumerate(_get(m, "content", list, mw)))
-            messages.append(Message(role, content))
-        sample = SftSample(key, source, media, messages=tuple(messages))
+        sample = SftSample(key, source, media, messages=_messages_from_list(d, where, ROLES))
+    elif kind == "rl":
+        messages = _messages_from_list(d, where, PROMPT_ROLES)
+        if not messages or messages[-1].role != "user":
+            raise SchemaError(f"{where}: an RL prompt must end with a user message")
+        sample = RlSample(key, source, media, messages=messages, answer=_get(d, "answer", str, where, optional=True),
+                          reward=_get(d, "reward", str, where))
     else:
         raise SchemaError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
     missing = sorted(set(referenced_media(sample)) - set(names))

@@ -1,4 +1,4 @@
-"""Write a deterministic synthetic corpus (raw images, videos, four manifests, a held-out eval file).
+"""Write a deterministic synthetic corpus (raw images, videos, five manifests, a held-out eval file).
 
 Made to be LEARNABLE by a tiny Qwen3-VL in minutes on a CPU: every image shows one simple shape
 (8 colour words x 4 shape words) on a plain background (3 background words), 64-160 px with varied
@@ -7,16 +7,22 @@ aspect ratios; captions come from a few templates ("a red circle on a white back
 with timestamped captions for both phases. Interleaved documents mix such images with sentences that
 describe them; SFT conversations ask closed-vocabulary questions ("What colour is the shape?" -> "red",
 "Which way does the square move?" -> "left"). ``eval.jsonl`` asks the same kinds of questions about
-media that no manifest uses, with the answer choices.
+media that no manifest uses, with the answer choices. ``rl.jsonl`` is a ``build-rl`` prompt set for RL
+post-training: the same closed-vocabulary questions (colour, shape, background; direction and colour
+for videos) about media of its own (used by no other manifest, eval included), as a user turn without
+the answer, with the single-word reference ``answer`` and ``reward: exact_match``.
 
 A few deliberately bad inputs sit in the manifests so builds show rejection: in image_text.jsonl a
 truncated image, a missing file, an empty text and a malformed JSON line; in interleaved.jsonl a
 missing image; in video.jsonl a corrupt video and a caption past the end; in sft.jsonl an empty
-answer. ``synth.json`` lists the vocabulary, the counts and these bad lines.
+answer; in rl.jsonl a missing image and an answer that is not a string. ``synth.json`` lists the
+vocabulary, the counts and these bad lines.
 
-Output folder: images/, videos/, docs/, sft_media/, eval_media/, image_text.jsonl, interleaved.jsonl,
-video.jsonl, sft.jsonl, eval.jsonl, synth.json. Paths in manifests are relative to the folder. The
-same seed and counts give byte-identical files.
+Output folder: images/, videos/, docs/, sft_media/, eval_media/, rl_media/, image_text.jsonl,
+interleaved.jsonl, video.jsonl, sft.jsonl, eval.jsonl, rl.jsonl, synth.json. Paths in manifests are
+relative to the folder. The same seed and counts give byte-identical files; each manifest draws from
+its own random stream (``f"{seed}/<name>"``) in a fixed order, rl last, so adding rl.jsonl left the
+other files as they were.
 """
 
 from __future__ import annotations
@@ -53,8 +59,10 @@ CAPTION_TEMPLATES = (
 )
 VIDEO_FPS = 8
 SYSTEM_PROMPT = "You are a helpful assistant that answers questions about images and videos."
-SUBDIRS = ("images", "videos", "docs", "sft_media", "eval_media")
-MANIFESTS = ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "eval.jsonl")
+SUBDIRS = ("images", "videos", "docs", "sft_media", "eval_media", "rl_media")
+MANIFESTS = ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "eval.jsonl", "rl.jsonl")
+#: The manifests with deliberately bad lines (synth.json's ``bad_lines``), built by build-* commands.
+BUILD_MANIFESTS = ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "rl.jsonl")
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class SynthConfig:
     docs: int = 120
     sft: int = 300
     eval: int = 80
+    rl: int = 96
     overwrite: bool = False
 
 
@@ -317,9 +326,9 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
         (out / sub).mkdir(parents=True, exist_ok=True)
     w = _Writer(out)
     seed = config.seed
-    total = config.images + config.videos + config.docs + config.sft + config.eval
+    total = config.images + config.videos + config.docs + config.sft + config.eval + config.rl
     bar = tqdm(total=total, desc="synth", unit="item", disable=not progress, dynamic_ncols=True)
-    bad: dict[str, list[dict]] = {m: [] for m in MANIFESTS[:4]}
+    bad: dict[str, list[dict]] = {m: [] for m in BUILD_MANIFESTS}
 
     # Image-text pairs.
     rng = random.Random(f"{seed}/image_text")
@@ -435,13 +444,42 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
         })
         bar.update()
     w.manifest("eval.jsonl", evaluation)
+
+    # RL prompts: the eval kinds of questions about media of their own, every fourth a video.
+    rng = random.Random(f"{seed}/rl")
+    rl = []
+    for i in range(config.rl):
+        if i % 4 == 3:
+            spec_v = w.unique_video(rng)
+            medium = {"type": "video", "video": w.video(f"rl_media/rl_{i:06d}.mp4", spec_v)}
+            question, answer = rng.choice(_video_questions(spec_v)[:2])
+        else:
+            spec_i = w.unique_image(rng)
+            medium = {"type": "image", "image": w.image(f"rl_media/rl_{i:06d}", spec_i)}
+            question, answer = rng.choice(_image_questions(spec_i)[:3])
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
+        messages.append({"role": "user", "content": [medium, {"type": "text", "text": question}]})
+        rl.append({"id": f"rl-{i:06d}", "messages": messages, "answer": answer, "reward": "exact_match"})
+        bar.update()
+    wrong_type = w.image("rl_media/bad_answer_type", w.unique_image(rng))
+    for fraction, record, reason in (
+        (0.4, {"id": "bad-missing-image", "messages": [{"role": "user", "content": [
+            {"type": "image", "image": "rl_media/does_not_exist.png"}, {"type": "text", "text": "What shape is it?"}]}],
+            "answer": "star", "reward": "exact_match"}, "missing_file"),
+        (0.8, {"id": "bad-answer-type", "messages": [{"role": "user", "content": [
+            {"type": "image", "image": wrong_type}, {"type": "text", "text": "What colour is the shape?"}]}],
+            "answer": ["red"], "reward": "exact_match"}, "invalid_fields"),
+    ):
+        _plant_bad(rl, bad["rl.jsonl"], fraction, record, reason)
+    w.manifest("rl.jsonl", rl)
     bar.close()
 
     summary = {
         "seed": seed,
-        "counts": {"image_text": config.images, "videos": config.videos, "docs": config.docs, "sft": config.sft, "eval": config.eval},
+        "counts": {"image_text": config.images, "videos": config.videos, "docs": config.docs, "sft": config.sft, "eval": config.eval,
+                   "rl": config.rl},
         "manifest_lines": {"image_text.jsonl": len(image_text), "video.jsonl": len(videos), "interleaved.jsonl": len(docs),
-                           "sft.jsonl": len(sft), "eval.jsonl": len(evaluation)},
+                           "sft.jsonl": len(sft), "eval.jsonl": len(evaluation), "rl.jsonl": len(rl)},
         "bad_lines": bad,
         "vocabulary": {"colours": list(COLOURS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS),
                        "directions": list(DIRECTIONS)},
@@ -462,12 +500,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", type=int, default=120, help="interleaved documents (default 120)")
     parser.add_argument("--sft", type=int, default=300, help="SFT conversations (default 300)")
     parser.add_argument("--eval", type=int, default=80, help="held-out eval questions (default 80)")
+    parser.add_argument("--rl", type=int, default=96, help="RL prompts with reference answers (default 96)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous corpus in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    counts = [args.images, args.videos, args.docs, args.sft, args.eval]
+    counts = [args.images, args.videos, args.docs, args.sft, args.eval, args.rl]
     if min(counts) < 0:
         print("synth: error: counts must not be negative", file=sys.stderr)
         return 2

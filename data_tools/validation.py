@@ -19,6 +19,7 @@ REASONS: dict[str, str] = {
     "invalid_utf8": "the line, or a string in it, is not valid UTF-8",
     "malformed_json": "the line is not one JSON value",
     "invalid_fields": "a field is missing, has the wrong type or a value outside its allowed set",
+    "placeholder_mismatch": "the <image>/<video> placeholders in the text do not match the listed media one to one",
     "empty_text": "a text is empty or only whitespace",
     "text_too_long": "the sample's text is longer than --max-text-chars",
     "special_token": "a text contains a chat/vision control token such as <|im_start|>",

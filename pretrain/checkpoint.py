@@ -66,6 +66,8 @@ class TrainerState:
     # Resumes whose data could not continue the saved streams (pretrain.data.loader.plan_data_resume):
     # {"step": ..., "warning": ...}, oldest first.
     data_resumes: list = field(default_factory=list)
+    # RL stages: the prompt stream's position (pretrain.posttrain.prompt_set.PromptStream.state_dict)
+    prompt_stream: dict = field(default_factory=dict)
 
 
 def _rank() -> int:

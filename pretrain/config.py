@@ -26,6 +26,7 @@ LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+STAGE_KINDS = ("lm", "distill", "rl")
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,40 @@ class RecomputeSchema:
 
 
 @dataclass
+class DistillSchema:
+    """``stage.kind: distill``: the frozen teacher (pretrain/posttrain/distill_stage.py)."""
+
+    teacher: str | None = None  # checkpoints folder (its latest) or step dir of a run of this stack
+    temperature: float = 1.0  # of both distributions in KL(teacher || student)
+
+
+@dataclass
+class PromptFilterSchema:
+    """Groups dropped before the update (report: all failed, or >= 15 of 16 succeeded)."""
+
+    enabled: bool = True  # false: keep every group (graded rewards; groups with equal rewards still get A = 0)
+    pass_threshold: float = 1.0  # a response with reward >= this is a success
+    easy_fraction: float = 0.9375  # 15/16: a group with at least this share of successes is too easy
+
+
+@dataclass
+class RLSchema:
+    """``stage.kind: rl``: rollouts, filtering and updates (pretrain/posttrain/rl_stage.py)."""
+
+    prompts: str | None = None  # an RL prompt set built by ``python -m data_tools build-rl``
+    prompts_per_step: int = 16  # prompts per RL step, all data-parallel ranks together
+    group_size: int = 16  # G responses per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    updates_per_step: int = 2  # optimizer mini-batches on each step's rollouts (ratios leave 1 after the first)
+    filter: PromptFilterSchema = field(default_factory=PromptFilterSchema)
+    save_rollouts: bool = True  # <run_dir>/rollouts/step_XXXXXXXX.jsonl
+    # modules imported before the rewards are looked up: your own @register_reward functions
+    reward_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StageSchema:
     """One training stage of the report (S0 alignment, S1 8K, S2 32K, S3 256K, SFT)."""
 
@@ -77,6 +112,13 @@ class StageSchema:
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     recompute: RecomputeSchema = field(default_factory=RecomputeSchema)
     data_weights: dict[str, float] = field(default_factory=dict)  # per data source name
+    kind: str = "lm"  # lm: next-token loss; distill: KL to a teacher; rl: policy optimisation on rollouts
+    distill: DistillSchema = field(default_factory=DistillSchema)
+    rl: RLSchema = field(default_factory=RLSchema)
+    # kind rl: reward names, or {name, weight} entries (pretrain/posttrain/rewards.py)
+    rewards: list[Any] = field(default_factory=list)
+    # kind rl: {name: sapo|grpo|gspo, aggregation: seq-mean-token-mean|token-mean, <the method's options>}
+    loss: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,6 +162,8 @@ class DataSchema:
     shuffle_buffer_size: int | None = 100  # samples (energon's sample shuffle buffer)
     max_samples_per_sequence: int | None = 100  # consecutive samples read from one shard slice
     overlong: str = "truncate"  # a sample longer than a pack: "truncate" (at a safe boundary) or "drop"
+    # energon's per-worker "Filling reading buffer" progress bars; off: one "loader: ..." line instead
+    verbose_loader: bool = False
 
 
 @dataclass
@@ -236,7 +280,59 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_sequence_layout(stage.seq_length, job.parallel)
+    _one_of("stage.kind", stage.kind, STAGE_KINDS)
+    if stage.kind == "distill":
+        check_distill_stage(job)
+    elif stage.kind == "rl":
+        check_rl_stage(job)
     return job
+
+
+def check_distill_stage(job: JobConfig) -> None:
+    """``kind: distill`` needs a teacher; the teacher runs beside the student in the same layout, which
+    pipeline parallelism would split differently (each stage would need the whole teacher)."""
+    distill = job.stage.distill
+    if not distill.teacher:
+        raise ConfigError("stage.distill.teacher: set the teacher's checkpoints folder (kind: distill)")
+    _positive("stage.distill.temperature", distill.temperature)
+    if job.parallel.pp > 1:
+        raise ConfigError(f"stage.kind=distill with parallel.pp={job.parallel.pp}: distillation runs with "
+                          "pp=1 (tensor, expert, context and data parallelism are supported)")
+
+
+def check_rl_stage(job: JobConfig) -> None:
+    """One-line errors for an RL stage that cannot run, before any model is built or rollout drawn."""
+    from pretrain.posttrain.advantages import PromptFilter, check_group_size
+    from pretrain.posttrain.policy_loss import AGGREGATIONS, policy_loss_config_from_mapping
+    from pretrain.posttrain.rewards import parse_reward_specs
+
+    import importlib
+
+    rl = job.stage.rl
+    for module in rl.reward_modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigError(f"stage.rl.reward_modules: cannot import {module!r} ({exc})") from None
+    if not rl.prompts:
+        raise ConfigError("stage.rl.prompts: set the RL prompt set (python -m data_tools build-rl) for kind: rl")
+    for key in ("prompts_per_step", "max_new_tokens", "updates_per_step"):
+        _positive(f"stage.rl.{key}", getattr(rl, key))
+    try:
+        check_group_size(rl.group_size)
+        parse_reward_specs(job.stage.rewards)
+        PromptFilter(pass_threshold=rl.filter.pass_threshold, easy_fraction=rl.filter.easy_fraction)
+        loss = dict(job.stage.loss)
+        _one_of("stage.loss.aggregation", loss.pop("aggregation", AGGREGATIONS[0]), AGGREGATIONS)
+        policy_loss_config_from_mapping(loss)
+    except ValueError as exc:
+        raise ConfigError(f"stage (kind: rl): {exc}") from None
+    if not 0 <= rl.temperature or not 0 < rl.top_p <= 1:
+        raise ConfigError(f"stage.rl.temperature={rl.temperature} must be >= 0 and stage.rl.top_p={rl.top_p} "
+                          "in (0, 1]")
+    if job.parallel.cp > 1 or job.parallel.vpp:
+        raise ConfigError(f"stage.kind=rl with parallel.cp={job.parallel.cp}, vpp={job.parallel.vpp}: rollouts "
+                          "run without context parallelism or virtual pipeline stages")
 
 
 def check_sequence_layout(seq_length: int, parallel: ParallelConfig) -> None:

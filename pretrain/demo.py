@@ -4,12 +4,12 @@
 
 1. ``python -m data_tools synth``: a synthetic corpus of coloured shapes and moving-shape videos
    (with a few deliberately broken inputs), then the four shard builders and a small BPE tokenizer;
-2. the five stages of the Qwen3-VL recipe on a tiny MoE Qwen3-VL, each one ``torchrun -m
+2. the stages of the Qwen3-VL recipe on a tiny MoE Qwen3-VL, each one ``torchrun -m
    pretrain.train stage=...`` command with CPU-sized overrides (short sequences, few steps), 2 gloo
    ranks in a non-trivial layout (S3 with context parallelism), each stage starting from the previous
-   stage's checkpoint;
-3. a table per stage (layout, steps, tokens, loss first -> last, wall time) and the held-out accuracy of the
-   S0 model and of the final SFT model on questions about images and videos they never saw.
+   stage's checkpoint: S0, S1, S2, S3, SFT, then reinforcement learning with SAPO;
+3. a table per stage (layout, steps, tokens, loss (RL: mean reward) first -> last, wall time) and the
+   held-out accuracy of the S0, SFT and RL models on questions about images and videos none of them saw.
 
 Every command is printed before it runs, so each step can be rerun by hand.
 """
@@ -39,9 +39,13 @@ STAGES = [
                       "stage.optimizer.lr=3e-4", "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=1"]),
     ("sft", ["stage.seq_length=512", "stage.train_steps=100", "stage.optimizer.lr=1e-3",
              "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=5"]),
+    # Post-training: SAPO on closed questions about images and videos no other stage saw (data_tools synth's
+    # rl.jsonl), 8 prompts x G=8 responses per step, exact-match + format rewards, 2 updates per step.
+    ("rl_sapo", ["stage.train_steps=40", "stage.rl.prompts_per_step=8", "stage.rl.group_size=8",
+                 "stage.rl.max_new_tokens=4", "train.micro_batch_size=16", "stage.optimizer.lr=3e-4"]),
 ]
 BUILDS = [("build-image-text", "image_text"), ("build-interleaved", "interleaved"),
-          ("build-video", "video"), ("build-sft", "sft")]
+          ("build-video", "video"), ("build-sft", "sft"), ("build-rl", "rl")]
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:
@@ -90,10 +94,12 @@ def stage_table(run_root: Path) -> list[dict]:
         if latest.is_file():
             trainer_state = latest.parent / latest.read_text().strip() / "trainer.json"
             layout = layout_name(json.loads(trainer_state.read_text())["layout"])
+        # RL stages: the mean reward (the policy loss hovers around 0 by construction)
+        key = "reward_mean" if "reward_mean" in records[0] else "loss"
         rows.append({
             "layout": layout,
             "stage": stage, "steps": records[-1]["step"], "tokens": records[-1]["consumed_tokens"],
-            "first": records[0]["loss"], "last": records[-1]["loss"],
+            "first": records[0][key], "last": records[-1][key], "measure": "reward" if key != "loss" else "loss",
             "seconds": sum(r["step_seconds"] for r in records),
         })
     return rows
@@ -115,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="ep2", choices=["ep2", "tp2_ep2_sp"],
                         help="parallel layout of the 2 ranks (conf/parallel) for every stage but S3 (cp2 x ep2)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage (smoke run)")
+    parser.add_argument("--from-parents", action="store_true",
+                        help="S0 from a composed Qwen3 LLM + SigLIP-2 instead (pretrain/demo_parents.py)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     raw, shards, tokenizer, runs, logs = (out / p for p in ("raw", "shards", "tokenizer", "runs", "logs"))
@@ -130,12 +138,16 @@ def main(argv: list[str] | None = None) -> int:
                                                       for a in ("--manifest", str(raw / f"{name}.jsonl"))],
          "--vocab-size", "1024", "--out", str(tokenizer)])
 
-    print("\n== 2. training: S0 -> S1 -> S2 -> S3 -> SFT on 2 gloo ranks")
     common = ["model=tiny_moe", "data=synth", f"data.root={shards}",
               f"data.tokenizer={tokenizer}", f"train.run_root={runs}", "train.global_batch_size=8",
               "train.micro_batch_size=1", "train.log_interval=10", "train.save_interval=1000000",
               "stage.train_tokens=null", *model_overrides(tokenizer)]
     torchrun = [str(Path(PY).with_name("torchrun")), "--nproc-per-node", "2", "-m", "pretrain.train"]
+    if args.from_parents:
+        from pretrain.demo_parents import run_from_parents
+
+        return run_from_parents(out, common, torchrun, args.layout, args.quick)
+    print("\n== 2. training: S0 -> S1 -> S2 -> S3 -> SFT -> RL (SAPO) on 2 gloo ranks")
     for stage, overrides in STAGES:
         if args.quick:
             overrides = [o for o in overrides if not o.startswith("stage.train_steps")] + ["stage.train_steps=3"]
@@ -146,21 +158,21 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n== 3. results")
     rows = stage_table(runs)
-    print(f"{'stage':<14}{'layout':<10}{'steps':>6}{'tokens':>10}{'loss first -> last':>22}{'wall s':>9}")
+    print(f"{'stage':<14}{'layout':<10}{'steps':>6}{'tokens':>10}{'first -> last':>24}{'wall s':>9}")
     for r in rows:
-        print(f"{r['stage']:<14}{r['layout']:<10}{r['steps']:>6}{r['tokens']:>10}{r['first']:>12.3f} -> "
+        print(f"{r['stage']:<14}{r['layout']:<10}{r['steps']:>6}{r['tokens']:>10}{r['measure']:>8}{r['first']:>7.3f} -> "
               f"{r['last']:<7.3f}{r['seconds']:>9.1f}")
     eval_file = raw / "eval.jsonl"
-    before = evaluate(runs / "s0_align" / "checkpoints", eval_file)
-    after = evaluate(runs / "sft" / "checkpoints", eval_file)
-    print(f"\nheld-out questions about unseen synthetic images and videos ({before['all']['n']} questions):")
-    print(f"{'model':<22}{'answer correct':>16}{'best choice correct':>22}")
-    for name, result in (("S0 (alignment only)", before), ("after SFT", after)):
-        print(f"{name:<22}{result['all']['generated']:>16.1%}{result['all']['choice']:>22.1%}")
-    for kind in ("image", "video"):
-        if kind in after:
-            print(f"  {kind + 's':<20}{before[kind]['generated']:>16.1%} -> {after[kind]['generated']:.1%}"
-                  f"{before[kind]['choice']:>13.1%} -> {after[kind]['choice']:.1%}")
+    results = [(name, evaluate(runs / stage / "checkpoints", eval_file))
+               for name, stage in (("S0 (alignment only)", "s0_align"), ("after SFT", "sft"), ("after RL (SAPO)", "rl_sapo"))]
+    print(f"\nheld-out questions about unseen synthetic images and videos ({results[0][1]['all']['n']} questions, "
+          "asked neither in SFT nor in RL):")
+    print(f"{'model':<22}{'answer correct':>16}{'best choice correct':>22}{'images':>9}{'videos':>9}")
+    for name, result in results:
+        print(f"{name:<22}{result['all']['generated']:>16.1%}{result['all']['choice']:>22.1%}"
+              f"{result.get('image', {}).get('generated', 0):>9.1%}{result.get('video', {}).get('generated', 0):>9.1%}")
+    gain = results[2][1]["all"]["generated"] - results[1][1]["all"]["generated"]
+    print(f"RL over SFT: {gain * 100:+.1f} points (answer correct)")
     example = json.loads(eval_file.read_text().splitlines()[0])
     print("\ntry it: " + shlex.join([PY, "-m", "pretrain.generate", "--ckpt", str(runs / "sft" / "checkpoints"),
                                      f"--{example['media_type']}", str(raw / example["media"]),

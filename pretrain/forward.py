@@ -50,34 +50,37 @@ def to_device(batch: dict) -> dict:
     return {k: v.cuda(non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | None = None):
-    """Schedule forward step: every pipeline stage reads the same micro-batch and uses what it needs.
-
-    Documents reach attention as ``packed_seq_params`` (THD) on the transformer-engine backend and as
-    ``document_ids`` otherwise; ``use_packed_seq_params`` None decides from the model's backend. With
-    context parallelism the model returns this rank's token losses, so the weights are cut to match.
-    """
-    from megatron.core.utils import get_attr_wrapped_model
-
-    batch = to_device(next(data_iterator))
+def media_inputs(batch: dict) -> dict:
+    """The micro-batch's images and videos as model keyword arguments (absent kinds left out)."""
     media = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None and batch[k].numel()}
     if "pixel_values" not in media:
         media.pop("image_grid_thw", None)
     if "pixel_values_videos" not in media:
         media.pop("video_grid_thw", None)
-    attention = get_attr_wrapped_model(model, "attention")
+    return media
+
+
+def model_inputs(batch: dict, model, use_packed_seq_params: bool | None = None) -> dict:
+    """Keyword arguments of the model for a packed micro-batch (on the device): positions, the document
+    boundaries (``packed_seq_params`` (THD) on the transformer-engine backend, ``document_ids``
+    otherwise; ``use_packed_seq_params`` None decides from the model's backend) and the media."""
+    from megatron.core.utils import get_attr_wrapped_model
+
     if use_packed_seq_params is None:
-        use_packed_seq_params = attention == "te"
+        use_packed_seq_params = get_attr_wrapped_model(model, "attention") == "te"
     thd = packed_seq_params(batch) if use_packed_seq_params else None
-    output = model(
-        batch["tokens"],
-        batch["position_ids"],
-        document_ids=None if thd is not None else batch["document_ids"],
-        # Positions without a target hold -100; their loss is weighted 0, any valid id will do.
-        labels=batch["labels"].clamp(min=0),
-        packed_seq_params=thd,
-        **media,
-    )
+    return dict(position_ids=batch["position_ids"], document_ids=None if thd is not None else batch["document_ids"],
+                packed_seq_params=thd, **media_inputs(batch))
+
+
+def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | None = None):
+    """Schedule forward step: every pipeline stage reads the same micro-batch and uses what it needs
+    (inputs: :func:`model_inputs`). With context parallelism the model returns this rank's token
+    losses, so the weights are cut to match."""
+    batch = to_device(next(data_iterator))
+    # Positions without a target hold -100; their loss is weighted 0, any valid id will do.
+    output = model(batch["tokens"], labels=batch["labels"].clamp(min=0),
+                   **model_inputs(batch, model, use_packed_seq_params))
     loss_weights = split_on_this_rank(batch["loss_weights"], 1)
     loss_mask = split_on_this_rank(batch["loss_mask"], 1)
     return output, partial(weighted_token_loss, loss_weights, loss_mask)

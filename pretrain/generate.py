@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,14 +70,19 @@ def load_media(path: str | Path, kind: str, frames) -> Any:
     return load_image(str(path)) if kind == "image" else load_video_clip(str(path), frames)
 
 
-def encode_prompt(im: InferenceModel, media: Any, kind: str, prompt: str) -> dict:
-    """Token ids, 3D positions and vision inputs of a user turn followed by ``<|im_start|>assistant\\n``."""
-    messages = [
-        {"role": "user", "content": [{"type": kind, kind: media}, {"type": "text", "text": prompt}]},
-        # A placeholder answer: the prompt ends where its first target token begins.
-        {"role": "assistant", "content": "x"},
-    ]
-    sample = im.encoder.encode_conversation(messages)
+def encode_prompt_messages(encoder: Any, messages: Sequence[Mapping]) -> dict:
+    """The prompt dict of a rollout or a greedy answer: token ids ``input_ids`` [s], 3D positions
+    ``position_ids`` [3, s] and, with media, ``pixel_values`` + ``image_grid_thw`` and/or
+    ``pixel_values_videos`` + ``video_grid_thw``, of ``messages`` followed by ``<|im_start|>assistant\\n``.
+
+    ``encoder``: the run's :class:`pretrain.data.encoding.SampleEncoder`; ``messages``: system/user turns
+    as :meth:`SampleEncoder.encode_conversation` takes them (media decoded: PIL images, VideoClips),
+    without an assistant turn. Raises ValueError.
+    """
+    if any(m.get("role") == "assistant" for m in messages):
+        raise ValueError("a prompt holds system and user turns only: the model writes the assistant turn")
+    # A placeholder answer: the prompt ends where its first target token begins.
+    sample = encoder.encode_conversation([*messages, {"role": "assistant", "content": "x"}])
     start = int((sample.labels != -100).nonzero()[0])
     inputs = {"input_ids": sample.input_ids[:start], "position_ids": sample.position_ids[:, :start]}
     if sample.image_grid_thw.numel():
@@ -84,6 +90,13 @@ def encode_prompt(im: InferenceModel, media: Any, kind: str, prompt: str) -> dic
     if sample.video_grid_thw.numel():
         inputs.update(pixel_values_videos=sample.pixel_values_videos, video_grid_thw=sample.video_grid_thw)
     return inputs
+
+
+def encode_prompt(im: InferenceModel, media: Any, kind: str, prompt: str) -> dict:
+    """The prompt dict (:func:`encode_prompt_messages`) of one user turn: ``media`` (a PIL image or a
+    VideoClip, ``kind`` "image" | "video") followed by the text ``prompt``."""
+    messages = [{"role": "user", "content": [{"type": kind, kind: media}, {"type": "text", "text": prompt}]}]
+    return encode_prompt_messages(im.encoder, messages)
 
 
 @torch.no_grad()

@@ -136,6 +136,14 @@ class MetricsLogger:
         if m.get("grad_norm") is not None:
             parts.append(f"grad norm {m['grad_norm']:.3f}")
         parts.append(f"lr {m['lr']:.3e}")
+        if m.get("reward_mean") is not None:  # an RL step (pretrain/posttrain/rl_stage.py)
+            parts.append(f"reward {m['reward_mean']:.3f}")
+            parts.append(f"pass {m['pass_rate']:.1%}")
+            parts.append(f"filtered {m['filtered_share']:.0%}")
+            if m.get("ratio_dev_max") is not None:
+                parts.append(f"|r-1| max {m['ratio_dev_max']:.3f}")
+            parts.append(f"len {m['response_length']:.1f}")
+            parts.append(f"rollout {m['rollout_s']:.1f}s train {m['train_s']:.1f}s")
         parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
         if m.get("mfu") is not None:
             parts.append(f"MFU {m['mfu']:.1%}")

@@ -24,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     from model.config import ConfigError as ModelConfigError
     from pretrain.checkpoint import CheckpointError
     from common.distributed.parallel import ParallelConfigError, destroy_distributed
+    from pretrain.posttrain.rl_stage import RLSetupError, run_rl_stage
     from pretrain.trainer import TrainingStopped, run_stage
 
+    run = run_rl_stage if job.stage.kind == "rl" else run_stage
     try:
-        result = run_stage(job, OmegaConf.to_yaml(cfg, resolve=True))
-    except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError) as exc:
+        result = run(job, OmegaConf.to_yaml(cfg, resolve=True))
+    except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError, RLSetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

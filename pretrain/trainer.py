@@ -185,10 +185,9 @@ def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stag
     return describe
 
 
-def _save(manager, model, optimizer, scheduler, state, loader, describe) -> Path:
-    state.scheduler = scheduler.state_dict()
-    data = {stream: position for stream, position in loader.save_state().items() if loader.plan.writes(stream)}
-    return manager.save(model, optimizer, state, {"rng": collect_rng_state()}, describe=describe, data_states=data)
+def _data_states(loader) -> dict:
+    """{stream: position} of the data streams this rank writes into a checkpoint."""
+    return {stream: position for stream, position in loader.save_state().items() if loader.plan.writes(stream)}
 
 
 def _open_train_data(job: JobConfig, state: TrainerState, manager: CheckpointManager, latest: Path | None,
@@ -218,26 +217,83 @@ def _open_train_data(job: JobConfig, state: TrainerState, manager: CheckpointMan
     return loader, resume.warning
 
 
-def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
-    """Train one stage on this rank (call on every rank; see the module docstring)."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+@dataclass
+class StageRun:
+    """What every kind of stage opens before its first step (:func:`open_stage`): the model and its
+    optimizer and schedule, restored or initialised, the tokenizer, the checkpoint manager, the logger
+    and the preemption watcher. The loop of the stage's kind (:func:`run_stage`, and the post-training
+    loops in :mod:`pretrain.posttrain`) runs on it."""
 
+    job: JobConfig
+    info: object  # common.distributed.parallel.DistributedInfo
+    dp_size: int
+    dtype: torch.dtype
+    model_cfg: object  # model.config.Qwen3VLConfig
+    chunks: list
+    model: list
+    optimizer: object
+    scheduler: object
+    manager: CheckpointManager
+    state: TrainerState
+    rank_state: dict | None  # this rank's saved state (RNG) when resuming in the same layout
+    latest: Path | None  # the checkpoint resumed from
+    origin: str  # where the weights came from, for the first log line
+    tokenizer: object
+    describe: object  # checkpoint_description(...)
+    watcher: PreemptionWatcher
+    logger: MetricsLogger
+
+    @property
+    def rank0(self) -> bool:
+        return self.info.rank == 0
+
+    def restore_rng(self) -> None:
+        """The saved RNG of this rank (same layout), else note that it was seeded from train.seed."""
+        if self.rank_state is not None:
+            restore_rng_state(self.rank_state["rng"])
+        elif self.latest is not None and self.state.layout != current_layout():
+            self.origin += (f" in another layout ({self.state.layout} -> {current_layout()}; "
+                            "RNG seeded from train.seed)")
+
+    def save(self, data_states: dict | None = None) -> Path:
+        """A checkpoint of the model, optimizer, schedule, progress and RNG (collective)."""
+        self.state.scheduler = self.scheduler.state_dict()
+        return self.manager.save(self.model, self.optimizer, self.state, {"rng": collect_rng_state()},
+                                 describe=self.describe, data_states=data_states)
+
+    def handle_stop(self) -> bool:
+        """After a save on SIGUSR1/SIGTERM: requeue the SLURM job (rank 0 decides); True when requeued."""
+        requeued = False
+        if self.rank0:
+            outcome = requeue_slurm_job(self.job.cluster.max_requeues)
+            requeued = outcome.startswith("requeued")
+            self.logger.message(outcome)
+        return broadcast_flag(requeued)
+
+
+def start_distributed(job: JobConfig):
+    """torch.distributed and Megatron's parallel state of ``job``; returns (info, data-parallel size)."""
+    from megatron.core import parallel_state
+
+    info = initialize_distributed(job.parallel, seed=job.train.seed)
+    return info, parallel_state.get_data_parallel_world_size()
+
+
+def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_yaml: str = "",
+               schedule_steps: int | None = None) -> StageRun:
+    """Build this rank's model and optimizer, resume from ``<run_dir>/checkpoints/latest`` (else load
+    ``stage.init_from``), load and check the tokenizer, write the run's ``config.yaml``, and open the
+    logger and the preemption watcher (see the module docstring, steps 2-3). ``total_steps``: the
+    stage's steps (logged); ``schedule_steps``: the optimizer steps the learning-rate schedule spans
+    (default ``total_steps``; an RL step makes several)."""
     from model.config import Qwen3VLConfig
     from common.tokens.tokenizer import load_tokenizer
 
-    info = initialize_distributed(job.parallel, seed=job.train.seed)
-    rank0 = info.rank == 0
     run_dir = Path(job.train.run_dir)
-    dp_size = parallel_state.get_data_parallel_world_size()
-    num_micro = check_batch_layout(job.train, dp_size)
-    total_steps = stage_total_steps(job)
-    seq_length = job.stage.seq_length
     dtype = training_dtype(job)
     model_cfg = Qwen3VLConfig.from_mapping(job.model)
-
     chunks, model, optimizer = build_training(job, dtype)
-    scheduler = build_lr_scheduler(optimizer, job.stage.optimizer, total_steps)
+    scheduler = build_lr_scheduler(optimizer, job.stage.optimizer, schedule_steps or total_steps)
 
     manager = CheckpointManager(run_dir, keep_last=job.train.keep_last)
     state, rank_state = TrainerState(stage=job.stage.name), None
@@ -253,21 +309,44 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
 
     tokenizer = load_tokenizer(job.data.tokenizer)
     check_tokenizer_matches_model(tokenizer, model_cfg, job.data.tokenizer)
-    loader, data_warning = _open_train_data(job, state, manager, latest, tokenizer,
-                                            parallel_state.get_data_parallel_rank(), dp_size)
-    if rank_state is not None:
-        restore_rng_state(rank_state["rng"])
-    elif latest is not None and state.layout != current_layout():
-        origin += f" in another layout ({state.layout} -> {current_layout()}; RNG seeded from train.seed)"
-    if rank0:
+    if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         if composed_yaml:
             (run_dir / "config.yaml").write_text(composed_yaml)
+    logger = MetricsLogger(run_dir, job.stage.name, total_steps, state.step, job.train.log_interval,
+                           info.rank == 0)
+    return StageRun(job=job, info=info, dp_size=dp_size, dtype=dtype, model_cfg=model_cfg, chunks=chunks,
+                    model=model, optimizer=optimizer, scheduler=scheduler, manager=manager, state=state,
+                    rank_state=rank_state, latest=latest, origin=origin, tokenizer=tokenizer,
+                    describe=checkpoint_description(model_cfg, dtype, tokenizer, job.stage.name),
+                    watcher=PreemptionWatcher().install(), logger=logger)
 
-    describe = checkpoint_description(model_cfg, dtype, tokenizer, job.stage.name)
-    watcher = PreemptionWatcher().install()
-    logger = MetricsLogger(run_dir, job.stage.name, total_steps, state.step, job.train.log_interval, rank0)
-    logger.message(f"{job.stage.name}: {origin}; {total_steps} steps of {job.train.global_batch_size} x "
+
+def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
+    """Train one stage on this rank (call on every rank; see the module docstring). Stages of kind
+    ``lm`` (next-token loss) and ``distill`` (KL to a teacher's distributions) run here; ``rl`` stages
+    run in :func:`pretrain.posttrain.rl_stage.run_rl_stage`."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.moe.moe_utils import track_moe_metrics
+
+    info, dp_size = start_distributed(job)
+    num_micro = check_batch_layout(job.train, dp_size)
+    total_steps = stage_total_steps(job)
+    seq_length = job.stage.seq_length
+    run = open_stage(job, info, dp_size, total_steps, composed_yaml)
+    chunks, model, optimizer, scheduler = run.chunks, run.model, run.optimizer, run.scheduler
+    state, logger, watcher, model_cfg, dtype = run.state, run.logger, run.watcher, run.model_cfg, run.dtype
+    loader, data_warning = _open_train_data(job, state, run.manager, run.latest, run.tokenizer,
+                                            parallel_state.get_data_parallel_rank(), dp_size)
+    run.restore_rng()
+    forward_step = qwen3vl_forward_step
+    if job.stage.kind == "distill":
+        from pretrain.posttrain.distill_stage import build_teacher, distill_forward_step
+
+        teacher, teacher_origin = build_teacher(job, dtype, run.tokenizer)
+        forward_step = distill_forward_step(teacher, job.stage.distill.temperature)
+        run.origin += f"; teacher {teacher_origin}"
+    logger.message(f"{job.stage.name}: {run.origin}; {total_steps} steps of {job.train.global_batch_size} x "
                    f"{seq_length} tokens; layout {info.world_size} ranks, dp={dp_size}, "
                    f"{job.parallel}; {dtype}; {state.data_streams} data stream(s)")
     if data_warning:
@@ -275,16 +354,17 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     experts = ExpertLoadTracker(chunks) if model_cfg.is_moe else None
     moe_pattern = model_cfg.text.moe_layer_pattern() if model_cfg.is_moe else None
     peak = peak_flops_per_gpu()
-    forward_step = qwen3vl_forward_step  # THD packed sequences on the transformer-engine backend only
     data = iter(loader)
     start_step, first_loss, last_loss, consecutive_skips = state.step, None, None, 0
     started = time.perf_counter()
     preempted = requeued = False
-    checkpoint = str(latest) if latest else None
+    checkpoint = str(run.latest) if run.latest else None
 
     while state.step < total_steps:
         t0 = time.perf_counter()
         micro_batches = [next(data) for _ in range(num_micro)]
+        if state.step == start_step and loader.ready_message:
+            logger.message(loader.ready_message)  # instead of energon's per-worker buffer bars
         normalize_loss_weights(micro_batches)
         iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
         result = train_step(model, optimizer, forward_step, iterators, num_micro, seq_length,
@@ -336,7 +416,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         stop = watcher.stop_requested()
         too_many_skips = consecutive_skips >= job.train.max_consecutive_skips
         if state.step % job.train.save_interval == 0 or state.step == total_steps or stop or too_many_skips:
-            checkpoint = str(_save(manager, model, optimizer, scheduler, state, loader, describe))
+            checkpoint = str(run.save(_data_states(loader)))
         if too_many_skips:
             raise TrainingStopped(
                 f"{consecutive_skips} non-finite steps in a row at step {state.step} "
@@ -344,12 +424,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if stop:
             preempted = True
             logger.message(f"signal {watcher.received} received: saved {checkpoint} at step {state.step}")
-            requeued = False
-            if rank0:
-                outcome = requeue_slurm_job(job.cluster.max_requeues)
-                requeued = outcome.startswith("requeued")
-                logger.message(outcome)
-            requeued = broadcast_flag(requeued)
+            requeued = run.handle_stop()
             break
 
     wall = time.perf_counter() - started

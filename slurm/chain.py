@@ -18,11 +18,13 @@ from pretrain.config import ConfigError, JobConfig
 
 @dataclass
 class StageJob:
-    """One stage of a submission: its name, the overrides that compose it, the validated job."""
+    """One stage of a submission: its name, the overrides that compose it, the validated job, and for a
+    job of a sweep the label of its combination (slurm.sweep)."""
 
     name: str
     overrides: list[str]
     job: JobConfig
+    label: str = ""
 
 
 def override_key(override: str) -> str:

@@ -14,6 +14,7 @@ from pretrain.config import ConfigError, check_batch_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["s0_align", "s1_pretrain", "s2_long_32k", "s3_long_256k", "sft", "sft_long_256k"]
+POSTTRAIN = ["distill", "rl_sapo", "rl_grpo", "rl_gspo"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -21,6 +22,28 @@ def test_every_stage_composes(stage):
     _, job = load_job([f"stage={stage}"])
     assert job.stage.name == stage
     assert job.stage.seq_length in (8192, 32768, 262144)
+
+
+def test_every_stage_file_is_tested():
+    assert sorted(p.stem for p in (ROOT / "conf" / "stage").glob("*.yaml")) == sorted(STAGES + POSTTRAIN)
+
+
+@pytest.mark.parametrize("stage", ["rl_sapo", "rl_grpo", "rl_gspo"])
+def test_rl_stages_compose_with_their_loss(stage):
+    _, job = load_job([f"stage={stage}"])
+    assert job.stage.kind == "rl" and job.stage.loss["name"] == stage.removeprefix("rl_")
+    assert job.stage.rl.group_size == 16 and job.stage.rl.filter.easy_fraction == 15 / 16
+    assert job.stage.loss["aggregation"] == "seq-mean-token-mean"
+
+
+def test_distill_stage_needs_its_teacher_and_text_data():
+    with pytest.raises(ConfigError, match="no data source named 'text'"):
+        load_job(["stage=distill"])
+    _, job = load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]",
+                       "stage.distill.teacher=runs_big/sft/checkpoints"])
+    assert job.stage.kind == "distill" and job.stage.trainable == ["language"]
+    with pytest.raises(ConfigError, match="stage.distill.teacher"):
+        load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "stage.distill.teacher=null"])
 
 
 def test_report_stage_settings():

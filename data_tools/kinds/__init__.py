@@ -13,7 +13,7 @@ from data_tools.sample_media import LineContext, PreparedSample
 
 
 def maker(kind: str) -> Callable[[dict, LineContext], tuple[list[PreparedSample], list[str]]]:
-    """``make_samples`` of ``kind`` ("image_text" | "interleaved" | "video" | "sft")."""
-    from data_tools.kinds import image_text, interleaved, sft, video
+    """``make_samples`` of ``kind`` ("image_text" | "interleaved" | "video" | "sft" | "rl")."""
+    from data_tools.kinds import image_text, interleaved, rl, sft, video
 
-    return {"image_text": image_text, "interleaved": interleaved, "video": video, "sft": sft}[kind].make_samples
+    return {"image_text": image_text, "interleaved": interleaved, "video": video, "sft": sft, "rl": rl}[kind].make_samples

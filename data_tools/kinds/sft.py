@@ -32,14 +32,15 @@ def _content_items(message: dict, where: str) -> list[dict]:
     return content
 
 
-def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
-    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
-    ident = source_id(record)
+def check_messages(record: dict) -> list[tuple[str, list[dict]]]:
+    """The ``messages`` of a line as ``[(role, content items)]`` after every field and text check (no file
+    is opened): roles in ROLES, a system message only first, assistant messages text only, no empty
+    content or text. Shared with data_tools.kinds.rl. Raises Rejected."""
     messages = field(record, "messages", list)
     if not messages:
         raise Rejected("invalid_fields", "'messages' is empty")
     checked: list[tuple[str, list[dict]]] = []
-    for i, message in enumerate(messages):  # all field and text checks before any file is opened
+    for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise Rejected("invalid_fields", f"{where} must be an object, got {type(message).__name__}")
@@ -55,11 +56,16 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
             elif role == "assistant":
                 raise Rejected("invalid_fields", f"{where}: assistant messages must be text only, found {item['type']}")
         checked.append((role, items))
-    roles = {role for role, _ in checked}
-    if "user" not in roles or "assistant" not in roles:
-        raise Rejected("invalid_fields", "a conversation needs at least one user and one assistant message")
-    check_total_text([it["text"] for _, items in checked for it in items if it["type"] == "text"], ctx.config.max_text_chars)
-    media = SampleMedia(ctx)
+    return checked
+
+
+def message_texts(checked: list[tuple[str, list[dict]]]) -> list[str]:
+    """Every text of checked messages (for the --max-text-chars rule)."""
+    return [it["text"] for _, items in checked for it in items if it["type"] == "text"]
+
+
+def store_messages(checked: list[tuple[str, list[dict]]], media: SampleMedia) -> tuple[Message, ...]:
+    """Checked messages as schema Messages, their media validated and stored in ``media``. Raises Rejected."""
     out = []
     for i, (role, items) in enumerate(checked):
         parts = []
@@ -72,8 +78,21 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
             else:
                 parts.append(Part(type="video", video=media.video(item["video"], where)))
         out.append(Message(role=role, content=tuple(parts)))
+    return tuple(out)
+
+
+def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
+    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
+    ident = source_id(record)
+    checked = check_messages(record)  # all field and text checks before any file is opened
+    roles = {role for role, _ in checked}
+    if "user" not in roles or "assistant" not in roles:
+        raise Rejected("invalid_fields", "a conversation needs at least one user and one assistant message")
+    check_total_text(message_texts(checked), ctx.config.max_text_chars)
+    media = SampleMedia(ctx)
+    messages = store_messages(checked, media)
     sample = SftSample(
         key=sample_key(ctx.line), source=Source(ctx.line, ctx.manifest_name, ident), media=tuple(media.infos),
-        messages=tuple(out),
+        messages=messages,
     )
     return [prepare(sample, media.members)], media.source_digests

@@ -362,6 +362,14 @@ class _MediaDecoder:
         return self.image(part.image) if part.type == "image" else self.video(part.video)
 
 
+def decode_messages(messages: Sequence, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str) -> list[dict]:
+    """``data_tools.schema`` Messages -> the messages :meth:`SampleEncoder.encode_conversation` takes, each
+    media member decoded once (images with ``load_image``, videos sampled at ``frames``). Raises
+    ``ValueError`` (``MediaError`` for bad media)."""
+    decode = _MediaDecoder(media, frames, sample_key)
+    return [{"role": m.role, "content": [{"type": p.type, p.type: decode.part(p)} for p in m.content]} for m in messages]
+
+
 def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, bytes]) -> EncodedSample:
     """Encode a ``data_tools.schema`` sample with its media bytes (part name -> bytes).
 
@@ -383,10 +391,7 @@ def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, byt
             captions = [Caption(c.start, c.end, c.text) for c in sample.captions]
             return encoder.encode_video(decode.video(sample.video), text=sample.text, captions=captions, sample_id=sample_id)
         if isinstance(sample, schema.SftSample):
-            messages = [
-                {"role": m.role, "content": [{"type": p.type, p.type: decode.part(p)} for p in m.content]}
-                for m in sample.messages
-            ]
+            messages = decode_messages(sample.messages, media, encoder.config.frames, sample.key)
             return encoder.encode_conversation(messages, sample_id=sample_id)
     except ValueError as err:
         where = f"sample {sample.key} ({sample.source.manifest}:{sample.source.line})"

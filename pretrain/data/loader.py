@@ -44,6 +44,10 @@ num_streams=None) -> TrainLoader``
   ``pixel_values`` [0, 1536] and ``image_grid_thw`` [0, 3]).
 * ``TrainLoader.close()`` stops the worker processes (also on ``with build_train_loader(...) as l:``).
 * ``build_eval_loader(...)`` gives the packed micro-batches of the sets' ``val`` split, once, in order.
+* Quiet by default: energon draws a "Filling reading buffer" progress bar in every worker while it
+  fills its first packing buffer; unless ``data.verbose_loader`` is true those bars are switched off,
+  and ``TrainLoader.ready_message`` (set once the first micro-batch is drawn; the trainer prints it)
+  says in one line what was loaded and how long it took.
 
 Data flow: :mod:`pretrain.data.blend` (energon metadataset of the weighted sources) -> energon
 ``CrudeWebdataset`` per source -> shuffle -> :class:`PackingTaskEncoder` (encode, pack, batch) ->
@@ -55,11 +59,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from megatron.energon import PackingDataset as EnergonPackingDataset
 
 from pretrain.data.blend import BlendSource, metadataset_config, resolve_blend
 from pretrain.data.encoding import EncodingConfig, SampleEncoder
@@ -209,6 +216,42 @@ def _quiet_loader_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*'pin_memory' argument is set as true but no accelerator.*")
 
 
+class PackingDataset(EnergonPackingDataset):
+    """energon's PackingDataset without the "Filling reading buffer" bar that each worker draws while it
+    fills its first buffer (energon 7.4 draws it unconditionally and offers no switch). Same name as
+    energon's: energon writes class names into saved states and restore keys, which must not depend on
+    ``data.verbose_loader``."""
+
+    def _fill_reading_buffer(self, source_iter, log_progress: bool = False) -> bool:
+        return super()._fill_reading_buffer(source_iter, log_progress=False)
+
+
+def _quiet_packing(dataset: Any) -> None:
+    """Make every energon PackingDataset in the wrapper chain under ``dataset`` the quiet one above (same
+    state and behaviour, no bar). The task encoder builds them inside energon, hence the class change
+    on the fresh, not yet iterated, instances."""
+    stack = [dataset]
+    while stack:
+        node = stack.pop()
+        if type(node) is EnergonPackingDataset:
+            node.__class__ = PackingDataset
+        stack.extend(getattr(node, "datasets", ()))
+
+
+def _split_size(sources: list[BlendSource], split_part: str) -> tuple[int, int]:
+    """(shards, samples) of ``split_part`` over ``sources``, from their energon metadata."""
+    from megatron.energon.epathlib import EPath
+    from megatron.energon.flavors.webdataset import WebdatasetMeta
+
+    shards = samples = 0
+    for source in sources:
+        if source.has_split(split_part):
+            meta = WebdatasetMeta.from_config(EPath(source.path), split_part=split_part)
+            shards += len(meta.shards)
+            samples += sum(shard.count for shard in meta.shards)
+    return shards, samples
+
+
 def _log_pipeline_error(exc: Exception, sample: Any, sources: Any = None) -> None:
     """energon's error hook, for failures outside our per-sample handling (e.g. a tar that cannot be read)."""
     where = ", ".join(f"{s.dataset_path}/{s.shard_name}[{s.index}]" for s in sources or ()) or "unknown source"
@@ -314,6 +357,8 @@ class TrainLoader:
         self.plan = plan
         self.settings = settings
         self.sources = sources
+        self.ready_message: str | None = None  # one line, once the first micro-batch is drawn
+        self._created = time.perf_counter()
         self._pending: deque[dict] = deque()  # this rank's rest of the current global batch
         self._started = False
         self._closed = False
@@ -339,7 +384,17 @@ class TrainLoader:
                         batch["samples_skipped_total"] = sum(s.totals["num_skipped"] for s in self._streams)
                         batch["micro_batches_total"] = sum(s.micro_batches for s in self._streams)
                         self._pending.append(batch)
+            self._ready()
         return self._pending.popleft()
+
+    def _ready(self) -> None:
+        if self.ready_message is None:
+            shards, samples = _split_size(self.sources, "train")
+            self.ready_message = (
+                f"loader: {len(self.sources)} source(s), {shards} shards, {samples} samples; "
+                f"{self.settings.num_workers} worker(s) x {len(self._streams)} stream(s) on this rank; "
+                f"first micro-batch ready in {time.perf_counter() - self._created:.1f} s")
+            logger.info(self.ready_message)
 
     def skip(self, micro_batches: int) -> None:
         """Draw and drop ``micro_batches`` micro-batches of every stream this rank draws from (between
@@ -349,6 +404,8 @@ class TrainLoader:
         for stream in self._streams:
             for _ in range(micro_batches):
                 stream.draw()
+        if micro_batches:
+            self._ready()
 
     def close(self) -> None:
         """Stop the worker processes now (otherwise they stop when the loader is garbage collected,
@@ -422,7 +479,7 @@ def build_train_loader(
 
     data_cfg: the ``data`` section (``pretrain.config.DataSchema`` or a mapping): sources, num_workers,
         packing_buffer_size, shuffle_buffer_size, max_samples_per_sequence, max_visual_patches_per_pack,
-        overlong, pixel bounds and video fps. stage_cfg: the ``stage`` section (``data_weights``,
+        overlong, pixel bounds, video fps and verbose_loader. stage_cfg: the ``stage`` section (``data_weights``,
         ``loss_normalization``). tokenizer: a :class:`Tokenizer`, ``"qwen"`` or a tokenizer directory.
         encoding_cfg: defaults to :func:`encoding_config_from_data`. num_workers: overrides
         ``data_cfg.num_workers``.
@@ -482,6 +539,8 @@ def build_train_loader(
             max_samples_per_sequence=settings.max_samples_per_sequence,
             task_encoder=task_encoder,
         )
+        if not _field(data_cfg, "verbose_loader", False):
+            _quiet_packing(dataset)
         streams.append(_Stream(index, get_savable_loader(dataset, watchdog_timeout_seconds=None)))
     logger.info(
         "train loader rank %d/%d, data stream(s) %s of %d: %s; %d tokens x %d per micro-batch, %d workers per stream",
@@ -529,4 +588,6 @@ def build_eval_loader(
         limit=limit,
         task_encoder=task_encoder,
     )
+    if not _field(data_cfg, "verbose_loader", False):
+        _quiet_packing(dataset)
     return get_loader(dataset, watchdog_timeout_seconds=None)

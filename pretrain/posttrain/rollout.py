@@ -253,6 +253,14 @@ class _Batch:
 # the model during a generation
 
 
+def placeholder_ids(cfg) -> tuple[int, ...]:
+    """Token ids a response never holds: the image and video pad tokens of ``cfg`` (a Qwen3VLConfig).
+    The model replaces those ids by vision features wherever they appear, so a response that sampled
+    one could not be scored (the placeholders would outnumber the features); they are cut from the
+    policy like the padded vocabulary beyond the tokenizer's, in sampling and in the log-probs alike."""
+    return (int(cfg.image_token_id), int(cfg.video_token_id))
+
+
 def _unwrap(model):
     """The Qwen3-VL module inside Megatron's DDP / Float16Module wrappers."""
     from model.qwen3vl import Qwen3VLModel
@@ -533,6 +541,7 @@ def generate_rollouts(
     if len(prompt_keys) != n:
         raise ValueError(f"{len(prompt_keys)} prompt_keys for {n} prompts")
     vocab = tokenizer.vocab_size
+    banned = placeholder_ids(inner.cfg)
     if vocab > inner.cfg.text.vocab_size:
         raise ValueError(f"tokenizer vocabulary ({vocab}) is larger than the model's ({inner.cfg.text.vocab_size})")
     try:
@@ -563,8 +572,9 @@ def generate_rollouts(
                 active = rows[live]
                 tokens = logp = None
                 if logits is not None:
-                    tokens, logp = sample_tokens(logits[live.to(logits.device), :vocab], uniforms[active, t],
-                                                 cfg.temperature, cfg.top_p)
+                    live_logits = logits[live.to(logits.device), :vocab].float()
+                    live_logits[:, [i for i in banned if i < vocab]] = float("-inf")
+                    tokens, logp = sample_tokens(live_logits, uniforms[active, t], cfg.temperature, cfg.top_p)
                 tokens, logp = _share_samples(tokens, logp, active.numel(), device)
                 tokens, logp = tokens.cpu(), logp.cpu()
                 out_ids[active, t], out_logp[active, t], lengths[active] = tokens, logp, t + 1
@@ -604,16 +614,21 @@ def sequence_logprobs(
     temperature: float | None = None,
     vocab_size: int | None = None,
     micro_batch_size: int | None = None,
-) -> torch.Tensor:
+    prompt_index: torch.Tensor | None = None,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, T] float32 of the responses under ``model``, 0 on padding.
 
     ``responses``: a :class:`Rollouts` (its ids, mask, temperature and vocabulary size are used) or
     response ids [B, T] with ``response_mask`` [B, T] (default: all ones), ``temperature`` (default 1)
-    and ``vocab_size`` (the tokenizer's, default: the model's). B = len(prompts) * G, rows grouped by
-    prompt. Each row is its prompt followed by its response, right-padded, in one batched forward
+    and ``vocab_size`` (the tokenizer's, default: the model's). Row b answers prompt
+    ``prompt_index[b]`` (default: B = len(prompts) * G rows grouped by prompt). Each row is its prompt
+    followed by its response, right-padded (:func:`response_rows`), in one batched forward
     (``micro_batch_size`` rows at a time when given) in the model's training layout; the vocabulary
     stays split over the tensor-parallel ranks (Megatron's vocab-parallel cross entropy), and the
     result carries a gradient when called with gradients enabled (the policy's log-probs in the loss).
+    ``with_entropy``: also return the entropy [B, T] (nats) of the tempered distribution at each
+    response token, 0 on padding.
     """
     inner = _unwrap(model)
     check_rollout_layout(inner)
@@ -636,52 +651,122 @@ def sequence_logprobs(
         raise ValueError(f"responses must be [B, T] with a mask of the same shape, got {tuple(ids.shape)} "
                          f"and {tuple(mask.shape)}")
     rows, width = ids.shape
-    if rows % len(items):
-        raise ValueError(f"{rows} responses do not split into groups over {len(items)} prompts")
-    g = rows // len(items)
+    if prompt_index is None:
+        if rows % len(items):
+            raise ValueError(f"{rows} responses do not split into groups over {len(items)} prompts")
+        prompt_index = torch.arange(rows) // (rows // len(items))
+    prompt_index = torch.as_tensor(prompt_index).long().cpu()
+    if tuple(prompt_index.shape) != (rows,) or int(prompt_index.min()) < 0 or int(prompt_index.max()) >= len(items):
+        raise ValueError(f"prompt_index must give one prompt in [0, {len(items)}) per response row ({rows})")
     vocab_size = inner.cfg.text.vocab_size if vocab_size is None else int(vocab_size)
     step = rows if micro_batch_size is None else int(micro_batch_size)
     if step < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r} must be >= 1")
     ids, mask = ids.long().cpu(), mask.bool().cpu()
-    parts = [_sequence_logprobs(inner, items, ids[r:r + step], torch.arange(r, min(r + step, rows)) // g,
-                                temperature, vocab_size) for r in range(0, rows, step)]
-    logp = torch.cat(parts).float()
-    return torch.where(mask.to(logp.device), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    parts = [_sequence_logprobs(inner, items, ids[r:r + step], prompt_index[r:r + step], temperature, vocab_size,
+                                with_entropy) for r in range(0, rows, step)]
+    logp = torch.cat([part[0] for part in parts]).float()
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(mask.to(logp.device), logp, zero)
+    if not with_entropy:
+        return logp
+    entropy = torch.cat([part[1] for part in parts]).float()
+    return logp, torch.where(mask.to(entropy.device), entropy, zero)
 
 
-def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, prompt_index: torch.Tensor,
-                       temperature: float, vocab_size: int) -> torch.Tensor:
+def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], responses: torch.Tensor,
+                  prompt_index: torch.Tensor, dtype: torch.dtype, *, multiple_of: int = 1,
+                  length: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model inputs of responses after their prompts: (inputs, starts).
+
+    Row i is prompt ``prompt_index[i]`` then ``responses[i]`` [n, T], right-padded to ``length``
+    (default: the longest prompt + T, rounded up to ``multiple_of``, e.g. tp with sequence
+    parallelism); ``inputs`` holds ``input_ids`` [n, L], ``position_ids`` [3, n, L] (response tokens
+    take the next position on all three axes), ``document_ids`` [n, L] (zeros: causal attention keeps
+    the padding out of the positions that matter, so each row is one document) and the rows' media;
+    ``starts`` [n]: each row's prompt length (``logits[i, starts[i] - 1 + t]`` predicts token t).
+    """
+    items = prompts if prompts and isinstance(prompts[0], _Prompt) else _prompts(prompts)
     n, width = responses.shape
-    starts = torch.tensor([prompts[int(p)].ids.numel() for p in prompt_index])
-    length = int(starts.max()) + width
-    if model.config.sequence_parallel:  # the sequence is split over the tensor-parallel ranks
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        length += -length % tp
+    starts = torch.tensor([items[int(p)].ids.numel() for p in prompt_index])
+    needed = int(starts.max()) + width
+    needed += -needed % multiple_of
+    length = needed if length is None else int(length)
+    if length < needed or length % multiple_of:
+        raise ValueError(f"row length {length} must be >= {needed} and a multiple of {multiple_of}")
     ids = torch.zeros(n, length, dtype=torch.long)
     positions = torch.zeros(3, n, length, dtype=torch.long)
     for i, p in enumerate(prompt_index.tolist()):
-        prompt, s = prompts[p], int(starts[i])
+        prompt, s = items[p], int(starts[i])
         ids[i, :s], ids[i, s:s + width] = prompt.ids, responses[i]
         positions[:, i, :s] = prompt.positions
         last = int(prompt.positions.max())
         positions[:, i, s:] = torch.arange(last + 1, last + 1 + length - s)
-    # Right padding: causal attention keeps it (and the padding of shorter responses) out of the
-    # positions that matter, so every row is one document.
-    inputs = to_device({"input_ids": ids, "position_ids": positions, "document_ids": torch.zeros_like(ids),
-                        **_media(prompts, prompt_index.tolist(), _model_dtype(model))})
-    logits = _stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
-                                                 runtime_gather_output=False, **inputs))
-    if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
-        return _from_last_stage(None, (n, width), torch.float32, next(model.parameters()).device)
+    inputs = {"input_ids": ids, "position_ids": positions, "document_ids": torch.zeros_like(ids),
+              **_media(items, prompt_index.tolist(), dtype)}
+    return inputs, starts
+
+
+def _response_logits(logits: torch.Tensor, starts: torch.Tensor, width: int, temperature: float,
+                     vocab_size: int, banned: Sequence[int] = ()) -> torch.Tensor:
+    """This rank's vocabulary shard of the tempered logits at each response token [n, T, V/tp] (float32),
+    -inf beyond the tokenizer's vocabulary (a padded embedding's extra rows are never sampled) and at
+    the ``banned`` ids (:func:`placeholder_ids`)."""
     # logits[i, s_i - 1 + t] predicts response token t of row i.
-    index = (starts[:, None] - 1 + torch.arange(width)[None, :]).to(logits.device)
+    index = (starts.to(logits.device)[:, None] - 1 + torch.arange(width, device=logits.device)[None, :])
     picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [n, T, V/tp]
     z = picked.float() / temperature
-    # This rank's vocabulary slice; entries beyond the tokenizer's vocabulary are never sampled.
     shard = z.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * shard
-    outside = torch.arange(first, first + shard, device=z.device) >= vocab_size
-    z = z.masked_fill(outside, float("-inf")).contiguous()
+    ids = torch.arange(first, first + shard, device=z.device)
+    outside = (ids >= vocab_size) | torch.isin(ids, torch.tensor(list(banned), dtype=ids.dtype, device=ids.device))
+    return z.masked_fill(outside, float("-inf")).contiguous()
+
+
+def response_logprobs(logits: torch.Tensor, starts: torch.Tensor, responses: torch.Tensor, temperature: float,
+                      vocab_size: int, banned: Sequence[int] = ()) -> torch.Tensor:
+    """log softmax(z / temperature)[token] [n, T] of each response token from the model's
+    vocabulary-parallel logits [n, L, V/tp] (rows as :func:`response_rows` lays them out), over the
+    tokenizer's vocabulary less the ``banned`` ids (:func:`placeholder_ids`), as sampled."""
+    z = _response_logits(logits, starts, responses.shape[1], temperature, vocab_size, banned)
+    return -tensor_parallel.vocab_parallel_cross_entropy(z, responses.to(z.device))
+
+
+def vocab_parallel_entropy(z: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of softmax(z) over the last axis, z being this rank's vocabulary shard [..., V/tp]
+    (-inf entries have probability 0): three all-reduces over the tensor-parallel group, no gather."""
+    group = parallel_state.get_tensor_model_parallel_group() \
+        if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+    top = z.max(dim=-1).values
+    if group is not None:
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    shifted = z - top.unsqueeze(-1)
+    e = shifted.exp()
+    sums = torch.stack([e.sum(dim=-1), torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(dim=-1)])
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    # H = log S - sum(e * shifted) / S with S = sum(e) (shifted logits, so exp never overflows)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, prompt_index: torch.Tensor,
+                       temperature: float, vocab_size: int, with_entropy: bool = False):
+    n, width = responses.shape
+    multiple = parallel_state.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
+    inputs, starts = response_rows(prompts, responses, prompt_index, _model_dtype(model), multiple_of=multiple)
+    inputs = to_device(inputs)
+    logits = _stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
+                                                 runtime_gather_output=False, **inputs))
+    device = next(model.parameters()).device
+    if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
+        logp = _from_last_stage(None, (n, width), torch.float32, device)
+        return logp, (_from_last_stage(None, (n, width), torch.float32, device) if with_entropy else None)
+    z = _response_logits(logits, starts, width, temperature, vocab_size, placeholder_ids(model.cfg))
+    entropy = None
+    if with_entropy:  # first: Megatron's cross entropy works in place on z
+        with torch.no_grad():
+            entropy = vocab_parallel_entropy(z)
     logp = -tensor_parallel.vocab_parallel_cross_entropy(z, responses.to(z.device))
-    return _from_last_stage(logp, (n, width), torch.float32, logp.device)
+    if with_entropy:
+        entropy = _from_last_stage(entropy, (n, width), torch.float32, logp.device)
+    return _from_last_stage(logp, (n, width), torch.float32, logp.device), entropy

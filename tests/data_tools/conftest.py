@@ -1,4 +1,4 @@
-"""Fixtures of the data_tools tests: a small synthetic corpus and its four built sets, made once per session."""
+"""Fixtures of the data_tools tests: a small synthetic corpus and its five built sets, made once per session."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def built_sets(corpus, tmp_path_factory) -> dict[str, Path]:
-    """The four kinds built from the small corpus (image_text with 2 worker processes, the rest in-process)."""
+    """The five kinds built from the small corpus (image_text with 2 worker processes, the rest in-process)."""
     root = tmp_path_factory.mktemp("sets")
     sets = {}
     for kind, manifest in KIND_MANIFESTS.items():

@@ -9,8 +9,9 @@ from pathlib import Path
 from data_tools.build import run_build
 from data_tools.config import BuildConfig
 
-KIND_MANIFESTS = {"image_text": "image_text.jsonl", "interleaved": "interleaved.jsonl", "video": "video.jsonl", "sft": "sft.jsonl"}
-SMALL_CORPUS = dict(seed=7, images=24, videos=6, docs=8, sft=15, eval=8)
+KIND_MANIFESTS = {"image_text": "image_text.jsonl", "interleaved": "interleaved.jsonl", "video": "video.jsonl", "sft": "sft.jsonl",
+                  "rl": "rl.jsonl"}
+SMALL_CORPUS = dict(seed=7, images=24, videos=6, docs=8, sft=15, eval=8, rl=8)
 
 
 def build(kind: str, manifest: Path, out: Path, **options):

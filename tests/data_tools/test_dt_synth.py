@@ -18,7 +18,7 @@ def files(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_other_seed_other_corpus(tmp_path):
-    counts = dict(images=6, videos=2, docs=2, sft=5, eval=4)
+    counts = dict(images=6, videos=2, docs=2, sft=5, eval=4, rl=4)
     generate(SynthConfig(out=str(tmp_path / "a"), seed=1, **counts), progress=False)
     generate(SynthConfig(out=str(tmp_path / "b"), seed=1, **counts), progress=False)
     generate(SynthConfig(out=str(tmp_path / "c"), seed=2, **counts), progress=False)
@@ -29,6 +29,20 @@ def test_same_seed_same_bytes_other_seed_other_corpus(tmp_path):
         generate(SynthConfig(out=str(tmp_path / "a"), seed=1, **counts), progress=False)
     generate(SynthConfig(out=str(tmp_path / "a"), seed=1, overwrite=True, **counts), progress=False)
     assert files(tmp_path / "a") == a
+
+
+def test_the_rl_manifest_leaves_every_other_file_as_it_was(tmp_path):
+    """rl.jsonl draws from its own random stream, after the others: corpora with and without it agree
+    byte for byte on everything else (synth.json aside: it lists the rl counts)."""
+    counts = dict(seed=3, images=5, videos=2, docs=2, sft=5, eval=4)
+    generate(SynthConfig(out=str(tmp_path / "without"), rl=0, **counts), progress=False)
+    generate(SynthConfig(out=str(tmp_path / "with"), rl=6, **counts), progress=False)
+    without, with_rl = files(tmp_path / "without"), files(tmp_path / "with")
+    rl_files = {name for name in with_rl if name == "rl.jsonl" or name.startswith("rl_media/")}
+    assert len(rl_files) == 1 + 6 + 1  # the manifest, 6 media and the medium of the wrong-type answer line
+    others = set(with_rl) - rl_files - {"synth.json"}
+    assert others == set(without) - {"rl.jsonl", "rl_media/bad_answer_type.png", "synth.json"} and len(others) > 20
+    assert [name for name in others if without[name] != with_rl[name]] == []
 
 
 def close_to(pixels: np.ndarray, rgb, tol: int = 40) -> np.ndarray:
@@ -96,7 +110,7 @@ def test_sft_answers_and_held_out_eval(corpus):
         elif question.startswith("Which way"):
             assert answer in DIRECTIONS
     referenced = set()
-    for name in ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl"):
+    for name in ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "rl.jsonl"):
         referenced |= {v for v in _paths((corpus / name).read_text())}
     evaluation = read_jsonl(corpus / "eval.jsonl")
     assert len(evaluation) == 8
@@ -104,11 +118,11 @@ def test_sft_answers_and_held_out_eval(corpus):
         assert item["answer"] in item["choices"] and item["media"] not in referenced
         assert (corpus / item["media"]).is_file() and item["media_type"] in ("image", "video")
     synth = json.loads((corpus / "synth.json").read_text())
-    assert sum(len(v) for v in synth["bad_lines"].values()) == 8
+    assert sum(len(v) for v in synth["bad_lines"].values()) == 10
     assert synth["vocabulary"]["colours"] == list(COLOURS) and len(COLOURS) == 8 and len(SHAPES) == 4
 
 
 def _paths(text: str):
     import re
 
-    return re.findall(r'"((?:images|videos|docs|sft_media|eval_media)/[^"]+)"', text)
+    return re.findall(r'"((?:images|videos|docs|sft_media|eval_media|rl_media)/[^"]+)"', text)

@@ -1,0 +1,54 @@
+"""Chat "messages" records (``import-messages``: Qwen fine-tuning examples, ms-swift) -> ``build-sft`` records.
+
+Input record (a JSONL line or an element of one JSON array)::
+
+    {"id"?: str | int, "messages": [{"role": "system" | "user" | "assistant",
+                                     "content": str | [{"type": "text", "text": str} | {"type": "image", "image": path}
+                                                      | {"type": "video", "video": path}]}, ...],
+     "images"?: [path], "videos"?: [path]}
+
+Typed image/video parts are taken as they are (Qwen's layout); ``file://`` paths become plain paths.
+ms-swift's top-level ``images`` / ``videos`` lists are placed by the ``<image>`` / ``<video>``
+placeholders in the texts, in order, as in data_tools.importers.llava (a mismatch is a
+``placeholder_mismatch`` rejection). Roles, system prompts and turns are kept as given; the
+``build-sft`` rules then apply. Other fields are ignored.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from data_tools.importers.placeholders import check_all_used, expand, local_path, media_list
+from data_tools.validation import Rejected, field
+
+
+def _content(content: str | list, listed: dict, used: Counter, where: str) -> str | list:
+    if isinstance(content, str):
+        return expand(content, listed, used)
+    items: list = []
+    for j, item in enumerate(content):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            expanded = expand(item["text"], listed, used)
+            items.extend([item] if isinstance(expanded, str) else expanded)
+        elif kind in ("image", "video"):
+            items.append({**item, kind: local_path(item.get(kind), f"{where}.content[{j}].{kind}")})
+        else:
+            items.append(item)  # the build-sft rules reject it, with their reason
+    return items
+
+
+def translate(record: dict) -> dict:
+    """The ``build-sft`` record of a chat "messages" record. Raises Rejected."""
+    messages = field(record, "messages", list)
+    listed = {"image": media_list(record, ("images",)), "video": media_list(record, ("videos",))}
+    used: Counter = Counter()
+    out = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise Rejected("invalid_fields", f"{where} must be an object, got {type(message).__name__}")
+        content = field(message, "content", (str, list), where)
+        out.append({**message, "content": _content(content, listed, used, where)})
+    check_all_used(listed, used)
+    return {**record, "messages": out}

@@ -1,0 +1,264 @@
+"""``stage.kind: rl``: reinforcement learning with SAPO (or GRPO, GSPO) in the job's own layout.
+
+``run_rl_stage(job)`` runs on every rank (``python -m pretrain.train stage=rl_sapo ...``). Each RL step:
+
+1. **prompts**: the step's ``stage.rl.prompts_per_step`` prompts from the RL prompt set
+   (:class:`pretrain.posttrain.prompt_set.PromptStream`: seeded order, split over data-parallel ranks);
+2. **rollouts**: ``stage.rl.group_size`` (G) responses per prompt sampled from the current policy with
+   a KV cache (:func:`pretrain.posttrain.rollout.generate_rollouts`: temperature, top-p, max new tokens;
+   images and videos in the prompt);
+3. **rewards**: ``stage.rewards`` (names or {name, weight}) on the decoded responses against the
+   prompts' reference answers;
+4. **filtering** (report): groups where every response fails, or where at least
+   ``stage.rl.filter.easy_fraction`` of them (15 of 16) succeed, are dropped; group-relative advantages;
+5. **old-policy log-probs** of the kept responses (one no-gradient pass in the training layout; and
+   the reference policy's when the loss has a KL term), then ``stage.rl.updates_per_step`` optimizer
+   steps on successive mini-batches of the kept responses, so that from the second one on the ratios
+   really leave 1 (:func:`pretrain.posttrain.rl_step.policy_update`);
+6. **logging** (console, TensorBoard, ``metrics.jsonl``): mean reward, pass rate, share of groups
+   filtered, mean and max |r - 1|, mean gate weight (SAPO) or clip fraction (GRPO, GSPO), entropy,
+   response length, rollout and train time; the step's rollouts in ``<run_dir>/rollouts/step_N.jsonl``.
+
+Checkpoints are the trainer's (model, optimizer, schedule, RNG) plus the prompt stream's position;
+rollout sampling draws from streams seeded by (``train.seed``, step, prompt key, response), so a run
+resumed from step k draws exactly the rollouts, rewards and losses of the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from common.distributed.comm import all_reduce_values
+from pretrain.config import JobConfig
+from pretrain.posttrain.advantages import GroupFilterResult, PromptFilter, filter_groups, group_advantages
+from pretrain.posttrain.policy_loss import AGGREGATIONS, policy_loss_config_from_mapping
+from pretrain.posttrain.rewards import RewardSet
+from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, balance_rows, policy_update
+from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, placeholder_ids, sequence_logprobs
+from pretrain.trainer import StageResult, TrainingStopped, open_stage, start_distributed
+
+
+class RLSetupError(ValueError):
+    """An RL stage that cannot start (prompt set, rewards, layout); raised before any rollout."""
+
+
+def _check_prompt_set(records, rewards: RewardSet, group_size: int, path: str) -> None:
+    """Every prompt's reward is selected by the stage, and answer-based rewards have answers."""
+    selected = {r.name for r in rewards.rewards}
+    for record in records:
+        if record.reward not in selected:
+            raise RLSetupError(f"RL prompt {record.id} ({record.source}) asks for reward {record.reward!r}, which "
+                               f"stage.rewards does not select ({sorted(selected)})")
+    try:
+        rewards.validate(group_size, [r.answer for r in records])
+    except ValueError as exc:
+        raise RLSetupError(f"{path}: {exc}") from None
+
+
+def _reference_model(job: JobConfig, dtype: torch.dtype):
+    """The frozen reference policy of a KL term: the stage's starting weights (``stage.init_from``)."""
+    from model.checkpoint_io import resolve_checkpoint
+    from model.config import Qwen3VLConfig
+    from pretrain.posttrain.distill_stage import build_frozen_model
+
+    resolved = resolve_checkpoint(job.stage.init_from) if job.stage.init_from else None
+    if resolved is None:
+        raise RLSetupError("the loss has a KL term (stage.loss.kl_coef > 0): its reference policy is the stage's "
+                           f"starting checkpoint, but stage.init_from={job.stage.init_from!r} names none")
+    return build_frozen_model(job, Qwen3VLConfig.from_mapping(job.model), resolved, dtype)
+
+
+def _write_rollouts(run_dir: Path, step: int, lines: list[dict]) -> None:
+    """All ranks call; rank 0 writes ``rollouts/step_XXXXXXXX.jsonl`` (write, then rename) with the lines of
+    the first rank of every model-parallel group (its peers hold the same rollouts)."""
+    from megatron.core import parallel_state as ps
+
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(lines if writer else None, gathered, dst=0)
+    if dist.get_rank() != 0:
+        return
+    folder = run_dir / "rollouts"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:08d}.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for part in gathered:
+            for line in part or ():
+                f.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
+
+
+def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
+    """Train one RL stage on this rank (call on every rank; see the module docstring)."""
+    from megatron.core import parallel_state
+
+    from pretrain.data.encoding import SampleEncoder
+    from pretrain.data.loader import encoding_config_from_data
+    from pretrain.posttrain.prompt_set import PromptSetError, PromptStream, encode_rl_prompt, load_prompt_set
+
+    rl = job.stage.rl
+    rewards = RewardSet(job.stage.rewards)
+    loss_options = dict(job.stage.loss)
+    aggregation = loss_options.pop("aggregation", AGGREGATIONS[0])
+    loss_cfg = policy_loss_config_from_mapping(loss_options)
+    try:
+        records = load_prompt_set(rl.prompts)
+    except PromptSetError as exc:
+        raise RLSetupError(str(exc)) from None
+    _check_prompt_set(records, rewards, rl.group_size, rl.prompts)
+
+    info, dp_size = start_distributed(job)
+    if rl.prompts_per_step % dp_size:
+        raise RLSetupError(f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp_size} "
+                           "data-parallel ranks")
+    total_steps = job.stage.train_steps
+    run = open_stage(job, info, dp_size, total_steps, composed_yaml, schedule_steps=total_steps * rl.updates_per_step)
+    model, state, logger = run.model, run.state, run.logger
+    stream = PromptStream(records, rl.prompts_per_step, job.train.seed, parallel_state.get_data_parallel_rank(),
+                          dp_size)
+    if state.prompt_stream:
+        stream.load_state_dict(state.prompt_stream)
+    run.restore_rng()
+    reference = _reference_model(job, run.dtype) if getattr(loss_cfg, "kl_coef", 0.0) > 0 else None
+    encoder = SampleEncoder(run.tokenizer, encoding_config_from_data(job.data))
+    rollout_cfg = RolloutConfig(temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
+                                group_size=rl.group_size, seed=job.train.seed)
+    prompt_filter = PromptFilter(pass_threshold=rl.filter.pass_threshold, easy_fraction=rl.filter.easy_fraction)
+    g, mbs = rl.group_size, job.train.micro_batch_size
+    logger.message(f"{job.stage.name}: {run.origin}; {total_steps} RL steps of {rl.prompts_per_step} prompts x "
+                   f"G={g} (loss {loss_cfg.name}, {aggregation}, {rl.updates_per_step} updates per step); "
+                   f"{len(records)} prompts in {rl.prompts}; layout {info.world_size} ranks, dp={dp_size}, "
+                   f"{job.parallel}; {run.dtype}")
+
+    start_step, first_reward, last_reward, first_loss, last_loss = state.step, None, None, None, None
+    started = time.perf_counter()
+    preempted = requeued = False
+    checkpoint = str(run.latest) if run.latest else None
+    consecutive_skips = 0
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        batch = next(stream)
+        prompts = [encode_rl_prompt(encoder, r) for r in batch.records]
+        rollouts = generate_rollouts(model[0], prompts, rollout_cfg, run.tokenizer, step=state.step,
+                                     prompt_keys=batch.keys)
+        t_rollout = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        reward, parts = rewards.score(rollouts.texts, [r.answer for r in batch.records], g)
+        kept = filter_groups(reward, g, prompt_filter) if rl.filter.enabled else \
+            GroupFilterResult(torch.ones(len(batch.records), dtype=torch.bool), 0, 0, g)
+        advantages = group_advantages(reward, g)
+        keep_rows = kept.response_keep().nonzero()[:, 0]
+        rows = RLRows(prompts, rollouts.response_ids, rollouts.response_mask, rollouts.logprobs, advantages,
+                      rollouts.prompt_index).select(keep_rows)
+        target = balance_rows(len(rows))
+        rows = rows.padded_to(target, run.tokenizer.pad_id)
+        entropy_sum = 0.0
+        updates = min(rl.updates_per_step, target)
+        results = []
+        loss_step = PolicyLossStep(loss_cfg, aggregation, rollouts.temperature, rollouts.vocab_size,
+                                   placeholder_ids(run.model_cfg))
+        if target:
+            for chunk in model:
+                chunk.eval()
+            with torch.no_grad():
+                rows.old_logp, entropy = sequence_logprobs(
+                    model[0], prompts, rows.response_ids, rows.response_mask, temperature=rollouts.temperature,
+                    vocab_size=rollouts.vocab_size, micro_batch_size=mbs, prompt_index=rows.prompt_index,
+                    with_entropy=True)
+                rows.old_logp, entropy_sum = rows.old_logp.cpu(), float(entropy.sum())
+                if reference is not None:
+                    rows.ref_logp = sequence_logprobs(
+                        reference, prompts, rows.response_ids, rows.response_mask, temperature=rollouts.temperature,
+                        vocab_size=rollouts.vocab_size, micro_batch_size=mbs, prompt_index=rows.prompt_index).cpu()
+            for chunk in model:
+                chunk.train()
+            per_update = -(-target // updates)
+            for u in range(updates):
+                part = rows.select(slice(u * per_update, (u + 1) * per_update))
+                result = policy_update(model, run.optimizer, part, loss_step, mbs, run.dtype)
+                results.append(result)
+                if not result.skipped:
+                    run.scheduler.step(increment=1)
+        t_train = time.perf_counter() - t1
+        state.step += 1
+        stepped = [r for r in results if not r.skipped]
+        if results and not stepped:
+            state.skipped_steps += 1
+            consecutive_skips += 1
+        else:
+            consecutive_skips = 0
+
+        # global figures: sums over data-parallel ranks (model-parallel peers hold the same rollouts)
+        group = parallel_state.get_data_parallel_group()
+        kept_tokens = float(rows.response_mask.sum())
+        success = (reward >= prompt_filter.pass_threshold).float()
+        sums = all_reduce_values([
+            float(reward.sum()), float(success.sum()), reward.numel(), kept.all_failed + kept.too_easy,
+            kept.keep.numel(), float(rollouts.lengths.sum()), entropy_sum, kept_tokens,
+            *[float(v.sum()) for v in parts.values()]], group=group)
+        responses = sums[2]
+        metrics = {
+            "loss": results[-1].loss if results else float("nan"),
+            "grad_norm": results[-1].grad_norm if results else None,
+            "lr": run.scheduler.get_lr(run.optimizer.param_groups[0]),
+            "reward_mean": sums[0] / responses, "pass_rate": sums[1] / responses,
+            "filtered_share": sums[3] / sums[4], "response_length": sums[5] / responses,
+            "entropy": sums[6] / sums[7] if sums[7] else None, "updates": len(stepped),
+            "rollout_s": t_rollout, "train_s": t_train, "step_seconds": time.perf_counter() - t0,
+            "tokens_per_s": sums[5] / max(t_rollout, 1e-9), "skipped_steps": state.skipped_steps, "mfu": None,
+            **{f"reward_{name}": value / responses for name, value in zip(parts, sums[8:])},
+        }
+        if results:
+            metrics.update(loss_step.metrics.reduce(loss_step.present))
+        state.consumed_samples += rl.prompts_per_step
+        state.consumed_tokens += int(sums[5])
+        state.prompt_stream = stream.state_dict()
+        logger.log(state.step, metrics)
+        if first_reward is None:
+            first_reward = metrics["reward_mean"]
+        last_reward = metrics["reward_mean"]
+        if stepped:
+            first_loss = stepped[0].loss if first_loss is None else first_loss
+            last_loss = stepped[-1].loss
+        if rl.save_rollouts:
+            lines = [{"step": state.step, "prompt": batch.records[int(p)].id, "response": i % g,
+                      "text": rollouts.texts[i], "reward": float(reward[i]),
+                      **{name: float(v[i]) for name, v in parts.items()}, "advantage": float(advantages[i]),
+                      "kept": bool(kept.response_keep()[i]), "length": int(rollouts.lengths[i]),
+                      "finished": bool(rollouts.finished[i])}
+                     for i, p in enumerate(rollouts.prompt_index.tolist())]
+            _write_rollouts(Path(job.train.run_dir), state.step, lines)
+
+        stop = run.watcher.stop_requested()
+        too_many_skips = consecutive_skips >= job.train.max_consecutive_skips
+        if state.step % job.train.save_interval == 0 or state.step == total_steps or stop or too_many_skips:
+            checkpoint = str(run.save())
+        if too_many_skips:
+            raise TrainingStopped(f"{consecutive_skips} RL steps in a row without a finite update at step "
+                                  f"{state.step}; saved {checkpoint}")
+        if stop:
+            preempted = True
+            logger.message(f"signal {run.watcher.received} received: saved {checkpoint} at step {state.step}")
+            requeued = run.handle_stop()
+            break
+
+    wall = time.perf_counter() - started
+    logger.close({"steps": f"{start_step}->{state.step}", "prompts": state.consumed_samples,
+                  "reward first->last": f"{_num(first_reward)} -> {_num(last_reward)}",
+                  "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})
+    return StageResult(stage=job.stage.name, steps=state.step - start_step, start_step=start_step,
+                       total_steps=total_steps, tokens=state.consumed_tokens, first_loss=first_loss,
+                       last_loss=last_loss, wall_seconds=wall, skipped_steps=state.skipped_steps,
+                       checkpoint=checkpoint, preempted=preempted, requeued=requeued)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

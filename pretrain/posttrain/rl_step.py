@@ -1,0 +1,168 @@
+"""The policy update of an RL step: a rollout batch's loss through Megatron-Core's training schedule.
+
+The rows of a step (responses that survived the prompt filter, with their old-policy log-probs and
+advantages) become micro-batches of ``micro_batch_size`` rows, each row its prompt followed by its
+response (:func:`pretrain.posttrain.rollout.response_rows`), all of one length L so that pipeline
+stages exchange fixed shapes. The schedule's forward step runs the model (any layout the trainer runs:
+TP, SP, PP, EP, DP); its loss function, on the last pipeline stage, takes the vocabulary-parallel
+logits to per-token log-probs and returns the policy loss as a *sum and a count*
+(:func:`pretrain.posttrain.policy_loss.policy_loss_terms`): Megatron adds the counts over micro-batches
+and data-parallel ranks and divides the gradients by the total, so the update follows the loss of the
+whole global batch under the chosen aggregation, whatever the layout or micro-batch split.
+
+Every data-parallel rank runs the same number of micro-batches (expert-parallel ranks exchange tokens
+in every MoE layer, so none may stop early): :func:`balance_rows` pads each rank's rows to the largest
+count with rows whose mask is empty (they cost a forward and count for nothing).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+
+from common.distributed.comm import all_reduce_values
+from pretrain.forward import to_device
+from pretrain.posttrain.policy_loss import policy_loss_terms
+from pretrain.posttrain.rollout import response_logprobs, response_rows
+from pretrain.step import LOSS_KEY, StepResult, train_step
+
+
+@dataclass
+class RLRows:
+    """Training rows of one rank: ``response_ids``/``response_mask``/``old_logp`` [R, T], ``advantages`` [R],
+    ``prompt_index`` [R] (into ``prompts``), optional ``ref_logp`` [R, T]."""
+
+    prompts: list  # rollout prompt dicts (pretrain.posttrain.prompt_set.encode_rl_prompt)
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    prompt_index: torch.Tensor
+    ref_logp: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.response_ids.shape[0])
+
+    def select(self, rows: torch.Tensor | slice) -> "RLRows":
+        pick = (lambda t: None if t is None else t[rows])
+        return replace(self, response_ids=pick(self.response_ids), response_mask=pick(self.response_mask),
+                       old_logp=pick(self.old_logp), advantages=pick(self.advantages),
+                       prompt_index=pick(self.prompt_index), ref_logp=pick(self.ref_logp))
+
+    def padded_to(self, rows: int, pad_id: int) -> "RLRows":
+        """``rows`` rows: these, then rows of prompt 0 with an empty mask (no loss, no count)."""
+        extra = rows - len(self)
+        if extra <= 0:
+            return self
+        width = self.response_ids.shape[1]
+
+        def cat(t, fill):
+            if t is None:
+                return None
+            return torch.cat([t, torch.full((extra, *t.shape[1:]), fill, dtype=t.dtype)])
+
+        return replace(self, response_ids=cat(self.response_ids, pad_id),
+                       response_mask=torch.cat([self.response_mask, torch.zeros(extra, width, dtype=torch.bool)]),
+                       old_logp=cat(self.old_logp, 0.0), advantages=cat(self.advantages, 0.0),
+                       prompt_index=cat(self.prompt_index, 0), ref_logp=cat(self.ref_logp, 0.0))
+
+
+def balance_rows(local_rows: int) -> int:
+    """The largest row count of any data-parallel rank (every rank pads to it)."""
+    group = parallel_state.get_data_parallel_group() if torch.distributed.is_initialized() else None
+    return int(all_reduce_values([local_rows], group=group, op=torch.distributed.ReduceOp.MAX)[0])
+
+
+def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, multiple_of: int = 1) -> tuple[list[dict], int]:
+    """(micro-batches of ``micro_batch_size`` rows, all of one length L; L). The last micro-batch is
+    padded with empty rows so that every one has the same shape."""
+    count = math.ceil(len(rows) / micro_batch_size)
+    rows = rows.padded_to(count * micro_batch_size, pad_id=0)
+    _, starts = response_rows(rows.prompts, rows.response_ids, rows.prompt_index, dtype, multiple_of=multiple_of)
+    length = int(starts.max()) + rows.response_ids.shape[1]
+    length += -length % multiple_of
+    batches = []
+    for k in range(count):
+        part = rows.select(slice(k * micro_batch_size, (k + 1) * micro_batch_size))
+        inputs, starts = response_rows(part.prompts, part.response_ids, part.prompt_index, dtype,
+                                       multiple_of=multiple_of, length=length)
+        batch = {**inputs, "starts": starts, "response_ids": part.response_ids, "response_mask": part.response_mask,
+                 "old_logp": part.old_logp, "advantages": part.advantages}
+        if part.ref_logp is not None:
+            batch["ref_logp"] = part.ref_logp
+        batches.append(batch)
+    return batches, length
+
+
+class PolicyLossMetrics:
+    """Token-weighted sums of the loss's metrics over the micro-batches of one update (last stage)."""
+
+    MEANS = ("ratio_dev_mean", "gate_weight_mean", "clip_frac", "seq_ratio_dev_mean", "kl")
+
+    def __init__(self):
+        self.sums = dict.fromkeys(self.MEANS, 0.0)
+        self.tokens = 0.0
+        self.ratio_dev_max = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor], tokens: float) -> None:
+        for key in self.MEANS:
+            if key in metrics:
+                self.sums[key] += float(metrics[key]) * tokens
+        if "ratio_dev_max" in metrics and tokens:
+            self.ratio_dev_max = max(self.ratio_dev_max, float(metrics["ratio_dev_max"]))
+        self.tokens += tokens
+
+    def reduce(self, present: set[str]) -> dict[str, float]:
+        """Means over every generated token of the global batch (all ranks call this)."""
+        tp = parallel_state.get_tensor_model_parallel_world_size() if torch.distributed.is_initialized() else 1
+        values = all_reduce_values([self.tokens, *self.sums.values()])
+        top = all_reduce_values([self.ratio_dev_max], op=torch.distributed.ReduceOp.MAX)[0]
+        tokens = values[0] / tp  # tensor-parallel peers hold the same values
+        out = {key: value / tp / tokens for key, value in zip(self.MEANS, values[1:]) if key in present and tokens}
+        out["ratio_dev_max"] = top
+        return out
+
+
+class PolicyLossStep:
+    """Forward step of Megatron's schedules for the policy loss (see the module docstring). The
+    log-probs are those of the sampling policy: tempered by ``temperature``, over the tokenizer's
+    ``vocab_size`` ids less the ``banned`` ones (:func:`pretrain.posttrain.rollout.placeholder_ids`)."""
+
+    def __init__(self, loss_cfg, aggregation: str, temperature: float, vocab_size: int, banned: tuple[int, ...]):
+        self.loss_cfg, self.aggregation = loss_cfg, aggregation
+        self.temperature, self.vocab_size, self.banned = temperature, vocab_size, banned
+        self.metrics = PolicyLossMetrics()
+        self.present: set[str] = set()
+
+    def __call__(self, data_iterator, model):
+        batch = to_device(next(data_iterator))
+        media = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+                 if k in batch}
+        logits = model(batch["input_ids"], batch["position_ids"], document_ids=batch["document_ids"],
+                       runtime_gather_output=False, **media)
+        return logits, partial(self._loss, batch)
+
+    def _loss(self, batch: dict, logits: torch.Tensor):
+        logp = response_logprobs(logits, batch["starts"], batch["response_ids"], self.temperature, self.vocab_size,
+                                 self.banned)
+        mask = batch["response_mask"]
+        total, count, metrics = policy_loss_terms(self.loss_cfg, logp, batch["old_logp"], batch["advantages"],
+                                                  mask, self.aggregation, batch.get("ref_logp"))
+        self.metrics.add(metrics, float(mask.sum()))
+        self.present.update(metrics)
+        report = torch.stack([total.detach().float(), count.detach().float()])
+        return total, count.to(torch.int), {LOSS_KEY: report}
+
+
+def policy_update(model: list, optimizer, rows: RLRows, loss_step: PolicyLossStep, micro_batch_size: int,
+                  dtype: torch.dtype) -> StepResult:
+    """One optimizer step on ``rows`` (this rank's share of the mini-batch; the same row count on every
+    data-parallel rank). ``StepResult.loss`` is the policy loss of the global mini-batch."""
+    sp = model[0].config.sequence_parallel
+    multiple = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
+    batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple)
+    return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, micro_batch_size)
