@@ -6,8 +6,8 @@
 ``DIR`` is a finished ``python -m pretrain.demo --out DIR``: its SFT checkpoint (``DIR/runs/sft/checkpoints``),
 shards, tokenizer and held-out questions (``DIR/raw/eval.jsonl``). The RL prompt set ``DIR/shards/rl`` is
 built from ``DIR/raw/rl.jsonl`` (``python -m data_tools build-rl``) when missing. Nothing under ``DIR/runs``
-is written: the SFT checkpoint is copied to ``<out>/runs/sft/checkpoints``, where the RL stages'
-``init_from`` (``${train.run_root}/sft/checkpoints``) finds it.
+is written: the SFT checkpoint (and its run's config.yaml) is copied to ``<out>/runs/sft/``, where the
+RL stages' ``init_from`` (``${train.run_root}/sft/checkpoints``) finds it.
 
 For each method, ``torchrun -m pretrain.train stage=rl_<method>`` on 2 gloo ranks (``parallel=ep2``, the
 tiny MoE, CPU-sized rollouts: 8 prompts x 8 responses of at most 4 tokens per step, lr 3e-4) from that
@@ -49,7 +49,8 @@ def read_records(metrics_file: Path) -> list[dict]:
 
 def prepare(demo: Path, out: Path) -> Path:
     """Check the demo output, build its RL prompt set if missing, copy its SFT checkpoint; returns the run root."""
-    for need in ("runs/sft/checkpoints/latest", "raw/eval.jsonl", "raw/rl.jsonl", "tokenizer/tokenizer_info.json"):
+    for need in ("runs/sft/checkpoints/latest", "runs/sft/config.yaml", "raw/eval.jsonl", "raw/rl.jsonl",
+                 "tokenizer/tokenizer_info.json"):
         if not (demo / need).is_file():
             raise SystemExit(f"bench_rl: --demo-out {demo}: missing {need} (run python -m pretrain.demo --out {demo})")
     if not (demo / "shards" / "rl" / "index.json").is_file():
@@ -59,6 +60,7 @@ def prepare(demo: Path, out: Path) -> Path:
     if not (runs / "sft" / "checkpoints" / "latest").is_file():
         shutil.rmtree(runs / "sft", ignore_errors=True)
         shutil.copytree(demo / "runs" / "sft" / "checkpoints", runs / "sft" / "checkpoints")
+        shutil.copy2(demo / "runs" / "sft" / "config.yaml", runs / "sft" / "config.yaml")  # pretrain.evaluate reads it
     return runs
 
 

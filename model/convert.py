@@ -2,6 +2,7 @@
 
     python -m model.convert hf-to-mcore --hf DIR --out DIR [--tp N --pp N --ep N --etp N]
     python -m model.convert mcore-to-hf --ckpt DIR --out DIR
+    python -m model.convert compose --llm DIR --vision DIR --model NAME|YAML --out DIR [--tp N --pp N --ep N --etp N]
 
 ``hf-to-mcore`` builds our model in the given layout (it starts ``lcm(tp*pp, etp*ep*pp)`` ranks itself,
 one process each, so every rank reads and holds only its shard), copies the HF tensors into it exactly
@@ -13,6 +14,9 @@ other layout can load. The checkpoint keeps the parameters' dtype of the HF chec
 ``mcore-to-hf`` loads such a checkpoint (whatever layout wrote it) in one process and writes
 ``config.json`` + safetensors in the published layout (MoE experts as ``(E, H, 2I)`` / ``(E, I, H)``).
 It holds the whole model in CPU memory once.
+
+``compose`` writes the same kind of checkpoint from a Qwen3 LLM and a SigLIP-2 vision encoder, the two
+parents the report starts from, with fresh mergers (:mod:`model.compose`).
 
 HF -> Megatron -> HF is bit-exact. Outputs are written to a temporary name and renamed when complete.
 """
@@ -42,7 +46,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
-def _hf_to_mcore_rank(rank: int, hf_dir: str, tmp_out: str, layout: dict, dtype: str) -> None:
+def _hf_to_mcore_rank(rank: int, tmp_out: str, hf_dir: str, layout: dict, dtype: str) -> None:
     import torch.distributed as dist
 
     from common.distributed.parallel import initialize_distributed
@@ -62,8 +66,6 @@ def _hf_to_mcore_rank(rank: int, hf_dir: str, tmp_out: str, layout: dict, dtype:
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int = 1, pp: int = 1, ep: int = 1,
                 etp: int | None = None) -> Path:
     """Convert an HF checkpoint directory into a Megatron distributed checkpoint at ``out_dir``."""
-    from common.distributed.parallel import ParallelConfig
-    from common.distributed.spawn import spawn_ranks
     from model.hf_adapter import HFCheckpointReader
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out_dir).resolve()
@@ -76,32 +78,53 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, tp: int =
         raise ValueError(f"{hf_dir}: tensors of several dtypes {sorted(map(str, dtypes))}; a bit-exact "
                          "conversion needs one")
     dtype = _dtype_name(dtypes.pop())
+    layout = checked_layout(cfg, tp, pp, ep, etp)
+    write_mcore_checkpoint(out, layout, _hf_to_mcore_rank, (str(hf_dir), layout, dtype), reader.config_dict,
+                           {"dtype": dtype, "source": str(hf_dir)}, extra_from=hf_dir)
+    return out
+
+
+def checked_layout(cfg: Qwen3VLConfig, tp: int, pp: int, ep: int, etp: int | None) -> dict:
+    """The layout a checkpoint is written in; raises (before any rank starts) when ``cfg`` cannot be split
+    over it."""
+    from common.distributed.parallel import ParallelConfig
+
     layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "sequence_parallel": tp > 1 and ep > 1}
-    # Refused here, before starting ranks that would each fail on it.
-    parallel = ParallelConfig(**layout)
-    parallel.validate()
+    ParallelConfig(**layout).validate()
     cfg.check_layout(tp, ep, etp)
-    world = parallel.min_world_size()
+    return layout
+
+
+def write_mcore_checkpoint(out: Path, layout: dict, rank_fn, rank_args: tuple, config_dict: dict, meta: dict,
+                           extra_from: Path | None = None) -> list:
+    """Write a checkpoint to ``out`` atomically: the ranks of ``layout`` (started here, one process each)
+    call ``rank_fn(rank, tmp_dir, *rank_args)`` and save the weights there; then ``qwen3vl_config.json``
+    (``config_dict``), ``qwen3vl_convert.json`` (``meta`` plus the layout) and ``hf_extra/`` (the
+    non-weight files of ``extra_from``) are added and the folder is renamed to ``out``. Nothing is left
+    at ``out`` when a rank fails. Returns the ranks' results."""
+    from common.distributed.parallel import ParallelConfig
+    from common.distributed.spawn import spawn_ranks
+
+    world = ParallelConfig(**layout).min_world_size()
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        spawn_ranks(_hf_to_mcore_rank, world, str(hf_dir), str(tmp), layout, dtype)
-        (tmp / CONFIG_FILE).write_text(json.dumps(reader.config_dict, indent=2) + "\n")
-        (tmp / META_FILE).write_text(json.dumps({
-            "dtype": dtype, "source": str(hf_dir), "written_in_layout": layout, "world_size": world,
-        }, indent=2) + "\n")
+        results = spawn_ranks(rank_fn, world, str(tmp), *rank_args)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        (tmp / META_FILE).write_text(json.dumps(
+            {**meta, "written_in_layout": layout, "world_size": world}, indent=2) + "\n")
         extra = tmp / EXTRA_DIR
         extra.mkdir()
-        for f in hf_dir.iterdir():
+        for f in (extra_from.iterdir() if extra_from is not None else ()):
             if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(".safetensors"):
                 shutil.copy2(f, extra / f.name)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return out
+    return results
 
 
 def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, model) -> None:
@@ -163,11 +186,30 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("mcore-to-hf", help="Megatron distributed checkpoint -> HF safetensors")
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
+    c = sub.add_parser("compose", help="Qwen3 LLM + SigLIP-2 vision encoder -> Megatron distributed checkpoint "
+                                       "of Qwen3-VL with fresh mergers (model/compose.py)")
+    c.add_argument("--llm", required=True, help="HF Qwen3 / Qwen3-MoE causal LM folder")
+    c.add_argument("--vision", required=True, help="HF SigLIP-2 vision model (or whole SigLIP-2) folder")
+    c.add_argument("--model", required=True, help="the target: a conf/model name or a YAML file of that form")
+    c.add_argument("--out", required=True)
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--ep", type=int, default=1)
+    c.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: tp)")
+    c.add_argument("--seed", type=int, default=1234, help="seed of the mergers' initialisation (recorded)")
+    c.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: the LLM parent's")
     args = p.parse_args(argv)
     from common.distributed.spawn import call_reporting_user_errors
 
     if args.command == "hf-to-mcore":
         out = call_reporting_user_errors(hf_to_mcore, args.hf, args.out, args.tp, args.pp, args.ep, args.etp)
+    elif args.command == "compose":
+        from model.compose import compose
+
+        report = call_reporting_user_errors(compose, args.llm, args.vision, args.out, args.model, tp=args.tp,
+                                            pp=args.pp, ep=args.ep, etp=args.etp, seed=args.seed, dtype=args.dtype)
+        print("\n".join(report.lines()))
+        out = report.out
     else:
         out = call_reporting_user_errors(mcore_to_hf, args.ckpt, args.out)
     print(f"wrote {out}")

@@ -69,6 +69,13 @@ from model.vision.vision_model import Qwen3VLVisionModel
 FREEZABLE = ("vision", "merger", "language")
 
 
+def part_of(name: str) -> str:
+    """The part of :data:`FREEZABLE` that parameter ``name`` of :class:`Qwen3VLModel` belongs to."""
+    if name.startswith("vision."):
+        return "merger" if name.startswith(("vision.merger.", "vision.deepstack_merger_list.")) else "vision"
+    return "language"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Megatron-Core configs
 
@@ -238,11 +245,7 @@ class Qwen3VLModel(LanguageModule):
         if unknown:
             raise ValueError(f"unknown freeze part(s) {unknown}; known: {list(FREEZABLE)}")
         for name, param in self.named_parameters():
-            if name.startswith("vision."):
-                part = "merger" if name.startswith(("vision.merger.", "vision.deepstack_merger_list.")) else "vision"
-            else:
-                part = "language"
-            if part in parts:
+            if part_of(name) in parts:
                 param.requires_grad_(False)
 
     # -- forward
