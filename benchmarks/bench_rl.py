@@ -18,10 +18,11 @@ scores the SFT start (step 0): ``generated`` (the greedy answer's first word is 
 right answer is the most likely choice).
 
 Output: every command before it runs; per method a table (step, mean reward, pass rate, held-out
-accuracies at the evaluated steps); a summary line per method (reward first -> last step, held-out SFT ->
-end, wall seconds); ``<out>/bench_rl.json`` (the stages' per-step metrics.jsonl records, the held-out
-results, wall times) and ``<out>/bench_rl.png`` (mean reward per step, held-out accuracy per evaluated
-step; one curve per method). Per-step rewards of 64 rollouts are noisy: compare trends, not single steps.
+accuracies at the evaluated steps); a summary line per method (reward first -> last step and mean of the
+first -> second half of the steps, held-out SFT -> end, wall seconds); ``<out>/bench_rl.json`` (the
+stages' per-step metrics.jsonl records, the held-out results, wall times) and ``<out>/bench_rl.png``
+(mean reward per step, held-out accuracy per evaluated step; one curve per method). Per-step rewards of
+64 rollouts are noisy (the steps' prompts differ; every method gets the same ones): compare trends.
 """
 
 from __future__ import annotations
@@ -100,13 +101,18 @@ def method_table(method: str, result: dict, sft: dict) -> list[str]:
 
 
 def summary_line(method: str, result: dict, sft: dict) -> str:
-    """reward first -> last step; held-out SFT -> last evaluated checkpoint (answer, best choice); wall time."""
-    first, last = result["records"][0], result["records"][-1]
+    """reward first -> last step and mean over the first -> second half of the steps (single steps are noisy);
+    held-out SFT -> last evaluated checkpoint (answer, best choice); wall seconds."""
+    records = result["records"]
+    first, last, half = records[0], records[-1], max(1, len(records) // 2)
+    early, late = (sum(r["reward_mean"] for r in part) / len(part)
+                   for part in (records[:half], records[half:] or records))
     end = result["heldout"][-1]["all"] if result["heldout"] else None
     held = (f"held-out answer {sft['all']['generated']:.1%} -> {end['generated']:.1%}, best choice "
             f"{sft['all']['choice']:.1%} -> {end['choice']:.1%}" if end else "held-out: no checkpoint")
     return (f"{method:<5} reward {first['reward_mean']:.3f} -> {last['reward_mean']:.3f} (steps {first['step']} -> "
-            f"{last['step']}), {held}; train {result['train_s']:.0f} s, eval {result['eval_s']:.0f} s")
+            f"{last['step']}; half means {early:.3f} -> {late:.3f}), {held}; train {result['train_s']:.0f} s, "
+            f"eval {result['eval_s']:.0f} s")
 
 
 def plot_curves(results: dict[str, dict], sft: dict, path: Path) -> None:

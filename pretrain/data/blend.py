@@ -73,6 +73,9 @@ def _set_kind(name: str, path: Path) -> str:
             f"data source {name!r}: {meta} does not describe a data_tools shard set "
             "(expected a CrudeWebdataset with subflavors.kind)"
         )
+    if kind == "rl":  # prompts without answers to learn from: they belong to an RL stage's stage.rl.prompts
+        raise BlendError(f"data source {name!r}: {path} is an RL prompt set (build-rl); use it as stage.rl.prompts "
+                         "of an rl_* stage, not as training data")
     return str(kind)
 
 

@@ -185,6 +185,13 @@ def test_bad_configuration_is_a_clear_error(shard_sets, tokenizer, tmp_path):
     with pytest.raises(BlendError, match="no data source has shards in split 'val'"):
         build_eval_loader(data_config(shard_sets), {}, seq_length=64, micro_batch_size=1, dp_rank=0, dp_size=1,
                           tokenizer=tokenizer)
+    # An RL prompt set (prompts, no targets) is a stage's stage.rl.prompts, never training data.
+    prompts = tmp_path / "prompts"
+    shutil.copytree(shard_sets["image_text"], prompts)
+    meta = prompts / ".nv-meta" / "dataset.yaml"
+    meta.write_text(meta.read_text().replace("kind: image_text", "kind: rl"))
+    with pytest.raises(BlendError, match="is an RL prompt set"):
+        _loader({"prompts": prompts}, tokenizer)
     # A shard truncated after the build (energon cannot read past it): the job stops before it starts.
     truncated = tmp_path / "truncated"
     shutil.copytree(shard_sets["image_text"], truncated)

@@ -26,9 +26,9 @@ RESULTS = {"sapo": _result([0.4, 0.45, 0.5, 0.6], {2: (0.3, 0.55), 4: (0.375, 0.
            "grpo": _result([0.4, 0.35, 0.3, 0.2], {2: (0.2, 0.45), 4: (0.125, 0.4)})}
 
 
-def test_summary_line_gives_first_and_last_reward_and_heldout_sft_to_end():
+def test_summary_line_gives_reward_first_to_last_and_halves_and_heldout_sft_to_end():
     line = summary_line("sapo", RESULTS["sapo"], SFT)
-    assert line.startswith("sapo  reward 0.400 -> 0.600 (steps 1 -> 4)")
+    assert line.startswith("sapo  reward 0.400 -> 0.600 (steps 1 -> 4; half means 0.425 -> 0.550)")
     assert "held-out answer 25.0% -> 37.5%, best choice 50.0% -> 60.0%" in line
     assert "train 31 s, eval 12 s" in line
     assert "0.200" in summary_line("grpo", RESULTS["grpo"], SFT)
