@@ -5,9 +5,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # torch==2.13.0 resolves to the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-PYTEST_ARGS ?=
+# The default suite leaves out the tests marked slow (multi-rank runs of half a minute or more each, listed
+# by `pytest --markers`); `make test-all` runs everything.
+PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install test demo clean gpu-wheels
+.PHONY: install test test-all demo clean gpu-wheels
 
 install: $(STAMP)
 
@@ -22,6 +24,9 @@ test: $(STAMP)
 	@start=$$(date +%s); \
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	echo "make test: total $$(( $$(date +%s) - start )) s (exit $$rc)"; exit $$rc
+
+test-all: $(STAMP)
+	$(MAKE) test PYTEST_ARGS=
 
 demo: $(STAMP)
 	$(PY) -m pretrain.demo

@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on small built-in data, 2 CPU ranks, about five minutes on 2 cores.
 
-    python -m pretrain.demo [--out demo_out] [--layout ep2|tp2_ep2_sp] [--quick]
+    python -m pretrain.demo [--out demo_out] [--layout ep2|tp2_ep2_sp] [--quick] [--from-parents]
 
 1. ``python -m data_tools synth``: a synthetic corpus of coloured shapes and moving-shape videos
    (with a few deliberately broken inputs), then the four shard builders and a small BPE tokenizer;
@@ -40,10 +40,13 @@ STAGES = [
     ("sft", ["stage.seq_length=512", "stage.train_steps=100", "stage.optimizer.lr=1e-3",
              "stage.optimizer.min_lr=1e-4", "stage.optimizer.warmup_steps=5"]),
     # Post-training: SAPO on closed questions about images and videos no other stage saw (data_tools synth's
-    # rl.jsonl), 8 prompts x G=8 responses per step, exact-match + format rewards, 2 updates per step.
-    ("rl_sapo", ["stage.train_steps=40", "stage.rl.prompts_per_step=8", "stage.rl.group_size=8",
-                 "stage.rl.max_new_tokens=4", "train.micro_batch_size=16", "stage.optimizer.lr=3e-4"]),
+    # rl.jsonl, 400 prompts), 16 prompts x G=8 responses per step, exact-match + format rewards, 4 updates
+    # (mini-batches of 32 responses) per step.
+    ("rl_sapo", ["stage.train_steps=40", "stage.rl.prompts_per_step=16", "stage.rl.group_size=8",
+                 "stage.rl.max_new_tokens=4", "stage.rl.updates_per_step=4", "train.micro_batch_size=16",
+                 "stage.optimizer.lr=2e-4"]),
 ]
+RL_PROMPTS = 400  # questions for the RL stage, about media no other stage (nor the held-out set) uses
 BUILDS = [("build-image-text", "image_text"), ("build-interleaved", "interleaved"),
           ("build-video", "video"), ("build-sft", "sft"), ("build-rl", "rl")]
 
@@ -94,12 +97,17 @@ def stage_table(run_root: Path) -> list[dict]:
         if latest.is_file():
             trainer_state = latest.parent / latest.read_text().strip() / "trainer.json"
             layout = layout_name(json.loads(trainer_state.read_text())["layout"])
-        # RL stages: the mean reward (the policy loss hovers around 0 by construction)
-        key = "reward_mean" if "reward_mean" in records[0] else "loss"
+        if "reward_mean" in records[0]:
+            # RL: the mean reward (the policy loss hovers around 0 by construction), averaged over the first
+            # and the last quarter of the steps: each step draws other prompts, so single steps are noisy.
+            k = max(1, len(records) // 4)
+            measure, first, last = "reward", [r["reward_mean"] for r in records[:k]], [r["reward_mean"] for r in records[-k:]]
+        else:
+            measure, first, last = "loss", [records[0]["loss"]], [records[-1]["loss"]]
         rows.append({
             "layout": layout,
             "stage": stage, "steps": records[-1]["step"], "tokens": records[-1]["consumed_tokens"],
-            "first": records[0][key], "last": records[-1][key], "measure": "reward" if key != "loss" else "loss",
+            "first": sum(first) / len(first), "last": sum(last) / len(last), "measure": measure,
             "seconds": sum(r["step_seconds"] for r in records),
         })
     return rows
@@ -130,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     print("== 1. data: synthetic corpus -> validated WebDataset shard sets -> tokenizer")
-    run([PY, "-m", "data_tools", "synth", "--out", str(raw), "--overwrite"])
+    run([PY, "-m", "data_tools", "synth", "--out", str(raw), "--rl", str(RL_PROMPTS), "--overwrite"])
     for command, name in BUILDS:
         run([PY, "-m", "data_tools", command, "--manifest", str(raw / f"{name}.jsonl"), "--out", str(shards / name),
              "--workers", "2", "--overwrite", "--no-progress"])
@@ -174,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     gain = results[2][1]["all"]["generated"] - results[1][1]["all"]["generated"]
     print(f"RL over SFT: {gain * 100:+.1f} points (answer correct)")
     example = json.loads(eval_file.read_text().splitlines()[0])
-    print("\ntry it: " + shlex.join([PY, "-m", "pretrain.generate", "--ckpt", str(runs / "sft" / "checkpoints"),
+    print("\ntry it: " + shlex.join([PY, "-m", "pretrain.generate", "--ckpt", str(runs / "rl_sapo" / "checkpoints"),
                                      f"--{example['media_type']}", str(raw / example["media"]),
                                      "--prompt", example["question"]]))
     print(f"demo finished in {time.perf_counter() - started:.0f} s; logs in {logs}, TensorBoard: "

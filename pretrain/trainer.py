@@ -261,6 +261,25 @@ class StageRun:
         return self.manager.save(self.model, self.optimizer, self.state, {"rng": collect_rng_state()},
                                  describe=self.describe, data_states=data_states)
 
+    def end_step(self, total_steps: int, consecutive_skips: int, data_states: dict | None = None) -> tuple[str | None, bool, bool]:
+        """After a step: checkpoint every ``train.save_interval`` steps, at the end, on SIGUSR1/SIGTERM and
+        before giving up after ``train.max_consecutive_skips`` skipped steps in a row (then raise
+        :class:`TrainingStopped`). Returns (the checkpoint saved now or None, stopped by a signal,
+        requeued)."""
+        train, step = self.job.train, self.state.step
+        stop = self.watcher.stop_requested()
+        too_many_skips = consecutive_skips >= train.max_consecutive_skips
+        checkpoint = None
+        if step % train.save_interval == 0 or step == total_steps or stop or too_many_skips:
+            checkpoint = str(self.save(data_states))
+        if too_many_skips:
+            raise TrainingStopped(f"{consecutive_skips} steps in a row without a finite update at step {step} "
+                                  f"(train.max_consecutive_skips={train.max_consecutive_skips}); saved {checkpoint}")
+        if not stop:
+            return checkpoint, False, False
+        self.logger.message(f"signal {self.watcher.received} received: saved {checkpoint} at step {step}")
+        return checkpoint, True, self.handle_stop()
+
     def handle_stop(self) -> bool:
         """After a save on SIGUSR1/SIGTERM: requeue the SLURM job (rank 0 decides); True when requeued."""
         requeued = False
@@ -335,7 +354,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     seq_length = job.stage.seq_length
     run = open_stage(job, info, dp_size, total_steps, composed_yaml)
     chunks, model, optimizer, scheduler = run.chunks, run.model, run.optimizer, run.scheduler
-    state, logger, watcher, model_cfg, dtype = run.state, run.logger, run.watcher, run.model_cfg, run.dtype
+    state, logger, model_cfg, dtype = run.state, run.logger, run.model_cfg, run.dtype
     loader, data_warning = _open_train_data(job, state, run.manager, run.latest, run.tokenizer,
                                             parallel_state.get_data_parallel_rank(), dp_size)
     run.restore_rng()
@@ -413,18 +432,9 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if not result.skipped:
             last_loss = result.loss
 
-        stop = watcher.stop_requested()
-        too_many_skips = consecutive_skips >= job.train.max_consecutive_skips
-        if state.step % job.train.save_interval == 0 or state.step == total_steps or stop or too_many_skips:
-            checkpoint = str(run.save(_data_states(loader)))
-        if too_many_skips:
-            raise TrainingStopped(
-                f"{consecutive_skips} non-finite steps in a row at step {state.step} "
-                f"(train.max_consecutive_skips={job.train.max_consecutive_skips}); saved {checkpoint}")
-        if stop:
-            preempted = True
-            logger.message(f"signal {watcher.received} received: saved {checkpoint} at step {state.step}")
-            requeued = run.handle_stop()
+        saved, preempted, requeued = run.end_step(total_steps, consecutive_skips, _data_states(loader))
+        checkpoint = saved or checkpoint
+        if preempted:
             break
 
     wall = time.perf_counter() - started
@@ -434,10 +444,10 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                          wall_seconds=wall, skipped_steps=state.skipped_steps, checkpoint=checkpoint,
                          preempted=preempted, requeued=requeued)
     logger.close({"steps": f"{start_step}->{state.step}", "tokens": state.consumed_tokens,
-                  "loss first->last": f"{_num(first_loss)} -> {_num(last_loss)}",
+                  "loss first->last": f"{format_number(first_loss)} -> {format_number(last_loss)}",
                   "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})
     return result
 
 
-def _num(value: float | None) -> str:
+def format_number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"

@@ -166,6 +166,7 @@ def test_a_resume_without_stream_positions_warns_and_records_it(synth_data, tmp_
                          tokenizer, 0, 1)
 
 
+@pytest.mark.slow
 def test_next_stage_starts_from_the_previous_checkpoint_in_another_layout(synth_data, tmp_path):
     first = _train(_stage_args(synth_data, tmp_path, "stage.train_steps=2"))
     assert first.returncode == 0, first.stderr[-3000:]

@@ -41,7 +41,7 @@ from pretrain.posttrain.policy_loss import AGGREGATIONS, policy_loss_config_from
 from pretrain.posttrain.rewards import RewardSet
 from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, balance_rows, policy_update
 from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, placeholder_ids, sequence_logprobs
-from pretrain.trainer import StageResult, TrainingStopped, open_stage, start_distributed
+from pretrain.trainer import StageResult, format_number, open_stage, start_distributed
 
 
 class RLSetupError(ValueError):
@@ -220,6 +220,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
             metrics.update(loss_step.metrics.reduce(loss_step.present))
         state.consumed_samples += rl.prompts_per_step
         state.consumed_tokens += int(sums[5])
+        metrics["consumed_tokens"] = state.consumed_tokens  # generated tokens so far
         state.prompt_stream = stream.state_dict()
         logger.log(state.step, metrics)
         if first_reward is None:
@@ -237,28 +238,17 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                      for i, p in enumerate(rollouts.prompt_index.tolist())]
             _write_rollouts(Path(job.train.run_dir), state.step, lines)
 
-        stop = run.watcher.stop_requested()
-        too_many_skips = consecutive_skips >= job.train.max_consecutive_skips
-        if state.step % job.train.save_interval == 0 or state.step == total_steps or stop or too_many_skips:
-            checkpoint = str(run.save())
-        if too_many_skips:
-            raise TrainingStopped(f"{consecutive_skips} RL steps in a row without a finite update at step "
-                                  f"{state.step}; saved {checkpoint}")
-        if stop:
-            preempted = True
-            logger.message(f"signal {run.watcher.received} received: saved {checkpoint} at step {state.step}")
-            requeued = run.handle_stop()
+        saved, preempted, requeued = run.end_step(total_steps, consecutive_skips)
+        checkpoint = saved or checkpoint
+        if preempted:
             break
 
     wall = time.perf_counter() - started
     logger.close({"steps": f"{start_step}->{state.step}", "prompts": state.consumed_samples,
-                  "reward first->last": f"{_num(first_reward)} -> {_num(last_reward)}",
+                  "reward first->last": f"{format_number(first_reward)} -> {format_number(last_reward)}",
                   "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})
     return StageResult(stage=job.stage.name, steps=state.step - start_step, start_step=start_step,
                        total_steps=total_steps, tokens=state.consumed_tokens, first_loss=first_loss,
                        last_loss=last_loss, wall_seconds=wall, skipped_steps=state.skipped_steps,
                        checkpoint=checkpoint, preempted=preempted, requeued=requeued)
 
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"

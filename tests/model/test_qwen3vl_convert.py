@@ -59,6 +59,7 @@ def test_moe_round_trip_through_tp2_ep2_is_bit_exact_and_writes_the_published_la
         mcore_to_hf(tmp_path / "mcore", tmp_path / "back")
 
 
+@pytest.mark.slow
 def test_parity_command_on_a_converted_checkpoint_passes_and_fails_above_tolerance(tmp_path):
     from model.convert import hf_to_mcore, mcore_to_hf
 

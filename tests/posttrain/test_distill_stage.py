@@ -44,6 +44,7 @@ def _losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_distillation_to_the_teacher(synth_data, text_set, tmp_path):
     base = [*synth_data.overrides, f"train.run_root={tmp_path}", "stage.train_tokens=null", "stage.seq_length=128",
             "train.global_batch_size=4", "stage.optimizer.warmup_steps=1",

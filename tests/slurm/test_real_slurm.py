@@ -73,6 +73,7 @@ def test_chain_runs_each_stage_after_the_previous_from_its_checkpoint(chain):
     assert [m["step"] for m in metrics(runs / "s1_pretrain")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_signalled_job_requeues_and_resumes_without_lost_steps(local_slurm, tiny_data, chain, tmp_path):
     """SIGUSR1 (what SLURM sends before the time limit): checkpoint, requeue, resume, same result."""
     env = local_slurm.env()
@@ -101,6 +102,7 @@ def test_signalled_job_requeues_and_resumes_without_lost_steps(local_slurm, tiny
     assert [m["loss"] for m in records] == pytest.approx(reference, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_preempted_job_at_its_requeue_limit_fails_and_stops_the_chain(local_slurm, tiny_data, tmp_path):
     """cluster.max_requeues=0: the checkpoint is saved but the job is not requeued; it must not count
     as a finished stage, so the next stage of the chain is cancelled instead of starting."""
@@ -121,6 +123,7 @@ def test_preempted_job_at_its_requeue_limit_fails_and_stops_the_chain(local_slur
     assert not (runs / "s1_pretrain").exists()
 
 
+@pytest.mark.slow
 def test_job_restarted_beyond_its_limit_does_not_run_again(local_slurm, tiny_data, tmp_path):
     """SLURM itself requeues (node failure, preemption): the script stops past cluster.max_requeues."""
     env = local_slurm.env()
@@ -135,6 +138,7 @@ def test_job_restarted_beyond_its_limit_does_not_run_again(local_slurm, tiny_dat
     assert f"job {job_id} restarted 1 times > cluster.max_requeues=0: not running again" in logs
 
 
+@pytest.mark.slow
 def test_crashing_job_fails_and_is_not_requeued(local_slurm, tiny_data, tmp_path):
     env = local_slurm.env()
     (job_id,) = submit_ids(tiny_stage_overrides(tiny_data, tmp_path / "run", STEPS,
