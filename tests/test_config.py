@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +42,9 @@ def test_distill_stage_needs_its_teacher_and_text_data():
     assert job.stage.kind == "distill" and job.stage.trainable == ["language"]
     with pytest.raises(ConfigError, match="stage.distill.teacher"):
         load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "stage.distill.teacher=null"])
+    with pytest.raises(ConfigError, match="distillation runs with pp=1"):
+        load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "parallel=pp2",
+                  "stage.distill.teacher=runs_big/sft/checkpoints"])
 
 
 def test_report_stage_settings():

@@ -210,6 +210,7 @@ def _hf_parity_body(rank, ckpt, hf_dir, image):
     return type(hf).__name__, float((ours.detach() - reference.detach()).abs().max())
 
 
+@pytest.mark.slow
 def test_final_checkpoint_exports_to_a_transformers_model(synth_data, tmp_path):
     from tests.multirank import run_ranks
 

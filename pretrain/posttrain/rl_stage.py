@@ -161,7 +161,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         target = balance_rows(len(rows))
         rows = rows.padded_to(target, run.tokenizer.pad_id)
         entropy_sum = 0.0
-        updates = min(rl.updates_per_step, target)
+        updates = rl.updates_per_step
         results = []
         loss_step = PolicyLossStep(loss_cfg, aggregation, rollouts.temperature, rollouts.vocab_size,
                                    placeholder_ids(run.model_cfg))
@@ -180,8 +180,10 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                         vocab_size=rollouts.vocab_size, micro_batch_size=mbs, prompt_index=rows.prompt_index).cpu()
             for chunk in model:
                 chunk.train()
+            # mini-batches of ceil(target / updates) rows; the last may be smaller, and with few rows there
+            # may be fewer of them (never an empty one)
             per_update = -(-target // updates)
-            for u in range(updates):
+            for u in range(-(-target // per_update)):
                 part = rows.select(slice(u * per_update, (u + 1) * per_update))
                 result = policy_update(model, run.optimizer, part, loss_step, mbs, run.dtype)
                 results.append(result)

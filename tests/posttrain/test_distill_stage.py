@@ -70,10 +70,3 @@ def test_distillation_to_the_teacher(synth_data, text_set, tmp_path):
     assert len(losses) == 6 and losses[0] > 0.05
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
 
-
-def test_distill_with_pipeline_parallelism_is_refused(synth_data, text_set, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "pretrain.train", *synth_data.overrides, "stage=distill",
-                           "parallel=pp2", f"stage.distill.teacher={tmp_path}",
-                           f"data.sources=[{{name: text, path: {text_set}}}]", "--cfg", "job"],
-                          capture_output=True, text=True, env=_env(), timeout=120)
-    assert done.returncode == 2 and "distillation runs with pp=1" in done.stderr, done.stderr[-2000:]
