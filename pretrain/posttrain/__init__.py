@@ -1,5 +1,14 @@
-"""Post-training as the Qwen3-VL report does it (strong-to-weak distillation, RL with SAPO): the pieces
-the distillation and RL stages are built from.
+"""Post-training as the Qwen3-VL report does it: strong-to-weak distillation and RL with SAPO (or GRPO,
+GSPO), as stages of the same trainer (``stage.kind: distill | rl``).
+
+The stages:
+
+* :mod:`.distill_stage`: ``kind: distill``, a frozen teacher in the job's layout, run in the loop of
+  :func:`pretrain.trainer.run_stage` with a KL loss;
+* :mod:`.rl_stage`: ``kind: rl``, the RL loop (prompts, rollouts, rewards, filtering, old log-probs,
+  several updates per step), and :mod:`.rl_step`, one policy update through Megatron's schedule.
+
+Their pieces:
 
 * :mod:`.policy_loss`: SAPO, GRPO and GSPO policy losses behind one function, with an explicit
   aggregation ('seq-mean-token-mean' or 'token-mean');
@@ -7,7 +16,8 @@ the distillation and RL stages are built from.
 * :mod:`.rewards`: rewards registered by name, combined with weights (``exact_match``, ``format``);
 * :mod:`.distill`: forward KL(teacher || student) on vocab-parallel logits, without gathering the vocabulary;
 * :mod:`.rollout`: batched sampling of G responses per prompt with a KV cache, in the training layout,
-  and the log-probs of given responses under a model (old policy, reference).
+  and the log-probs of given responses under a model (old policy, reference);
+* :mod:`.prompt_set`: RL prompt sets (``python -m data_tools build-rl``), encoded and dealt out per step.
 
 Batch layout shared by all of them: B = prompts * G responses, the G responses of prompt p at rows
 ``p*G .. p*G + G - 1``; per-token tensors are [B, T] with a response mask [B, T] (1 = a generated token).
