@@ -10,7 +10,8 @@ describe them; SFT conversations ask closed-vocabulary questions ("What colour i
 media that no manifest uses, with the answer choices. ``rl.jsonl`` is a ``build-rl`` prompt set for RL
 post-training: the same closed-vocabulary questions (colour, shape, background; direction and colour
 for videos) about media of its own (used by no other manifest, eval included), as a user turn without
-the answer, with the single-word reference ``answer`` and ``reward: exact_match``.
+the answer, with the single-word reference ``answer`` and ``reward: exact_match``. ``text.jsonl`` holds
+text-only SFT conversations about the same vocabulary (``build-sft``; the distillation stage's text data).
 
 A few deliberately bad inputs sit in the manifests so builds show rejection: in image_text.jsonl a
 truncated image, a missing file, an empty text and a malformed JSON line; in interleaved.jsonl a
@@ -19,10 +20,10 @@ answer; in rl.jsonl a missing image and an answer that is not a string. ``synth.
 vocabulary, the counts and these bad lines.
 
 Output folder: images/, videos/, docs/, sft_media/, eval_media/, rl_media/, image_text.jsonl,
-interleaved.jsonl, video.jsonl, sft.jsonl, eval.jsonl, rl.jsonl, synth.json. Paths in manifests are
-relative to the folder. The same seed and counts give byte-identical files; each manifest draws from
-its own random stream (``f"{seed}/<name>"``) in a fixed order, rl last, so adding rl.jsonl left the
-other files as they were.
+interleaved.jsonl, video.jsonl, sft.jsonl, eval.jsonl, rl.jsonl, text.jsonl, synth.json. Paths in
+manifests are relative to the folder. The same seed and counts give byte-identical files; each manifest
+draws from its own random stream (``f"{seed}/<name>"``) in a fixed order, rl then text last, so adding
+them left the other files as they were.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ CAPTION_TEMPLATES = (
 VIDEO_FPS = 8
 SYSTEM_PROMPT = "You are a helpful assistant that answers questions about images and videos."
 SUBDIRS = ("images", "videos", "docs", "sft_media", "eval_media", "rl_media")
-MANIFESTS = ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "eval.jsonl", "rl.jsonl")
+MANIFESTS = ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "eval.jsonl", "rl.jsonl",
+             "text.jsonl")
 #: The manifests with deliberately bad lines (synth.json's ``bad_lines``), built by build-* commands.
 BUILD_MANIFESTS = ("image_text.jsonl", "interleaved.jsonl", "video.jsonl", "sft.jsonl", "rl.jsonl")
 
@@ -78,6 +80,7 @@ class SynthConfig:
     sft: int = 300
     eval: int = 80
     rl: int = 96
+    text: int = 200
     overwrite: bool = False
 
 
@@ -326,7 +329,7 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
         (out / sub).mkdir(parents=True, exist_ok=True)
     w = _Writer(out)
     seed = config.seed
-    total = config.images + config.videos + config.docs + config.sft + config.eval + config.rl
+    total = config.images + config.videos + config.docs + config.sft + config.eval + config.rl + config.text
     bar = tqdm(total=total, desc="synth", unit="item", disable=not progress, dynamic_ncols=True)
     bad: dict[str, list[dict]] = {m: [] for m in BUILD_MANIFESTS}
 
@@ -472,14 +475,38 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
     ):
         _plant_bad(rl, bad["rl.jsonl"], fraction, record, reason)
     w.manifest("rl.jsonl", rl)
+
+    # Text-only conversations about the corpus' vocabulary (build-sft; the distillation stage's `text` source).
+    rng = random.Random(f"{seed}/text")
+    kinds = {**{c: "a colour" for c in COLOURS}, **{s: "a shape" for s in SHAPES}, **{d: "a direction" for d in DIRECTIONS}}
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    text = []
+    for i in range(config.text):
+        colour, shape, background = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(BACKGROUNDS))
+        word = rng.choice(list(kinds))
+        others = rng.sample([c for c in COLOURS] + list(DIRECTIONS), 2)
+        direction = rng.choice(list(DIRECTIONS))
+        question, answer = rng.choice([
+            (f"Is {word} a colour, a shape or a direction?", kinds[word]),
+            (f"Which of these is a shape: {others[0]}, {shape} or {others[1]}?", shape),
+            (f"What is the opposite of {direction}?", opposite[direction]),
+            (f"Describe a {colour} {shape} on a {background} background in a few words.",
+             rng.choice(CAPTION_TEMPLATES).format(colour=colour, shape=shape, background=background)),
+        ])
+        messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        text.append({"id": f"text-{i:06d}", "messages": messages})
+        bar.update()
+    w.manifest("text.jsonl", text)
     bar.close()
 
     summary = {
         "seed": seed,
         "counts": {"image_text": config.images, "videos": config.videos, "docs": config.docs, "sft": config.sft, "eval": config.eval,
-                   "rl": config.rl},
+                   "rl": config.rl, "text": config.text},
         "manifest_lines": {"image_text.jsonl": len(image_text), "video.jsonl": len(videos), "interleaved.jsonl": len(docs),
-                           "sft.jsonl": len(sft), "eval.jsonl": len(evaluation), "rl.jsonl": len(rl)},
+                           "sft.jsonl": len(sft), "eval.jsonl": len(evaluation), "rl.jsonl": len(rl),
+                           "text.jsonl": len(text)},
         "bad_lines": bad,
         "vocabulary": {"colours": list(COLOURS), "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS),
                        "directions": list(DIRECTIONS)},
@@ -501,12 +528,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sft", type=int, default=300, help="SFT conversations (default 300)")
     parser.add_argument("--eval", type=int, default=80, help="held-out eval questions (default 80)")
     parser.add_argument("--rl", type=int, default=96, help="RL prompts with reference answers (default 96)")
+    parser.add_argument("--text", type=int, default=200, help="text-only conversations (default 200)")
     parser.add_argument("--overwrite", action="store_true", help="replace a previous corpus in --out")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    counts = [args.images, args.videos, args.docs, args.sft, args.eval, args.rl]
+    counts = [args.images, args.videos, args.docs, args.sft, args.eval, args.rl, args.text]
     if min(counts) < 0:
         print("synth: error: counts must not be negative", file=sys.stderr)
         return 2

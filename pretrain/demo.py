@@ -48,7 +48,7 @@ STAGES = [
 ]
 RL_PROMPTS = 400  # questions for the RL stage, about media no other stage (nor the held-out set) uses
 BUILDS = [("build-image-text", "image_text"), ("build-interleaved", "interleaved"),
-          ("build-video", "video"), ("build-sft", "sft"), ("build-rl", "rl")]
+          ("build-video", "video"), ("build-sft", "sft"), ("build-rl", "rl"), ("build-sft", "text")]
 
 
 def run(cmd: list[str], log: Path | None = None) -> None:

@@ -35,8 +35,11 @@ def test_rl_stages_compose_with_their_loss(stage):
 
 
 def test_distill_stage_needs_its_teacher_and_text_data():
+    with pytest.raises(ConfigError, match="stage.distill.teacher"):
+        load_job(["stage=distill"])  # data=synth has its text set; the teacher is for the user to name
     with pytest.raises(ConfigError, match="no data source named 'text'"):
-        load_job(["stage=distill"])
+        load_job(["stage=distill", "data.sources=[{name: sft, path: /data/sft}]",
+                  "stage.distill.teacher=runs_big/sft/checkpoints"])
     _, job = load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]",
                        "stage.distill.teacher=runs_big/sft/checkpoints"])
     assert job.stage.kind == "distill" and job.stage.trainable == ["language"]
