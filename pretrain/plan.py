@@ -183,6 +183,14 @@ def format_plan(plan: JobPlan, mfu: float = DEFAULT_MFU, gpu: str = DEFAULT_GPU)
                      f"{_duration(seconds)} ({tokens / seconds / plan.world_size:,.0f} tokens/s per GPU; one "
                      f"document of {plan.document_length:,} tokens per sequence); the stage's {steps:,} steps: "
                      f"{_duration(steps * seconds)}")
+    if job.stage.kind == "distill":
+        lines.append("  not counted: the frozen teacher (its weights in this layout, its logits per micro-batch): "
+                     f"plan {job.stage.distill.teacher}'s model in this layout and add its weights")
+    elif job.stage.kind == "rl":
+        lines.append(f"  not counted: the rollouts' KV cache ({job.stage.rl.prompts_per_step} prompts x "
+                     f"G={job.stage.rl.group_size} rows of prompt + {job.stage.rl.max_new_tokens} tokens over the "
+                     "data-parallel ranks) and a reference policy's weights (GRPO with kl_coef > 0); the training "
+                     "rows are taken as packed sequences of stage.seq_length")
     return "\n".join(lines)
 
 

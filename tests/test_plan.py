@@ -330,3 +330,13 @@ def test_plan_command_refuses_bad_input_in_one_line(capsys, args, message):
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("stage, words", [("rl_sapo", "rollouts' KV cache"), ("distill", "frozen teacher")])
+def test_post_training_plans_say_what_they_do_not_count(stage, words):
+    from pretrain.cli import load_job
+    from pretrain.plan import format_plan, plan_job
+
+    teacher = ["stage.distill.teacher=runs_big/sft/checkpoints"] if stage == "distill" else []
+    _, job = load_job([f"stage={stage}", "model=qwen3vl_2b", *teacher])
+    assert f"not counted: the {words}" in format_plan(plan_job(job, world_size=8))
