@@ -250,22 +250,33 @@ class Qwen3VLModel(LanguageModule):
 
     # -- forward
 
-    def visual_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    def visual_embeddings(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                          image_index=None, video_index=None):
         """Run the ViT on this micro-batch's images and videos.
 
+        ``image_index`` / ``video_index`` (optional, int [n]): the pad-token groups of the batch, in
+        row-major order, take the features of image (video) ``index[k]`` of ``pixel_values`` (``_videos``):
+        an image shared by several rows (the G responses of one prompt in RL) runs through the ViT once,
+        and its gradient sums over the rows. Without an index each image fills one group, in order.
         Returns (embeds ``[b, s, h]`` with visual features at pad tokens and zeros elsewhere, mask
         ``[b, s]`` of visual tokens, DeepStack features ``[n, b, s, h]`` or None); None when no media.
         """
         cfg = self.cfg
         parts = []
-        for kind, pixels, grid, token in (("image", pixel_values, image_grid_thw, cfg.image_token_id),
-                                          ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id)):
+        for kind, pixels, grid, token, index in (
+                ("image", pixel_values, image_grid_thw, cfg.image_token_id, image_index),
+                ("video", pixel_values_videos, video_grid_thw, cfg.video_token_id, video_index)):
             if pixels is None:
                 continue
             if grid is None:
                 raise ValueError(f"{kind} pixel values given without their {kind}_grid_thw")
             mask = input_ids == token
             embeds, deep = self.vision(pixels, grid)
+            if index is not None:
+                tokens = (torch.as_tensor(grid).prod(dim=-1) // cfg.vision.spatial_merge_size ** 2).tolist()
+                order = torch.as_tensor(index).tolist()
+                embeds = torch.cat([embeds.split(tokens)[i] for i in order])
+                deep = [torch.cat([f.split(tokens)[i] for i in order]) for f in deep]
             if int(mask.sum()) != embeds.shape[0]:
                 raise ValueError(f"{int(mask.sum())} {kind} pad tokens (id {token}) in input_ids but the "
                                  f"{kind}s give {embeds.shape[0]} embeddings (grid_thw {torch.as_tensor(grid).tolist()})")
@@ -334,6 +345,8 @@ class Qwen3VLModel(LanguageModule):
         runtime_gather_output: bool | None = None,
         document_ids: torch.Tensor | None = None,
         inference_context=None,
+        image_index: torch.Tensor | None = None,
+        video_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, s = input_ids.shape
         cp_size, cp_rank = cp_size_and_rank()
@@ -358,7 +371,7 @@ class Qwen3VLModel(LanguageModule):
         if self.pre_process:
             decoder_input = self.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
             visual = self.visual_embeddings(input_ids, pixel_values, image_grid_thw,
-                                            pixel_values_videos, video_grid_thw)
+                                            pixel_values_videos, video_grid_thw, image_index, video_index)
             if visual is not None:
                 embeds, mask, deep = visual
                 del visual  # with the names below: the full-sequence features are freed after the CP split

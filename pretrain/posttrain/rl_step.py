@@ -140,8 +140,8 @@ class PolicyLossStep:
 
     def __call__(self, data_iterator, model):
         batch = to_device(next(data_iterator))
-        media = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-                 if k in batch}
+        media = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_index", "pixel_values_videos",
+                                       "video_grid_thw", "video_index") if k in batch}
         logits = model(batch["input_ids"], batch["position_ids"], document_ids=batch["document_ids"],
                        runtime_gather_output=False, **media)
         return logits, partial(self._loss, batch)

@@ -211,6 +211,30 @@ def _media(prompts: list[_Prompt], order: Sequence[int], dtype: torch.dtype) -> 
     return out
 
 
+_INDEX = {"pixel_values": "image_index", "pixel_values_videos": "video_index"}
+
+
+def _shared_media(prompts: list[_Prompt], order: Sequence[int], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Like :func:`_media`, but each prompt's images and videos once (prompts in order of first use), with
+    ``image_index`` / ``video_index`` naming, for each image of each row in row order, the image it is:
+    rows of the same prompt share one ViT pass (see ``Qwen3VLModel.visual_embeddings``)."""
+    out = {}
+    unique = list(dict.fromkeys(order))
+    for pixels, grid in MEDIA:
+        holders = [p for p in unique if pixels in prompts[p].media]
+        if not holders:
+            continue
+        first, count = {}, 0
+        for p in holders:
+            first[p] = count
+            count += int(prompts[p].media[grid].shape[0])
+        out[pixels] = torch.cat([prompts[p].media[pixels] for p in holders]).to(dtype)
+        out[grid] = torch.cat([prompts[p].media[grid] for p in holders])
+        out[_INDEX[pixels]] = torch.tensor([first[p] + k for p in order if p in first
+                                            for k in range(int(prompts[p].media[grid].shape[0]))], dtype=torch.long)
+    return out
+
+
 @dataclass
 class _Batch:
     """The left-padded token grid of a rollout: prompts (``prompt_len`` columns) then generated tokens.
@@ -683,7 +707,8 @@ def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], response
     (default: the longest prompt + T, rounded up to ``multiple_of``, e.g. tp with sequence
     parallelism); ``inputs`` holds ``input_ids`` [n, L], ``position_ids`` [3, n, L] (response tokens
     take the next position on all three axes), ``document_ids`` [n, L] (zeros: causal attention keeps
-    the padding out of the positions that matter, so each row is one document) and the rows' media;
+    the padding out of the positions that matter, so each row is one document) and the rows' media, each
+    prompt's once, with ``image_index`` / ``video_index`` (rows of one prompt share its ViT pass);
     ``starts`` [n]: each row's prompt length (``logits[i, starts[i] - 1 + t]`` predicts token t).
     """
     items = prompts if prompts and isinstance(prompts[0], _Prompt) else _prompts(prompts)
@@ -703,7 +728,7 @@ def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], response
         last = int(prompt.positions.max())
         positions[:, i, s:] = torch.arange(last + 1, last + 1 + length - s)
     inputs = {"input_ids": ids, "position_ids": positions, "document_ids": torch.zeros_like(ids),
-              **_media(items, prompt_index.tolist(), dtype)}
+              **_shared_media(items, prompt_index.tolist(), dtype)}
     return inputs, starts
 
 

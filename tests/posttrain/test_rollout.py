@@ -146,6 +146,22 @@ def _single(rank, cfg, tokenizer, prompts, ckpt):
     other.load_state_dict(model.state_dict())
     out["dense_mask"] = generate_rollouts(other, prompts, greedy, tokenizer)
     out["dense_mask_restored"] = (other.attention, type(other.decoder.layers[0].self_attention.core_attention).__name__)
+
+    # Rows of one prompt share its ViT pass (image_index / video_index): the same logits and the same
+    # gradient as with each row carrying its own copy of the media.
+    from pretrain.posttrain.rollout import _media, _prompts, response_rows
+
+    items, index = _prompts(prompts), torch.tensor([1, 3, 1, 0, 3, 3])
+    shared, _ = response_rows(items, torch.zeros(6, 2, dtype=torch.long), index, torch.float32)
+    repeated = {k: v for k, v in shared.items() if k not in ("image_index", "video_index")}
+    repeated.update(_media(items, index.tolist(), torch.float32))
+    for name, inputs in (("shared", shared), ("repeated", repeated)):
+        model.zero_grad()
+        logits = model(inputs["input_ids"], inputs["position_ids"], document_ids=inputs["document_ids"],
+                       **{k: v for k, v in inputs.items() if k not in ("input_ids", "position_ids", "document_ids")})
+        logits.float().square().mean().backward()
+        out[f"media_{name}"] = (logits.detach(), model.vision.patch_embed.weight.grad.clone(),
+                                inputs["pixel_values"].shape[0], inputs["pixel_values_videos"].shape[0])
     return out
 
 
@@ -370,3 +386,12 @@ def test_sampling_rule():
         got, logp = sample_tokens(logits, torch.tensor([u], dtype=torch.float64), 1.0, 0.7)
         assert int(got) == token
         assert abs(float(logp) - float(probs[0, token].log())) < 1e-6  # the untruncated policy's log-prob
+
+
+def test_rows_of_one_prompt_share_its_vit_pass(single):
+    logits, grad, image_patches, video_patches = single["media_shared"]
+    want_logits, want_grad, repeated_image_patches, repeated_video_patches = single["media_repeated"]
+    assert image_patches * 2 == repeated_image_patches and video_patches * 3 == repeated_video_patches
+    torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
