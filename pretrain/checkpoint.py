@@ -268,6 +268,21 @@ def _read_trainer_state(path: Path) -> TrainerState:
         raise CheckpointError(f"{meta}: unreadable trainer state ({exc})") from None
 
 
+def checkpoint_run_config(ckpt: str | os.PathLike, what: str = "checkpoint"):
+    """(the resolved step directory, the run's composed config) of ``ckpt`` (a checkpoints folder, its
+    latest, or a step directory): the config ``pretrain.train`` wrote into the run folder, which says
+    how to rebuild the model, the tokenizer and the data encoding. ``what`` names ``ckpt`` in errors."""
+    from omegaconf import OmegaConf
+
+    resolved = resolve_checkpoint(ckpt)
+    if resolved is None:
+        raise CheckpointError(f"{what} {ckpt}: no checkpoint there (no 'latest' file or trainer.json)")
+    run_config = resolved.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        raise CheckpointError(f"{what} {ckpt}: {run_config} is missing (the run's config, written by pretrain.train)")
+    return resolved, OmegaConf.load(run_config)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)

@@ -17,7 +17,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from model.context_parallel import split_on_this_rank
 from pretrain.step import LOSS_KEY
 
-MODEL_INPUTS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+MODEL_INPUTS = ("pixel_values", "image_grid_thw", "image_index", "pixel_values_videos", "video_grid_thw",
+                "video_index")
 
 
 def weighted_token_loss(loss_weights: torch.Tensor, loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -51,12 +52,14 @@ def to_device(batch: dict) -> dict:
 
 
 def media_inputs(batch: dict) -> dict:
-    """The micro-batch's images and videos as model keyword arguments (absent kinds left out)."""
+    """The micro-batch's images and videos as model keyword arguments (absent kinds left out; the
+    optional ``image_index`` / ``video_index`` of media shared by several rows come along)."""
     media = {k: batch[k] for k in MODEL_INPUTS if k in batch and batch[k] is not None and batch[k].numel()}
-    if "pixel_values" not in media:
-        media.pop("image_grid_thw", None)
-    if "pixel_values_videos" not in media:
-        media.pop("video_grid_thw", None)
+    for pixels, others in (("pixel_values", ("image_grid_thw", "image_index")),
+                           ("pixel_values_videos", ("video_grid_thw", "video_index"))):
+        if pixels not in media:
+            for key in others:
+                media.pop(key, None)
     return media
 
 

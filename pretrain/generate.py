@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from model.checkpoint_io import CheckpointError, load_weights, resolve_checkpoint
+from model.checkpoint_io import CheckpointError, load_weights
 from pretrain.forward import to_device
 
 
@@ -45,13 +45,9 @@ def load_inference_model(ckpt: str | Path) -> InferenceModel:
     from common.tokens.tokenizer import load_tokenizer
     from common.distributed.parallel import initialize_distributed
 
-    resolved = resolve_checkpoint(ckpt)
-    if resolved is None:
-        raise CheckpointError(f"{ckpt}: no checkpoint there (no 'latest' file or trainer.json)")
-    run_config = resolved.parent.parent / "config.yaml"
-    if not run_config.is_file():
-        raise CheckpointError(f"{run_config}: missing (the run's config, written by pretrain.train)")
-    cfg = OmegaConf.load(run_config)
+    from pretrain.checkpoint import checkpoint_run_config
+
+    resolved, cfg = checkpoint_run_config(ckpt)
     initialize_distributed({}, seed=0, environ={})
     model = build_qwen3vl(Qwen3VLConfig.from_mapping(OmegaConf.to_container(cfg.model, resolve=True)),
                           pre_process=True, post_process=True, parallel_output=False)

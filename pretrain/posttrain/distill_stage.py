@@ -23,24 +23,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from model.checkpoint_io import CheckpointError, load_weights, resolve_checkpoint
+from model.checkpoint_io import load_weights
 from model.context_parallel import split_on_this_rank
 from pretrain.forward import model_inputs, to_device, weighted_token_loss
 from pretrain.posttrain.distill import vocab_parallel_forward_kl
-
-
-def teacher_config(teacher: str | Path) -> tuple[Path, dict, str]:
-    """(resolved checkpoint, the teacher's model section, its tokenizer setting) from its run's config.yaml."""
-    resolved = resolve_checkpoint(teacher)
-    if resolved is None:
-        raise CheckpointError(f"stage.distill.teacher={teacher}: no checkpoint there (no 'latest' file or "
-                              "trainer.json)")
-    run_config = resolved.parent.parent / "config.yaml"
-    if not run_config.is_file():
-        raise CheckpointError(f"stage.distill.teacher: {run_config} is missing (the run's config, written by "
-                              "pretrain.train)")
-    cfg = OmegaConf.load(run_config)
-    return resolved, OmegaConf.to_container(cfg.model, resolve=True), str(cfg.data.tokenizer)
 
 
 def build_frozen_model(job, cfg, checkpoint: Path, params_dtype: torch.dtype) -> torch.nn.Module:
@@ -65,8 +51,10 @@ def build_teacher(job, params_dtype: torch.dtype, tokenizer) -> tuple[torch.nn.M
     from model.config import ConfigError, Qwen3VLConfig
     from pretrain.trainer import check_tokenizer_matches_model
 
-    resolved, model_section, _ = teacher_config(job.stage.distill.teacher)
-    cfg = Qwen3VLConfig.from_mapping(model_section)
+    from pretrain.checkpoint import checkpoint_run_config
+
+    resolved, run_config = checkpoint_run_config(job.stage.distill.teacher, "stage.distill.teacher")
+    cfg = Qwen3VLConfig.from_mapping(OmegaConf.to_container(run_config.model, resolve=True))
     student_vocab = Qwen3VLConfig.from_mapping(job.model).text.vocab_size
     if cfg.text.vocab_size != student_vocab:
         raise ConfigError(f"teacher {resolved}: vocabulary {cfg.text.vocab_size} != the student's {student_vocab}; "
@@ -83,9 +71,10 @@ def distill_forward_step(teacher: torch.nn.Module, temperature: float):
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator))
+        inputs = model_inputs(batch, model)  # teacher and student: the same layout and attention backend
         with torch.no_grad():
-            teacher_logits = teacher(batch["tokens"], runtime_gather_output=False, **model_inputs(batch, teacher))
-        student_logits = model(batch["tokens"], runtime_gather_output=False, **model_inputs(batch, model))
+            teacher_logits = teacher(batch["tokens"], runtime_gather_output=False, **inputs)
+        student_logits = model(batch["tokens"], runtime_gather_output=False, **inputs)
         loss_weights = split_on_this_rank(batch["loss_weights"], 1)
         loss_mask = split_on_this_rank(batch["loss_mask"], 1)
         # logits [b, s, V/tp]; the model already returns this rank's context-parallel chunk of s

@@ -27,7 +27,6 @@ resumed from step k draws exactly the rollouts, rewards and losses of the uninte
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from common.distributed.comm import all_reduce_values
+from data_tools.atomic import write_atomic
 from pretrain.config import JobConfig
 from pretrain.posttrain.advantages import GroupFilterResult, PromptFilter, filter_groups, group_advantages
 from pretrain.posttrain.policy_loss import AGGREGATIONS, policy_loss_config_from_mapping
@@ -86,13 +86,8 @@ def _write_rollouts(run_dir: Path, step: int, lines: list[dict]) -> None:
         return
     folder = run_dir / "rollouts"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step:08d}.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for part in gathered:
-            for line in part or ():
-                f.write(json.dumps(line) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(line) + "\n" for part in gathered for line in part or ())
+    write_atomic(folder / f"step_{step:08d}.jsonl", text.encode())
 
 
 def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
@@ -155,7 +150,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         kept = filter_groups(reward, g, prompt_filter) if rl.filter.enabled else \
             GroupFilterResult(torch.ones(len(batch.records), dtype=torch.bool), 0, 0, g)
         advantages = group_advantages(reward, g)
-        keep_rows = kept.response_keep().nonzero()[:, 0]
+        keep = kept.response_keep()
+        keep_rows = keep.nonzero()[:, 0]
         rows = RLRows(prompts, rollouts.response_ids, rollouts.response_mask, rollouts.logprobs, advantages,
                       rollouts.prompt_index).select(keep_rows)
         target = balance_rows(len(rows))
@@ -235,7 +231,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
             lines = [{"step": state.step, "prompt": batch.records[int(p)].id, "response": i % g,
                       "text": rollouts.texts[i], "reward": float(reward[i]),
                       **{name: float(v[i]) for name, v in parts.items()}, "advantage": float(advantages[i]),
-                      "kept": bool(kept.response_keep()[i]), "length": int(rollouts.lengths[i]),
+                      "kept": bool(keep[i]), "length": int(rollouts.lengths[i]),
                       "finished": bool(rollouts.finished[i])}
                      for i, p in enumerate(rollouts.prompt_index.tolist())]
             _write_rollouts(Path(job.train.run_dir), state.step, lines)

@@ -25,7 +25,7 @@ import torch
 from megatron.core import parallel_state
 
 from common.distributed.comm import all_reduce_values
-from pretrain.forward import to_device
+from pretrain.forward import media_inputs, to_device
 from pretrain.posttrain.policy_loss import policy_loss_terms
 from pretrain.posttrain.rollout import response_logprobs, response_rows
 from pretrain.step import LOSS_KEY, StepResult, train_step
@@ -140,10 +140,8 @@ class PolicyLossStep:
 
     def __call__(self, data_iterator, model):
         batch = to_device(next(data_iterator))
-        media = {k: batch[k] for k in ("pixel_values", "image_grid_thw", "image_index", "pixel_values_videos",
-                                       "video_grid_thw", "video_index") if k in batch}
         logits = model(batch["input_ids"], batch["position_ids"], document_ids=batch["document_ids"],
-                       runtime_gather_output=False, **media)
+                       runtime_gather_output=False, **media_inputs(batch))
         return logits, partial(self._loss, batch)
 
     def _loss(self, batch: dict, logits: torch.Tensor):
