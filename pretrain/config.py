@@ -289,15 +289,16 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
 
 
 def check_distill_stage(job: JobConfig) -> None:
-    """``kind: distill`` needs a teacher; the teacher runs beside the student in the same layout, which
-    pipeline parallelism would split differently (each stage would need the whole teacher)."""
+    """``kind: distill`` needs a teacher and a positive temperature. The teacher runs in the student's
+    layout (tensor, pipeline, expert, context and data parallelism), one model chunk per pipeline rank:
+    virtual pipeline stages are refused."""
     distill = job.stage.distill
     if not distill.teacher:
         raise ConfigError("stage.distill.teacher: set the teacher's checkpoints folder (kind: distill)")
     _positive("stage.distill.temperature", distill.temperature)
-    if job.parallel.pp > 1:
-        raise ConfigError(f"stage.kind=distill with parallel.pp={job.parallel.pp}: distillation runs with "
-                          "pp=1 (tensor, expert, context and data parallelism are supported)")
+    if job.parallel.vpp:
+        raise ConfigError(f"stage.kind=distill with parallel.vpp={job.parallel.vpp}: the teacher runs one model "
+                          "chunk per pipeline rank; set parallel.vpp=null")
 
 
 def check_rl_stage(job: JobConfig) -> None:

@@ -358,9 +358,9 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     loader, data_warning = _open_train_data(job, state, run.manager, run.latest, run.tokenizer,
                                             parallel_state.get_data_parallel_rank(), dp_size)
     run.restore_rng()
-    forward_step = qwen3vl_forward_step
+    forward_step, teacher = qwen3vl_forward_step, None
     if job.stage.kind == "distill":
-        from pretrain.posttrain.distill_stage import build_teacher, distill_forward_step
+        from pretrain.posttrain.distill_stage import build_teacher, distill_forward_step, run_teacher
 
         teacher, teacher_origin = build_teacher(job, dtype, run.tokenizer)
         forward_step = distill_forward_step(teacher, job.stage.distill.temperature)
@@ -385,6 +385,8 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if state.step == start_step and loader.ready_message:
             logger.message(loader.ready_message)  # instead of energon's per-worker buffer bars
         normalize_loss_weights(micro_batches)
+        if teacher is not None:
+            run_teacher(teacher, micro_batches)  # its hidden states ride in the micro-batches to the loss
         iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
         result = train_step(model, optimizer, forward_step, iterators, num_micro, seq_length,
                             job.train.micro_batch_size)

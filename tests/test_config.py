@@ -45,9 +45,12 @@ def test_distill_stage_needs_its_teacher_and_text_data():
     assert job.stage.kind == "distill" and job.stage.trainable == ["language"]
     with pytest.raises(ConfigError, match="stage.distill.teacher"):
         load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "stage.distill.teacher=null"])
-    with pytest.raises(ConfigError, match="distillation runs with pp=1"):
+    _, piped = load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "parallel=pp2",
+                         "stage.distill.teacher=runs_big/sft/checkpoints"])
+    assert piped.parallel.pp == 2  # the teacher runs through the pipeline too
+    with pytest.raises(ConfigError, match="the teacher runs one model chunk per pipeline rank"):
         load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "parallel=pp2",
-                  "stage.distill.teacher=runs_big/sft/checkpoints"])
+                  "parallel.vpp=2", "stage.distill.teacher=runs_big/sft/checkpoints"])
 
 
 def test_report_stage_settings():

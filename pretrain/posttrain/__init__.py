@@ -17,6 +17,8 @@ Their pieces:
 * :mod:`.distill`: forward KL(teacher || student) on vocab-parallel logits, without gathering the vocabulary;
 * :mod:`.rollout`: batched sampling of G responses per prompt with a KV cache, in the training layout,
   and the log-probs of given responses under a model (old policy, reference);
+* :mod:`.pipeline_forward`: one forward of a frozen model through the pipeline stages outside
+  Megatron's schedules (rollouts, the distillation teacher);
 * :mod:`.prompt_set`: RL prompt sets (``python -m data_tools build-rl``), encoded and dealt out per step.
 
 Batch layout shared by all of them: B = prompts * G responses, the G responses of prompt p at rows

@@ -86,6 +86,7 @@ from megatron.core import parallel_state, tensor_parallel
 from common.distributed.comm import all_reduce_values
 from common.tokens.tokenizer import ENDOFTEXT, IM_END
 from pretrain.forward import to_device
+from pretrain.posttrain.pipeline_forward import from_last_stage, stage_forward
 
 STOP_TOKENS = (IM_END, ENDOFTEXT)
 MEDIA = (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw"))
@@ -347,42 +348,6 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _stage_forward(model, run) -> torch.Tensor | None:
-    """This pipeline stage's part of one forward: the previous stage's hidden states in (their shape
-    first: it changes between the prefill, which may carry DeepStack features, and the decoding
-    steps), ``run()``, the hidden states out to the next stage. The output of ``run()`` on the last
-    stage (logits), None on the others. Without pipeline parallelism, just ``run()``."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return run()
-    device = next(model.parameters()).device
-    if not model.pre_process:
-        prev = parallel_state.get_pipeline_model_parallel_prev_rank()
-        shape = torch.empty(3, dtype=torch.long, device=device)
-        dist.recv(shape, src=prev)
-        hidden = torch.empty(*shape.tolist(), dtype=_model_dtype(model), device=device)
-        dist.recv(hidden, src=prev)
-        model.set_input_tensor(hidden)
-    out = run()
-    if model.post_process:
-        return out
-    following = parallel_state.get_pipeline_model_parallel_next_rank()
-    dist.send(torch.tensor(out.shape, dtype=torch.long, device=device), dst=following)
-    dist.send(out.to(_model_dtype(model)).contiguous(), dst=following)
-    return None
-
-
-def _from_last_stage(t: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
-    """``t`` of the last pipeline stage on every stage (a no-op without pipeline parallelism)."""
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return t
-    if t is None:
-        t = torch.empty(shape, dtype=dtype, device=device)
-    t = t.contiguous()
-    dist.broadcast(t, parallel_state.get_pipeline_model_parallel_last_rank(),
-                   group=parallel_state.get_pipeline_model_parallel_group())
-    return t
-
-
 class _CachedDecoder:
     """Prefill once per prompt, then one token per row and step with Megatron's static KV cache."""
 
@@ -404,7 +369,7 @@ class _CachedDecoder:
         inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
                             "document_ids": b.documents[firsts, :s],
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
-        logits = _stage_forward(self.model, lambda: self.model(
+        logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=self.context,
             runtime_gather_output=True, **inputs))
         self.context.sequence_len_offset = s
@@ -427,7 +392,7 @@ class _CachedDecoder:
         col = self.context.sequence_len_offset  # the column of the token fed now
         ids = to_device({"input_ids": self.batch.ids[rows, col:col + 1]})["input_ids"]
         index = rows.to(ids.device)
-        logits = _stage_forward(self.model, lambda: self.model(
+        logits = stage_forward(self.model, lambda: self.model(
             ids, self.grid["position_ids"][:, index, :col + 1], inference_context=self.context,
             document_ids=self.grid["document_ids"][index, :col + 1], runtime_gather_output=True))
         self.context.sequence_len_offset = col + 1
@@ -446,7 +411,7 @@ class _RecomputeDecoder:
         inputs = to_device({"input_ids": b.ids[rows, :n], "position_ids": b.positions[:, rows, :n],
                             "document_ids": b.documents[rows, :n],
                             **_media(b.prompts, b.prompt_of(rows), _model_dtype(self.model))})
-        logits = _stage_forward(self.model, lambda: self.model(
+        logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), runtime_gather_output=True, **inputs))
         return None if logits is None else logits[:, -1]
 
@@ -512,7 +477,7 @@ def _share_samples(tokens: torch.Tensor | None, logp: torch.Tensor | None, count
         if parallel_state.get_tensor_model_parallel_world_size() > 1:
             dist.broadcast(packed, parallel_state.get_tensor_model_parallel_src_rank(),
                            group=parallel_state.get_tensor_model_parallel_group())
-    packed = _from_last_stage(packed, (2, count), torch.float64, device)
+    packed = from_last_stage(packed, (2, count), torch.float64, device)
     return packed[0].long(), packed[1].float()
 
 
@@ -780,12 +745,12 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, p
     multiple = parallel_state.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
     inputs, starts = response_rows(prompts, responses, prompt_index, _model_dtype(model), multiple_of=multiple)
     inputs = to_device(inputs)
-    logits = _stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
+    logits = stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
                                                  runtime_gather_output=False, **inputs))
     device = next(model.parameters()).device
     if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
-        logp = _from_last_stage(None, (n, width), torch.float32, device)
-        return logp, (_from_last_stage(None, (n, width), torch.float32, device) if with_entropy else None)
+        logp = from_last_stage(None, (n, width), torch.float32, device)
+        return logp, (from_last_stage(None, (n, width), torch.float32, device) if with_entropy else None)
     z = _response_logits(logits, starts, width, temperature, vocab_size, placeholder_ids(model.cfg))
     entropy = None
     if with_entropy:  # first: Megatron's cross entropy works in place on z
@@ -793,5 +758,5 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, p
             entropy = vocab_parallel_entropy(z)
     logp = -tensor_parallel.vocab_parallel_cross_entropy(z, responses.to(z.device))
     if with_entropy:
-        entropy = _from_last_stage(entropy, (n, width), torch.float32, logp.device)
-    return _from_last_stage(logp, (n, width), torch.float32, logp.device), entropy
+        entropy = from_last_stage(entropy, (n, width), torch.float32, logp.device)
+    return from_last_stage(logp, (n, width), torch.float32, logp.device), entropy
