@@ -2,8 +2,9 @@
 
 The rows of a step (responses that survived the prompt filter, with their old-policy log-probs and
 advantages) become micro-batches of ``micro_batch_size`` rows, each row its prompt followed by its
-response (:func:`pretrain.posttrain.rollout.response_rows`), all of one length L so that pipeline
-stages exchange fixed shapes. The schedule's forward step runs the model (any layout the trainer runs:
+response, the rows of a micro-batch packed into one sequence
+(:func:`pretrain.posttrain.rollout.response_rows`), every micro-batch of the step padded to one length
+L so that pipeline stages exchange fixed shapes. The schedule's forward step runs the model (any layout the trainer runs:
 TP, SP, PP, EP, DP); its loss function, on the last pipeline stage, takes the vocabulary-parallel
 logits to per-token log-probs and returns the policy loss as a *sum and a count*
 (:func:`pretrain.posttrain.policy_loss.policy_loss_terms`): Megatron adds the counts over micro-batches
@@ -27,7 +28,7 @@ from megatron.core import parallel_state
 from common.distributed.comm import all_reduce_values
 from pretrain.forward import media_inputs, to_device
 from pretrain.posttrain.policy_loss import policy_loss_terms
-from pretrain.posttrain.rollout import response_logprobs, response_rows
+from pretrain.posttrain.rollout import packed_length, response_logprobs, response_rows
 from pretrain.step import LOSS_KEY, StepResult, train_step
 
 
@@ -78,19 +79,18 @@ def balance_rows(local_rows: int) -> int:
 
 
 def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, multiple_of: int = 1) -> tuple[list[dict], int]:
-    """(micro-batches of ``micro_batch_size`` rows, all of one length L; L). The last micro-batch is
-    padded with empty rows so that every one has the same shape."""
+    """(micro-batches of ``micro_batch_size`` rows, each packed into one sequence [1, L]; L, the
+    longest packed micro-batch of ``rows``, so that every one has the same shape). The last micro-batch
+    is filled up with empty rows."""
     count = math.ceil(len(rows) / micro_batch_size)
     rows = rows.padded_to(count * micro_batch_size, pad_id=0)
-    _, starts = response_rows(rows.prompts, rows.response_ids, rows.prompt_index, dtype, multiple_of=multiple_of)
-    length = int(starts.max()) + rows.response_ids.shape[1]
-    length += -length % multiple_of
+    parts = [rows.select(slice(k * micro_batch_size, (k + 1) * micro_batch_size)) for k in range(count)]
+    length = max(packed_length(p.prompts, p.prompt_index, p.response_ids, p.response_mask, multiple_of) for p in parts)
     batches = []
-    for k in range(count):
-        part = rows.select(slice(k * micro_batch_size, (k + 1) * micro_batch_size))
-        inputs, starts = response_rows(part.prompts, part.response_ids, part.prompt_index, dtype,
-                                       multiple_of=multiple_of, length=length)
-        batch = {**inputs, "starts": starts, "response_ids": part.response_ids, "response_mask": part.response_mask,
+    for part in parts:
+        inputs, index = response_rows(part.prompts, part.response_ids, part.prompt_index, dtype,
+                                      response_mask=part.response_mask, multiple_of=multiple_of, length=length)
+        batch = {**inputs, "index": index, "response_ids": part.response_ids, "response_mask": part.response_mask,
                  "old_logp": part.old_logp, "advantages": part.advantages}
         if part.ref_logp is not None:
             batch["ref_logp"] = part.ref_logp
@@ -120,7 +120,10 @@ class PolicyLossMetrics:
         """Means over every generated token of the global batch (all ranks call this)."""
         tp = parallel_state.get_tensor_model_parallel_world_size() if torch.distributed.is_initialized() else 1
         values = all_reduce_values([self.tokens, *self.sums.values()])
-        top = all_reduce_values([self.ratio_dev_max], op=torch.distributed.ReduceOp.MAX)[0]
+        # The loss runs on the last pipeline stage only: the metrics it reported, on every rank.
+        top, *flags = all_reduce_values([self.ratio_dev_max, *(float(key in present) for key in self.MEANS)],
+                                        op=torch.distributed.ReduceOp.MAX)
+        present = {key for key, flag in zip(self.MEANS, flags) if flag}
         tokens = values[0] / tp  # tensor-parallel peers hold the same values
         out = {key: value / tp / tokens for key, value in zip(self.MEANS, values[1:]) if key in present and tokens}
         out["ratio_dev_max"] = top
@@ -145,7 +148,7 @@ class PolicyLossStep:
         return logits, partial(self._loss, batch)
 
     def _loss(self, batch: dict, logits: torch.Tensor):
-        logp = response_logprobs(logits, batch["starts"], batch["response_ids"], self.temperature, self.vocab_size,
+        logp = response_logprobs(logits, batch["index"], batch["response_ids"], self.temperature, self.vocab_size,
                                  self.banned)
         mask = batch["response_mask"]
         total, count, metrics = policy_loss_terms(self.loss_cfg, logp, batch["old_logp"], batch["advantages"],
@@ -163,4 +166,4 @@ def policy_update(model: list, optimizer, rows: RLRows, loss_step: PolicyLossSte
     sp = model[0].config.sequence_parallel
     multiple = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
     batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple)
-    return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, micro_batch_size)
+    return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)  # [1, L] each

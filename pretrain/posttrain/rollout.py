@@ -612,7 +612,7 @@ def sequence_logprobs(
     response ids [B, T] with ``response_mask`` [B, T] (default: all ones), ``temperature`` (default 1)
     and ``vocab_size`` (the tokenizer's, default: the model's). Row b answers prompt
     ``prompt_index[b]`` (default: B = len(prompts) * G rows grouped by prompt). Each row is its prompt
-    followed by its response, right-padded (:func:`response_rows`), in one batched forward
+    followed by its response, the rows packed into one sequence (:func:`response_rows`), in one forward
     (``micro_batch_size`` rows at a time when given) in the model's training layout; the vocabulary
     stays split over the tensor-parallel ranks (Megatron's vocab-parallel cross entropy), and the
     result carries a gradient when called with gradients enabled (the policy's log-probs in the loss).
@@ -652,8 +652,8 @@ def sequence_logprobs(
     if step < 1:
         raise ValueError(f"micro_batch_size={micro_batch_size!r} must be >= 1")
     ids, mask = ids.long().cpu(), mask.bool().cpu()
-    parts = [_sequence_logprobs(inner, items, ids[r:r + step], prompt_index[r:r + step], temperature, vocab_size,
-                                with_entropy) for r in range(0, rows, step)]
+    parts = [_sequence_logprobs(inner, items, ids[r:r + step], mask[r:r + step], prompt_index[r:r + step],
+                                temperature, vocab_size, with_entropy) for r in range(0, rows, step)]
     logp = torch.cat([part[0] for part in parts]).float()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(mask.to(logp.device), logp, zero)
@@ -663,48 +663,79 @@ def sequence_logprobs(
     return logp, torch.where(mask.to(entropy.device), entropy, zero)
 
 
-def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], responses: torch.Tensor,
-                  prompt_index: torch.Tensor, dtype: torch.dtype, *, multiple_of: int = 1,
-                  length: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The model inputs of responses after their prompts: (inputs, starts).
+def _packed_sizes(items: list[_Prompt], prompt_index: torch.Tensor, responses: torch.Tensor,
+                  response_mask: torch.Tensor | None, multiple_of: int) -> tuple[list[int], list[int], int]:
+    """(prompt length of each row, response tokens kept of each row, the packed length rounded up to
+    ``multiple_of``) of :func:`response_rows`."""
+    n, width = responses.shape
+    kept = [width] * n
+    if response_mask is not None:
+        columns = torch.arange(1, width + 1).expand(n, -1)
+        kept = torch.where(response_mask.bool().cpu(), columns, torch.zeros_like(columns)).amax(dim=1).tolist()
+    starts = [items[int(p)].ids.numel() for p in prompt_index]
+    needed = sum(starts) + sum(kept)
+    return starts, kept, needed + -needed % multiple_of
 
-    Row i is prompt ``prompt_index[i]`` then ``responses[i]`` [n, T], right-padded to ``length``
-    (default: the longest prompt + T, rounded up to ``multiple_of``, e.g. tp with sequence
-    parallelism); ``inputs`` holds ``input_ids`` [n, L], ``position_ids`` [3, n, L] (response tokens
-    take the next position on all three axes), ``document_ids`` [n, L] (zeros: causal attention keeps
-    the padding out of the positions that matter, so each row is one document) and the rows' media, each
-    prompt's once, with ``image_index`` / ``video_index`` (rows of one prompt share its ViT pass);
-    ``starts`` [n]: each row's prompt length (``logits[i, starts[i] - 1 + t]`` predicts token t).
+
+def packed_length(prompts: Sequence[Mapping[str, Any]], prompt_index: torch.Tensor, responses: torch.Tensor,
+                  response_mask: torch.Tensor | None = None, multiple_of: int = 1) -> int:
+    """The length of :func:`response_rows`' sequence for these rows (without building it)."""
+    return _packed_sizes(_prompts(prompts), prompt_index, responses, response_mask, multiple_of)[2]
+
+
+def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], responses: torch.Tensor,
+                  prompt_index: torch.Tensor, dtype: torch.dtype, *, response_mask: torch.Tensor | None = None,
+                  multiple_of: int = 1, length: int | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The model inputs of responses after their prompts, packed into one sequence: (inputs, index).
+
+    Row i is prompt ``prompt_index[i]`` then ``responses[i]`` [n, T] up to its last token in
+    ``response_mask`` (default: all T), one document of the packed sequence (``document_ids`` i, so
+    attention stays inside the row); the rows follow each other without padding, and the sequence is
+    right-padded (a document of its own) to ``length`` tokens (default: the rows' total, rounded up to
+    ``multiple_of``, e.g. tp with sequence parallelism). Packing instead of padding every row to the
+    longest prompt matters because prompts differ a lot in length (a video prompt is several times an
+    image prompt, a long response many times a short one). ``inputs`` holds ``input_ids`` [1, L],
+    ``position_ids`` [3, 1, L] (each row's prompt positions, its response tokens on the next position
+    of all three axes) and ``document_ids`` [1, L], and the rows' media, each prompt's once, with
+    ``image_index`` / ``video_index`` (rows of one prompt share its ViT pass). ``index`` [n, T]: the
+    position in the sequence of the logit that predicts response token t of row i
+    (``logits[0, index[i, t]]``); tokens past a row's end point at its last token (their log-probs are
+    masked by the caller).
     """
     items = prompts if prompts and isinstance(prompts[0], _Prompt) else _prompts(prompts)
     n, width = responses.shape
-    starts = torch.tensor([items[int(p)].ids.numel() for p in prompt_index])
-    needed = int(starts.max()) + width
-    needed += -needed % multiple_of
+    starts, kept, needed = _packed_sizes(items, prompt_index, responses, response_mask, multiple_of)
     length = needed if length is None else int(length)
     if length < needed or length % multiple_of:
-        raise ValueError(f"row length {length} must be >= {needed} and a multiple of {multiple_of}")
-    ids = torch.zeros(n, length, dtype=torch.long)
-    positions = torch.zeros(3, n, length, dtype=torch.long)
+        raise ValueError(f"packed length {length} must be >= {needed} and a multiple of {multiple_of}")
+    ids = torch.zeros(1, length, dtype=torch.long)
+    positions = torch.arange(length).expand(3, 1, length).clone()
+    documents = torch.full((1, length), n, dtype=torch.long)
+    index = torch.zeros(n, width, dtype=torch.long)
+    offset = 0
     for i, p in enumerate(prompt_index.tolist()):
-        prompt, s = items[p], int(starts[i])
-        ids[i, :s], ids[i, s:s + width] = prompt.ids, responses[i]
-        positions[:, i, :s] = prompt.positions
+        prompt, s, k = items[p], starts[i], kept[i]
+        row = slice(offset, offset + s + k)
+        ids[0, offset:offset + s], ids[0, offset + s:row.stop] = prompt.ids, responses[i, :k]
+        positions[:, 0, offset:offset + s] = prompt.positions
         last = int(prompt.positions.max())
-        positions[:, i, s:] = torch.arange(last + 1, last + 1 + length - s)
-    inputs = {"input_ids": ids, "position_ids": positions, "document_ids": torch.zeros_like(ids),
+        positions[:, 0, offset + s:row.stop] = torch.arange(last + 1, last + 1 + k)
+        documents[0, row] = i
+        # logit at offset + s - 1 + t predicts response token t; beyond the row's end, its last token
+        index[i] = offset + s - 1 + torch.arange(width).clamp(max=max(k - 1, 0))
+        offset = row.stop
+    inputs = {"input_ids": ids, "position_ids": positions, "document_ids": documents,
               **_shared_media(items, prompt_index.tolist(), dtype)}
-    return inputs, starts
+    return inputs, index
 
 
-def _response_logits(logits: torch.Tensor, starts: torch.Tensor, width: int, temperature: float,
-                     vocab_size: int, banned: Sequence[int] = ()) -> torch.Tensor:
-    """This rank's vocabulary shard of the tempered logits at each response token [n, T, V/tp] (float32),
-    -inf beyond the tokenizer's vocabulary (a padded embedding's extra rows are never sampled) and at
-    the ``banned`` ids (:func:`placeholder_ids`)."""
-    # logits[i, s_i - 1 + t] predicts response token t of row i.
-    index = (starts.to(logits.device)[:, None] - 1 + torch.arange(width, device=logits.device)[None, :])
-    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [n, T, V/tp]
+def _response_logits(logits: torch.Tensor, index: torch.Tensor, temperature: float, vocab_size: int,
+                     banned: Sequence[int] = ()) -> torch.Tensor:
+    """This rank's vocabulary shard of the tempered logits at each response token [n, T, V/tp] (float32)
+    from the logits [1, L, V/tp] of a :func:`response_rows` sequence and its ``index`` [n, T]; -inf
+    beyond the tokenizer's vocabulary (a padded embedding's extra rows are never sampled) and at the
+    ``banned`` ids (:func:`placeholder_ids`)."""
+    picked = logits.reshape(-1, logits.shape[-1])[index.to(logits.device)]  # [n, T, V/tp]
     z = picked.float() / temperature
     shard = z.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * shard
@@ -713,12 +744,13 @@ def _response_logits(logits: torch.Tensor, starts: torch.Tensor, width: int, tem
     return z.masked_fill(outside, float("-inf")).contiguous()
 
 
-def response_logprobs(logits: torch.Tensor, starts: torch.Tensor, responses: torch.Tensor, temperature: float,
+def response_logprobs(logits: torch.Tensor, index: torch.Tensor, responses: torch.Tensor, temperature: float,
                       vocab_size: int, banned: Sequence[int] = ()) -> torch.Tensor:
     """log softmax(z / temperature)[token] [n, T] of each response token from the model's
-    vocabulary-parallel logits [n, L, V/tp] (rows as :func:`response_rows` lays them out), over the
-    tokenizer's vocabulary less the ``banned`` ids (:func:`placeholder_ids`), as sampled."""
-    z = _response_logits(logits, starts, responses.shape[1], temperature, vocab_size, banned)
+    vocabulary-parallel logits [1, L, V/tp] of a :func:`response_rows` sequence (``index`` [n, T] its
+    second result), over the tokenizer's vocabulary less the ``banned`` ids (:func:`placeholder_ids`), as
+    sampled."""
+    z = _response_logits(logits, index, temperature, vocab_size, banned)
     return -tensor_parallel.vocab_parallel_cross_entropy(z, responses.to(z.device))
 
 
@@ -739,11 +771,12 @@ def vocab_parallel_entropy(z: torch.Tensor) -> torch.Tensor:
     return sums[0].log() - sums[1] / sums[0]
 
 
-def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, prompt_index: torch.Tensor,
-                       temperature: float, vocab_size: int, with_entropy: bool = False):
+def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, response_mask: torch.Tensor,
+                       prompt_index: torch.Tensor, temperature: float, vocab_size: int, with_entropy: bool = False):
     n, width = responses.shape
     multiple = parallel_state.get_tensor_model_parallel_world_size() if model.config.sequence_parallel else 1
-    inputs, starts = response_rows(prompts, responses, prompt_index, _model_dtype(model), multiple_of=multiple)
+    inputs, index = response_rows(prompts, responses, prompt_index, _model_dtype(model), response_mask=response_mask,
+                                  multiple_of=multiple)
     inputs = to_device(inputs)
     logits = stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
                                                  runtime_gather_output=False, **inputs))
@@ -751,7 +784,7 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, p
     if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
         logp = from_last_stage(None, (n, width), torch.float32, device)
         return logp, (from_last_stage(None, (n, width), torch.float32, device) if with_entropy else None)
-    z = _response_logits(logits, starts, width, temperature, vocab_size, placeholder_ids(model.cfg))
+    z = _response_logits(logits, index, temperature, vocab_size, placeholder_ids(model.cfg))
     entropy = None
     if with_entropy:  # first: Megatron's cross entropy works in place on z
         with torch.no_grad():

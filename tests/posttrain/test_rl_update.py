@@ -1,10 +1,10 @@
-"""The RL update (pretrain.posttrain.rl_step) through Megatron's training schedule, in three layouts.
+"""The RL update (pretrain.posttrain.rl_step) through Megatron's training schedule, in four layouts.
 
 A fixed rollout batch (text prompts of different lengths, responses of different lengths, old-policy
 log-probs away from the current policy so that ratios leave 1, advantages of both signs) gives the
-same policy loss and gradient norm in one process, in TP2 with sequence parallelism and in EP2 (the
-MoE experts split, the rows split over the two data-parallel ranks). SAPO, GRPO and GSPO, both
-aggregations.
+same policy loss and gradient norm in one process, in TP2 with sequence parallelism, in EP2 (the
+MoE experts split, the rows split over the two data-parallel ranks) and in PP2 (the packed micro-batches
+of different row lengths padded to one shape for the stages). SAPO, GRPO and GSPO, both aggregations.
 """
 
 from __future__ import annotations
@@ -82,10 +82,10 @@ def _update(rank, overrides, parallel, prompts, batch, ckpt, vocab, save, extra=
     return out
 
 
-def test_rl_loss_is_the_same_in_single_tp2_and_ep2(setup):
+def test_rl_loss_is_the_same_in_single_tp2_ep2_and_pp2(setup):
     overrides, prompts, batch, ckpt, vocab = setup
     single = run_ranks(_update, 1, overrides, "single", prompts, batch, ckpt, vocab, True)[0]
-    for parallel, extra in (("tp2", ["parallel.sequence_parallel=true"]), ("ep2", [])):
+    for parallel, extra in (("tp2", ["parallel.sequence_parallel=true"]), ("ep2", []), ("pp2", [])):
         ranks = run_ranks(_update, 2, overrides, parallel, prompts, batch, ckpt, vocab, False, extra)
         assert ranks[0] == ranks[1] or all(a[0] == b[0] for a, b in zip(*ranks)), "ranks disagree on the loss"
         for (loss, norm, metrics), (want_loss, want_norm, want_metrics), (options, _) in zip(ranks[0], single, LOSSES):

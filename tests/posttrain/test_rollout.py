@@ -395,3 +395,32 @@ def test_rows_of_one_prompt_share_its_vit_pass(single):
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_response_rows_are_packed_one_document_each():
+    """Rows of different prompt and response lengths follow each other in one sequence, each its own
+    document, padding only at the end; ``index`` points at the logit that predicts each response token."""
+    from pretrain.posttrain.rollout import packed_length, response_rows
+
+    prompts = [{"input_ids": torch.arange(10, 15)}, {"input_ids": torch.arange(20, 23)}]  # 5 and 3 tokens
+    responses = torch.tensor([[7, 8, 9], [4, 5, 6], [1, 2, 3]])
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False]])
+    prompt_index = torch.tensor([0, 1, 0])
+    inputs, index = response_rows(prompts, responses, prompt_index, torch.float32, response_mask=mask, multiple_of=4)
+    sizes = [5 + 3, 3 + 1, 5 + 0]  # a row ends at its last token in the mask
+    assert packed_length(prompts, prompt_index, responses, mask, multiple_of=4) == 20  # 17 rounded up
+    ids, documents, positions = inputs["input_ids"][0], inputs["document_ids"][0], inputs["position_ids"][:, 0]
+    assert ids.shape == (20,) and positions.shape == (3, 20)
+    assert documents.tolist() == [0] * 8 + [1] * 4 + [2] * 5 + [3] * 3  # the tail is a document of its own
+    assert ids[:17].tolist() == [10, 11, 12, 13, 14, 7, 8, 9, 20, 21, 22, 4, 10, 11, 12, 13, 14]
+    assert positions[0, :17].tolist() == [*range(8), *range(4), *range(5)]  # each row from 0
+    offsets = [0, 8, 12]
+    for i, (start, size) in enumerate(zip((5, 3, 5), sizes)):
+        kept = size - start
+        for t in range(3):
+            if t < kept:  # the logit before token t of the response predicts it
+                assert int(index[i, t]) == offsets[i] + start - 1 + t and ids[index[i, t] + 1] == responses[i, t]
+            else:  # past the row's end: its last token (masked by the caller), never another row's
+                assert offsets[i] <= int(index[i, t]) < offsets[i] + size
+    with pytest.raises(ValueError, match="packed length 16 must be >= 20"):
+        response_rows(prompts, responses, prompt_index, torch.float32, response_mask=mask, multiple_of=4, length=16)
