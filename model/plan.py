@@ -44,6 +44,33 @@ GPU: keep that headroom in ``cluster.gpu_memory_gb``), pipeline send/receive buf
 between experts (tokens are assumed evenly routed), and transformer-engine's layers (the GPU path at
 ``cp = 1``), which store somewhat less than the local layers counted here. Validated on CPU in fp32
 against the measured peak of real training steps (``tests/test_plan.py``).
+
+Post-training stages add terms and moments:
+
+* **RL** (``stage.kind: rl``; :class:`Rollout`, ``Workload(loss="policy")``): the policy update trains
+  on rows of prompt + response, ``micro_batch_size`` rows per micro-batch, packed into one sequence
+  (counted as that many rows of the planned prompt length + ``max_new_tokens``: the same tokens; the
+  rows of one prompt share one ViT pass: :attr:`Workload.vision_rows`), and its loss keeps the
+  response tokens' logits in fp32 (the gathered logits, their tempered copy, the cross entropy's
+  softmax) on top of the bf16 logits of the whole row. Three more moments: the rollout's *prefill* (the
+  KV cache of the rank's P prompts, the prompts' forward without gradient), the rollout's *decoding*
+  (the **KV cache** of all P x G rows: Megatron's static cache, ``[prompt + max_new_tokens, rows, kv
+  heads / tp, head_dim]`` keys and values per layer of the stage, plus one decoding step: the rotary
+  embedding of the whole cached sequence, which Megatron applies again to a layer's cached keys at
+  every step, the keys and values expanded to the query heads (PyTorch's math attention path: an upper
+  bound where a fused kernel runs), the sampling's fp32/fp64 copies of the rows' logits), and the
+  *old-policy log-probs* (a micro-batch's forward without gradient, its logits and the entropy's fp32
+  temporaries);
+* a **frozen model** (:class:`FrozenModel`: an RL reference policy, GRPO's KL, or a distillation
+  teacher) adds its weights in the job's layout, no gradients, no optimizer state; a *teacher* runs
+  over every micro-batch of the step before the student's schedule, keeps its final hidden states
+  ``[s, b, h]`` per micro-batch on the last stage until the student's loss turns them into its logits
+  shard, and adds one more moment (*teacher forward*: one micro-batch's forward without gradient);
+  the KL keeps the student's and teacher's logits and its fp32 temporaries (``Workload(loss="distill")``).
+
+The forward without gradient (prefill, teacher, log-prob passes) is counted as its live working set:
+the residual stream, the normalised input and the widest layer's intermediates (the MLP's), the ViT's
+equivalent and the full-sequence embeddings and DeepStack features.
 """
 
 from __future__ import annotations
@@ -58,6 +85,8 @@ GB = 1e9  # bytes; GPU memory sizes in this project's configs are in these units
 PARTS = ("vision", "merger", "language")  # the freezable parts (model.qwen3vl.FREEZABLE)
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+LOSSES = ("lm", "policy", "distill")  # Workload.loss
+FROZEN_ROLES = ("reference", "teacher")  # FrozenModel.role
 
 # Bytes per token of small per-layer tensors measured in the local layers (fp32 CPU, ``tests/test_plan``
 # checks the totals): the MoE router (top-k indices, probabilities, aux-loss statistics) per expert and
@@ -173,7 +202,11 @@ class Workload:
 
     ``micro_batches``: micro-batches per step per data-parallel rank (the pipeline holds up to ``pp``
     of them at once). ``visual_patches``: ViT patches in one packed sequence (0: text only).
-    ``trainable``: the parts that get gradients and optimizer state.
+    ``trainable``: the parts that get gradients and optimizer state. ``vision_rows``: sequences per
+    micro-batch whose images the ViT encodes (default: every one, ``micro_batch_size``; RL rows of one
+    prompt share one ViT pass). ``loss``: ``lm`` (cross entropy on every token), ``policy`` (RL: the
+    log-probs of the last ``response_tokens`` tokens of every row) or ``distill`` (KL to a teacher's
+    logits on every token).
     """
 
     seq_length: int
@@ -187,6 +220,9 @@ class Workload:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     trainable: tuple[str, ...] = PARTS
+    vision_rows: int | None = None
+    loss: str = "lm"
+    response_tokens: int = 0
 
     def __post_init__(self):
         if self.recompute not in RECOMPUTE_GRANULARITIES:
@@ -201,20 +237,85 @@ class Workload:
         unknown = sorted(set(self.trainable) - set(PARTS))
         if unknown:
             raise ValueError(f"trainable parts {unknown} unknown; known: {list(PARTS)}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: must be one of {list(LOSSES)}")
+        if self.loss == "policy" and not 0 < self.response_tokens <= self.seq_length:
+            raise ValueError(f"response_tokens={self.response_tokens}: a policy loss needs 1 to seq_length="
+                             f"{self.seq_length} response tokens per row")
+        if self.vision_rows is not None and not 0 <= self.vision_rows <= self.micro_batch_size:
+            raise ValueError(f"vision_rows={self.vision_rows}: must be in [0, micro_batch_size="
+                             f"{self.micro_batch_size}]")
+
+    @property
+    def image_sequences(self) -> int:
+        """Sequences per micro-batch whose ``visual_patches`` the ViT encodes."""
+        return self.micro_batch_size if self.vision_rows is None else self.vision_rows
 
     @property
     def act_bytes(self) -> int:
         return 2 if self.bf16 else 4
 
 
+@dataclass(frozen=True)
+class Rollout:
+    """The rollouts of an RL step on one data-parallel rank (:mod:`pretrain.posttrain.rollout`): the
+    rank's ``prompts`` prompts in one batch, ``group_size`` responses each, up to ``max_new_tokens``
+    tokens; ``prompt_tokens``: the longest prompt's tokens, its visual tokens included (every prompt is
+    left-padded to it); ``visual_patches``: ViT patches per prompt (the prefill encodes every prompt's
+    images once)."""
+
+    prompts: int
+    group_size: int
+    prompt_tokens: int
+    max_new_tokens: int
+    visual_patches: int = 0
+
+    def __post_init__(self):
+        for name in ("prompts", "group_size", "prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout {name}={getattr(self, name)}: must be positive")
+        if self.visual_patches < 0:
+            raise ValueError(f"rollout visual_patches={self.visual_patches}: must be 0 or more")
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.group_size
+
+    @property
+    def positions(self) -> int:
+        """Positions of the KV cache: the longest prompt and the longest possible response."""
+        return self.prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class FrozenModel:
+    """A model without gradients or optimizer state beside the trained one, in the same layout
+    (``pretrain.posttrain.distill_stage.build_frozen_model``): ``role="reference"``, an RL reference
+    policy (log-probs only, before the updates), or ``role="teacher"``, a distillation teacher (see the
+    module docstring)."""
+
+    cfg: Qwen3VLConfig
+    role: str
+
+    def __post_init__(self):
+        if self.role not in FROZEN_ROLES:
+            raise ValueError(f"frozen model role={self.role!r}: must be one of {list(FROZEN_ROLES)}")
+
+
 TERMS = ("weights", "gradients", "optimizer state", "decoder activations", "vision activations",
          "logits + loss", "working memory")
+# Terms of post-training plans only, after the first three of TERMS: a frozen model's weights, the
+# rollouts' KV cache, a teacher's activations (its hidden states kept for the loss, its forward).
+FROZEN_WEIGHTS = {"reference": "reference weights", "teacher": "teacher weights"}
+KV_CACHE = "KV cache"
+TEACHER_ACTIVATIONS = "teacher activations"
 
 
 @dataclass
 class MemoryPlan:
     """Bytes per GPU at the peak of the pipeline stage that needs the most (``stage``), by term
-    (:data:`TERMS`), with the moment of the peak (``phase``) and every stage's peak."""
+    (:data:`TERMS`, and for post-training the terms named after it), with the moment of the peak
+    (``phase``), every stage's peak and the totals of every moment of this stage."""
 
     stage: int
     phase: str
@@ -362,18 +463,140 @@ def _in_flight(parallel: ParallelConfig, work: Workload, stage: int) -> float:
     return chunks / vpp
 
 
-def plan_memory(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload) -> MemoryPlan:
+def kv_cache_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rows: int, positions: int,
+                   a: int) -> float:
+    """Megatron's static KV cache on one rank of pipeline stage ``stage``: for each of the stage's decoder
+    layers, keys and values ``[positions, rows, kv heads / tp, head_dim]`` of ``a`` bytes."""
+    t = cfg.text
+    groups = max(1, t.num_key_value_heads // parallel.tp)
+    return 2.0 * len(_layers_of_stage(cfg, parallel, stage)) * positions * rows * groups * t.head_dim * a
+
+
+def _layer_forward_bytes(cfg: Qwen3VLConfig, moe: bool, n: int, n_sp: int, tp: int, etp: int, a: int) -> float:
+    """Bytes live at the peak of one decoder layer's forward without gradients: its input (the residual
+    stream, sequence-parallel region) and normalised input (gathered), then the larger of the
+    attention's intermediates (fused qkv output, rotated q and k, attention output) and the MLP's
+    (SwiGLU: fc1 output, SiLU output, their product; MoE: the router's fp32 scores and, per routed copy,
+    the expert's input and those)."""
+    t = cfg.text
+    h, d = t.hidden_size, t.head_dim
+    hq, hkv = t.num_attention_heads // tp * d, max(1, t.num_key_value_heads // tp) * d
+    attention = n * a * ((hq + 2 * hkv) + (hq + hkv) + hq)
+    if moe:
+        k, e, ffn = t.num_experts_per_tok, t.num_experts, t.moe_intermediate_size // etp
+        mlp = n_sp * (4 * e + etp * k * a * (h + 4 * ffn))
+    else:
+        mlp = n * a * 4 * t.intermediate_size // tp
+    return a * (n_sp + n) * h + max(attention, mlp)
+
+
+def _vision_forward_bytes(cfg: Qwen3VLConfig, patches: int, tp: int, a: int) -> float:
+    """Bytes live at the peak of the ViT's forward without gradients over ``patches`` patches, beyond
+    its input pixels: a layer's input and normalised input, the larger of its attention's (qkv, attention
+    output, projection input) and MLP's (fc1 and GELU outputs) intermediates, the DeepStack features."""
+    if patches == 0:
+        return 0.0
+    v = cfg.vision
+    layer = max(5 * v.hidden_size // tp, 2 * v.intermediate_size // tp)
+    merged = patches // v.spatial_merge_size ** 2
+    return patches * a * (2 * v.hidden_size + layer) + cfg.num_deepstack * merged * a * v.out_hidden_size
+
+
+def forward_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, tokens: int, patches: int,
+                  a: int) -> float:
+    """Bytes live at the peak of a forward without gradients (a rollout's prefill, a log-prob pass, a
+    distillation teacher) over ``tokens`` tokens holding ``patches`` ViT patches, on one rank of pipeline
+    stage ``stage``, beyond the weights: on the first stage the pixels, the ViT, then the full-sequence
+    embeddings and DeepStack features (twice while they are merged), kept through the stage's layers;
+    the rotary angles; the stage's widest decoder layer (:func:`_layer_forward_bytes`). The logits are
+    not in it."""
+    t = cfg.text
+    n = tokens // parallel.cp
+    n_sp = n // parallel.tp if parallel.sequence_parallel else n
+    pattern = t.moe_layer_pattern()
+    layer = max(_layer_forward_bytes(cfg, bool(pattern[i]), n, n_sp, parallel.tp, parallel.expert_tp, a)
+                for i in _layers_of_stage(cfg, parallel, stage))
+    rotary = 4 * t.head_dim * n  # fp32 angles of the sequence, shared by the layers
+    if stage != 0 or not patches:
+        return rotary + layer
+    held = (1 + cfg.num_deepstack) * a * t.hidden_size * tokens
+    pixels = patches * cfg.vision.patch_dim * a
+    return pixels + max(_vision_forward_bytes(cfg, patches, parallel.tp, a), 2 * held, held + rotary + layer)
+
+
+def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rollout: Rollout, a: int) -> float:
+    """Bytes of one decoding step of all the rollout's rows beside the full KV cache: the fp32 rotary
+    angles of the whole ``[positions, rows]`` grid; then, in a layer, the larger of Megatron's rotary
+    embedding of the layer's cached keys (applied again to the whole cached sequence at every step: the
+    cosine and sine products, the rotated half, their sum: four copies of the keys) and the rotated keys
+    with the keys and values expanded to the query heads (PyTorch's math attention path, an upper bound
+    where a fused kernel runs); on the last stage, after the layers, the sampling's copies of the rows'
+    gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64 sort
+    order, the fp64 probabilities and their cumulative sum)."""
+    t = cfg.text
+    rows, positions = rollout.rows, rollout.positions
+    groups = max(1, t.num_key_value_heads // parallel.tp)
+    heads = t.num_attention_heads // parallel.tp
+    keys = positions * rows * groups * t.head_dim * a  # one layer's cached keys
+    layer = max(4 * keys, keys + 2 * max(1, heads // groups) * keys)
+    sampling = rows * t.vocab_size * (a + 4 + 4 + 4 + 8 + 8 + 8) if stage == parallel.pp - 1 else 0.0
+    return 4 * t.head_dim * rows * positions + max(layer, sampling)
+
+
+def loss_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> float:
+    """The last stage's logits and loss tensors of one micro-batch at the loss (bytes).
+
+    ``lm``: Megatron's cross entropy in fp32 (the logits ``[s / cp, vocab / tp]`` + their fp32 copy in
+    bf16). ``policy`` (:func:`pretrain.posttrain.rollout.response_logprobs`): the logits of the whole
+    rows, and for the response tokens their gathered copy, its fp32 tempered copy and the masked copy
+    the cross entropy turns into its softmax in place (``a + 8`` bytes per response token and vocabulary
+    entry); with several rows per micro-batch the model's ``[b, s]`` reordering copies the logits once.
+    ``distill`` (:func:`pretrain.posttrain.distill.vocab_parallel_forward_kl`): the student's and the
+    teacher's logits, and the KL's fp32 temporaries at its peak (both log-softmaxes, the teacher's
+    probabilities, the log-ratio product, a zero fill, its mask and the per-entry terms: 25 bytes).
+    """
+    n, a = workload_shape(parallel, work).n, work.act_bytes
+    vocab = cfg.text.vocab_size // parallel.tp
+    if work.loss == "lm":
+        return (4 + (a if a == 2 else 0)) * n * vocab
+    if work.loss == "distill":
+        return (2 * a + 25) * n * vocab
+    reorder = a * n if work.micro_batch_size > 1 else 0
+    return (a * n + max(reorder, (a + 8) * work.micro_batch_size * work.response_tokens)) * vocab
+
+
+def _logprob_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> float:
+    """The last stage's logits and log-prob tensors of one micro-batch in the no-gradient old-policy
+    pass (:func:`pretrain.posttrain.rollout.sequence_logprobs` with the entropy): the rows' logits, the
+    response tokens' fp32 logits and the entropy's fp32 temporaries (shifted logits, their exp, its
+    positivity mask, the product, a zero fill and the selected terms: 25 bytes per entry with them)."""
+    n, a = workload_shape(parallel, work).n, work.act_bytes
+    reorder = a * n if work.micro_batch_size > 1 else 0
+    vocab = cfg.text.vocab_size // parallel.tp
+    return (a * n + max(reorder, 25 * work.micro_batch_size * work.response_tokens)) * vocab
+
+
+def plan_memory(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload,
+                rollout: Rollout | None = None, frozen: FrozenModel | None = None) -> MemoryPlan:
     """Peak memory per GPU of training ``cfg`` in ``parallel`` over ``world_size`` ranks (see the
-    module docstring for the terms); the stage with the largest peak."""
+    module docstring for the terms); the stage with the largest peak. ``rollout``: an RL stage's
+    rollouts (with ``work.loss == "policy"``); ``frozen``: its reference policy or a distillation
+    teacher (with ``work.loss == "distill"``; a distillation plan without one counts the student and
+    the KL only)."""
     parallel.data_parallel_size(world_size)  # raises on a layout that does not fit the world size
-    plans = [_plan_stage(cfg, parallel, world_size, work, stage) for stage in range(parallel.pp)]
+    if (rollout is not None) != (work.loss == "policy"):
+        raise ValueError("an RL plan takes both a Rollout and Workload(loss='policy')")
+    if frozen is not None and (frozen.role == "teacher") != (work.loss == "distill"):
+        loss = "distill" if frozen.role == "teacher" else "policy"
+        raise ValueError(f"a {frozen.role} goes with Workload(loss={loss!r})")
+    plans = [_plan_stage(cfg, parallel, world_size, work, stage, rollout, frozen) for stage in range(parallel.pp)]
     worst = max(plans, key=lambda p: p.total)
     worst.stage_totals = [p.total for p in plans]
     return worst
 
 
 def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload,
-                stage: int) -> MemoryPlan:
+                stage: int, rollout: Rollout | None, frozen: FrozenModel | None) -> MemoryPlan:
     t = cfg.text
     shape = workload_shape(parallel, work)
     n, n_sp, a = shape.n, shape.n_sp, shape.a
@@ -412,11 +635,14 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     in_flight = _in_flight(parallel, work, stage)
     decoder = in_flight * stored
 
-    # Vision (first stage): the ViT's stored tensors per micro-batch in flight; the embeddings and
-    # DeepStack features of the whole sequence, kept until the micro-batch's forward pass ends.
+    # Vision (first stage): the ViT's stored tensors per micro-batch in flight (each of its sequences'
+    # images); the embeddings and DeepStack features of the whole sequence, kept until the micro-batch's
+    # forward pass ends.
     vision = held = merge = 0.0
-    if first and work.visual_patches:
-        vision = min(parallel.pp, work.micro_batches) * vision_bytes(cfg, work.visual_patches, tp, a, work.recompute)
+    images = work.image_sequences * work.visual_patches
+    if first and images:
+        vision = min(parallel.pp, work.micro_batches) * work.image_sequences * vision_bytes(
+            cfg, work.visual_patches, tp, a, work.recompute)
         held = (1 + cfg.num_deepstack) * a * h * b * s
         merge = (1 + cfg.num_deepstack) * a * h * b * s  # while merging: the token embeddings, the scattered copies
 
@@ -434,9 +660,9 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     # Megatron's global buffer for the sequence-parallel all-gathers, kept from the first one on
     sp_buffer = a * h * n if parallel.sequence_parallel else 0.0
 
-    # Logits and the fp32 cross entropy (last stage): bf16 logits + their fp32 copy at the peak.
+    # Logits and the loss (last stage; see loss_bytes).
     vocab = t.vocab_size // tp
-    logits = (4 + (a if a == 2 else 0)) * n * vocab if last else 0.0
+    logits = loss_bytes(cfg, parallel, work) if last else 0.0
     output_weight_grad = param_bytes * vocab * h if last else 0.0
 
     phases = {
@@ -458,10 +684,58 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     }
     if not last:
         del phases["loss backward"]
-    if not (first and work.visual_patches):
+    if not (first and images):
         del phases["vision encoder and embedding merge"]
+
+    names = list(TERMS)
+    if rollout is not None:
+        names.insert(3, KV_CACHE)
+        phases.update(_rollout_phases(cfg, parallel, work, rollout, stage))
     base = dict(static)
+    if frozen is not None:
+        weights = FROZEN_WEIGHTS[frozen.role]
+        names.insert(3, weights)
+        try:
+            base[weights] = sum(stage_parameters(frozen.cfg, parallel, stage).values()) * param_bytes
+        except ValueError as exc:
+            raise ValueError(f"the {frozen.role}: {exc}") from None
+        if frozen.role == "teacher":
+            names.insert(names.index("logits + loss"), TEACHER_ACTIVATIONS)
+            # the teacher's final hidden states [s, b, h] of every micro-batch of the step, on the last stage
+            kept = work.micro_batches * a * frozen.cfg.text.hidden_size * n_sp if last else 0.0
+            for extra in phases.values():
+                extra[TEACHER_ACTIVATIONS] = kept
+            phases["teacher forward"] = {TEACHER_ACTIVATIONS: kept + forward_bytes(
+                frozen.cfg, parallel, stage, b * s, images, a)}
     totals = {phase: sum({**base, **extra}.values()) for phase, extra in phases.items()}
     peak = max(totals, key=totals.get)
     terms = {**base, **phases[peak]}
-    return MemoryPlan(stage=stage, phase=peak, terms={name: terms[name] for name in TERMS}, phase_totals=totals)
+    return MemoryPlan(stage=stage, phase=peak, terms={name: terms.get(name, 0.0) for name in names},
+                      phase_totals=totals)
+
+
+def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload, rollout: Rollout,
+                    stage: int) -> dict[str, dict[str, float]]:
+    """The moments of an RL step outside the policy update (beside the weights, gradients, optimizer
+    state and a reference policy's weights, which stay): the rollout's prefill (the cache of the
+    prompts, their forward), its decoding (the cache of every row, the prefill's inputs or one step),
+    the old-policy log-probs of one micro-batch (its forward, then its logits; a reference policy's
+    log-probs take the same pass without the entropy, less)."""
+    a, last = work.act_bytes, stage == parallel.pp - 1
+    prompts, patches = rollout.prompts, rollout.prompts * rollout.visual_patches
+    pixels = patches * cfg.vision.patch_dim * a if stage == 0 else 0.0
+    prefill = forward_bytes(cfg, parallel, stage, prompts * rollout.prompt_tokens, patches, a)
+    forward = forward_bytes(cfg, parallel, stage, work.micro_batch_size * work.seq_length,
+                            work.image_sequences * work.visual_patches, a)
+    logprobs = _logprob_bytes(cfg, parallel, work) if last else 0.0
+    return {
+        "rollout prefill": {
+            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.positions, a),
+            "working memory": prefill},
+        "rollout decoding": {
+            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, rollout.rows, rollout.positions, a),
+            "working memory": max(pixels, _decoding_bytes(cfg, parallel, stage, rollout, a))},
+        # the forward's working set, then (last stage) the logits: never both at once
+        "old-policy log-probs": {"logits + loss": logprobs, "working memory": 0.0} if logprobs >= forward else
+                                {"logits + loss": 0.0, "working memory": forward},
+    }

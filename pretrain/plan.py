@@ -1,5 +1,5 @@
 """``python -m pretrain.plan [--mfu 0.4] [--gpu H100] [--world-size N] [--visual-patches N]
-[--document-length N] <overrides>``: the capacity plan of a training job.
+[--document-length N] [--prompt-tokens N] <overrides>``: the capacity plan of a training job.
 
 Composes the job exactly as ``python -m pretrain.train`` does (same overrides, same validation) and
 prints, per GPU: the memory terms of :func:`model.plan.plan_memory` (weights, gradients, optimizer
@@ -18,6 +18,20 @@ Assumptions, printed with the plan: every packed sequence is full; it holds
 otherwise; for the FLOPs, one document per sequence unless ``--document-length`` says otherwise, and
 images or frames of :data:`FRAME_PATCHES` patches. The world size is the cluster's (``nodes x
 tasks_per_node``) for a SLURM cluster, else the layout's smallest.
+
+Post-training stages (see :mod:`model.plan` for their terms):
+
+* ``stage.kind: rl``: the rank's ``stage.rl.prompts_per_step / dp`` prompts in one rollout batch, every
+  response running to ``stage.rl.max_new_tokens`` and no group filtered (the most rows and the longest
+  rows a step can have); a prompt of ``--prompt-tokens`` text tokens (default
+  :data:`DEFAULT_PROMPT_TOKENS`) and ``--visual-patches`` ViT patches, or ``data.max_visual_patches_per_pack``,
+  or one image of ``data.image_max_pixels`` pixels; the policy update on rows of prompt + response
+  (``stage.seq_length`` is not used by RL), ``train.micro_batch_size`` rows per micro-batch; GRPO with
+  ``kl_coef > 0`` holds a reference policy (the policy's architecture). The step time is that of the
+  log-prob passes and the updates; the rollouts' decoding is bound by memory bandwidth, not FLOPs, and
+  is not estimated.
+* ``stage.kind: distill``: the teacher's architecture from its checkpoint's run config
+  (``stage.distill.teacher``); without a readable checkpoint the teacher is not counted (said so).
 """
 
 from __future__ import annotations
@@ -30,13 +44,15 @@ from typing import Sequence
 from common.distributed.parallel import ParallelConfig
 from model.config import ConfigError as ModelConfigError
 from model.config import Qwen3VLConfig
-from model.plan import GB, MemoryPlan, ParameterCounts, Workload, parameter_counts, plan_memory
+from model.plan import (GB, FrozenModel, MemoryPlan, ParameterCounts, Rollout, Workload, parameter_counts,
+                        plan_memory)
 from pretrain.config import ConfigError, JobConfig, check_batch_layout, stage_total_steps
 from pretrain.metrics import PEAK_BF16_FLOPS, qwen3vl_train_flops
 
 FRAME_PATCHES = 1024  # ViT patches per image or video frame for the attention FLOPs (a 512 x 512 image)
 DEFAULT_MFU = 0.4
 DEFAULT_GPU = "H100"
+DEFAULT_PROMPT_TOKENS = 512  # text tokens of an RL prompt (chat template, question), its visual tokens apart
 
 
 @dataclass
@@ -52,6 +68,10 @@ class JobPlan:
     visual_patches_source: str
     document_length: int
     step_flops: float
+    rollout: Rollout | None = None  # RL: the rank's rollout batch
+    frozen: FrozenModel | None = None  # RL reference policy or distillation teacher
+    uncounted: str | None = None  # what the plan could not count, in words
+    prompt_text_tokens: int = 0  # RL: text tokens of a prompt (its visual tokens apart)
 
     @property
     def gpu_memory_gb(self) -> float | None:
@@ -84,9 +104,10 @@ def _bf16(job: JobConfig) -> bool:
 
 
 def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int | None = None,
-             document_length: int | None = None) -> JobPlan:
+             document_length: int | None = None, prompt_tokens: int | None = None) -> JobPlan:
     """The plan of ``job`` on ``world_size`` ranks (default :func:`cluster_world_size`); raises
-    :class:`ConfigError` when the layout or the batch does not fit that world size."""
+    :class:`ConfigError` when the layout or the batch does not fit that world size. ``prompt_tokens``:
+    text tokens of an RL prompt (default :data:`DEFAULT_PROMPT_TOKENS`)."""
     try:
         cfg = Qwen3VLConfig.from_mapping(job.model)
     except ModelConfigError as exc:
@@ -96,6 +117,8 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
         dp = job.parallel.data_parallel_size(world)
     except ValueError as exc:
         raise ConfigError(f"{world} ranks do not fit the parallel layout: {exc}") from None
+    if job.stage.kind == "rl":
+        return _plan_rl(job, cfg, world, dp, visual_patches, prompt_tokens)
     micro_batches = check_batch_layout(job.train, dp)
     s = job.stage.seq_length
     most = s * cfg.vision.spatial_merge_size ** 2  # a sequence of visual tokens only
@@ -106,22 +129,99 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
     else:
         patches, source = most, "a sequence of images only: data.max_visual_patches_per_pack is not set"
     doc = min(document_length or s, s)
-    recompute = job.stage.recompute
+    frozen, uncounted = None, None
+    if job.stage.kind == "distill":
+        frozen, uncounted = _teacher(job)
     work = Workload(
         seq_length=s, micro_batch_size=job.train.micro_batch_size, micro_batches=micro_batches,
-        visual_patches=patches, bf16=_bf16(job), grad_reduce_in_fp32=True,  # the trainer's DDP setting
-        distributed_optimizer=job.train.use_distributed_optimizer, recompute=recompute.granularity,
-        recompute_method=recompute.method, recompute_num_layers=recompute.num_layers,
-        trainable=tuple(job.stage.trainable))
-    try:
-        memory = plan_memory(cfg, job.parallel, world, work)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        visual_patches=patches, loss="distill" if job.stage.kind == "distill" else "lm", **_training(job))
+    memory = _plan_memory(cfg, job.parallel, world, work, frozen=frozen)
     sequences = job.train.global_batch_size
     pairs = sequences * (s // doc) * doc * (doc + 1) // 2 + sequences * (s % doc) * (s % doc + 1) // 2
     frame = min(FRAME_PATCHES, patches) if patches else 0
     flops = qwen3vl_train_flops(cfg, sequences * s, pairs, sequences * patches, sequences * patches * frame)
-    return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, doc, flops)
+    if frozen is not None:  # the teacher's forward over the same sequences: a third of its training FLOPs
+        flops += qwen3vl_train_flops(frozen.cfg, sequences * s, pairs, sequences * patches,
+                                     sequences * patches * frame) / 3
+    return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, doc, flops, frozen=frozen,
+                   uncounted=uncounted)
+
+
+def _training(job: JobConfig) -> dict:
+    """The Workload settings every stage kind takes from the job."""
+    recompute = job.stage.recompute
+    return dict(bf16=_bf16(job), grad_reduce_in_fp32=True,  # the trainer's DDP setting
+                distributed_optimizer=job.train.use_distributed_optimizer, recompute=recompute.granularity,
+                recompute_method=recompute.method, recompute_num_layers=recompute.num_layers,
+                trainable=tuple(job.stage.trainable))
+
+
+def _plan_memory(cfg: Qwen3VLConfig, parallel: ParallelConfig, world: int, work: Workload, **kwargs) -> MemoryPlan:
+    try:
+        return plan_memory(cfg, parallel, world, work, **kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _teacher(job: JobConfig) -> tuple[FrozenModel | None, str | None]:
+    """The distillation teacher's architecture from its checkpoint's run config, or (None, why not)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from model.checkpoint_io import CheckpointError
+    from pretrain.checkpoint import checkpoint_run_config
+
+    teacher = job.stage.distill.teacher
+    try:
+        _, run_config = checkpoint_run_config(teacher, "stage.distill.teacher")
+        return FrozenModel(Qwen3VLConfig.from_mapping(OmegaConf.to_container(run_config.model, resolve=True)),
+                           "teacher"), None
+    except (CheckpointError, ModelConfigError, OmegaConfBaseException, OSError, ValueError) as exc:
+        return None, (f"the frozen teacher's weights and activations ({exc}); its logits are counted with "
+                      "the student's")
+
+
+def _plan_rl(job: JobConfig, cfg: Qwen3VLConfig, world: int, dp: int, visual_patches: int | None,
+             prompt_tokens: int | None) -> JobPlan:
+    """An RL stage's plan: the rollouts, the old-policy log-probs and the policy updates of one RL step
+    on the busiest data-parallel rank (every prompt kept, every response at ``max_new_tokens``)."""
+    rl, mbs = job.stage.rl, job.train.micro_batch_size
+    if rl.prompts_per_step % dp:
+        raise ConfigError(f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp} "
+                          "data-parallel ranks")
+    merge = cfg.vision.spatial_merge_size ** 2
+    if visual_patches is not None:
+        patches, source = visual_patches, "--visual-patches"
+    elif job.data.max_visual_patches_per_pack is not None:
+        patches, source = job.data.max_visual_patches_per_pack, "data.max_visual_patches_per_pack"
+    else:
+        patches = job.data.image_max_pixels // cfg.vision.patch_size ** 2 // merge * merge
+        source = f"one image of data.image_max_pixels={job.data.image_max_pixels:,} pixels"
+    text = DEFAULT_PROMPT_TOKENS if prompt_tokens is None else prompt_tokens
+    prompt = text + patches // merge
+    prompts, g = rl.prompts_per_step // dp, rl.group_size
+    rollout = Rollout(prompts=prompts, group_size=g, prompt_tokens=prompt, max_new_tokens=rl.max_new_tokens,
+                      visual_patches=patches)
+    multiple = job.parallel.tp if job.parallel.sequence_parallel else 1  # rl_step.rl_micro_batches rounds up to it
+    length = -(-rollout.positions // multiple) * multiple
+    rows_per_update = -(-rollout.rows // rl.updates_per_step)
+    # rows of one prompt are adjacent: a micro-batch of mbs rows spans at most 1 + ceil((mbs - 1) / G) prompts
+    images = min(mbs, 1 + -(-(mbs - 1) // g)) if patches else 0
+    work = Workload(seq_length=length, micro_batch_size=mbs, micro_batches=-(-rows_per_update // mbs),
+                    visual_patches=patches, vision_rows=images, loss="policy", response_tokens=rl.max_new_tokens,
+                    **_training(job))
+    reference = FrozenModel(cfg, "reference") if float(job.stage.loss.get("kl_coef", 0.0) or 0.0) > 0 else None
+    memory = _plan_memory(cfg, job.parallel, world, work, rollout=rollout, frozen=reference)
+    # FLOPs: the updates (forward + backward) and the no-gradient passes (old policy, reference) over
+    # every row; each micro-batch encodes its prompts' images once.
+    rows = rl.prompts_per_step * g
+    passes = dp * rl.updates_per_step * work.micro_batches
+    vision = passes * images * patches
+    frame = min(FRAME_PATCHES, patches) if patches else 0
+    train = qwen3vl_train_flops(cfg, rows * length, rows * length * (length + 1) // 2, vision, vision * frame)
+    flops = train * (1 + (1 + (reference is not None)) / 3)
+    return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, length, flops, rollout=rollout,
+                   frozen=reference, prompt_text_tokens=text)
 
 
 def _layout(parallel: ParallelConfig, dp: int) -> str:
@@ -153,53 +253,76 @@ def format_plan(plan: JobPlan, mfu: float = DEFAULT_MFU, gpu: str = DEFAULT_GPU)
     recompute = work.recompute or "none"
     if work.recompute == "full":
         recompute += f" ({work.recompute_method}, {work.recompute_num_layers} layer(s))"
+    training = (f"{'bf16' if work.bf16 else 'fp32'}, recompute {recompute}, "
+                f"{'distributed' if work.distributed_optimizer else 'replicated'} optimizer, trains "
+                f"{'+'.join(work.trainable)}")
     lines = [
         f"plan: {cfg_name} ({p.total / 1e9:.2f}B parameters, {p.active / 1e9:.2f}B active), stage "
-        f"{job.stage.name}, {plan.world_size} GPUs as {_layout(job.parallel, plan.data_parallel_size)}",
-        f"  per step: {job.train.global_batch_size} x {work.seq_length:,} tokens, {work.micro_batches} "
-        f"micro-batch(es) of {work.micro_batch_size} per data-parallel rank; "
-        f"{'bf16' if work.bf16 else 'fp32'}, recompute {recompute}, "
-        f"{'distributed' if work.distributed_optimizer else 'replicated'} optimizer, trains "
-        f"{'+'.join(work.trainable)}",
-        f"  assumed: {work.visual_patches:,} ViT patches per sequence ({plan.visual_patches_source})",
-        "",
-        f"  {'term':<24}{'GB per GPU':>11}",
-    ]
+        f"{job.stage.name}, {plan.world_size} GPUs as {_layout(job.parallel, plan.data_parallel_size)}"]
+    rollout = plan.rollout
+    if rollout is not None:
+        rl = job.stage.rl
+        text = plan.prompt_text_tokens
+        lines += [
+            f"  per RL step: {rl.prompts_per_step} prompts x G={rl.group_size} responses; per data-parallel rank "
+            f"{rollout.prompts} prompt(s), {rollout.rows} rows in one rollout batch, then {rl.updates_per_step} "
+            f"update(s) of {work.micro_batches} micro-batch(es) of {work.micro_batch_size} row(s) of "
+            f"{work.seq_length:,} tokens; {training}",
+            f"  assumed: every response runs to stage.rl.max_new_tokens={rollout.max_new_tokens:,} and no group is "
+            f"filtered; prompts of {rollout.prompt_tokens:,} tokens: {text:,} of text (--prompt-tokens) + "
+            f"{rollout.prompt_tokens - text:,} visual tokens ({rollout.visual_patches:,} ViT patches per prompt: "
+            f"{plan.visual_patches_source})"]
+        if plan.frozen is not None:
+            lines.append("  reference policy (stage.loss.kl_coef > 0): the starting weights, frozen, in this layout")
+    else:
+        lines += [
+            f"  per step: {job.train.global_batch_size} x {work.seq_length:,} tokens, {work.micro_batches} "
+            f"micro-batch(es) of {work.micro_batch_size} per data-parallel rank; {training}",
+            f"  assumed: {work.visual_patches:,} ViT patches per sequence ({plan.visual_patches_source})"]
+        if plan.frozen is not None:
+            t = plan.frozen.cfg.text
+            teacher = parameter_counts(plan.frozen.cfg)
+            lines.append(f"  teacher: {job.stage.distill.teacher} ({teacher.total / 1e9:.2f}B parameters, "
+                         f"{t.num_hidden_layers} layers of {t.hidden_size:,}), frozen, in this layout")
+    lines += ["", f"  {'term':<24}{'GB per GPU':>11}"]
     for name, value in memory.terms.items():
         lines.append(f"  {name:<24}{value / GB:>11.1f}")
     where = f"pipeline stage {memory.stage + 1} of {job.parallel.pp}, " if job.parallel.pp > 1 else ""
     lines.append(f"  {'total':<24}{memory.total / GB:>11.1f}   ({where}peak at: {memory.phase})")
     name, value = memory.largest
     lines.append(f"  largest term: {name} ({value / GB:.1f} GB)")
+    if rollout is not None or job.stage.kind == "distill":
+        lines.append("  every moment: " + ", ".join(f"{phase} {total / GB:.1f}"
+                                                    for phase, total in memory.phase_totals.items()) + " GB")
     if plan.gpu_memory_gb is not None:
         verdict = "fits" if plan.fits else "does NOT fit"
         lines.append(f"  GPU memory: {memory.total / GB:.1f} of {plan.gpu_memory_gb:g} GB "
                      f"(cluster.gpu_memory_gb of {job.cluster.name}): {verdict}")
     if work.bf16:
         seconds = plan.step_seconds(mfu, gpu)
-        tokens = job.train.global_batch_size * work.seq_length
         steps = stage_total_steps(job)
-        lines.append(f"  step time at {mfu:.0%} MFU on {gpu} ({PEAK_BF16_FLOPS[gpu] / 1e12:.0f} TFLOP/s bf16): "
-                     f"{_duration(seconds)} ({tokens / seconds / plan.world_size:,.0f} tokens/s per GPU; one "
-                     f"document of {plan.document_length:,} tokens per sequence); the stage's {steps:,} steps: "
-                     f"{_duration(steps * seconds)}")
-    if job.stage.kind == "distill":
-        lines.append("  not counted: the frozen teacher (its weights in this layout, its logits per micro-batch): "
-                     f"plan {job.stage.distill.teacher}'s model in this layout and add its weights")
-    elif job.stage.kind == "rl":
-        lines.append(f"  not counted: the rollouts' KV cache ({job.stage.rl.prompts_per_step} prompts x "
-                     f"G={job.stage.rl.group_size} rows of prompt + {job.stage.rl.max_new_tokens} tokens over the "
-                     "data-parallel ranks) and a reference policy's weights (GRPO with kl_coef > 0); the training "
-                     "rows are taken as packed sequences of stage.seq_length")
+        peak = f"step time at {mfu:.0%} MFU on {gpu} ({PEAK_BF16_FLOPS[gpu] / 1e12:.0f} TFLOP/s bf16)"
+        if rollout is not None:
+            lines.append(f"  {peak}: {_duration(seconds)} per RL step for the log-prob passes and the updates, "
+                         f"without the rollouts (their decoding is bound by memory bandwidth, not estimated); "
+                         f"the stage's {steps:,} steps: more than {_duration(steps * seconds)}")
+        else:
+            tokens = job.train.global_batch_size * work.seq_length
+            lines.append(f"  {peak}: {_duration(seconds)} ({tokens / seconds / plan.world_size:,.0f} tokens/s per "
+                         f"GPU; one document of {plan.document_length:,} tokens per sequence); the stage's "
+                         f"{steps:,} steps: {_duration(steps * seconds)}")
+    if plan.uncounted:
+        lines.append(f"  not counted: {plan.uncounted}")
     return "\n".join(lines)
 
 
 def over_memory(plan: JobPlan) -> str:
     """Why ``plan`` does not fit its cluster's GPUs, in one line: the totals and the largest term."""
     name, value = plan.memory.largest
+    per = "prompt" if plan.rollout is not None else "sequence"
     return (f"stage {plan.job.stage.name}: the plan needs {plan.memory.total / GB:.1f} GB per GPU, more than "
             f"cluster.gpu_memory_gb={plan.gpu_memory_gb:g} (largest term: {name}, {value / GB:.1f} GB; "
-            f"{plan.workload.visual_patches:,} ViT patches per sequence assumed)")
+            f"{plan.workload.visual_patches:,} ViT patches per {per} assumed)")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -217,10 +340,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"GPU whose bf16 peak the MFU refers to (default {DEFAULT_GPU})")
     parser.add_argument("--world-size", type=int, help="ranks (default: the cluster's, or the layout's smallest)")
     parser.add_argument("--visual-patches", type=int,
-                        help="ViT patches per packed sequence (default: data.max_visual_patches_per_pack, else "
-                             "a sequence of images only)")
+                        help="ViT patches per packed sequence, or per prompt in RL stages (default: "
+                             "data.max_visual_patches_per_pack, else a sequence of images only; RL: one image of "
+                             "data.image_max_pixels)")
     parser.add_argument("--document-length", type=int,
                         help="tokens per document for the attention FLOPs (default: the whole sequence)")
+    parser.add_argument("--prompt-tokens", type=int,
+                        help=f"RL stages: text tokens of a prompt, its visual tokens apart (default "
+                             f"{DEFAULT_PROMPT_TOKENS}); --visual-patches then counts a prompt's ViT patches")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     return parser.parse_args(list(argv))
 
@@ -229,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from pretrain.cli import load_job
 
-    for flag in ("world_size", "visual_patches", "document_length"):
+    for flag in ("world_size", "visual_patches", "document_length", "prompt_tokens"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "visual_patches" else 1):
             print(f"error: --{flag.replace('_', '-')} {value}: must be "
@@ -240,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         _, job = load_job(args.overrides)
-        plan = plan_job(job, args.world_size, args.visual_patches, args.document_length)
+        plan = plan_job(job, args.world_size, args.visual_patches, args.document_length, args.prompt_tokens)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
