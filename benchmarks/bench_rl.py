@@ -10,8 +10,8 @@ is written: the SFT checkpoint (and its run's config.yaml) is copied to ``<out>/
 RL stages' ``init_from`` (``${train.run_root}/sft/checkpoints``) finds it.
 
 For each method, ``torchrun -m pretrain.train stage=rl_<method>`` on 2 gloo ranks (``parallel=ep2``, the
-tiny MoE, CPU-sized rollouts: 8 prompts x 8 responses of at most 4 tokens per step, lr 3e-4) from that
-checkpoint with the same ``train.seed``, so step 1 samples the same rollouts for every method; a stage
+tiny MoE, the demo's RL settings: ``pretrain.demo.STAGES``, 32 prompts x 8 responses of at most 4 tokens
+per step at temperature 0.5, 2 updates per step, lr 2e-4) from that checkpoint with the same ``train.seed``, so step 1 samples the same rollouts for every method; a stage
 folder left by an earlier run in ``<out>/runs`` is deleted first (a fresh run, not a resume). A checkpoint
 is kept every ``--eval-every`` steps and ``pretrain.evaluate`` scores it on the held-out questions, as it
 scores the SFT start (step 0): ``generated`` (the greedy answer's first word is right) and ``choice`` (the
@@ -34,13 +34,13 @@ import sys
 import time
 from pathlib import Path
 
-from pretrain.demo import PY, evaluate, model_overrides, run
+from pretrain.demo import PY, STAGES, evaluate, model_overrides, run
 
 METHODS = ("sapo", "grpo", "gspo")
-# CPU-sized RL (about 1.2 s per step on 2 cores): few, short rollouts and an lr that moves the tiny model.
-RL_OVERRIDES = ["parallel=ep2", "model=tiny_moe", "data=synth", "stage.rl.prompts_per_step=8",
-                "stage.rl.group_size=8", "stage.rl.max_new_tokens=4", "train.micro_batch_size=16",
-                "stage.optimizer.lr=3e-4", "train.log_interval=1"]
+# The demo's CPU-sized RL stage (about 1.3 s per step on 2 cores), its step count from --steps.
+RL_OVERRIDES = ["parallel=ep2", "model=tiny_moe", "data=synth", "train.log_interval=1",
+                *(o for stage, overrides in STAGES if stage == "rl_sapo" for o in overrides
+                  if not o.startswith("stage.train_steps="))]
 
 
 def read_records(metrics_file: Path) -> list[dict]:
@@ -79,11 +79,11 @@ def run_method(method: str, demo: Path, runs: Path, args: argparse.Namespace) ->
                     f"train.save_interval={args.eval_every}", f"train.keep_last={args.steps // args.eval_every + 1}",
                     *args.overrides], log=runs.parent / "logs" / f"rl_{method}.log")
     train_s = time.perf_counter() - started
-    heldout = []
-    for step_dir in sorted((stage_dir / "checkpoints").glob("step_*")):
-        step = int(step_dir.name.removeprefix("step_"))
-        print(f"evaluating rl_{method} step {step} on the held-out questions ...", flush=True)
-        heldout.append({"step": step, **evaluate(step_dir, demo / "raw" / "eval.jsonl")})
+    step_dirs = sorted((stage_dir / "checkpoints").glob("step_*"))
+    print(f"evaluating rl_{method} steps {', '.join(d.name.removeprefix('step_') for d in step_dirs)} on the "
+          "held-out questions ...", flush=True)
+    heldout = [{"step": int(d.name.removeprefix("step_")), **result}
+               for d, result in zip(step_dirs, evaluate(step_dirs, demo / "raw" / "eval.jsonl"))]
     return {"records": read_records(stage_dir / "metrics.jsonl"), "heldout": heldout, "train_s": train_s,
             "eval_s": time.perf_counter() - started - train_s}
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = prepare(demo, out)
     print("evaluating the SFT checkpoint (step 0) on the held-out questions ...", flush=True)
-    sft = evaluate(runs / "sft" / "checkpoints", demo / "raw" / "eval.jsonl")
+    sft = evaluate([runs / "sft" / "checkpoints"], demo / "raw" / "eval.jsonl")[0]
     results = {}
     for i, method in enumerate(methods, 1):
         print(f"\n== {i}/{len(methods)}: rl_{method}, {args.steps} steps from {runs / 'sft' / 'checkpoints'}")
