@@ -76,14 +76,19 @@ def run(cmd: list[str], log: Path | None = None) -> None:
 def run_pairwise(cmds: list[list[str]], quiet: bool = False) -> list[str]:
     """Run one-process commands two at a time (one per core), each printed with its output once it
     ends, in the given order; their outputs. The first failure stops the demo."""
+    # printed commands show their warnings too; a quiet one's stdout is its result alone
+    stderr = subprocess.PIPE if quiet else subprocess.STDOUT
+
+    def start(cmd):
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=ENV)
+
     outputs = []
-    pending = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-               for c in cmds[:2]]
+    pending = [start(c) for c in cmds[:2]]
     for i, cmd in enumerate(cmds):
         out, err = pending[i].communicate()
+        err = err or ""
         if i + 2 < len(cmds):
-            pending.append(subprocess.Popen(cmds[i + 2], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                            env=ENV))
+            pending.append(start(cmds[i + 2]))
         if pending[i].returncode:
             for proc in pending[i + 1:]:
                 proc.kill()
