@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from common.tokens.tokenizer import SPECIAL_TOKENS
 
@@ -87,6 +87,16 @@ def field(record: Mapping, name: str, types: type | tuple[type, ...], where: str
         names = " or ".join(t.__name__ for t in allowed)
         raise Rejected("invalid_fields", f"field {label!r} must be {names}, got {type(value).__name__}")
     return value
+
+
+def objects(items: list, where: str) -> Iterator[tuple[int, str, dict]]:
+    """``(i, "where[i]", item)`` for each item of a JSON list that must hold objects. Raises Rejected
+    at the first item that is not one."""
+    for i, item in enumerate(items):
+        label = f"{where}[{i}]"
+        if not isinstance(item, dict):
+            raise Rejected("invalid_fields", f"{label} must be an object, got {type(item).__name__}")
+        yield i, label, item
 
 
 def number(record: Mapping, name: str, where: str = "") -> float:

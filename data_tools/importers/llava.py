@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 from data_tools.importers.placeholders import check_all_used, expand, media_list
-from data_tools.validation import Rejected, field
+from data_tools.validation import Rejected, field, objects
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -29,10 +29,7 @@ def translate(record: dict) -> dict:
     listed = {"image": media_list(record, ("image", "images")), "video": media_list(record, ("video", "videos"))}
     used: Counter = Counter()
     messages = []
-    for i, turn in enumerate(conversations):
-        where = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise Rejected("invalid_fields", f"{where} must be an object, got {type(turn).__name__}")
+    for _, where, turn in objects(conversations, "conversations"):
         speaker = field(turn, "from", str, where)
         if speaker not in ROLES:
             raise Rejected("invalid_fields", f"{where}.from must be one of {list(ROLES)}, got {speaker!r}")

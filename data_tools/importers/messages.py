@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import Counter
 
 from data_tools.importers.placeholders import check_all_used, expand, local_path, media_list
-from data_tools.validation import Rejected, field
+from data_tools.validation import field, objects
 
 
 def _content(content: str | list, listed: dict, used: Counter, where: str) -> str | list:
@@ -44,10 +44,7 @@ def translate(record: dict) -> dict:
     listed = {"image": media_list(record, ("images",)), "video": media_list(record, ("videos",))}
     used: Counter = Counter()
     out = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise Rejected("invalid_fields", f"{where} must be an object, got {type(message).__name__}")
+    for _, where, message in objects(messages, "messages"):
         content = field(message, "content", (str, list), where)
         out.append({**message, "content": _content(content, listed, used, where)})
     check_all_used(listed, used)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
 from data_tools.schema import InterleavedSample, Part, Source, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, source_id
+from data_tools.validation import Rejected, check_text, check_total_text, field, objects, source_id
 
 
 def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
@@ -18,10 +18,7 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
     if not segments:
         raise Rejected("invalid_fields", "'segments' is empty")
     kinds = []
-    for i, segment in enumerate(segments):  # all field and text checks before any file is opened
-        where = f"segments[{i}]"
-        if not isinstance(segment, dict):
-            raise Rejected("invalid_fields", f"{where} must be an object, got {type(segment).__name__}")
+    for _, where, segment in objects(segments, "segments"):  # all field and text checks before any file is opened
         keys = [k for k in ("text", "image") if k in segment]
         if len(keys) != 1:
             raise Rejected("invalid_fields", f"{where} must have exactly one of 'text' or 'image', has {keys or 'neither'}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
 from data_tools.schema import ROLES, Message, Part, SftSample, Source, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, source_id
+from data_tools.validation import Rejected, check_text, check_total_text, field, objects, source_id
 
 
 def _content_items(message: dict, where: str) -> list[dict]:
@@ -21,10 +21,7 @@ def _content_items(message: dict, where: str) -> list[dict]:
         return [{"type": "text", "text": content}]
     if not content:
         raise Rejected("invalid_fields", f"{where}.content is empty")
-    for j, item in enumerate(content):
-        iw = f"{where}.content[{j}]"
-        if not isinstance(item, dict):
-            raise Rejected("invalid_fields", f"{iw} must be an object, got {type(item).__name__}")
+    for _, iw, item in objects(content, f"{where}.content"):
         kind = field(item, "type", str, iw)
         if kind not in ("text", "image", "video"):
             raise Rejected("invalid_fields", f"{iw}.type must be text, image or video, got {kind!r}")
@@ -40,10 +37,7 @@ def check_messages(record: dict) -> list[tuple[str, list[dict]]]:
     if not messages:
         raise Rejected("invalid_fields", "'messages' is empty")
     checked: list[tuple[str, list[dict]]] = []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise Rejected("invalid_fields", f"{where} must be an object, got {type(message).__name__}")
+    for i, where, message in objects(messages, "messages"):
         role = field(message, "role", str, where)
         if role not in ROLES:
             raise Rejected("invalid_fields", f"{where}.role must be one of {list(ROLES)}, got {role!r}")

@@ -20,7 +20,7 @@ import math
 
 from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare, validate_video
 from data_tools.schema import Caption, Clip, Source, VideoSample, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, number, source_id
+from data_tools.validation import Rejected, check_text, check_total_text, field, number, objects, source_id
 from common.media.decode import MediaError, VideoInfo, iter_video_frames
 from common.media.encode import encode_video
 
@@ -28,10 +28,7 @@ from common.media.encode import encode_video
 def _parse_captions(record: dict) -> list[Caption]:
     raw = field(record, "captions", list, optional=True) or []
     captions = []
-    for i, c in enumerate(raw):
-        where = f"captions[{i}]"
-        if not isinstance(c, dict):
-            raise Rejected("invalid_fields", f"{where} must be an object, got {type(c).__name__}")
+    for _, where, c in objects(raw, "captions"):
         start, end = number(c, "start", where), number(c, "end", where)
         text = check_text(field(c, "text", str, where), f"{where}.text")
         if start < 0 or end < start:
