@@ -311,6 +311,16 @@ def _video_questions(spec: VideoSpec) -> list[tuple[str, str]]:
     ]
 
 
+def _chat_medium(w: _Writer, rng: random.Random, video: bool, stem: str) -> tuple[dict, list[tuple[str, str]]]:
+    """A new video (``stem``.mp4) or image (``stem`` + its format's suffix) as a chat content item, and
+    the questions about it (the last one, "Describe ...", open-ended)."""
+    if video:
+        spec_v = w.unique_video(rng)
+        return {"type": "video", "video": w.video(f"{stem}.mp4", spec_v)}, _video_questions(spec_v)
+    spec_i = w.unique_image(rng)
+    return {"type": "image", "image": w.image(stem, spec_i)}, _image_questions(spec_i)
+
+
 def generate(config: SynthConfig, *, progress: bool = True) -> dict:
     """Write the corpus; return the summary also written to ``synth.json``."""
     from tqdm import tqdm
@@ -396,14 +406,7 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
     rng = random.Random(f"{seed}/sft")
     sft = []
     for i in range(config.sft):
-        if i % 5 == 0:
-            spec_v = w.unique_video(rng)
-            medium = {"type": "video", "video": w.video(f"sft_media/sft_{i:06d}.mp4", spec_v)}
-            questions = _video_questions(spec_v)
-        else:
-            spec_i = w.unique_image(rng)
-            medium = {"type": "image", "image": w.image(f"sft_media/sft_{i:06d}", spec_i)}
-            questions = _image_questions(spec_i)
+        medium, questions = _chat_medium(w, rng, i % 5 == 0, f"sft_media/sft_{i:06d}")
         asked = rng.sample(questions, k=rng.choice([1, 1, 2]))
         messages: list[dict] = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
         messages.append({"role": "user", "content": [medium, {"type": "text", "text": asked[0][0]}]})
@@ -452,14 +455,8 @@ def generate(config: SynthConfig, *, progress: bool = True) -> dict:
     rng = random.Random(f"{seed}/rl")
     rl = []
     for i in range(config.rl):
-        if i % 4 == 3:
-            spec_v = w.unique_video(rng)
-            medium = {"type": "video", "video": w.video(f"rl_media/rl_{i:06d}.mp4", spec_v)}
-            question, answer = rng.choice(_video_questions(spec_v)[:2])
-        else:
-            spec_i = w.unique_image(rng)
-            medium = {"type": "image", "image": w.image(f"rl_media/rl_{i:06d}", spec_i)}
-            question, answer = rng.choice(_image_questions(spec_i)[:3])
+        medium, questions = _chat_medium(w, rng, i % 4 == 3, f"rl_media/rl_{i:06d}")
+        question, answer = rng.choice(questions[:-1])  # the closed questions, not "Describe ..."
         messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
         messages.append({"role": "user", "content": [medium, {"type": "text", "text": question}]})
         rl.append({"id": f"rl-{i:06d}", "messages": messages, "answer": answer, "reward": "exact_match"})
