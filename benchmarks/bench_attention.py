@@ -9,8 +9,14 @@ that run's own: on CPU the growth of the process' peak resident memory (``ru_max
 forward + backward, on a GPU ``torch.cuda.max_memory_allocated``. Inputs are packed sequences of
 text documents of 256 to 4,096 tokens (a fixed seed, the same mix at every length) and per-token
 losses on every token. The dense path builds an ``s x s`` mask and ``heads x s x s`` scores, so it is
-skipped where its estimate exceeds ``--dense-limit-gb``. The last lines print the peak-memory ratio
-32K/16K of the document backend (goal <= 2.3: linear growth) and the CP2 per-rank saving.
+skipped where its estimate exceeds ``--dense-limit-gb``. Then the peak-memory ratio 32K/16K of the
+document backend (goal <= 2.3: linear growth) and the CP2 per-rank saving.
+
+Last, the load balance of context parallelism at 256K tokens (``--balance-length``), counted, not run:
+the attention work of each CP rank (the causal (query, key) pairs of its queries) for packs of
+different mixes, with the layout of :mod:`model.context_parallel` (each document cut into ``2 * cp``
+chunks) and with a cut of the whole pack into ``2 * cp`` chunks; printed as the busiest rank's work over
+the mean (1.00 = balanced: a step waits for its busiest rank), and the time to compute the layout.
 """
 
 from __future__ import annotations
@@ -73,6 +79,50 @@ def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int) -> dic
     return {"seconds": time.perf_counter() - start, "peak_mb": peak - base}
 
 
+def _rank_work(document_ids: torch.Tensor, positions: torch.Tensor) -> list[int]:
+    """Causal (query, key) pairs of each rank's queries: ``positions`` [cp, S / cp] of one row."""
+    seq = document_ids.numel()
+    index = torch.arange(seq)
+    first = torch.ones(seq, dtype=torch.bool)
+    first[1:] = document_ids[1:] != document_ids[:-1]
+    starts = torch.cummax(torch.where(first, index, 0), 0).values
+    return [int((p - starts[p] + 1).sum()) for p in positions]
+
+
+def balance_mixes(seq: int) -> dict[str, torch.Tensor]:
+    """Packs of ``seq`` tokens (document ids [seq]): the mixes the balance table compares."""
+    def pack(lengths):
+        lengths = list(lengths)
+        lengths.append(seq - sum(lengths))
+        return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+    quarter = seq // 4
+    return {
+        "documents of 256-4096 tokens": random_document_ids(seq)[0],
+        "one document": torch.zeros(seq, dtype=torch.long),
+        "3/4 one document, then 1K ones": pack([3 * quarter] + [1024] * (quarter // 1024 - 1)),
+        "1K ones, then 3/4 one document": pack([1024] * (quarter // 1024) + [3 * quarter - 1]) ,
+        "a half, a quarter, 2K ones": pack([2 * quarter, quarter] + [2048] * (quarter // 2048 - 1)),
+    }
+
+
+def print_balance(seq: int, cps: list[int]) -> None:
+    from model.context_parallel import rank_positions
+
+    print(f"\ncontext-parallel load balance at {seq:,} tokens: busiest rank's attention work / mean")
+    print(f"{'pack':<34}{'cp':>4}{'per document':>14}{'whole pack':>12}{'layout s':>10}")
+    for name, ids in balance_mixes(seq).items():
+        for cp in cps:
+            start = time.perf_counter()
+            per_document = rank_positions(ids.tolist(), seq, cp)
+            seconds = time.perf_counter() - start
+            ratios = []
+            for positions in (per_document, rank_positions(None, seq, cp)):
+                work = _rank_work(ids, positions)
+                ratios.append(max(work) * len(work) / sum(work))
+            print(f"{name:<34}{cp:>4}{ratios[0]:>14.2f}{ratios[1]:>12.2f}{seconds:>10.3f}")
+
+
 def _dense_estimate_gb(cfg, seq: int) -> float:
     """Scores, probabilities and their gradients of one layer, float32, plus the boolean mask."""
     return (4 * cfg.text.num_attention_heads * seq * seq * 4 + seq * seq) / 2**30
@@ -83,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--model", default="tiny_dense")
     p.add_argument("--dense-limit-gb", type=float, default=6.0)
+    p.add_argument("--balance-length", type=int, default=262144)
+    p.add_argument("--balance-cp", type=int, nargs="+", default=[2, 8])
     args = p.parse_args(argv)
 
     from common.distributed.spawn import spawn_ranks
@@ -110,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
               "(goal <= 2.3)")
     for seq in sorted(set(document_peak) & set(cp2_peak)):
         print(f"cp2 per-rank peak / cp1 peak at {seq}: {cp2_peak[seq] / document_peak[seq]:.2f}")
+    print_balance(args.balance_length, args.balance_cp)
     return 0
 
 

@@ -42,7 +42,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from model.context_parallel import gathered_to_global_order, local_token_positions
+from model.context_parallel import gathered_order, layout
 
 QUERY_BLOCK = 1024  # query rows per masked block (memory: QUERY_BLOCK x keys booleans)
 
@@ -62,48 +62,43 @@ class AttentionPiece:
     causal_offset: int | None
 
 
-def _runs(segment_ids: list[int]) -> list[tuple[int, int]]:
-    """``[start, end)`` of each run of equal values."""
-    runs, start = [], 0
-    for i in range(1, len(segment_ids) + 1):
-        if i == len(segment_ids) or segment_ids[i] != segment_ids[start]:
-            runs.append((start, i))
-            start = i
-    return runs
+def attention_pieces(segment_ids: list[int], causal: bool, positions: list[int] | None = None) -> list[AttentionPiece]:
+    """The pieces of one row: this rank's query rows, run by run, in local order.
 
-
-def attention_pieces(segment_ids: list[int], causal: bool, cp_size: int = 1, cp_rank: int = 0) -> list[AttentionPiece]:
-    """The pieces of one row: this rank's query rows, document by document, in local order.
-
-    ``segment_ids`` cover the full sequence (``S`` tokens); with ``cp_size > 1`` the rank holds the
-    tokens of :func:`model.context_parallel.local_token_positions` and keys are in sequence order.
+    ``segment_ids`` cover the full sequence (``S`` tokens); ``positions`` are the global positions of this
+    rank's tokens in its order (context parallelism, :func:`model.context_parallel.rank_positions`),
+    None for all ``S``. Keys are in sequence order. A piece is a run of consecutive positions inside one
+    segment.
     """
-    seq = len(segment_ids)
-    if cp_size == 1:
-        chunks = [(0, seq, 0)]  # (global start, global end, local start)
-    else:
-        positions = local_token_positions(seq, cp_size, cp_rank)
-        half = len(positions) // 2
-        chunks = [(int(positions[0]), int(positions[0]) + half, 0),
-                  (int(positions[half]), int(positions[half]) + half, half)]
+    seg = torch.as_tensor(segment_ids)
+    seq = seg.numel()
+    index = torch.arange(seq)
+    first = torch.ones(seq, dtype=torch.bool)
+    first[1:] = seg[1:] != seg[:-1]
+    last = torch.ones(seq, dtype=torch.bool)
+    last[:-1] = first[1:]
+    starts = torch.cummax(torch.where(first, index, 0), 0).values  # each position's segment: [start, end)
+    ends = torch.cummin(torch.where(last, index + 1, seq).flip(0), 0).values.flip(0)
+    pos = index if positions is None else torch.as_tensor(positions)
+    breaks = torch.ones(pos.numel() + 1, dtype=torch.bool)  # where a run of the local order begins
+    breaks[1:-1] = (pos[1:] != pos[:-1] + 1) | (starts[pos[1:]] != starts[pos[:-1]])
+    edges = torch.nonzero(breaks).flatten().tolist()
     pieces = []
-    documents = _runs(segment_ids)
-    for g0, g1, local in chunks:
-        for d0, d1 in documents:
-            q0, q1 = max(g0, d0), min(g1, d1)
-            if q0 >= q1:
-                continue
-            lq0 = local + q0 - g0
-            if causal:
-                pieces.append(AttentionPiece(lq0, lq0 + q1 - q0, d0, q1, q0 - d0))
-            else:
-                pieces.append(AttentionPiece(lq0, lq0 + q1 - q0, d0, d1, None))
+    for l0, l1 in zip(edges[:-1], edges[1:]):
+        g0 = int(pos[l0])
+        d0, d1 = int(starts[g0]), int(ends[g0])
+        if causal:
+            pieces.append(AttentionPiece(l0, l1, d0, g0 + l1 - l0, g0 - d0))
+        else:
+            pieces.append(AttentionPiece(l0, l1, d0, d1, None))
     return pieces
 
 
 def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, cp_size: int, cp_rank: int):
     """Pieces per batch row, cached on the ``segment_ids`` tensor (shared by every layer of a forward)."""
     key = (causal, cp_size, cp_rank, seq)
+    if cp_size > 1:
+        ranks = layout(segment_ids, batch, seq, cp_size)[:, cp_rank].tolist()
     if segment_ids is not None:
         cache = getattr(segment_ids, "_attention_plans", None)
         if cache is None:
@@ -114,9 +109,9 @@ def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, 
                 raise ValueError(f"segment ids must be [batch, full sequence] = [{batch}, {seq}], "
                                  f"got {tuple(segment_ids.shape)}")
             rows = segment_ids.tolist()
-            cache[key] = [attention_pieces(r, causal, cp_size, cp_rank) for r in rows]
+            cache[key] = [attention_pieces(r, causal, ranks[b] if cp_size > 1 else None) for b, r in enumerate(rows)]
         return cache[key]
-    return [attention_pieces([0] * seq, causal, cp_size, cp_rank)] * batch
+    return [attention_pieces([0] * seq, causal, ranks[0] if cp_size > 1 else None)] * batch
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None, scale: float,
@@ -176,14 +171,17 @@ class DocumentAttention(MegatronModule):
         seq = sq * cp_size
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
-            order = gathered_to_global_order(seq, cp_size, device=key.device)
-            key = tensor_parallel.gather_from_sequence_parallel_region(key, True, group).index_select(0, order)
-            value = tensor_parallel.gather_from_sequence_parallel_region(value, True, group).index_select(0, order)
+            order = gathered_order(attention_mask, batch, seq, cp_size).to(key.device)  # [b, S]
+            key = tensor_parallel.gather_from_sequence_parallel_region(key, True, group)
+            value = tensor_parallel.gather_from_sequence_parallel_region(value, True, group)
         plans = _plan(attention_mask, batch, seq, causal, cp_size, cp_rank)
         dropout_p = self.dropout if self.training else 0.0
         rows = []
         for b, pieces in enumerate(plans):
-            q, k, v = (t[:, b].transpose(0, 1) for t in (query, key, value))  # [heads, s, d]
+            q, k, v = (t[:, b] for t in (query, key, value))
+            if cp_size > 1:  # keys and values of every rank, back in sequence order
+                k, v = k.index_select(0, order[b]), v.index_select(0, order[b])
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, s, d]
             parts = [_attend(q[:, p.q_start:p.q_end], k[:, p.k_start:p.k_end], v[:, p.k_start:p.k_end],
                              p.causal_offset, self.softmax_scale, dropout_p) for p in pieces]
             rows.append(torch.cat(parts, dim=1))  # [hq, sq, d]

@@ -33,9 +33,11 @@ the ``document`` attention backend, no sequence parallelism and cp = 1 (see
 Context parallelism: every CP rank runs the vision encoder on all the micro-batch's images and videos
 and embeds the whole sequence; then the embedded sequence, the DeepStack features, the rotary angles
 (from the 3-axis position ids) and the labels are cut the same way (:mod:`model.context_parallel`), and
-attention all-gathers keys and values inside the CP group (:mod:`model.attention`). Outputs are this
-rank's tokens, in its order; ``model.context_parallel.split_on_this_rank`` cuts loss weights to match
-and ``gather_on_this_rank`` puts logits back in sequence order.
+attention all-gathers keys and values inside the CP group (:mod:`model.attention`). The cut is per
+document (each is split into ``2 * cp`` chunks, Megatron's load-balanced pairing), so it depends on
+``document_ids``. Outputs are this rank's tokens, in sequence order;
+``model.context_parallel.split_on_this_rank(t, dim, document_ids)`` cuts loss weights to match and
+``gather_on_this_rank(t, dim, document_ids)`` puts logits back together.
 
 DeepStack across pipeline stages: the features for the decoder layers of later stages travel with the
 hidden states, concatenated along the hidden dimension (``[s, b, h * (1 + n)]``); the builder switches on
@@ -364,7 +366,7 @@ class Qwen3VLModel(LanguageModule):
         if rotary.shape[0] != total or rotary.shape[1] != b:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}"
                              + (f" after {total - s} cached tokens" if total != s else ""))
-        rotary = split_sequence(rotary, 0, cp_size, cp_rank)
+        rotary = split_sequence(rotary, 0, cp_size, cp_rank, document_ids, batch_dim=1)
         attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, total)
 
         decoder_input, context = None, None
@@ -383,9 +385,9 @@ class Qwen3VLModel(LanguageModule):
                     context = deep.transpose(1, 2).to(decoder_input.dtype)  # [n, s, b, h]
                 del embeds, deep
             # Context parallelism: this rank's tokens from here on (after the ViT and the embedding).
-            decoder_input = split_sequence(decoder_input, 0, cp_size, cp_rank)
+            decoder_input = split_sequence(decoder_input, 0, cp_size, cp_rank, document_ids, batch_dim=1)
             if context is not None:
-                context = split_sequence(context, 1, cp_size, cp_rank)
+                context = split_sequence(context, 1, cp_size, cp_rank, document_ids, batch_dim=2)
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
                 if context is not None:
@@ -404,7 +406,7 @@ class Qwen3VLModel(LanguageModule):
         if labels is not None:
             # The vocabulary-parallel cross entropy needs the logits split over the vocabulary.
             logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=False)
-            return self.compute_language_model_loss(split_sequence(labels, 1, cp_size, cp_rank), logits)
+            return self.compute_language_model_loss(split_sequence(labels, 1, cp_size, cp_rank, document_ids, batch_dim=0), logits)
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
         return logits.transpose(0, 1).contiguous()
 

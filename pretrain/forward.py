@@ -84,6 +84,6 @@ def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | Non
     # Positions without a target hold -100; their loss is weighted 0, any valid id will do.
     output = model(batch["tokens"], labels=batch["labels"].clamp(min=0),
                    **model_inputs(batch, model, use_packed_seq_params))
-    loss_weights = split_on_this_rank(batch["loss_weights"], 1)
-    loss_mask = split_on_this_rank(batch["loss_mask"], 1)
+    loss_weights = split_on_this_rank(batch["loss_weights"], 1, batch["document_ids"])
+    loss_mask = split_on_this_rank(batch["loss_mask"], 1, batch["document_ids"])
     return output, partial(weighted_token_loss, loss_weights, loss_mask)

@@ -170,8 +170,8 @@ def distill_forward_step(teacher: torch.nn.Module, temperature: float):
                                  "stage; run_teacher(teacher, micro_batches) must run before the step")
         batch = to_device(batch)
         student_logits = model(batch["tokens"], runtime_gather_output=False, **model_inputs(batch, model))
-        loss_weights = split_on_this_rank(batch["loss_weights"], 1)
-        loss_mask = split_on_this_rank(batch["loss_mask"], 1)
+        loss_weights = split_on_this_rank(batch["loss_weights"], 1, batch["document_ids"])
+        loss_mask = split_on_this_rank(batch["loss_mask"], 1, batch["document_ids"])
         return student_logits, partial(_kl_loss, teacher, hidden, temperature, loss_weights, loss_mask)
 
     return forward_step

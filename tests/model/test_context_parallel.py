@@ -18,10 +18,12 @@ PAD = 8  # sequence lengths a multiple of 2 * cp * tp for every layout here
 
 
 def _documents(seq: int) -> torch.Tensor:
-    """Three documents; with cp = 2 the chunk edges are at seq/4, seq/2, 3seq/4: boundaries avoid them."""
+    """Four documents whose lengths are not multiples of 2*cp (one shorter than 2*cp = 4 tokens), so each
+    is cut into uneven chunks and the leftover tokens go to the rank holding fewest."""
     ids = torch.zeros(1, seq, dtype=torch.long)
     ids[:, seq // 4 + 1:] = 1
     ids[:, 5 * seq // 8 + 1:] = 2
+    ids[:, 5 * seq // 8 + 4:] = 3
     return ids
 
 
@@ -51,7 +53,7 @@ def _run(rank, model_name, layout, ckpt, save):
         docs = _documents(x.input_ids.shape[1])
         labels = torch.roll(x.input_ids, -1, dims=1)
         with torch.no_grad():
-            logits = gather_on_this_rank(model(x.input_ids, **x.model_kwargs(), document_ids=docs), 1)
+            logits = gather_on_this_rank(model(x.input_ids, **x.model_kwargs(), document_ids=docs), 1, docs)
         model.zero_grad()
         losses = model(x.input_ids, **x.model_kwargs(), document_ids=docs, labels=labels)
         losses.sum().backward()
@@ -68,7 +70,7 @@ def _run(rank, model_name, layout, ckpt, save):
             elif ps.get_context_parallel_world_size() > 1:
                 dist.all_reduce(g, group=ps.get_context_parallel_group())  # as Megatron's DDP over DP x CP
             grads[name] = g
-        out[x.name] = (logits, gather_on_this_rank(losses.detach(), 1), grads)
+        out[x.name] = (logits, gather_on_this_rank(losses.detach(), 1, docs), grads)
     return out
 
 
@@ -116,18 +118,70 @@ def test_cp2_tp2_sequence_parallel_equals_cp1(single):
 
 def test_attention_pieces_cover_every_query_once():
     from model.attention import attention_pieces
+    from model.context_parallel import rank_positions
 
-    segments = [0] * 5 + [1] * 9 + [2] * 2  # 16 tokens, cp = 2: chunks of 4
+    segments = [0] * 5 + [1] * 9 + [2] * 2  # 16 tokens, cp = 2
+    layout = rank_positions(segments, 16, 2)
+    # document 0 (5 tokens): chunks 2,1,1,1 (the leftover token to rank 0); document 1 (9): 2,3,2,2 (to
+    # rank 1, which held fewer); document 2 (2 tokens): one each
+    assert layout.tolist() == [[0, 1, 4, 5, 6, 12, 13, 14], [2, 3, 7, 8, 9, 10, 11, 15]]
     for rank in range(2):
-        pieces = attention_pieces(segments, causal=True, cp_size=2, cp_rank=rank)
+        pieces = attention_pieces(segments, causal=True, positions=layout[rank].tolist())
         rows = [r for p in pieces for r in range(p.q_start, p.q_end)]
         assert rows == list(range(8))
         for p in pieces:
             assert segments[p.k_start] == segments[p.k_end - 1]  # keys stay within one document
-    # rank 1 holds tokens 4..7 and 8..11: token 4 ends document 0, tokens 5..11 are inside document 1
-    pieces = attention_pieces(segments, causal=True, cp_size=2, cp_rank=1)
+    pieces = attention_pieces(segments, causal=True, positions=layout[1].tolist())
     assert [(p.q_start, p.q_end, p.k_start, p.k_end, p.causal_offset) for p in pieces] == [
-        (0, 1, 0, 5, 4), (1, 4, 5, 8, 0), (4, 8, 5, 12, 3)]
+        (0, 2, 0, 4, 2), (2, 7, 5, 12, 2), (7, 8, 14, 16, 1)]
+    pieces = attention_pieces(segments, causal=False)
+    assert [(p.q_start, p.q_end, p.k_start, p.k_end, p.causal_offset) for p in pieces] == [
+        (0, 5, 0, 5, None), (5, 14, 5, 14, None), (14, 16, 14, 16, None)]
+
+
+def _causal_pairs(segments: list[int], positions: list[int]) -> int:
+    """Attention work of a rank: the (query, key) pairs its queries attend to."""
+    starts, start = {}, 0
+    for i, s in enumerate(segments):
+        if i == 0 or s != segments[i - 1]:
+            start = i
+        starts[i] = start
+    return sum(p - starts[p] + 1 for p in positions)
+
+
+def test_cp_layout_is_megatrons_for_one_document_and_balanced_for_any_pack():
+    import random
+
+    from model.context_parallel import rank_positions
+
+    # One document a multiple of 2*cp long: chunks r and 2*cp-1-r (Megatron's get_batch_on_this_cp_rank).
+    for cp in (2, 4):
+        chunk = 3
+        layout = rank_positions(None, 2 * cp * chunk, cp)
+        for r in range(cp):
+            expected = list(range(r * chunk, (r + 1) * chunk)) + list(range((2 * cp - 1 - r) * chunk,
+                                                                             (2 * cp - r) * chunk))
+            assert layout[r].tolist() == expected
+    # Any pack: every token on exactly one rank, the same count per rank, and the same attention work up
+    # to the leftover tokens (at most 2 per document and rank, each worth at most its document's length,
+    # and the chunks they shift).
+    rng = random.Random(0)
+    for _ in range(300):
+        cp = rng.choice([2, 3, 4, 8])
+        seq = 2 * cp * rng.randint(1, 64)
+        cuts = sorted(rng.sample(range(1, seq), k=min(seq - 1, rng.randint(0, 12))))
+        segments = [i for i, (a, b) in enumerate(zip([0] + cuts, cuts + [seq])) for _ in range(b - a)]
+        layout = rank_positions(segments, seq, cp)
+        assert sorted(layout.flatten().tolist()) == list(range(seq))
+        work = [_causal_pairs(segments, layout[r].tolist()) for r in range(cp)]
+        assert max(work) - min(work) <= 2 * seq, (cp, seq, cuts, work)
+    # One long document and short ones: the pairing per document balances what a cut of the whole pack
+    # (the layout of a row without document ids) does not.
+    segments = [0] * 96 + [i for i in range(1, 9) for _ in range(4)]  # 128 tokens, cp = 2
+    per_document = [_causal_pairs(segments, rank_positions(segments, 128, 2)[r].tolist()) for r in range(2)]
+    whole_pack = [_causal_pairs(segments, rank_positions(None, 128, 2)[r].tolist()) for r in range(2)]
+    assert abs(per_document[0] - per_document[1]) <= 0.02 * sum(per_document), per_document
+    assert abs(whole_pack[0] - whole_pack[1]) >= 0.3 * sum(whole_pack), whole_pack
 
 
 def test_cp_refuses_a_sequence_that_does_not_split():
