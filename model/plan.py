@@ -28,7 +28,11 @@ Memory (:func:`plan_memory`) in bytes per GPU, for the pipeline stage that needs
   and values are all-gathered per layer) and, in the norms and residual stream, over tensor-parallel
   ranks with sequence parallelism. The ViT is not split by context or sequence parallelism: every CP
   rank of the first pipeline stage encodes all the pack's images, and keeps the full-sequence visual
-  embeddings and DeepStack features until its forward pass ends;
+  embeddings and DeepStack features until its forward pass ends. Frozen parts (``Workload.trainable``,
+  the stage's ``trainable`` list) store less: a frozen ViT nothing (no gradient flows into it; the
+  mergers, if trained, then keep their inputs), a frozen decoder not the inputs of its linear layers
+  nor its norms' normalised values (Megatron's frozen-weight linear keeps only the weight), while
+  gradients still flow through it to a trained merger (S0's alignment);
 * **logits + loss**: the last stage's logits ``[s / cp, vocab / tp]`` and Megatron's cross entropy,
   which works in fp32 (bf16 logits + their fp32 copy at the peak);
 * **working memory**: the largest short-lived buffers at the peak: the group of layers recomputed in
@@ -352,14 +356,16 @@ def workload_shape(parallel: ParallelConfig, work: Workload) -> _Shape:
     return _Shape(n, n_sp, parallel.tp, parallel.cp, parallel.expert_tp, work.act_bytes)
 
 
-def _norm_bytes(width: float, a: int, input_is_new: bool = True, rows: int = 1) -> float:
+def _norm_bytes(width: float, a: int, input_is_new: bool = True, rows: int = 1, frozen: bool = False) -> float:
     """What our RMSNorm stores for ``rows`` rows of ``width``: its input in fp32 (a copy in bf16; in fp32
-    the input itself, new storage only when ``input_is_new``), the normalised value, the fp32 1/rms."""
+    the input itself, new storage only when ``input_is_new``), the normalised value (only for the
+    weight's gradient: not when ``frozen``), the fp32 1/rms."""
     stored_input = 4 if (a == 2 or input_is_new) else 0
-    return (stored_input + a) * width + 4 * rows
+    return (stored_input + (0 if frozen else a)) * width + 4 * rows
 
 
-def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute: str | None) -> float:
+def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute: str | None,
+                        frozen: bool = False) -> float:
     """Bytes one decoder layer stores for the backward pass, per micro-batch on one rank, when it is not
     recomputed as a whole (``recompute`` None or ``selective``).
 
@@ -370,6 +376,11 @@ def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute:
     and the SwiGLU MLP (fc1 output, silu output, the linear half, their product). MoE layers store the
     router's tensors and, per routed token copy, the expert MLP's input and intermediates; with
     context parallelism each layer keeps the all-gathered keys and values of the whole sequence.
+
+    ``frozen`` (the language model not trained, gradients still flowing through it): the linear layers
+    keep only their weights, so their inputs (the norms' outputs, the projection's and fc2's inputs,
+    each expert's input and fc2 input) and the norms' normalised values are not stored; the MoE
+    router keeps its input.
     """
     t = cfg.text
     n, n_sp, tp, cp, a = shape.n, shape.n_sp, shape.tp, shape.cp, shape.a
@@ -377,13 +388,17 @@ def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute:
     heads = t.num_attention_heads // tp
     groups = max(1, t.num_key_value_heads // tp)
     hq, hkv = heads * d, groups * d
-    # Residual stream: input norm + its output (qkv input), post-attention norm + its output.
-    total = n_sp * 2 * (_norm_bytes(h, a) + a * h)
+    # Residual stream: input norm + its output (qkv input), post-attention norm + its output (the MLP's or
+    # the router's input).
+    if not frozen:
+        total = n_sp * 2 * (_norm_bytes(h, a) + a * h)
+    else:
+        total = n_sp * (2 * _norm_bytes(h, a, frozen=True) + (a * h if moe else 0))
     per_token = a * (hq + 2 * hkv)  # fused qkv output (v stays a view of it)
     per_token += 4 * d * a  # cos and sin of q and of k
     q_copy = groups > 1 and heads > groups  # reshaping q out of the fused output copies it
-    per_token += (a * hq if q_copy and a == 4 else 0) + _norm_bytes(hq, a, input_is_new=False, rows=heads)
-    per_token += _norm_bytes(hkv, a, input_is_new=False, rows=groups)
+    per_token += (a * hq if q_copy and a == 4 else 0) + _norm_bytes(hq, a, False, heads, frozen)
+    per_token += _norm_bytes(hkv, a, False, groups, frozen)
     per_token += a * hq  # rotated q
     if recompute == "selective" or cp == 1:
         per_token += a * hkv  # rotated k (v is the fused output's view)
@@ -391,10 +406,11 @@ def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute:
         per_token += 2 * a * hkv * cp  # keys and values of the whole sequence (all-gathered)
     if recompute != "selective":
         per_token += a * hq + 4 * heads  # attention output and log-sum-exp
-    per_token += a * hq  # projection input
+    if not frozen:
+        per_token += a * hq  # projection input
     total += n * per_token
     if not moe:
-        total += n * 5 * a * t.intermediate_size // tp
+        total += n * (4 if frozen else 5) * a * t.intermediate_size // tp
     else:
         k, e = t.num_experts_per_tok, t.num_experts
         # Each rank routes its sequence-parallel tokens; with expert tensor parallelism the routed copies
@@ -403,21 +419,31 @@ def decoder_layer_bytes(cfg: Qwen3VLConfig, moe: bool, shape: _Shape, recompute:
                          + _DISPATCH_BYTES_PER_EXPERT * e + _DISPATCH_BYTES_PER_TOPK * k)
         ffn = t.moe_intermediate_size // shape.etp
         # per routed copy: the expert's input, fc1 output, silu output, linear half, their product, x prob
-        total += n_sp * shape.etp * k * (a * (h + 6 * ffn) + 4)
+        # (the last is fc2's input; it and the expert's input are not kept when frozen)
+        total += n_sp * shape.etp * k * (a * (5 * ffn if frozen else h + 6 * ffn) + 4)
     return total
 
 
-def vision_bytes(cfg: Qwen3VLConfig, patches: int, tp: int, a: int, recompute: str | None) -> float:
+def vision_bytes(cfg: Qwen3VLConfig, patches: int, tp: int, a: int, recompute: str | None,
+                 trainable: tuple[str, ...] = PARTS) -> float:
     """Bytes the ViT and mergers store for one packed sequence of ``patches`` patches (first stage).
 
     Per patch: the pixels, and per layer (not recomputed) the two LayerNorm inputs and outputs, the
     fused qkv output, the rotated q and k, the attention output and log-sum-exp, the projection input,
     the GELU MLP's two intermediates, the rotary cos/sin; ``full`` recomputation keeps only each
     layer's input. The mergers (not recomputed) keep their norm, fc1 and GELU tensors.
+
+    ``trainable`` without ``vision``: the ViT stores nothing; the mergers, if ``merger`` is trained,
+    keep their norm's input (the outputs of the DeepStack layers and of the last layer), norm output,
+    fc1 and GELU outputs; with neither, nothing is stored.
     """
-    if patches == 0:
+    if patches == 0 or not {"vision", "merger"} & set(trainable):
         return 0.0
     v = cfg.vision
+    mergers = 1 + cfg.num_deepstack
+    if "vision" not in trainable:
+        inputs = len(set(v.deepstack_visual_indexes) | {v.depth - 1})  # layer outputs the mergers read
+        return patches * a * (inputs * v.hidden_size + mergers * (v.hidden_size + 2 * v.hidden_size // tp))
     hv, fv, heads = v.hidden_size, v.intermediate_size, v.num_heads // tp
     per_patch = a * v.patch_dim + 48  # pixels; position-embedding taps and rotary angles
     if recompute == "full":
@@ -609,7 +635,9 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     b, s = work.micro_batch_size, work.seq_length
 
     # Decoder: what one micro-batch stores, and the largest group recomputed at once in the backward pass.
-    full_layers = [decoder_layer_bytes(cfg, bool(pattern[i]), shape, work.recompute) for i in layers]
+    frozen_decoder = "language" not in work.trainable
+    full_layers = [decoder_layer_bytes(cfg, bool(pattern[i]), shape, work.recompute, frozen_decoder)
+                   for i in layers]
     k = work.recompute_num_layers
     recomputed_group = 0.0
     if work.recompute == "full":
@@ -630,8 +658,8 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
             stored += cfg.num_deepstack * a * h * n_sp  # DeepStack features, an input of every group
     else:
         stored = sum(full_layers)
-    if last:  # final norm and the output layer's input
-        stored += n_sp * (_norm_bytes(h, a) + a * h)
+    if last:  # final norm and the output layer's input (frozen: its 1/rms and fp32 input only)
+        stored += n_sp * (_norm_bytes(h, a, frozen=frozen_decoder) + (0 if frozen_decoder else a * h))
     in_flight = _in_flight(parallel, work, stage)
     decoder = in_flight * stored
 
@@ -642,9 +670,12 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     images = work.image_sequences * work.visual_patches
     if first and images:
         vision = min(parallel.pp, work.micro_batches) * work.image_sequences * vision_bytes(
-            cfg, work.visual_patches, tp, a, work.recompute)
+            cfg, work.visual_patches, tp, a, work.recompute, work.trainable)
+        if "vision" not in work.trainable:  # a frozen ViT's forward: one layer's tensors live at a time
+            merge = _vision_forward_bytes(cfg, work.visual_patches, tp, a) * work.image_sequences
         held = (1 + cfg.num_deepstack) * a * h * b * s
-        merge = (1 + cfg.num_deepstack) * a * h * b * s  # while merging: the token embeddings, the scattered copies
+        # while merging: the token embeddings, the scattered copies
+        merge = max(merge, (1 + cfg.num_deepstack) * a * h * b * s)
 
     # Gradients in flight in the backward pass of a layer: the residual stream's two gradients, the
     # widest intermediate's gradient, a weight-sized gradient before it is added to the buffer.
@@ -656,7 +687,7 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     else:
         widest = n * 2 * t.intermediate_size // tp
         weight = 2 * h * t.intermediate_size // tp  # fc1
-    backward = a * (2 * h * n_sp + widest) + param_bytes * weight
+    backward = a * (2 * h * n_sp + widest) + (0 if frozen_decoder else param_bytes * weight)
     # Megatron's global buffer for the sequence-parallel all-gathers, kept from the first one on
     sp_buffer = a * h * n if parallel.sequence_parallel else 0.0
 

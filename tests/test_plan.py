@@ -46,14 +46,18 @@ SAVED_RTOL = 0.01
 STEPS = 2
 
 # (model, layout, micro-batch size, sequence length, micro-batches per step, ViT patches per sequence,
-# recomputation): every recomputation setting, dense and MoE, TP+SP (for MoE the expert TP = TP
-# all-gathers the routed tokens), PP with several micro-batches in flight and tied embeddings, CP with
-# the optimizer sharded over the CP pair.
+# recomputation[, trained parts]): every recomputation setting, dense and MoE, TP+SP (for MoE the expert
+# TP = TP all-gathers the routed tokens), PP with several micro-batches in flight and tied embeddings, CP
+# with the optimizer sharded over the CP pair; S0's alignment (only the mergers trained: frozen ViT and
+# decoder) and distillation's (frozen ViT and mergers).
 ONE_RANK = [
     ("tiny_dense", {}, 1, 1024, 1, 256, None),
     ("tiny_moe", {}, 2, 1024, 2, 256, "selective"),
     ("tiny_moe", {}, 2, 1024, 2, 256, "full"),
+    ("tiny_moe", {}, 1, 1024, 1, 256, None, ("merger",)),
+    ("tiny_dense", {}, 1, 1024, 1, 256, "selective", ("language",)),
 ]
+ALL_PARTS = ("vision", "merger", "language")
 TWO_RANKS = [
     ("tiny_dense", {"pp": 2}, 1, 1024, 4, 256, None),
     ("tiny_dense", {"tp": 2, "sequence_parallel": True}, 2, 1024, 1, 256, "selective"),
@@ -196,7 +200,8 @@ def _train_and_measure(rank, runs: list[tuple]) -> list[dict]:
     from pretrain.step import setup_optimizer, train_step, wrap_with_ddp
 
     results = []
-    for name, layout, b, s, micro_batches, patches, recompute in runs:
+    for name, layout, b, s, micro_batches, patches, recompute, *trained in runs:
+        trained = trained[0] if trained else ALL_PARTS
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         initialize_distributed(layout)
@@ -208,6 +213,7 @@ def _train_and_measure(rank, runs: list[tuple]) -> list[dict]:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             module = build_qwen3vl(cfg, sequence_parallel=layout.get("sequence_parallel", False),
                                    config_overrides=recompute_overrides(RecomputeSchema(granularity=recompute)))
+            module.freeze([part for part in ALL_PARTS if part not in trained])
             model = wrap_with_ddp([module], DistributedDataParallelConfig(
                 use_distributed_optimizer=True, grad_reduce_in_fp32=True))
             optimizer = setup_optimizer(model, OptimizerConfig(
@@ -231,24 +237,26 @@ def _check_plans(runs: list[tuple], world_size: int) -> None:
     from model.registry import get_config
 
     measured = run_ranks(_train_and_measure, world_size, runs)
-    for i, (name, layout, b, s, micro_batches, patches, recompute) in enumerate(runs):
+    for i, (name, layout, b, s, micro_batches, patches, recompute, *trained) in enumerate(runs):
+        trained = trained[0] if trained else ALL_PARTS
         cfg, parallel = get_config(name), ParallelConfig(**layout)
         work = Workload(seq_length=s, micro_batch_size=b, micro_batches=micro_batches, visual_patches=patches,
-                        bf16=False, recompute=recompute)
+                        bf16=False, recompute=recompute, trainable=trained)
         plan = plan_memory(cfg, parallel, world_size, work)
         for rank, result in enumerate(r[i] for r in measured):
-            where = f"{name} {layout} recompute={recompute}, rank {rank}"
+            where = f"{name} {layout} recompute={recompute} trains {'+'.join(trained)}, rank {rank}"
             stage = result["pp_rank"]
             assert sum(stage_parameters(cfg, parallel, stage).values()) == result["params"], where
             if result["saved"] is not None:
                 saved = result["saved"]
-                assert saved["vision"] == pytest.approx(b * vision_bytes(cfg, patches, parallel.tp, 4, recompute),
-                                                        rel=SAVED_RTOL), where
+                assert saved.get("vision", 0) == pytest.approx(
+                    b * vision_bytes(cfg, patches, parallel.tp, 4, recompute, trained), rel=SAVED_RTOL), where
                 pattern = cfg.text.moe_layer_pattern()
                 # Layer 0's saved input is the embedding (with SP a view that keeps the whole sequence).
                 layers = range(1, cfg.text.num_hidden_layers) if recompute != "full" else []
                 for layer in layers:
-                    planned = decoder_layer_bytes(cfg, bool(pattern[layer]), workload_shape(parallel, work), recompute)
+                    planned = decoder_layer_bytes(cfg, bool(pattern[layer]), workload_shape(parallel, work), recompute,
+                                                  frozen="language" not in trained)
                     assert saved[f"layer{layer}"] == pytest.approx(planned, rel=SAVED_RTOL), f"{where}, layer {layer}"
             planned, peak = plan.stage_totals[stage], result["peak"]
             assert abs(planned - peak) <= MEMORY_RTOL * peak, f"{where}: planned {planned / 1e6:.2f} MB, " \

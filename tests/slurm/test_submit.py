@@ -262,3 +262,34 @@ def test_check_job_layout_counts_ranks():
     _, job = load_job(["cluster=example_h100", "cluster.nodes=8", "parallel=tp4_pp2_ep8", "train.global_batch_size=64"])
     layout = check_job_layout(job)
     assert (layout.world_size, layout.data_parallel_size, layout.micro_batches_per_step) == (64, 8, 8)
+
+
+def _readme_submissions() -> tuple[dict, list[list[str]]]:
+    """The cluster file slurm/README.md tells a user to write, and every ``python -m slurm.submit``
+    command it shows (continuation lines joined), as argument lists."""
+    import shlex
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[2] / "slurm" / "README.md").read_text()
+    cluster = yaml.safe_load(re.search(r"```yaml\n(name: mycluster\n.*?)```", text, re.S).group(1))
+    joined = text.replace("\\\n", " ")
+    commands = [shlex.split(line)[3:] for line in joined.splitlines() if line.startswith("python -m slurm.submit ")]
+    return cluster, commands
+
+
+def test_the_readme_submissions_pass_the_submit_time_checks(tmp_path, capsys):
+    """Each example of slurm/README.md, on the README's cluster (example_h100 with the README file's node
+    count and GPU memory), is accepted: layout, global batch and the capacity plan against the GPU memory."""
+    cluster, commands = _readme_submissions()
+    assert len(commands) == 4 and cluster["gpu_memory_gb"] == 80
+    for args in commands:
+        args = [a for a in args if a != "--dry-run"]
+        at = args.index("cluster=mycluster")
+        args[at:at + 1] = ["cluster=example_h100", f"cluster.nodes={cluster['nodes']}",
+                           f"cluster.gpu_memory_gb={cluster['gpu_memory_gb']}",
+                           f"cluster.tasks_per_node={cluster['tasks_per_node']}"]
+        args = [a.replace("/lustre/me", str(tmp_path)) for a in args]
+        code, out, err = dry_run(args, tmp_path, capsys)
+        assert code == 0, f"{' '.join(args)}: {err.strip()}"
+        assert "does NOT fit" not in out
