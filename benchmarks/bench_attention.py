@@ -10,7 +10,8 @@ forward + backward, on a GPU ``torch.cuda.max_memory_allocated``. Inputs are pac
 text documents of 256 to 4,096 tokens (a fixed seed, the same mix at every length) and per-token
 losses on every token. The dense path builds an ``s x s`` mask and ``heads x s x s`` scores, so it is
 skipped where its estimate exceeds ``--dense-limit-gb``. Then the peak-memory ratio 32K/16K of the
-document backend (goal <= 2.3: linear growth) and the CP2 per-rank saving.
+document backend (goal <= 2.3: linear growth), the CP2 per-rank saving, and the same pack at the middle
+length with ``--images`` images of 256 patches, CP1 vs CP2 (the CP ranks share the ViT's work).
 
 Last, the load balance of context parallelism at 256K tokens (``--balance-length``), counted, not run:
 the attention work of each CP rank (the causal (query, key) pairs of its queries) for packs of
@@ -47,7 +48,7 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int) -> dict:
+def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int, images: int = 0) -> dict:
     from common.distributed.parallel import initialize_distributed
     from model.qwen3vl import build_qwen3vl
     from model.registry import get_config
@@ -61,6 +62,13 @@ def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int) -> dic
     tokens = torch.randint(0, cfg.text.vocab_size - 16, (1, seq), generator=g).to(device)
     documents = random_document_ids(seq).to(device)
     labels = torch.roll(tokens, -1, dims=1)
+    media = {}
+    if images:  # images of 16 x 16 patches (64 tokens each) at the start of the pack
+        merged = 256 // cfg.vision.spatial_merge_size ** 2
+        tokens[:, 8:8 + images * merged] = cfg.image_token_id
+        media = {"position_ids": torch.arange(seq, device=device).expand(3, 1, seq),
+                 "pixel_values": torch.randn(images * 256, cfg.vision.patch_dim, generator=g).to(device),
+                 "image_grid_thw": torch.tensor([[1, 16, 16]] * images)}
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -69,7 +77,7 @@ def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int) -> dic
     else:
         base = _rss_mb()
     start = time.perf_counter()
-    losses = model(tokens, document_ids=documents, labels=labels)
+    losses = model(tokens, document_ids=documents, labels=labels, **media)
     losses.sum().backward()
     if cuda:
         torch.cuda.synchronize()
@@ -133,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--model", default="tiny_dense")
     p.add_argument("--dense-limit-gb", type=float, default=6.0)
+    p.add_argument("--images", type=int, default=64,
+                   help="images of 256 patches in the pack of the ViT-sharing rows (at the middle length)")
     p.add_argument("--balance-length", type=int, default=262144)
     p.add_argument("--balance-cp", type=int, nargs="+", default=[2, 8])
     args = p.parse_args(argv)
@@ -162,6 +172,19 @@ def main(argv: list[str] | None = None) -> int:
               "(goal <= 2.3)")
     for seq in sorted(set(document_peak) & set(cp2_peak)):
         print(f"cp2 per-rank peak / cp1 peak at {seq}: {cp2_peak[seq] / document_peak[seq]:.2f}")
+    if args.images:
+        # The ViT's work shared over the CP ranks, image by image: its activations per rank halve at cp2.
+        seq = sorted(args.lengths)[len(args.lengths) // 2]
+        with_images = {}
+        for cp in (1, 2):
+            results = spawn_ranks(_measure, cp, args.model, "document", seq, cp, args.images)
+            with_images[cp] = max(r["peak_mb"] for r in results)
+            name = f"+{args.images} images" + (", cp2" if cp == 2 else "")
+            print(f"{seq:>8}  {name:<18}{with_images[cp]:>10.0f}{max(r['seconds'] for r in results):>10.2f}",
+                  flush=True)
+        print(f"images' share of the peak ({args.images} x 256 patches at {seq}): cp1 "
+              f"{with_images[1] - document_peak.get(seq, 0):.0f} MB, cp2 per rank "
+              f"{with_images[2] - cp2_peak.get(seq, 0):.0f} MB")
     print_balance(args.balance_length, args.balance_cp)
     return 0
 

@@ -164,14 +164,14 @@ class DocumentAttention(MegatronModule):
         if key.shape[0] != query.shape[0]:
             return self._attend_cached(query, key, value, attention_mask)
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
-        # From the config, not the parallel state: the ViT runs whole on every CP rank (cp = 1 there).
+        # From the config, not the parallel state: the ViT attends within frames, with cp = 1 in its config.
         cp_size = self.config.context_parallel_size
         cp_rank = parallel_state.get_context_parallel_rank() if cp_size > 1 else 0
         sq, batch = query.shape[:2]
         seq = sq * cp_size
         if cp_size > 1:
             group = parallel_state.get_context_parallel_group()
-            order = gathered_order(attention_mask, batch, seq, cp_size).to(key.device)  # [b, S]
+            order = gathered_order(attention_mask, batch, seq, cp_size, key.device)  # [b, S]
             key = tensor_parallel.gather_from_sequence_parallel_region(key, True, group)
             value = tensor_parallel.gather_from_sequence_parallel_region(value, True, group)
         plans = _plan(attention_mask, batch, seq, causal, cp_size, cp_rank)

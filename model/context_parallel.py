@@ -18,6 +18,11 @@ A rank's tokens stay in sequence order. The layout of a micro-batch depends on i
 every rank computes the same one; it is cached on the document-id tensor, so the model, its attention
 layers and the loss (:func:`split_on_this_rank`) cut the same way from one computation.
 
+The vision encoder runs before the cut, and its work is shared: each image and video frame of the
+micro-batch is encoded by one rank of the CP group, balanced by patch count, and the features are
+all-gathered (:func:`encode_over_cp`), so every rank holds the visual embeddings of the whole pack
+while computing and storing the ViT's activations for about ``1 / cp`` of its patches.
+
 Functions take the CP size and rank explicitly (``cp_size``/``cp_rank``); the ``*_on_this_rank``
 helpers read them from Megatron's parallel state.
 """
@@ -84,26 +89,32 @@ def rank_positions(segment_ids: list[int] | None, seq_length: int, cp_size: int)
     return positions.view(cp_size, seq_length // cp_size)
 
 
-def layout(document_ids: torch.Tensor | None, batch: int, seq_length: int, cp_size: int) -> torch.Tensor:
-    """int64 ``[batch, cp_size, seq_length / cp_size]`` (CPU): rank ``r``'s global positions in row
-    ``b`` are ``layout[b, r]``. Cached on ``document_ids`` (``[batch, seq_length]`` or None)."""
+def layout(document_ids: torch.Tensor | None, batch: int, seq_length: int, cp_size: int,
+           device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 ``[batch, cp_size, seq_length / cp_size]`` on ``device``: rank ``r``'s global positions in
+    row ``b`` are ``layout[b, r]``. Cached on ``document_ids`` (``[batch, seq_length]`` or None), per
+    device: computed once per micro-batch, copied to the GPU once."""
     if document_ids is None:
-        return rank_positions(None, seq_length, cp_size).expand(batch, -1, -1)
+        return rank_positions(None, seq_length, cp_size).to(device).expand(batch, -1, -1)
     if tuple(document_ids.shape) != (batch, seq_length):
         raise ValueError(f"document ids {tuple(document_ids.shape)} do not match the sequence "
                          f"[{batch}, {seq_length}]")
     cache = getattr(document_ids, "_cp_layouts", None)
     if cache is None:
         cache = document_ids._cp_layouts = {}
-    if cp_size not in cache:
-        cache[cp_size] = torch.stack([rank_positions(row, seq_length, cp_size) for row in document_ids.tolist()])
-    return cache[cp_size]
+    device = torch.device(device)
+    if (cp_size, "cpu") not in cache:
+        rows = document_ids.tolist()
+        cache[cp_size, "cpu"] = torch.stack([rank_positions(row, seq_length, cp_size) for row in rows])
+    if (cp_size, str(device)) not in cache:
+        cache[cp_size, str(device)] = cache[cp_size, "cpu"].to(device)
+    return cache[cp_size, str(device)]
 
 
 def _take(t: torch.Tensor, seq_dim: int, batch_dim: int, index: torch.Tensor) -> torch.Tensor:
-    """``t`` with its sequence dimension re-indexed per row: row ``b`` takes ``index[b]``."""
-    index = index.to(t.device)
-    if index.shape[0] == 1 or bool((index == index[:1]).all()):
+    """``t`` with its sequence dimension re-indexed per row: row ``b`` takes ``index[b]`` (on ``t``'s
+    device)."""
+    if index.shape[0] == 1 or index.stride(0) == 0:  # one row, or the same index for every row
         return t.index_select(seq_dim, index[0])
     rows = [t.select(batch_dim, b).index_select(seq_dim - (batch_dim < seq_dim), index[b])
             for b in range(index.shape[0])]
@@ -117,15 +128,23 @@ def split_sequence(t: torch.Tensor, seq_dim: int, cp_size: int, cp_rank: int,
     if cp_size == 1:
         return t
     batch_dim = (1 - seq_dim if seq_dim < 2 else 0) if batch_dim is None else batch_dim
-    positions = layout(document_ids, t.shape[batch_dim], t.shape[seq_dim], cp_size)[:, cp_rank]
+    positions = layout(document_ids, t.shape[batch_dim], t.shape[seq_dim], cp_size, t.device)[:, cp_rank]
     return _take(t, seq_dim, batch_dim, positions)
 
 
-def gathered_order(document_ids: torch.Tensor | None, batch: int, seq_length: int, cp_size: int) -> torch.Tensor:
-    """int64 ``[batch, seq_length]``: per row, the index into the rank-major all-gather of every rank's
-    tokens (rank 0's, then rank 1's, ...) that puts them back in sequence order."""
-    rank_major = layout(document_ids, batch, seq_length, cp_size).reshape(batch, seq_length)
-    return torch.argsort(rank_major, dim=1)
+def gathered_order(document_ids: torch.Tensor | None, batch: int, seq_length: int, cp_size: int,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 ``[batch, seq_length]`` on ``device``: per row, the index into the rank-major all-gather of
+    every rank's tokens (rank 0's, then rank 1's, ...) that puts them back in sequence order (cached
+    with the layout)."""
+    rank_major = layout(document_ids, batch, seq_length, cp_size, device).reshape(batch, seq_length)
+    if document_ids is None:
+        return torch.argsort(rank_major, dim=1)
+    cache = document_ids._cp_layouts
+    key = (cp_size, str(torch.device(device)), "order")
+    if key not in cache:
+        cache[key] = torch.argsort(rank_major, dim=1)
+    return cache[key]
 
 
 def cp_size_and_rank() -> tuple[int, int]:
@@ -153,5 +172,78 @@ def gather_on_this_rank(t: torch.Tensor, seq_dim: int, document_ids: torch.Tenso
     dist.all_gather(parts, t.contiguous(), group=parallel_state.get_context_parallel_group())
     gathered = torch.cat(parts, dim=seq_dim)
     batch_dim = 1 - seq_dim if seq_dim < 2 else 0
-    order = gathered_order(document_ids, gathered.shape[batch_dim], gathered.shape[seq_dim], cp_size)
+    order = gathered_order(document_ids, gathered.shape[batch_dim], gathered.shape[seq_dim], cp_size, t.device)
     return _take(gathered, seq_dim, batch_dim, order)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The vision encoder's work shared over the CP group
+
+
+def image_owners(patches: list[int], cp_size: int) -> list[int]:
+    """The context-parallel rank that encodes each image or frame (``patches``: ViT patches of each):
+    the largest first, each to the rank with the fewest patches so far (ties: the lower rank)."""
+    load = [0] * cp_size
+    owners = [0] * len(patches)
+    for i in sorted(range(len(patches)), key=lambda i: (-patches[i], i)):
+        rank = min(range(cp_size), key=lambda r: (load[r], r))
+        owners[i] = rank
+        load[rank] += patches[i]
+    return owners
+
+
+def encode_over_cp(encode, pixels: torch.Tensor, grid_thw: torch.Tensor, merge: int, width: int,
+                   num_deepstack: int, dtype: torch.dtype, requires_grad: bool
+                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``encode(pixels, grid_thw) -> (embeds, [deepstack features])`` (the ViT) over the images and
+    video frames of a micro-batch, each encoded by one rank of the context-parallel group
+    (:func:`image_owners`), the results all-gathered so that every rank returns what ``encode`` of all
+    of them would: embeds ``[tokens, width]`` and ``num_deepstack`` DeepStack features of the same
+    shape, in order (``merge``: patches per token along each side).
+
+    Exact: the ViT attends within an image or a video's frame (temporal patch), whose position
+    embeddings and rotary angles are those of an image of its size, so a frame's features do not
+    depend on the others. Gradients: each rank's part of the gathered features gets the gradient of
+    every rank's tokens (the gather's backward is a reduce-scatter), so a frame's ViT gradient is
+    whole on its owner, and Megatron's reduction over data x context parallel ranks sums them as it
+    summed the partial gradients of a ViT run on every rank. ``dtype`` and ``requires_grad``: those of
+    the features, also on a rank that encodes nothing (every rank takes part in the backward's
+    reduce-scatter, or none does).
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    cp_size, cp_rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    grid = torch.as_tensor(grid_thw).reshape(-1, 3).cpu()
+    if cp_size == 1 or grid.shape[0] == 0:
+        return encode(pixels, grid_thw)
+    # The units of work: frames (a video's temporal patches are attended separately, with the same
+    # position embeddings and rotary angles as an image of their size), in the order of their patches.
+    grid = torch.repeat_interleave(torch.cat([torch.ones_like(grid[:, :1]), grid[:, 1:]], dim=1), grid[:, 0], dim=0)
+    patches = grid.prod(-1).tolist()
+    tokens = [p // merge ** 2 for p in patches]
+    owners = image_owners(patches, cp_size)
+    mine = [i for i, owner in enumerate(owners) if owner == cp_rank]
+    features = (1 + num_deepstack) * width
+    if mine:
+        starts = [0]
+        for p in patches:
+            starts.append(starts[-1] + p)
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in mine]).to(pixels.device)
+        embeds, deep = encode(pixels.index_select(0, rows), grid[mine])
+        local = torch.cat([embeds, *deep], dim=-1)
+    else:
+        local = torch.zeros(0, features, dtype=dtype, device=pixels.device, requires_grad=requires_grad)
+    # Megatron's all-gather (reduce-scatter in the backward pass) takes equal parts: pad to the busiest.
+    held = [sum(tokens[i] for i, owner in enumerate(owners) if owner == r) for r in range(cp_size)]
+    longest = max(held)
+    local = torch.nn.functional.pad(local, (0, 0, 0, longest - local.shape[0]))
+    gathered = tensor_parallel.gather_from_sequence_parallel_region(local, True,
+                                                                    parallel_state.get_context_parallel_group())
+    # Rank r's rows hold its frames in order; put every frame's tokens back in order.
+    offset, first = [r * longest for r in range(cp_size)], []
+    for i, owner in enumerate(owners):
+        first.append(offset[owner])
+        offset[owner] += tokens[i]
+    order = torch.cat([torch.arange(first[i], first[i] + tokens[i]) for i in range(len(tokens))])
+    out = gathered.index_select(0, order.to(gathered.device)).split(width, dim=-1)
+    return out[0], list(out[1:])

@@ -26,9 +26,10 @@ Memory (:func:`plan_memory`) in bytes per GPU, for the pipeline stage that needs
   ``full``: only each recomputed group's input is kept, and one group is recomputed at a time in the
   backward pass). The sequence is split over context-parallel ranks (``s / cp`` tokens each; keys
   and values are all-gathered per layer) and, in the norms and residual stream, over tensor-parallel
-  ranks with sequence parallelism. The ViT is not split by context or sequence parallelism: every CP
-  rank of the first pipeline stage encodes all the pack's images, and keeps the full-sequence visual
-  embeddings and DeepStack features until its forward pass ends. Frozen parts (``Workload.trainable``,
+  ranks with sequence parallelism. The ViT's work is shared by the CP ranks of the first pipeline
+  stage, frame by frame (counted as ``1 / cp`` of the patches each: a pack of fewer images or frames
+  than ranks puts more on some), and each keeps the full-sequence visual embeddings and DeepStack
+  features until its forward pass ends. Frozen parts (``Workload.trainable``,
   the stage's ``trainable`` list) store less: a frozen ViT nothing (no gradient flows into it; the
   mergers, if trained, then keep their inputs), a frozen decoder not the inputs of its linear layers
   nor its norms' normalised values (Megatron's frozen-weight linear keeps only the weight), while
@@ -669,10 +670,12 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     vision = held = merge = 0.0
     images = work.image_sequences * work.visual_patches
     if first and images:
+        # The CP ranks share the ViT's work, frame by frame (model.context_parallel.encode_over_cp).
+        patches = -(-work.visual_patches // parallel.cp)
         vision = min(parallel.pp, work.micro_batches) * work.image_sequences * vision_bytes(
-            cfg, work.visual_patches, tp, a, work.recompute, work.trainable)
+            cfg, patches, tp, a, work.recompute, work.trainable)
         if "vision" not in work.trainable:  # a frozen ViT's forward: one layer's tensors live at a time
-            merge = _vision_forward_bytes(cfg, work.visual_patches, tp, a) * work.image_sequences
+            merge = _vision_forward_bytes(cfg, patches, tp, a) * work.image_sequences
         held = (1 + cfg.num_deepstack) * a * h * b * s
         # while merging: the token embeddings, the scattered copies
         merge = max(merge, (1 + cfg.num_deepstack) * a * h * b * s)

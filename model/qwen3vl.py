@@ -30,14 +30,14 @@ images and videos come with the tokens that hold their pad tokens (the prefill).
 the ``document`` attention backend, no sequence parallelism and cp = 1 (see
 ``pretrain.posttrain.rollout``, which arranges that for the length of a generation).
 
-Context parallelism: every CP rank runs the vision encoder on all the micro-batch's images and videos
-and embeds the whole sequence; then the embedded sequence, the DeepStack features, the rotary angles
-(from the 3-axis position ids) and the labels are cut the same way (:mod:`model.context_parallel`), and
-attention all-gathers keys and values inside the CP group (:mod:`model.attention`). The cut is per
-document (each is split into ``2 * cp`` chunks, Megatron's load-balanced pairing), so it depends on
-``document_ids``. Outputs are this rank's tokens, in sequence order;
-``model.context_parallel.split_on_this_rank(t, dim, document_ids)`` cuts loss weights to match and
-``gather_on_this_rank(t, dim, document_ids)`` puts logits back together.
+Context parallelism: the CP ranks share the vision encoder's work (each image and video frame is
+encoded by one rank, the features all-gathered) and every rank embeds the whole sequence; then the
+embedded sequence, the DeepStack features, the rotary angles (from the 3-axis position ids) and the
+labels are cut the same way (:mod:`model.context_parallel`), and attention all-gathers keys and values
+inside the CP group (:mod:`model.attention`). The cut is per document (each is split into ``2 * cp``
+chunks, Megatron's load-balanced pairing), so it depends on ``document_ids``. Outputs are this rank's
+tokens, in sequence order; ``model.context_parallel.split_on_this_rank(t, dim, document_ids)`` cuts
+loss weights to match and ``gather_on_this_rank(t, dim, document_ids)`` puts logits back together.
 
 DeepStack across pipeline stages: the features for the decoder layers of later stages travel with the
 hidden states, concatenated along the hidden dimension (``[s, b, h * (1 + n)]``); the builder switches on
@@ -63,7 +63,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from model.config import ConfigError, Qwen3VLConfig
 from model.text_config import runtime_settings
-from model.context_parallel import cp_size_and_rank, split_sequence
+from model.context_parallel import cp_size_and_rank, encode_over_cp, split_sequence
 from model.layer_specs import qwen3vl_decoder_block_spec, resolve_attention_backend
 from model.rope import InterleavedMRoPE
 from model.vision.vision_model import Qwen3VLVisionModel
@@ -273,7 +273,12 @@ class Qwen3VLModel(LanguageModule):
             if grid is None:
                 raise ValueError(f"{kind} pixel values given without their {kind}_grid_thw")
             mask = input_ids == token
-            embeds, deep = self.vision(pixels, grid)
+            # With context parallelism each image or frame is encoded by one rank of the group and the
+            # features gathered (model.context_parallel.encode_over_cp); at cp = 1 the ViT runs on all.
+            merger = next(self.vision.merger.parameters())
+            trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+            embeds, deep = encode_over_cp(self.vision, pixels, grid, cfg.vision.spatial_merge_size,
+                                          cfg.vision.out_hidden_size, cfg.num_deepstack, merger.dtype, trains)
             if index is not None:
                 tokens = (torch.as_tensor(grid).prod(dim=-1) // cfg.vision.spatial_merge_size ** 2).tolist()
                 order = torch.as_tensor(index).tolist()

@@ -95,14 +95,14 @@ def test_parameter_counts_equal_the_built_models():
 
 
 def _micro_batch(cfg, b: int, s: int, patches: int, seed: int) -> dict:
-    """A packed micro-batch in the data path's format: four documents per row, one image of ``patches``
-    patches per row (its merged tokens among the text), loss on every token."""
+    """A packed micro-batch in the data path's format: four documents per row, four images of
+    ``patches / 4`` patches each per row (their merged tokens among the text), loss on every token."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     vocab = min(1000, cfg.text.vocab_size)
     tokens = torch.randint(0, vocab, (b, s), generator=g)
-    side = int(patches ** 0.5)
+    side = int((patches // 4) ** 0.5)
     tokens[:, 8:8 + patches // cfg.vision.spatial_merge_size ** 2] = cfg.image_token_id
     return {
         "tokens": tokens,
@@ -112,7 +112,7 @@ def _micro_batch(cfg, b: int, s: int, patches: int, seed: int) -> dict:
         "loss_mask": torch.ones(b, s),
         "loss_weights": torch.ones(b, s),
         "pixel_values": torch.randn(b * patches, cfg.vision.patch_dim, generator=g),
-        "image_grid_thw": torch.tensor([[1, side, side]] * b),
+        "image_grid_thw": torch.tensor([[1, side, side]] * (4 * b)),
     }
 
 
@@ -249,8 +249,10 @@ def _check_plans(runs: list[tuple], world_size: int) -> None:
             assert sum(stage_parameters(cfg, parallel, stage).values()) == result["params"], where
             if result["saved"] is not None:
                 saved = result["saved"]
+                # The CP ranks share the ViT's work image by image: 4 images per row, 1/cp of them each.
                 assert saved.get("vision", 0) == pytest.approx(
-                    b * vision_bytes(cfg, patches, parallel.tp, 4, recompute, trained), rel=SAVED_RTOL), where
+                    b * vision_bytes(cfg, patches // parallel.cp, parallel.tp, 4, recompute, trained),
+                    rel=SAVED_RTOL), where
                 pattern = cfg.text.moe_layer_pattern()
                 # Layer 0's saved input is the embedding (with SP a view that keeps the whole sequence).
                 layers = range(1, cfg.text.num_hidden_layers) if recompute != "full" else []

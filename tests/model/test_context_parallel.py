@@ -59,9 +59,8 @@ def _run(rank, model_name, layout, ckpt, save):
         losses.sum().backward()
         grads = {}
         for name, p in model.named_parameters():
-            if p.grad is None:
-                continue
-            g = p.grad.clone()
+            # A rank that encoded no image has no ViT gradient: zeros, as in Megatron's gradient buffer.
+            g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
             if ".local_experts." in name:
                 # An expert's gradient is whole on the rank that holds it (tokens of every CP rank are
                 # dispatched to it); name it by its global expert index.
