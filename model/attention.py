@@ -9,9 +9,14 @@ decoder, causal within each document) or the frames of the vision encoder (bidir
 
 Each document is attended separately with PyTorch's ``scaled_dot_product_attention`` (flash kernels on
 CPU and CUDA, grouped-query attention without repeating keys), so memory grows linearly with the
-sequence: nothing ``s x s`` is ever built. A query block that starts inside a document (only with
-context parallelism) sees the keys up to its own positions: it is processed in blocks of
-:data:`QUERY_BLOCK` rows with a ``block x keys`` boolean mask.
+sequence: nothing ``s x s`` is ever built or kept. A run of queries that starts inside a document (with
+context parallelism: every rank's chunks but the first) sees the keys from the document's start up to
+its own positions, a causal mask aligned to the lower right. On CUDA that is PyTorch's
+``causal_lower_right`` bias, which its flash and memory-efficient kernels apply without a mask. On CPU
+the queries go in blocks of at most :data:`MASK_ELEMENTS` / keys rows with an explicit mask, each
+block recomputed in the backward pass (``torch.utils.checkpoint``) because PyTorch's CPU kernel saves
+the mask, as floats, for its backward: kept for every block it would grow with queries x keys, 16K x
+256K x 4 bytes = 16 GB per layer for a late chunk of one 256K-token document at cp = 8.
 
 Context parallelism (``cp > 1``): the rank's queries are its tokens in the layout of
 :mod:`model.context_parallel`; keys and values are all-gathered inside the CP group (autograd-aware:
@@ -34,9 +39,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -44,7 +51,10 @@ from megatron.core.utils import divide
 
 from model.context_parallel import gathered_order, layout
 
-QUERY_BLOCK = 1024  # query rows per masked block (memory: QUERY_BLOCK x keys booleans)
+# CPU, queries that start inside a document: rows x keys of one masked block, at most (a bool mask and the
+# kernel's float copy: 5 bytes each, transient), and its rows at most / at least.
+MASK_ELEMENTS = 1 << 24
+QUERY_BLOCK, MIN_QUERY_BLOCK = 1024, 64
 
 
 @dataclass(frozen=True)
@@ -116,23 +126,41 @@ def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None, scale: float,
             dropout_p: float) -> torch.Tensor:
-    """q ``[hq, lq, d]``, k/v ``[hk, lk, d]`` -> ``[hq, lq, d]``."""
+    """q ``[hq, lq, d]``, k/v ``[hk, lk, d]`` -> ``[hq, lq, d]``; with ``causal_offset`` (0 <= offset,
+    ``lk = offset + lq``) query ``i`` sees keys ``0 .. offset + i``."""
     gqa = q.shape[0] != k.shape[0]
     q, k, v = q[None], k[None], v[None]
     if causal_offset is None or (causal_offset == 0 and q.shape[2] == k.shape[2]):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal_offset == 0, scale=scale,
                                              dropout_p=dropout_p, enable_gqa=gqa)
         return out[0]
+    if q.is_cuda:
+        from torch.nn.attention.bias import causal_lower_right
+
+        bias = causal_lower_right(q.shape[2], k.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p,
+                                              enable_gqa=gqa)[0]
+    rows = max(MIN_QUERY_BLOCK, min(QUERY_BLOCK, MASK_ELEMENTS // k.shape[2]))
     blocks = []
-    for b0 in range(0, q.shape[2], QUERY_BLOCK):
-        b1 = min(b0 + QUERY_BLOCK, q.shape[2])
-        visible = causal_offset + b1  # keys k_start .. k_start + causal_offset + (b1 - 1)
-        rows = torch.arange(b0, b1, device=q.device)[:, None] + causal_offset
-        mask = torch.arange(visible, device=q.device)[None, :] <= rows
-        blocks.append(F.scaled_dot_product_attention(q[:, :, b0:b1], k[:, :, :visible], v[:, :, :visible],
-                                                     attn_mask=mask, scale=scale, dropout_p=dropout_p,
-                                                     enable_gqa=gqa)[0])
-    return torch.cat(blocks, dim=1)
+    for b0 in range(0, q.shape[2], rows):
+        b1 = min(b0 + rows, q.shape[2])
+        visible = causal_offset + b1  # keys 0 .. causal_offset + (b1 - 1)
+        part = partial(_masked_block, offset=causal_offset + b0, scale=scale, dropout_p=dropout_p, gqa=gqa)
+        args = (q[:, :, b0:b1], k[:, :, :visible], v[:, :, :visible])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+            blocks.append(checkpoint(part, *args, use_reentrant=False))
+        else:
+            blocks.append(part(*args))
+    return torch.cat(blocks, dim=2)[0]
+
+
+def _masked_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int, scale: float,
+                  dropout_p: float, gqa: bool) -> torch.Tensor:
+    """Query rows ``offset + i`` (``q [1, hq, rows, d]``) over keys ``0 .. offset + i``."""
+    rows = torch.arange(q.shape[2], device=q.device)[:, None] + offset
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] <= rows
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p,
+                                          enable_gqa=gqa)
 
 
 class DocumentAttention(MegatronModule):

@@ -9,6 +9,8 @@
   document) against the ``dense_mask`` backend, on packed multimodal sequences of three documents,
   float32 (logits, token losses, gradients) and bf16, and on a 4K-token pack of documents of 16 to 400
   tokens;
+* the lower-right causal attention of context parallelism's chunks (queries starting inside a document)
+  on CUDA against the explicit-mask reference, and without a queries x keys mask in memory;
 * one training step of the tiny MoE model in bf16 as the trainer builds it (``Float16Module``, fp32 main
   weights, distributed optimizer) on a packed multimodal micro-batch; save, 2 more steps, then a fresh
   model restored from the checkpoint repeats those 2 steps;
@@ -256,6 +258,53 @@ def test_document_attention_follows_dense_mask_bf16(document_attention):
     long = document_attention["long"]
     assert long["documents"] >= 10
     assert long["loss_diff"] <= 0.1 and long["mean_diff"] <= 0.01, long
+
+
+def test_queries_inside_a_document_on_cuda():
+    """Context parallelism's runs of queries that start inside a document (a lower-right causal mask,
+    model.attention._attend): PyTorch's ``causal_lower_right`` bias on CUDA equals the explicit-mask
+    reference (float32 and bf16, grouped-query heads of 128 dims, the flash kernels' shape), and a long
+    run builds no queries x keys mask (peak memory far below one)."""
+    import math
+
+    from model.attention import _attend
+
+    _float32_exact_matmuls()
+    torch.manual_seed(0)
+    heads, kv_heads, dim = 8, 2, 128
+    for dtype, tol in ((torch.float32, FP32_TOL), (torch.bfloat16, 0.05)):
+        for offset, queries in ((256, 256), (1000, 24)):
+            keys = offset + queries
+            q = torch.randn(heads, queries, dim, device="cuda", dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(kv_heads, keys, dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+            out = _attend(q, k, v, offset, dim ** -0.5, 0.0)
+            qf, kf, vf = (t.detach().float().cpu().requires_grad_() for t in (q, k, v))
+            kk, vv = (t.repeat_interleave(heads // kv_heads, 0) for t in (kf, vf))
+            visible = torch.arange(keys)[None, :] <= torch.arange(queries)[:, None] + offset
+            reference = torch.softmax((qf @ kk.transpose(1, 2)) * dim ** -0.5
+                                      + torch.where(visible, 0.0, -math.inf), -1) @ vv
+            diff = (out.float().cpu() - reference).abs().max().item()
+            grad = torch.randn(out.shape)
+            got = torch.autograd.grad(out, (q, k, v), grad.to(out))
+            want = torch.autograd.grad(reference, (qf, kf, vf), grad)
+            gdiff = max((a.float().cpu() - b).abs().max().item() / max(1.0, b.abs().max().item())
+                        for a, b in zip(got, want))
+            print(f"lower-right causal {dtype} offset {offset} queries {queries}: out {diff:.2e}, grads {gdiff:.2e}")
+            assert diff <= tol and gdiff <= 10 * tol, (dtype, offset, queries, diff, gdiff)
+    # 8K queries over 40K keys in bf16: an explicit float mask alone would be 8K x 40K x 4 bytes = 1.3 GB.
+    queries, offset = 8192, 32768
+    q = torch.randn(16, queries, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(8, offset + queries, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    _attend(q, k, v, offset, dim ** -0.5, 0.0).sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    print(f"lower-right causal, 8K queries x 40K keys, bf16, forward + backward: {extra / 2**20:.0f} MB above the inputs")
+    # The inputs' gradients and the output are ~0.2 GB; a materialised mask would add >= 1.3 GB.
+    assert extra < queries * (offset + queries) * 2, f"{extra / 2**20:.0f} MB: a mask was built"
 
 
 # ----------------------------------------------------------------------------------------------------
