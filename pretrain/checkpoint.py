@@ -109,12 +109,22 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _materialize_optimizer_state(optimizer) -> None:
-    """Give every parameter the Adam state a step would create (zeros, step 0) if it has none yet.
+    """Give every parameter the torch-Adam state a step would create (zeros, step 0) if it has none yet.
 
-    Loading a checkpoint into a fresh optimizer needs the state's structure to exist: Megatron's
-    distributed optimizer reads the common ``step`` of its state before loading, and torch's Adam
-    creates state lazily on its first step. The loaded values then replace these placeholders.
+    Loading a checkpoint into a fresh optimizer needs the state's structure to exist: with torch's Adam
+    (no transformer-engine or apex: CPU, and GPUs without them) Megatron's distributed optimizer reads
+    the common ``step`` from the per-parameter state before loading, and torch's Adam creates state
+    lazily on its first step. The loaded values then replace these placeholders.
+
+    With TE's or apex's fused Adam Megatron keeps ``step`` in the parameter groups and allocates the
+    state itself when it is empty (as Megatron-LM's own loader relies on); a per-parameter ``step``
+    put there would make its state loader look for a ``step`` tensor in the checkpoint and fail, so
+    nothing is added.
     """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
         if inner is None:

@@ -174,3 +174,22 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert crashed and latest == "step_00000001"
     names = sorted(os.listdir(tmp_path / "run/checkpoints"))
     assert names == ["latest", "step_00000001", "step_00000002.tmp"]
+
+
+def test_optimizer_state_placeholders_only_for_torch_adam(monkeypatch):
+    """Before a load, torch's Adam (no TE, no apex) gets the per-parameter state Megatron's loader
+    expects (step, exp_avg, exp_avg_sq); with TE's or apex's fused Adam Megatron keeps ``step`` in the
+    parameter groups and allocates the state itself, and a per-parameter ``step`` would make its loader
+    look for one in the checkpoint (KeyError at resume): nothing is added there."""
+    from types import SimpleNamespace
+
+    from megatron.core.optimizer import distrib_optimizer
+
+    from pretrain.checkpoint import _materialize_optimizer_state
+
+    for fused, expected in ((False, {"step", "exp_avg", "exp_avg_sq"}), (True, set())):
+        monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", fused)
+        param = torch.nn.Parameter(torch.ones(3))
+        adam = torch.optim.Adam([param])
+        _materialize_optimizer_state(SimpleNamespace(optimizer=adam))
+        assert set(adam.state[param]) == expected, fused
