@@ -16,7 +16,8 @@ its own positions, a causal mask aligned to the lower right. On CUDA that is PyT
 the queries go in blocks of at most :data:`MASK_ELEMENTS` / keys rows with an explicit mask, each
 block recomputed in the backward pass (``torch.utils.checkpoint``) because PyTorch's CPU kernel saves
 the mask, as floats, for its backward: kept for every block it would grow with queries x keys, 16K x
-256K x 4 bytes = 16 GB per layer for a late chunk of one 256K-token document at cp = 8.
+256K x 4 bytes = 16 GB per layer for a late chunk of one 256K-token document at cp = 8. Blocks of at
+most :data:`SMALL_MASK` entries (the chunks of short documents) keep theirs instead.
 
 Context parallelism (``cp > 1``): the rank's queries are its tokens in the layout of
 :mod:`model.context_parallel`; keys and values are all-gathered inside the CP group (autograd-aware:
@@ -55,6 +56,9 @@ from model.context_parallel import gathered_order, layout
 # kernel's float copy: 5 bytes each, transient), and its rows at most / at least.
 MASK_ELEMENTS = 1 << 24
 QUERY_BLOCK, MIN_QUERY_BLOCK = 1024, 64
+# A block with at most this many mask entries keeps its mask (at most 256 KB, < 1 KB per query row of a
+# short document's chunk) rather than computing it twice: the chunks of short documents are many.
+SMALL_MASK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: in
         visible = causal_offset + b1  # keys 0 .. causal_offset + (b1 - 1)
         part = partial(_masked_block, offset=causal_offset + b0, scale=scale, dropout_p=dropout_p, gqa=gqa)
         args = (q[:, :, b0:b1], k[:, :, :visible], v[:, :, :visible])
-        if torch.is_grad_enabled() and any(t.requires_grad for t in args):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in args) and (b1 - b0) * visible > SMALL_MASK:
             blocks.append(checkpoint(part, *args, use_reentrant=False))
         else:
             blocks.append(part(*args))

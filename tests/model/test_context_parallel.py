@@ -1,7 +1,9 @@
 """Context parallelism on the tiny Qwen3-VL (dense and MoE): CP2 equals CP1.
 
-Packed sequences hold text, images and a video, cut into three documents whose boundaries fall inside
-the CP chunks (never on them). The CP layouts load the single-rank model's weights from a distributed
+Packed sequences hold text, images and a video, cut into four documents of lengths that do not divide
+into 2*cp chunks (one shorter than 2*cp), so the per-document layout gives uneven chunks and spreads
+leftover tokens; with images the CP ranks share the ViT (one image each where there are two, all on one
+rank where there is one). The CP layouts load the single-rank model's weights from a distributed
 checkpoint (the product path between layouts), then their logits and per-token losses, gathered back
 into sequence order, and their gradients (summed over the CP group) must equal the single layout's.
 """
