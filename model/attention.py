@@ -111,8 +111,12 @@ def attention_pieces(segment_ids: list[int], causal: bool, positions: list[int] 
 def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, cp_size: int, cp_rank: int):
     """Pieces per batch row, cached on the ``segment_ids`` tensor (shared by every layer of a forward)."""
     key = (causal, cp_size, cp_rank, seq)
-    if cp_size > 1:
-        ranks = layout(segment_ids, batch, seq, cp_size)[:, cp_rank].tolist()
+
+    def positions() -> list[list[int]] | list[None]:  # this rank's global positions, per row
+        if cp_size == 1:
+            return [None] * batch
+        return layout(segment_ids, batch, seq, cp_size)[:, cp_rank].tolist()
+
     if segment_ids is not None:
         cache = getattr(segment_ids, "_attention_plans", None)
         if cache is None:
@@ -122,10 +126,10 @@ def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, 
             if segment_ids.dim() != 2 or segment_ids.shape != (batch, seq):
                 raise ValueError(f"segment ids must be [batch, full sequence] = [{batch}, {seq}], "
                                  f"got {tuple(segment_ids.shape)}")
-            rows = segment_ids.tolist()
-            cache[key] = [attention_pieces(r, causal, ranks[b] if cp_size > 1 else None) for b, r in enumerate(rows)]
+            cache[key] = [attention_pieces(row, causal, local)
+                          for row, local in zip(segment_ids.tolist(), positions())]
         return cache[key]
-    return [attention_pieces([0] * seq, causal, ranks[0] if cp_size > 1 else None)] * batch
+    return [attention_pieces([0] * seq, causal, positions()[0])] * batch
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None, scale: float,

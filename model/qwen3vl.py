@@ -411,7 +411,8 @@ class Qwen3VLModel(LanguageModule):
         if labels is not None:
             # The vocabulary-parallel cross entropy needs the logits split over the vocabulary.
             logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=False)
-            return self.compute_language_model_loss(split_sequence(labels, 1, cp_size, cp_rank, document_ids, batch_dim=0), logits)
+            labels = split_sequence(labels, 1, cp_size, cp_rank, document_ids, batch_dim=0)
+            return self.compute_language_model_loss(labels, logits)
         logits, _ = self.output_layer(hidden, weight=weight, runtime_gather_output=runtime_gather_output)
         return logits.transpose(0, 1).contiguous()
 

@@ -302,7 +302,8 @@ def test_queries_inside_a_document_on_cuda():
     _attend(q, k, v, offset, dim ** -0.5, 0.0).sum().backward()
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    print(f"lower-right causal, 8K queries x 40K keys, bf16, forward + backward: {extra / 2**20:.0f} MB above the inputs")
+    print(f"lower-right causal, 8K queries x 40K keys, bf16, forward + backward: {extra / 2**20:.0f} MB "
+          "above the inputs")
     # The inputs' gradients and the output are ~0.2 GB; a materialised mask would add >= 1.3 GB.
     assert extra < queries * (offset + queries) * 2, f"{extra / 2**20:.0f} MB: a mask was built"
 
