@@ -16,6 +16,8 @@
 #   4. tests        python -m pytest -m gpu tests/test_gpu.py (measured differences printed)
 #   5. benchmark    benchmarks/bench_step.py --model qwen3vl_2b --layers 4 --seq-length 8192: step time,
 #                   tokens/s, MFU
+#   6. attention    benchmarks/bench_attention.py at 4K-128K tokens: the document backend's peak memory and
+#                   time on CUDA against the dense mask where it fits (CP rows need 2 GPUs: skipped on one)
 # Everything goes to $OUT/gpu_check.log (OUT: set by the device runner; default ./gpu_check_out) and to
 # the console. Exit status 0 when every part passed, 1 otherwise.
 set -euo pipefail
@@ -31,6 +33,7 @@ export WHEELS=${GPU_WHEELS_DIR:-$REPO/.whl}
 export SITE=${GPU_SITE:-${TMPDIR:-/tmp}/qwen3vl_gpu_site}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 BENCH_ARGS=${GPU_BENCH_ARGS:---model qwen3vl_2b --layers 4 --seq-length 8192 --steps 10 --warmup 3}
+ATTENTION_ARGS=${GPU_ATTENTION_ARGS:---lengths 4096 16384 32768 131072 --dense-limit-gb 24 --images 256}
 # Nothing may try the network (an air-gapped node would wait for a timeout); one thread pool per rank.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -160,9 +163,11 @@ part imports 90 imports
 part tests 270 "$PYTHON" -m pytest -m gpu tests/test_gpu.py -s -rA -p no:cacheprovider --timeout 240
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
 part benchmark 180 "$PYTHON" benchmarks/bench_step.py $BENCH_ARGS
+# shellcheck disable=SC2086
+part attention 120 "$PYTHON" benchmarks/bench_attention.py $ATTENTION_ARGS
 
 # The figures, gathered from the log before the summary is appended to it.
-figures=$(grep -E '^(=+ .* in [0-9.]+s|bench_step: |global batch per step: |megatron \(|MFU: )' "$LOG" || true)
+figures=$(grep -E '^(=+ .* in [0-9.]+s|bench_step: |global batch per step: |megatron \(|MFU: |document backend peak|images. share)' "$LOG" || true)
 log ""
 log "=== summary: $(($(date +%s) - START)) s in all, log $LOG"
 for line in "${SUMMARY[@]}"; do log "$line"; done
