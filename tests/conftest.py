@@ -39,3 +39,19 @@ def synth_data(tmp_path_factory) -> SynthData:
     overrides = ("model=tiny_moe", "data=synth", f"data.root={shards}", f"data.tokenizer={tokenizer}",
                  *model_overrides(tokenizer))
     return SynthData(raw, shards, tokenizer, overrides)
+
+
+@pytest.fixture(scope="session")
+def layout_tokenizer(tmp_path_factory):
+    """The tokenizer of the multimodal packs that layout tests train on (tests/multimodal_packs.py)."""
+    from tests.multimodal_packs import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("layout_tok"))
+
+
+@pytest.fixture(scope="session")
+def layout_batch(layout_tokenizer) -> list[dict]:
+    """The micro-batches of one step's global batch of those packs (un-normalised loss weights)."""
+    from tests.multimodal_packs import global_batch
+
+    return global_batch(layout_tokenizer)

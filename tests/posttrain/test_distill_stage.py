@@ -3,7 +3,7 @@
 In process (:func:`tests.multirank.run_ranks`, gloo, fp32): the real pieces of a distillation step
 (``build_frozen_model`` teacher loaded from a checkpoint, ``run_teacher`` before the step,
 ``train_step`` with ``distill_forward_step`` through Megatron's schedule, DDP and the distributed
-optimizer) on the multimodal packs of ``tests/test_layouts_train_same.py`` (2 micro-batches of 2 rows,
+optimizer) on the multimodal packs of ``tests/multimodal_packs.py`` (2 micro-batches of 2 rows,
 images and videos: DeepStack features travel down the pipeline with the hidden states, in the teacher
 and in the student). The teacher is a wider model than the student (hidden 96 vs 64), so its pipeline
 messages cannot be confused with the student's. pp=2 (and pp=2 x tp=2 with sequence parallelism) gives
@@ -29,9 +29,7 @@ import pytest
 import torch
 
 from tests.multirank import run_ranks
-from tests.test_layouts_train_same import MICRO_BATCH_SIZE, _model_config
-# pytest fixtures (the tokenizer and the multimodal global batch), shared with the layout tests
-from tests.test_layouts_train_same import global_batch, tokenizer  # noqa: F401
+from tests.multimodal_packs import MICRO_BATCH_SIZE, tiny_config
 from tests.test_trainer import TORCHRUN, _env
 
 STEPS = 2
@@ -107,7 +105,7 @@ def test_distillation_to_the_teacher(synth_data, text_set, tmp_path):
 
 def _teacher_config(tokenizer):
     """The dense test config made wider (hidden 96; the ViT's output follows): not the student's shape."""
-    cfg = _model_config("dense", tokenizer)
+    cfg = tiny_config("dense", tokenizer)
     return dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_size=96, intermediate_size=192),
                                vision=dataclasses.replace(cfg.vision, out_hidden_size=96))
 
@@ -175,13 +173,13 @@ def _distill(rank, layout: dict, student_cfg, teacher_cfg, global_batch: list[di
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory, tokenizer, global_batch):
+def one_process(tmp_path_factory, layout_tokenizer, layout_batch):
     """The one-process (pp=1) run: it writes the teacher and the student's initial weights."""
     root = tmp_path_factory.mktemp("distill_layouts")
     dirs = {"teacher": str(root / "teacher"), "student": str(root / "student")}
-    student_cfg, teacher_cfg = _model_config("dense", tokenizer), _teacher_config(tokenizer)
-    result = run_ranks(_distill, 1, {}, student_cfg, teacher_cfg, global_batch, dirs, True, STEPS)[0]
-    tokens = sum(int(b["loss_mask"].sum()) for b in global_batch)
+    student_cfg, teacher_cfg = tiny_config("dense", layout_tokenizer), _teacher_config(layout_tokenizer)
+    result = run_ranks(_distill, 1, {}, student_cfg, teacher_cfg, layout_batch, dirs, True, STEPS)[0]
+    tokens = sum(int(b["loss_mask"].sum()) for b in layout_batch)
     assert all(not skipped and n == tokens for _, _, skipped, n in result["steps"]), result["steps"]
     losses = [loss for loss, *_ in result["steps"]]
     # A random student is away from the (random, wider) teacher, and one update brings it closer by
@@ -209,18 +207,18 @@ def _assert_distills_like_one_process(layout: dict, world: int, one_process, glo
                                                                rel=GRAD_NORM_RTOL, abs=0), where
 
 
-def test_pp2_distills_like_one_process(one_process, global_batch):
-    _assert_distills_like_one_process({"pp": 2}, 2, one_process, global_batch)
+def test_pp2_distills_like_one_process(one_process, layout_batch):
+    _assert_distills_like_one_process({"pp": 2}, 2, one_process, layout_batch)
 
 
-def test_pp2_tp2_sp_distills_like_one_process(one_process, global_batch):
-    _assert_distills_like_one_process({"pp": 2, "tp": 2, "sequence_parallel": True}, 4, one_process, global_batch)
+def test_pp2_tp2_sp_distills_like_one_process(one_process, layout_batch):
+    _assert_distills_like_one_process({"pp": 2, "tp": 2, "sequence_parallel": True}, 4, one_process, layout_batch)
 
 
-def test_student_with_the_teachers_weights_has_kl_0_in_pp2(one_process, global_batch):
+def test_student_with_the_teachers_weights_has_kl_0_in_pp2(one_process, layout_batch):
     _, teacher_cfg, dirs, _ = one_process
     same = {"teacher": dirs["teacher"], "student": dirs["teacher"]}
-    results = run_ranks(_distill, 2, {"pp": 2}, teacher_cfg, teacher_cfg, global_batch, same, False, 1)
+    results = run_ranks(_distill, 2, {"pp": 2}, teacher_cfg, teacher_cfg, layout_batch, same, False, 1)
     for rank, result in enumerate(results):
         (loss, grad_norm, skipped, _), = result["steps"]
         assert not skipped and abs(loss) < SAME_WEIGHTS_KL and grad_norm < SAME_WEIGHTS_KL, (rank, result["steps"])
