@@ -91,11 +91,9 @@ def _measure(rank: int, model_name: str, backend: str, seq: int, cp: int, images
 
 def _rank_work(document_ids: torch.Tensor, positions: torch.Tensor) -> list[int]:
     """Causal (query, key) pairs of each rank's queries: ``positions`` [cp, S / cp] of one row."""
-    seq = document_ids.numel()
-    index = torch.arange(seq)
-    first = torch.ones(seq, dtype=torch.bool)
-    first[1:] = document_ids[1:] != document_ids[:-1]
-    starts = torch.cummax(torch.where(first, index, 0), 0).values
+    from model.context_parallel import document_bounds
+
+    starts, _ = document_bounds(document_ids)
     return [int((p - starts[p] + 1).sum()) for p in positions]
 
 
@@ -124,7 +122,7 @@ def print_balance(seq: int, cps: list[int]) -> None:
     for name, ids in balance_mixes(seq).items():
         for cp in cps:
             start = time.perf_counter()
-            per_document = rank_positions(ids.tolist(), seq, cp)
+            per_document = rank_positions(ids, seq, cp)
             seconds = time.perf_counter() - start
             ratios = []
             for positions in (per_document, rank_positions(None, seq, cp)):

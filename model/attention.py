@@ -50,7 +50,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
-from model.context_parallel import gathered_order, layout
+from model.context_parallel import document_bounds, gathered_order, layout
 
 # CPU, queries that start inside a document: rows x keys of one masked block, at most (a bool mask and the
 # kernel's float copy: 5 bytes each, transient), and its rows at most / at least.
@@ -76,24 +76,16 @@ class AttentionPiece:
     causal_offset: int | None
 
 
-def attention_pieces(segment_ids: list[int], causal: bool, positions: list[int] | None = None) -> list[AttentionPiece]:
+def attention_pieces(segment_ids, causal: bool, positions=None) -> list[AttentionPiece]:
     """The pieces of one row: this rank's query rows, run by run, in local order.
 
-    ``segment_ids`` cover the full sequence (``S`` tokens); ``positions`` are the global positions of this
-    rank's tokens in its order (context parallelism, :func:`model.context_parallel.rank_positions`),
-    None for all ``S``. Keys are in sequence order. A piece is a run of consecutive positions inside one
+    ``segment_ids`` (a list or a 1-D CPU tensor) cover the full sequence (``S`` tokens); ``positions``
+    (likewise) are the global positions of this rank's tokens in its order (context parallelism,
+    :func:`model.context_parallel.rank_positions`), None for all ``S``. Keys are in sequence order. A piece is a run of consecutive positions inside one
     segment.
     """
-    seg = torch.as_tensor(segment_ids)
-    seq = seg.numel()
-    index = torch.arange(seq)
-    first = torch.ones(seq, dtype=torch.bool)
-    first[1:] = seg[1:] != seg[:-1]
-    last = torch.ones(seq, dtype=torch.bool)
-    last[:-1] = first[1:]
-    starts = torch.cummax(torch.where(first, index, 0), 0).values  # each position's segment: [start, end)
-    ends = torch.cummin(torch.where(last, index + 1, seq).flip(0), 0).values.flip(0)
-    pos = index if positions is None else torch.as_tensor(positions)
+    starts, ends = document_bounds(segment_ids)  # each position's segment: [start, end)
+    pos = torch.arange(starts.numel()) if positions is None else torch.as_tensor(positions)
     breaks = torch.ones(pos.numel() + 1, dtype=torch.bool)  # where a run of the local order begins
     breaks[1:-1] = (pos[1:] != pos[:-1] + 1) | (starts[pos[1:]] != starts[pos[:-1]])
     edges = torch.nonzero(breaks).flatten().tolist()
@@ -112,10 +104,10 @@ def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, 
     """Pieces per batch row, cached on the ``segment_ids`` tensor (shared by every layer of a forward)."""
     key = (causal, cp_size, cp_rank, seq)
 
-    def positions() -> list[list[int]] | list[None]:  # this rank's global positions, per row
+    def positions() -> torch.Tensor | list[None]:  # this rank's global positions, per row
         if cp_size == 1:
             return [None] * batch
-        return layout(segment_ids, batch, seq, cp_size)[:, cp_rank].tolist()
+        return layout(segment_ids, batch, seq, cp_size)[:, cp_rank]
 
     if segment_ids is not None:
         cache = getattr(segment_ids, "_attention_plans", None)
@@ -127,9 +119,9 @@ def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, 
                 raise ValueError(f"segment ids must be [batch, full sequence] = [{batch}, {seq}], "
                                  f"got {tuple(segment_ids.shape)}")
             cache[key] = [attention_pieces(row, causal, local)
-                          for row, local in zip(segment_ids.tolist(), positions())]
+                          for row, local in zip(segment_ids.cpu(), positions())]
         return cache[key]
-    return [attention_pieces([0] * seq, causal, positions()[0])] * batch
+    return [attention_pieces(torch.zeros(seq, dtype=torch.long), causal, positions()[0])] * batch
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: int | None, scale: float,

@@ -39,14 +39,24 @@ def check_sequence_length(seq_length: int, cp_size: int, what: str = "sequence l
                          f"cuts each sequence into 2*cp equal chunks (pad or pack to a multiple of {2 * cp_size})")
 
 
-def document_lengths(segment_ids: list[int]) -> list[int]:
+def document_lengths(segment_ids) -> list[int]:
     """Lengths of the runs of equal values (the documents of a packed row), in order."""
-    lengths, start = [], 0
-    for i in range(1, len(segment_ids) + 1):
-        if i == len(segment_ids) or segment_ids[i] != segment_ids[start]:
-            lengths.append(i - start)
-            start = i
-    return lengths
+    return torch.unique_consecutive(torch.as_tensor(segment_ids), return_counts=True)[1].tolist()
+
+
+def document_bounds(segment_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``(starts, ends)``, each ``[S]``: the ``[start, end)`` of the run of equal values (the
+    document) that each position of one row of ``segment_ids`` belongs to."""
+    seg = torch.as_tensor(segment_ids)
+    seq = seg.numel()
+    index = torch.arange(seq, device=seg.device)
+    first = torch.ones(seq, dtype=torch.bool, device=seg.device)
+    first[1:] = seg[1:] != seg[:-1]
+    last = torch.ones_like(first)
+    last[:-1] = first[1:]
+    starts = torch.cummax(torch.where(first, index, 0), 0).values
+    ends = torch.cummin(torch.where(last, index + 1, seq).flip(0), 0).values.flip(0)
+    return starts, ends
 
 
 def chunk_sizes(lengths: list[int], cp_size: int) -> list[list[int]]:
@@ -71,9 +81,9 @@ def chunk_sizes(lengths: list[int], cp_size: int) -> list[list[int]]:
     return sizes
 
 
-def rank_positions(segment_ids: list[int] | None, seq_length: int, cp_size: int) -> torch.Tensor:
+def rank_positions(segment_ids, seq_length: int, cp_size: int) -> torch.Tensor:
     """int64 ``[cp_size, seq_length / cp_size]``: the global positions each rank holds (sorted), for one
-    row whose documents are the runs of ``segment_ids`` (None: one document)."""
+    row whose documents are the runs of ``segment_ids`` (a list or a 1-D tensor; None: one document)."""
     check_sequence_length(seq_length, cp_size)
     lengths = [seq_length] if segment_ids is None else document_lengths(segment_ids)
     if sum(lengths) != seq_length:
@@ -104,8 +114,7 @@ def layout(document_ids: torch.Tensor | None, batch: int, seq_length: int, cp_si
         cache = document_ids._cp_layouts = {}
     device = torch.device(device)
     if (cp_size, "cpu") not in cache:
-        rows = document_ids.tolist()
-        cache[cp_size, "cpu"] = torch.stack([rank_positions(row, seq_length, cp_size) for row in rows])
+        cache[cp_size, "cpu"] = torch.stack([rank_positions(row, seq_length, cp_size) for row in document_ids.cpu()])
     if (cp_size, str(device)) not in cache:
         cache[cp_size, str(device)] = cache[cp_size, "cpu"].to(device)
     return cache[cp_size, str(device)]
@@ -192,9 +201,8 @@ def image_owners(patches: list[int], cp_size: int) -> list[int]:
     return owners
 
 
-def encode_over_cp(encode, pixels: torch.Tensor, grid_thw: torch.Tensor, merge: int, width: int,
-                   num_deepstack: int, dtype: torch.dtype, requires_grad: bool
-                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def encode_over_cp(encode: torch.nn.Module, pixels: torch.Tensor, grid_thw: torch.Tensor, merge: int, width: int,
+                   num_deepstack: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``encode(pixels, grid_thw) -> (embeds, [deepstack features])`` (the ViT) over the images and
     video frames of a micro-batch, each encoded by one rank of the context-parallel group
     (:func:`image_owners`), the results all-gathered so that every rank returns what ``encode`` of all
@@ -206,9 +214,9 @@ def encode_over_cp(encode, pixels: torch.Tensor, grid_thw: torch.Tensor, merge: 
     depend on the others. Gradients: each rank's part of the gathered features gets the gradient of
     every rank's tokens (the gather's backward is a reduce-scatter), so a frame's ViT gradient is
     whole on its owner, and Megatron's reduction over data x context parallel ranks sums them as it
-    summed the partial gradients of a ViT run on every rank. ``dtype`` and ``requires_grad``: those of
-    the features, also on a rank that encodes nothing (every rank takes part in the backward's
-    reduce-scatter, or none does).
+    summed the partial gradients of a ViT run on every rank. A rank that encodes nothing contributes an
+    empty part of ``encode``'s parameter dtype that requires a gradient where ``encode`` would make one
+    (every rank takes part in the backward's reduce-scatter, or none does).
     """
     from megatron.core import parallel_state, tensor_parallel
 
@@ -232,7 +240,9 @@ def encode_over_cp(encode, pixels: torch.Tensor, grid_thw: torch.Tensor, merge: 
         embeds, deep = encode(pixels.index_select(0, rows), grid[mine])
         local = torch.cat([embeds, *deep], dim=-1)
     else:
-        local = torch.zeros(0, features, dtype=dtype, device=pixels.device, requires_grad=requires_grad)
+        params = list(encode.parameters())
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        local = torch.zeros(0, features, dtype=params[0].dtype, device=pixels.device, requires_grad=trains)
     # Megatron's all-gather (reduce-scatter in the backward pass) takes equal parts: pad to the busiest.
     held = [sum(tokens[i] for i, owner in enumerate(owners) if owner == r) for r in range(cp_size)]
     longest = max(held)

@@ -275,10 +275,8 @@ class Qwen3VLModel(LanguageModule):
             mask = input_ids == token
             # With context parallelism each image or frame is encoded by one rank of the group and the
             # features gathered (model.context_parallel.encode_over_cp); at cp = 1 the ViT runs on all.
-            merger = next(self.vision.merger.parameters())
-            trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
             embeds, deep = encode_over_cp(self.vision, pixels, grid, cfg.vision.spatial_merge_size,
-                                          cfg.vision.out_hidden_size, cfg.num_deepstack, merger.dtype, trains)
+                                          cfg.vision.out_hidden_size, cfg.num_deepstack)
             if index is not None:
                 tokens = (torch.as_tensor(grid).prod(dim=-1) // cfg.vision.spatial_merge_size ** 2).tolist()
                 order = torch.as_tensor(index).tolist()
