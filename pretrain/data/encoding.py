@@ -37,8 +37,15 @@ from common.tokens.chat_template import chat_segments
 from common.tokens.positions import IMAGE, TEXT, VIDEO, mrope_position_ids
 from pretrain.data.sample import IGNORE_INDEX, EncodedSample
 from common.tokens.tokenizer import Tokenizer
-from common.media.frame_sampling import CAPTION_FORMAT, FrameSamplingConfig, VideoClip, format_timestamp
-from common.media.vision_inputs import VisionInputConfig, VisualPatches, process_image, process_video
+from common.media.decode import ImageInfo
+from common.media.frame_sampling import CAPTION_FORMAT, FrameSamplingConfig, VideoClip, VideoClipSize, format_timestamp
+from common.media.vision_inputs import (VisionInputConfig, VisualPatches, image_patch_sizes, process_image, process_video,
+                                        video_patch_sizes)
+
+# What the encoders take as an image / a video: decoded, or only its size (then every count, id and position
+# of the sample is exact and its pixel_values are zeros that take no memory: see SampleEncoder).
+IMAGE_TYPES = (PIL.Image.Image, ImageInfo)
+VIDEO_TYPES = (VideoClip, VideoClipSize)
 
 
 @dataclass(frozen=True)
@@ -153,7 +160,10 @@ class _SequenceBuilder:
         def stack(items: list[VisualPatches]) -> tuple[torch.Tensor, torch.Tensor]:
             if not items:
                 return torch.zeros((0, patch_dim), dtype=torch.float32), torch.zeros((0, 3), dtype=torch.int64)
-            return torch.cat([p.pixel_values for p in items]), torch.tensor([p.grid_thw for p in items], dtype=torch.int64)
+            grid = torch.tensor([p.grid_thw for p in items], dtype=torch.int64)
+            if any(p.pixel_values is None for p in items):  # sizes only: a zero row repeated, no memory
+                return torch.zeros((1, patch_dim), dtype=torch.float32).expand(sum(p.num_patches for p in items), -1), grid
+            return torch.cat([p.pixel_values for p in items]), grid
 
         pixel_values, image_grid_thw = stack(self.image_patches)
         pixel_values_videos, video_grid_thw = stack(self.video_patches)
@@ -181,7 +191,13 @@ def _require_text(text: Any, what: str) -> str:
 
 
 class SampleEncoder:
-    """Encodes the sample kinds of the training mix with one tokenizer and one :class:`EncodingConfig`."""
+    """Encodes the sample kinds of the training mix with one tokenizer and one :class:`EncodingConfig`.
+
+    Images are PIL images, or an ``ImageInfo`` (width and height after EXIF rotation, pixels); videos are
+    ``VideoClip``s, or a ``VideoClipSize`` (frame times and size). Given sizes only, the sample is the one
+    its decoded media would give, except that ``pixel_values`` are zeros (a repeated row: no memory): how
+    the packer plans its packs without decoding media (``pretrain.data.task_encoder``).
+    """
 
     def __init__(self, tokenizer: Tokenizer, config: EncodingConfig = EncodingConfig()):
         self.tokenizer = tokenizer
@@ -197,14 +213,19 @@ class SampleEncoder:
         vision = self.config.vision
         return builder.build(kind, sample_id, vision.merge_size, vision.patch_dim, self.config.max_tokens)
 
-    def image_patches(self, image: PIL.Image.Image) -> VisualPatches:
+    def image_patches(self, image: PIL.Image.Image | ImageInfo) -> VisualPatches:
+        if isinstance(image, ImageInfo):
+            return image_patch_sizes(image.height, image.width, self.config.vision)
         return process_image(image, self.config.vision)
 
-    def video_patches(self, clip: VideoClip) -> tuple[VisualPatches, list[float]]:
+    def video_patches(self, clip: VideoClip | VideoClipSize) -> tuple[VisualPatches, list[float]]:
         """Vision input of a clip and the timestamp (seconds) of each of its frame groups."""
-        if not isinstance(clip, VideoClip):
+        if isinstance(clip, VideoClipSize):
+            patches = video_patch_sizes(clip.num_frames, clip.height, clip.width, self.config.vision)
+        elif isinstance(clip, VideoClip):
+            patches = process_video(clip.frames, self.config.vision)
+        else:
             raise ValueError(f"video must be a VideoClip, got {type(clip).__name__}")
-        patches = process_video(clip.frames, self.config.vision)
         return patches, clip.group_timestamps(self.config.vision.temporal_patch_size)
 
     # ---------------------------------------------------------------------------------- encoders
@@ -234,9 +255,9 @@ class SampleEncoder:
             if isinstance(segment, str):
                 builder.text(segment, True, what=f"segment {i}")
                 has_text = has_text or bool(segment.strip())
-            elif isinstance(segment, PIL.Image.Image):
+            elif isinstance(segment, IMAGE_TYPES):
                 builder.image(self.image_patches(segment), True)
-            elif isinstance(segment, VideoClip):
+            elif isinstance(segment, VIDEO_TYPES):
                 builder.video(*self.video_patches(segment), True)
             else:
                 raise ValueError(f"segment {i} must be a str, a PIL image or a VideoClip, got {type(segment).__name__}")
@@ -298,10 +319,10 @@ class SampleEncoder:
             elif seg.kind == "text":
                 builder.text(seg.text, seg.target, what="message text", check=seg.is_content)
             elif seg.kind == "image":
-                image = seg.media if isinstance(seg.media, PIL.Image.Image) else _nth(images, seg.index, "image")
+                image = seg.media if isinstance(seg.media, IMAGE_TYPES) else _nth(images, seg.index, "image")
                 builder.image(self.image_patches(image), False)
             else:
-                clip = seg.media if isinstance(seg.media, VideoClip) else _nth(videos, seg.index, "video")
+                clip = seg.media if isinstance(seg.media, VIDEO_TYPES) else _nth(videos, seg.index, "video")
                 patches, times = self.video_patches(clip)
                 builder.video(patches, times, False)
         for name, given, used in (("images", images, builder.image_patches), ("videos", videos, builder.video_patches)):
@@ -331,10 +352,17 @@ class SampleEncodingError(ValueError):
 
 
 class _MediaDecoder:
-    """Decodes a sample's media members once each (a member referenced twice is decoded once)."""
+    """Decodes a sample's media members once each (a member referenced twice is decoded once).
 
-    def __init__(self, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str):
-        self.media, self.frames, self.key = media, frames, sample_key
+    ``sizes`` (the sample's ``data_tools.schema.Media`` records by part name) instead of None: the media
+    are not decoded, only sized: an image by its recorded width and height (measured after EXIF rotation
+    by the ``load_image`` that built the shard), a video by :func:`probe_video_clip` (the probe of
+    :func:`load_video_clip`, without decoding the sampled frames).
+    """
+
+    def __init__(self, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str,
+                 sizes: Mapping[str, Any] | None = None):
+        self.media, self.frames, self.key, self.sizes = media, frames, sample_key, sizes
         self._cache: dict[str, Any] = {}
 
     def _bytes(self, name: str) -> bytes:
@@ -342,18 +370,24 @@ class _MediaDecoder:
             raise ValueError(f"sample {self.key}: media member {name!r} is missing")
         return self.media[name]
 
-    def image(self, name: str) -> PIL.Image.Image:
+    def image(self, name: str) -> PIL.Image.Image | ImageInfo:
         from common.media import decode as media
 
         if name not in self._cache:
-            self._cache[name] = media.load_image(self._bytes(name))
+            if self.sizes is None:
+                self._cache[name] = media.load_image(self._bytes(name))
+            else:
+                self._bytes(name)
+                record = self.sizes[name]
+                self._cache[name] = ImageInfo(format=record.format, width=record.width, height=record.height)
         return self._cache[name]
 
-    def video(self, name: str) -> VideoClip:
-        from common.media.frame_sampling import load_video_clip
+    def video(self, name: str) -> VideoClip | VideoClipSize:
+        from common.media.frame_sampling import load_video_clip, probe_video_clip
 
         if name not in self._cache:
-            self._cache[name] = load_video_clip(self._bytes(name), self.frames)
+            load = load_video_clip if self.sizes is None else probe_video_clip
+            self._cache[name] = load(self._bytes(name), self.frames)
         return self._cache[name]
 
     def part(self, part) -> Any:
@@ -366,21 +400,27 @@ def decode_messages(messages: Sequence, media: Mapping[str, bytes], frames: Fram
     """``data_tools.schema`` Messages -> the messages :meth:`SampleEncoder.encode_conversation` takes, each
     media member decoded once (images with ``load_image``, videos sampled at ``frames``). Raises
     ``ValueError`` (``MediaError`` for bad media)."""
-    decode = _MediaDecoder(media, frames, sample_key)
+    return _messages(messages, _MediaDecoder(media, frames, sample_key))
+
+
+def _messages(messages: Sequence, decode: _MediaDecoder) -> list[dict]:
     return [{"role": m.role, "content": [{"type": p.type, p.type: decode.part(p)} for p in m.content]} for m in messages]
 
 
-def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, bytes]) -> EncodedSample:
+def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, bytes], *,
+                         decode_media: bool = True) -> EncodedSample:
     """Encode a ``data_tools.schema`` sample with its media bytes (part name -> bytes).
 
     Images are decoded with ``common.media.decode.load_image``; videos are sampled at
     ``encoder.config.frames`` and decoded with ``media.read_video_frames`` (clips are stored as their own
-    files, with captions already re-timed to the clip). Raises ``ValueError`` (``MediaError`` for bad
-    media) naming the sample key.
+    files, with captions already re-timed to the clip). ``decode_media=False``: media are only sized
+    (:class:`_MediaDecoder`): the same sample with zero pixels, at a fraction of the cost (how packs are
+    planned). Raises ``ValueError`` (``MediaError`` for bad media) naming the sample key.
     """
     from data_tools import schema
 
-    decode = _MediaDecoder(media, encoder.config.frames, sample.key)
+    sizes = None if decode_media else {m.name: m for m in sample.media}
+    decode = _MediaDecoder(media, encoder.config.frames, sample.key, sizes)
     sample_id = sample.source.id or sample.key
     try:
         if isinstance(sample, schema.ImageTextSample):
@@ -391,17 +431,17 @@ def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, byt
             captions = [Caption(c.start, c.end, c.text) for c in sample.captions]
             return encoder.encode_video(decode.video(sample.video), text=sample.text, captions=captions, sample_id=sample_id)
         if isinstance(sample, schema.SftSample):
-            messages = decode_messages(sample.messages, media, encoder.config.frames, sample.key)
-            return encoder.encode_conversation(messages, sample_id=sample_id)
+            return encoder.encode_conversation(_messages(sample.messages, decode), sample_id=sample_id)
     except ValueError as err:
         where = f"sample {sample.key} ({sample.source.manifest}:{sample.source.line})"
         raise SampleEncodingError(f"{where}: {err}", reason=getattr(err, "reason", "invalid_sample")) from err
     raise TypeError(f"not a data_tools.schema sample: {type(sample).__name__}")
 
 
-def encode_shard_parts(encoder: SampleEncoder, parts: Mapping[str, object]) -> EncodedSample:
-    """Encode one WebDataset / energon sample dict (part name -> bytes, e.g. ``json``, ``img0.jpg``)."""
+def encode_shard_parts(encoder: SampleEncoder, parts: Mapping[str, object], *, decode_media: bool = True) -> EncodedSample:
+    """Encode one WebDataset / energon sample dict (part name -> bytes, e.g. ``json``, ``img0.jpg``);
+    ``decode_media`` as in :func:`encode_schema_sample`."""
     from data_tools import schema
 
     sample, media = schema.read_sample(parts)
-    return encode_schema_sample(encoder, sample, media)
+    return encode_schema_sample(encoder, sample, media, decode_media=decode_media)

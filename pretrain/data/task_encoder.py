@@ -7,25 +7,26 @@ re-created from their restore keys, not pickled):
 
 1. cooker (``raw_shard_sample``): energon's ``CrudeWebdataset`` hands out the tar members of one sample
    as bytes (``decoder = None``: no energon decoding); kept as they are.
-2. :meth:`PackingTaskEncoder.preencode_sample` *plans* a document: it encodes the sample completely
-   (``encode_shard_parts``: JSON, media decoding, tokens, positions), applies the over-long policy
-   (:func:`fit_sample`), and keeps only the sizes and the raw bytes. The pixels are dropped so that the
-   packing buffer holds hundreds of samples at the cost of their compressed bytes, not their float32
-   patches (which is what makes ~99% packing fill affordable). A sample that fails to encode becomes a
-   *skip record*: it is logged (source, shard, key, reason) and travels on as a zero-token document, so
-   the count of skipped samples reaches the trainer and survives save/restore exactly.
+2. :meth:`PackingTaskEncoder.preencode_sample` *plans* a document: it encodes the sample with its media
+   only sized, not decoded (``encode_shard_parts(decode_media=False)``: JSON, tokens, positions; an
+   image's size from its shard record, a video's from a probe), applies the over-long policy
+   (:func:`fit_sample`), and keeps only the sizes and the raw bytes. So the packing buffer holds hundreds
+   of samples at the cost of their compressed bytes, not their float32 patches (which is what makes ~99%
+   packing fill affordable), and media are decoded once, when realised. A sample that fails to encode
+   becomes a *skip record*: it is logged (source, shard, key, reason) and travels on as a zero-token
+   document, so the count of skipped samples reaches the trainer and survives save/restore exactly.
 3. :meth:`select_samples_to_pack` groups a full buffer with :func:`first_fit_decreasing` (token
    capacity ``seq_length``, patch capacity ``max_visual_patches``); every sample of the buffer ends up
    in a pack (energon drops what the pre-packer leaves out).
-4. :meth:`postencode_sample` re-encodes the members of the pack about to be emitted (pixels included),
-   re-applying the same truncation, and checks the result against the plan.
+4. :meth:`postencode_sample` encodes the members of the pack about to be emitted, media decoded,
+   re-applying the same truncation, and checks the result against the plan. A medium whose pixels do
+   not decode (shards are validated when built, so rarely) becomes a skip record here, with its reason;
+   its place in the pack stays empty.
 5. :meth:`pack_selected_samples` concatenates them (:func:`pack_documents`).
 6. :meth:`batch` stacks ``micro_batch_size`` packs (:func:`collate_micro_batch`) and adds the
    per-token ``loss_weights`` of the stage's loss normalisation.
 
-The price of step 2 is that media are decoded twice (plan and realise); in exchange memory stays bounded
-whatever the buffer size. Sample failures never raise out of the pipeline; bugs (``SystemError``,
-``NameError``, ...) do.
+Sample failures never raise out of the pipeline; bugs (``SystemError``, ``NameError``, ...) do.
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ class PackingTaskEncoder(TaskEncoder):
         self.seed = seed
 
     # ------------------------------------------------------------------------------------ helpers
-    def _encode(self, parts: dict):
+    def _encode(self, parts: dict, decode_media: bool):
         """The sample, after the over-long policy; raises for a bad sample (ValueError family)."""
-        sample = encode_shard_parts(self.encoder, parts)
+        sample = encode_shard_parts(self.encoder, parts, decode_media=decode_media)
         return sample, fit_sample(sample, self.packing)
 
     def _skipped(self, base: dict, source: str, shard: str, reason: str, detail: str) -> PlannedDocument:
@@ -168,7 +169,7 @@ class PackingTaskEncoder(TaskEncoder):
         shard = sources[0].shard_name if sources else "?"
         parts = {k: v for k, v in sample.items() if not k.startswith("__")}
         try:
-            encoded, fit = self._encode(parts)
+            encoded, fit = self._encode(parts, decode_media=False)
         except SYSTEM_EXCEPTIONS:
             raise
         except Exception as err:  # one bad sample must never stop training
@@ -210,15 +211,19 @@ class PackingTaskEncoder(TaskEncoder):
     def postencode_sample(self, planned: PlannedDocument) -> RealisedDocument:
         if planned.skip is not None:
             return self._realised(planned, skip=planned.skip)
+        reason = None
         try:
-            _, fit = self._encode(planned.parts)
-            if fit.sample is None or fit.sample.num_tokens != planned.num_tokens:
-                got = None if fit.sample is None else fit.sample.num_tokens
-                raise ValueError(f"re-encoding gave {got} tokens, the plan had {planned.num_tokens}")
+            _, fit = self._encode(planned.parts, decode_media=True)
+            got = None if fit.sample is None else (fit.sample.num_tokens,
+                                                   fit.sample.num_image_patches + fit.sample.num_video_patches)
+            if got != (planned.num_tokens, planned.num_patches):
+                reason = "realise_failed"
+                raise ValueError(f"decoded, the sample has (tokens, patches) {got}, the plan had "
+                                 f"{(planned.num_tokens, planned.num_patches)} (its media differ from their record)")
         except SYSTEM_EXCEPTIONS:
             raise
-        except Exception as err:  # e.g. a video that decoded once and not twice
-            record = skip_record(planned.source, planned.shard, str(planned.__key__), "realise_failed",
+        except Exception as err:  # e.g. pixels that do not decode
+            record = skip_record(planned.source, planned.shard, str(planned.__key__), reason or _reason(err),
                                  f"{type(err).__name__}: {err}")
             _log_skip(record)
             return self._realised(planned, skip=record)

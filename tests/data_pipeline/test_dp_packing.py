@@ -219,3 +219,49 @@ def test_pack_documents_shifts_labels_inside_each_document(encoder, tokenizer):
     assert pack.labels.min() >= 0  # a valid id everywhere (Megatron's cross entropy indexes with it)
     with pytest.raises(ValueError, match="more than seq_length"):
         pack_documents(docs, seq - 8, tokenizer.pad_id)
+
+
+def _encodings(shard_set: Path, encoder, decode_media: bool) -> list:
+    from data_tools.shards import iter_shard
+    from pretrain.data.encoding import encode_shard_parts
+
+    return [encode_shard_parts(encoder, parts, decode_media=decode_media)
+            for shard in sorted(shard_set.glob("*.tar")) for _, parts in iter_shard(shard)]
+
+
+def _assert_planned_equals_decoded(planned, decoded):
+    for name in ("input_ids", "labels", "position_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw"):
+        assert torch.equal(getattr(planned, name), getattr(decoded, name)), name
+    for name in ("pixel_values", "pixel_values_videos"):
+        plan, real = getattr(planned, name), getattr(decoded, name)
+        assert plan.shape == real.shape and not plan.any()
+        assert plan.numel() == 0 or plan.stride(0) == 0  # zeros that take no memory
+
+
+def test_packs_are_planned_without_decoding_media_and_the_plan_is_what_decoding_gives(shard_sets, tokenizer, tmp_path):
+    """The packer plans each sample with its media only sized (an image by its shard record, a video by a
+    probe): every token, label, position and patch grid equals the decoded sample's, for every sample of
+    the four kinds and for a photo whose EXIF orientation turns it on its side."""
+    from data_tools.build import run_build
+    from data_tools.config import BuildConfig
+
+    encoder = SampleEncoder(tokenizer, EncodingConfig(vision=VISION))
+    photo = PIL.Image.new("RGB", (96, 48), (200, 30, 30))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees: 48 x 96
+    photo.save(tmp_path / "photo.jpg", format="JPEG", exif=exif)
+    (tmp_path / "m.jsonl").write_text('{"id": "p", "image": "photo.jpg", "text": "a red photo on its side"}\n')
+    run_build(BuildConfig(kind="image_text", manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "set"),
+                          workers=0, progress=False))
+    sets = {**shard_sets, "rotated": tmp_path / "set"}
+    counted = 0
+    for kind, path in sets.items():
+        planned, decoded = _encodings(path, encoder, False), _encodings(path, encoder, True)
+        assert len(planned) == len(decoded) > 0
+        for plan, real in zip(planned, decoded):
+            _assert_planned_equals_decoded(plan, real)
+            counted += plan.num_image_patches + plan.num_video_patches
+    assert counted > 0
+    (rotated,) = _encodings(tmp_path / "set", encoder, True)
+    t, h, w = rotated.image_grid_thw[0].tolist()
+    assert h > w  # the grid is the displayed (rotated) image's

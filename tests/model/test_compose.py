@@ -119,14 +119,13 @@ def _vision_outputs(model, cfg) -> dict:
     v = cfg.vision
     pixels, grid = patchify(_image()[None].numpy(), v.patch_size, v.temporal_patch_size, v.spatial_merge_size)
     pixels, grid = torch.from_numpy(pixels), torch.tensor([grid])
-    seen = {}
-    hooks = [model.vision.patch_embed.register_forward_hook(
-                 lambda m, i, o: seen.__setitem__("patch", o.reshape(-1, v.hidden_size))),
-             model.vision.layers[0].register_forward_pre_hook(
-                 lambda m, a, k: seen.__setitem__("embedded", k["hidden_states"][:, 0]), with_kwargs=True)]
+    # the patch embedding as the Conv3d it is stored as (the forward computes it as a matrix product)
+    seen = {"patch": model.vision.patch_embed(pixels.view(-1, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                                          v.patch_size)).reshape(-1, v.hidden_size)}
+    hook = model.vision.layers[0].register_forward_pre_hook(
+        lambda m, a, k: seen.__setitem__("embedded", k["hidden_states"][:, 0]), with_kwargs=True)
     model.vision(pixels, grid)
-    for hook in hooks:
-        hook.remove()
+    hook.remove()
     hidden = seen["embedded"][:, None]
     no_rotation = torch.zeros(hidden.shape[0], 1, 1, v.head_dim)
     for layer in model.vision.layers:
