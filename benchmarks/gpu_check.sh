@@ -16,8 +16,10 @@
 #   4. tests        python -m pytest -m gpu tests/test_gpu.py (measured differences printed)
 #   5. benchmark    benchmarks/bench_step.py --model qwen3vl_2b --layers 4 --seq-length 8192: step time,
 #                   tokens/s, MFU
-#   6. attention    benchmarks/bench_attention.py at 4K-128K tokens: the document backend's peak memory and
-#                   time on CUDA against the dense mask where it fits (CP rows need 2 GPUs: skipped on one)
+#   6. attention    benchmarks/bench_attention.py at 4K-128K tokens: first the attention kernels alone (one
+#                   varlen flash call vs one SDPA per document, bf16, up to 32K), then the document backend's
+#                   peak memory and time on CUDA against the dense mask where it fits (CP rows need 2
+#                   GPUs: skipped on one)
 # Everything goes to $OUT/gpu_check.log (OUT: set by the device runner; default ./gpu_check_out) and to
 # the console. Exit status 0 when every part passed, 1 otherwise.
 set -euo pipefail
@@ -167,7 +169,7 @@ part benchmark 180 "$PYTHON" benchmarks/bench_step.py $BENCH_ARGS
 part attention 120 "$PYTHON" benchmarks/bench_attention.py $ATTENTION_ARGS
 
 # The figures, gathered from the log before the summary is appended to it.
-figures=$(grep -E '^(=+ .* in [0-9.]+s|bench_step: |global batch per step: |megatron \(|MFU: |document backend peak|images. share)' "$LOG" || true)
+figures=$(grep -E '^(=+ .* in [0-9.]+s|bench_step: |global batch per step: |megatron \(|MFU: |document backend peak|images. share|kernels |attention kernels)' "$LOG" || true)
 log ""
 log "=== summary: $(($(date +%s) - START)) s in all, log $LOG"
 for line in "${SUMMARY[@]}"; do log "$line"; done

@@ -19,6 +19,15 @@ the mask, as floats, for its backward: kept for every block it would grow with q
 256K x 4 bytes = 16 GB per layer for a late chunk of one 256K-token document at cp = 8. Blocks of at
 most :data:`SMALL_MASK` entries (the chunks of short documents) keep theirs instead.
 
+On CUDA in half precision (training under ``Float16Module``), without dropout, all pieces of all rows go
+to one call of PyTorch's variable-length flash attention (``torch.nn.attention.varlen``, torch >= 2.9)
+instead of one ``scaled_dot_product_attention`` per piece: a pack of many short documents (SFT
+conversations) then costs one kernel launch per layer, not two per document. Its causal mask is the
+lower-right one a piece needs. Before its first use on a device and dtype the varlen kernel is checked
+against the per-piece path on a small case (two documents, a lower-right piece, grouped-query heads); if
+it disagrees or fails (its signature changed between torch releases), a warning says so and the
+per-piece path stays in use. :data:`USE_VARLEN` False turns it off.
+
 Context parallelism (``cp > 1``): the rank's queries are its tokens in the layout of
 :mod:`model.context_parallel`; keys and values are all-gathered inside the CP group (autograd-aware:
 their gradients are reduce-scattered back) and put in sequence order, so every query sees exactly the
@@ -38,9 +47,11 @@ causal type is used instead, so left-padded rows and packed prompts stay exact.
 
 from __future__ import annotations
 
+import inspect
 import math
+import warnings
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +70,8 @@ QUERY_BLOCK, MIN_QUERY_BLOCK = 1024, 64
 # A block with at most this many mask entries keeps its mask (at most 256 KB, < 1 KB per query row of a
 # short document's chunk) rather than computing it twice: the chunks of short documents are many.
 SMALL_MASK = 1 << 16
+# CUDA, half precision: one variable-length flash attention call per layer (see the module docstring).
+USE_VARLEN = True
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,135 @@ def _masked_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int
                                           enable_gqa=gqa)
 
 
+def _varlen_call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> torch.Tensor:
+    """``torch.nn.attention.varlen.varlen_attn`` on ``q [Tq, hq, d]``, ``k/v [Tk, hk, d]`` (pieces back to back,
+    ``cu_*`` int32 offsets), asked for a lower-right causal mask, the scale and grouped-query heads in the
+    words of the installed torch (2.9: ``is_causal``; 2.10+: ``window_size``, ``scale``; 2.12+: ``enable_gqa``)."""
+    varlen_attn, params = _varlen_kernel()
+    kwargs = {}
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif causal:
+        kwargs["is_causal"] = True
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif not math.isclose(scale, q.shape[-1] ** -0.5):
+        raise TypeError("this torch's varlen_attn takes no softmax scale")
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # query head i uses key head i // group, as scaled_dot_product_attention's enable_gqa
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def _varlen_kernel():
+    """The installed torch's ``varlen_attn`` and the names of its parameters (ImportError before torch 2.9)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+_VARLEN_CHECKED: dict[tuple, bool] = {}
+
+
+def varlen_ready(device: torch.device, dtype: torch.dtype, head_dim: int, hq: int, hk: int, scale: float) -> bool:
+    """Whether the varlen kernel serves this device, dtype and head layout, and agrees with the per-piece
+    path (checked once per process and key, on two documents and a lower-right piece; see the module
+    docstring)."""
+    key = (str(device), dtype, head_dim, hq, hk, scale)
+    if key in _VARLEN_CHECKED:
+        return _VARLEN_CHECKED[key]
+    ok = False
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        lengths_q, lengths_k, offsets = [5, 11, 3], [5, 11, 9], [0, 0, 6]  # the last: 3 queries after 6 keys
+        tq, tk = sum(lengths_q), sum(lengths_k)
+        q = torch.randn(tq, hq, head_dim, device=device, dtype=dtype, generator=g)
+        k, v = (torch.randn(tk, hk, head_dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+        cu_q = torch.tensor([0, 5, 16, 19], dtype=torch.int32, device=device)
+        cu_k = torch.tensor([0, 5, 16, 25], dtype=torch.int32, device=device)
+        got = _varlen_call(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), True, scale)
+        want = []
+        for i, off in enumerate(offsets):
+            qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+            want.append(_attend(q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1), off, scale,
+                                0.0).transpose(0, 1))
+        error = float((got.float() - torch.cat(want).float()).abs().max())
+        ok = error < 0.05  # bf16 rounding is ~1e-2 here; a wrong mask is off by ~0.5
+        if not ok:
+            warnings.warn(f"torch {torch.__version__}'s varlen attention disagrees with per-document attention "
+                          f"(max difference {error:.3f}); using per-document attention")
+    except Exception as exc:  # noqa: BLE001 - an unusable kernel (old torch, other signature, unsupported GPU)
+        first_line = (str(exc).splitlines() or [""])[0][:200]  # dispatcher errors run to pages
+        warnings.warn(f"torch {torch.__version__}'s varlen attention is not usable here ({type(exc).__name__}: "
+                      f"{first_line}); using per-document attention")
+    _VARLEN_CHECKED[key] = ok
+    return ok
+
+
+def _varlen_plan(plans, seq: int, order, device, cache: dict | None, key: tuple):
+    """Offsets and key indices of all pieces of all rows, back to back, as the varlen kernel takes them:
+    (cu_q, cu_k int32, max_q, max_k, key_index or None). Queries are the rows' local tokens in order; keys
+    are each piece's key range in sequence order, gathered from ``[b * S]`` by ``key_index`` unless every
+    piece's keys are its own queries (no ``order``, cp = 1: a piece is a whole document or frame, or a
+    causal document's own prefix). Kept in ``cache`` under ``key``."""
+    if cache is not None and key in cache:
+        return cache[key]
+    lengths_q, lengths_k, index = [], [], []
+    for b, pieces in enumerate(plans):
+        for p in pieces:
+            lengths_q.append(p.q_end - p.q_start)
+            lengths_k.append(p.k_end - p.k_start)
+            if order is not None:
+                index.append(order[b, p.k_start:p.k_end] + b * seq)
+    cu_q = torch.tensor([0] + lengths_q).cumsum(0).to(device=device, dtype=torch.int32)
+    cu_k = torch.tensor([0] + lengths_k).cumsum(0).to(device=device, dtype=torch.int32)
+    key_index = torch.cat(index).to(device) if index else None
+    out = (cu_q, cu_k, max(lengths_q), max(lengths_k), key_index)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def attend_packed(query, key, value, plans, order, causal: bool, scale: float, dropout_p: float = 0.0, *,
+                  cache: dict | None = None, plan_key: tuple = (), varlen: bool | None = None) -> torch.Tensor:
+    """The attention of this rank's queries ``[sq, b, hq, d]`` over keys/values ``[S, b, hk, d]`` by the
+    pieces of each row (``plans``, from :func:`_plan`) -> ``[sq, b, hq * d]``. ``order`` ``[b, S]``: where each
+    sequence position's key is in ``key`` (context parallelism's gathered order), None when keys are in
+    sequence order. ``varlen``: None chooses (see the module docstring), False: one SDPA per piece, True:
+    the varlen kernel (CUDA, half precision). ``cache``/``plan_key``: where the varlen offsets are kept."""
+    sq, batch, hq, head_dim = query.shape
+    hk = key.shape[2]
+    if varlen is None:
+        varlen = (USE_VARLEN and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout_p == 0
+                  and head_dim % 8 == 0 and head_dim <= 256 and hq % hk == 0
+                  and varlen_ready(query.device, query.dtype, head_dim, hq, hk, scale))
+    if varlen:
+        seq = key.shape[0]
+        cu_q, cu_k, max_q, max_k, key_index = _varlen_plan(plans, seq, order, query.device, cache,
+                                                           ("varlen", *plan_key))
+        q = query.transpose(0, 1).reshape(batch * sq, hq, head_dim)
+        k, v = (t.transpose(0, 1).reshape(batch * seq, hk, head_dim) for t in (key, value))
+        if key_index is not None:
+            k, v = k.index_select(0, key_index), v.index_select(0, key_index)
+        out = _varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+        return out.view(batch, sq, hq * head_dim).transpose(0, 1).contiguous()
+    rows = []
+    for b, pieces in enumerate(plans):
+        q, k, v = (t[:, b] for t in (query, key, value))
+        if order is not None:  # keys and values of every rank, back in sequence order
+            k, v = k.index_select(0, order[b]), v.index_select(0, order[b])
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, s, d]
+        parts = [_attend(q[:, p.q_start:p.q_end], k[:, p.k_start:p.k_end], v[:, p.k_start:p.k_end],
+                         p.causal_offset, scale, dropout_p) for p in pieces]
+        rows.append(torch.cat(parts, dim=1))  # [hq, sq, d]
+    out = torch.stack(rows, dim=0)  # [b, hq, sq, d]
+    return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)
+
+
 class DocumentAttention(MegatronModule):
     """Core attention over the documents (or frames) of packed sequences; see the module docstring.
 
@@ -204,17 +346,9 @@ class DocumentAttention(MegatronModule):
             value = tensor_parallel.gather_from_sequence_parallel_region(value, True, group)
         plans = _plan(attention_mask, batch, seq, causal, cp_size, cp_rank)
         dropout_p = self.dropout if self.training else 0.0
-        rows = []
-        for b, pieces in enumerate(plans):
-            q, k, v = (t[:, b] for t in (query, key, value))
-            if cp_size > 1:  # keys and values of every rank, back in sequence order
-                k, v = k.index_select(0, order[b]), v.index_select(0, order[b])
-            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [heads, s, d]
-            parts = [_attend(q[:, p.q_start:p.q_end], k[:, p.k_start:p.k_end], v[:, p.k_start:p.k_end],
-                             p.causal_offset, self.softmax_scale, dropout_p) for p in pieces]
-            rows.append(torch.cat(parts, dim=1))  # [hq, sq, d]
-        out = torch.stack(rows, dim=0)  # [b, hq, sq, d]
-        return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)
+        return attend_packed(query, key, value, plans, order if cp_size > 1 else None, causal, self.softmax_scale,
+                             dropout_p, cache=None if attention_mask is None else attention_mask._attention_plans,
+                             plan_key=(causal, cp_size, cp_rank, seq))
 
     def _attend_cached(self, query, key, value, segment_ids):
         """Queries for the last ``sq`` of ``S`` positions, keys/values of all ``S`` from a KV cache

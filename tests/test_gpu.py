@@ -11,6 +11,8 @@
   tokens;
 * the lower-right causal attention of context parallelism's chunks (queries starting inside a document)
   on CUDA against the explicit-mask reference, and without a queries x keys mask in memory;
+* the varlen flash attention that packed documents use on CUDA in half precision, against the per-piece
+  path (documents, ViT frames, CP2 pieces);
 * one training step of the tiny MoE model in bf16 as the trainer builds it (``Float16Module``, fp32 main
   weights, distributed optimizer) on a packed multimodal micro-batch; save, 2 more steps, then a fresh
   model restored from the checkpoint repeats those 2 steps;
@@ -306,6 +308,49 @@ def test_queries_inside_a_document_on_cuda():
           "above the inputs")
     # The inputs' gradients and the output are ~0.2 GB; a materialised mask would add >= 1.3 GB.
     assert extra < queries * (offset + queries) * 2, f"{extra / 2**20:.0f} MB: a mask was built"
+
+
+def test_varlen_attention_on_cuda_equals_the_per_piece_path():
+    """On CUDA in bf16 the packed attention runs as one varlen flash call (model.attention.attend_packed):
+    the installed torch's kernel passes the check made before its first use, and on packed documents
+    (causal), ViT frames (bidirectional) and both ranks of a CP2 layout (pieces starting inside a document,
+    keys gathered by index) it gives the per-piece path's outputs and input gradients (bf16 tolerance),
+    for grouped-query heads of 128 dims. The offsets and gathers are also checked on CPU against a
+    reference kernel (tests/model/test_varlen_attention.py)."""
+    from model import attention
+    from model.context_parallel import gathered_order
+
+    hq, hk, dim = 8, 2, 128
+    scale = dim ** -0.5
+    assert attention.varlen_ready(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, dim, hq, hk,
+                                  scale), "torch's varlen attention is not usable here (see the warning)"
+    segments = _random_documents(2048, "cpu", seed=3).expand(2, -1).clone()
+    segments[1] = _random_documents(2048, "cpu", seed=4)[0]
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def qkv(sq, s):
+        q = torch.randn(sq, 2, hq, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+        k, v = (torch.randn(s, 2, hk, dim, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+        return [t.requires_grad_() for t in (q, k, v)]
+
+    cases = []
+    for causal, name in ((True, "documents"), (False, "frames")):
+        cases.append((name, qkv(2048, 2048), attention._plan(segments, 2, 2048, causal, 1, 0), None, causal))
+    for rank in (0, 1):
+        plans = attention._plan(segments, 2, 2048, True, 2, rank)
+        order = gathered_order(segments, 2, 2048, 2, "cuda")
+        cases.append((f"cp2 rank {rank}", qkv(1024, 2048), plans, order, True))
+    for name, (q, k, v), plans, order, causal in cases:
+        results = []
+        for varlen in (True, False):
+            out = attention.attend_packed(q, k, v, plans, order, causal, scale, varlen=varlen)
+            grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+            results.append((out.float(), [x.float() for x in grads]))
+        (a, ga), (b, gb) = results
+        diff = (a - b).abs().max().item()
+        gdiff = max((x - y).abs().max().item() / max(1.0, y.abs().max().item()) for x, y in zip(ga, gb))
+        print(f"varlen vs per-piece attention, {name}, bf16: outputs {diff:.2e}, gradients (relative) {gdiff:.2e}")
+        assert diff <= 0.05 and gdiff <= 0.05, (name, diff, gdiff)
 
 
 # ----------------------------------------------------------------------------------------------------
