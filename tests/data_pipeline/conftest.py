@@ -15,6 +15,7 @@ from data_tools.build import run_build
 from data_tools.config import BuildConfig
 from data_tools.synth import SynthConfig, generate
 from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
+from tests.data_pipeline.pipeline_helpers import overwrite_member
 
 KINDS = {kind: f"{kind}.jsonl" for kind in ("image_text", "interleaved", "video", "sft")}
 CORPUS = dict(seed=11, images=40, videos=4, docs=10, sft=24, eval=2)
@@ -42,17 +43,6 @@ def shard_sets(tmp_path_factory) -> dict[str, Path]:
     return sets
 
 
-def _overwrite_member(shard: Path, member_name: str, data: bytes) -> None:
-    """Replace the bytes of one tar member in place, keeping its size (energon's index stays valid)."""
-    with tarfile.open(shard) as tar:
-        info = tar.getmember(member_name)
-    if len(data) != info.size:
-        raise ValueError(f"replacement for {member_name} must have {info.size} bytes, got {len(data)}")
-    with open(shard, "r+b") as f:
-        f.seek(info.offset_data)
-        f.write(data)
-
-
 @pytest.fixture(scope="session")
 def corrupt_set(shard_sets, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     """A copy of the image_text set in which two samples are broken after the build, as a disk or a
@@ -64,10 +54,10 @@ def corrupt_set(shard_sets, tmp_path_factory) -> tuple[Path, dict[str, str]]:
     with tarfile.open(shard) as tar:
         members = tar.getmembers()
     image = next(m for m in members if ".img0." in m.name)
-    _overwrite_member(shard, image.name, b"\x00garbage" * (image.size // 8) + b"\x00" * (image.size % 8))
+    overwrite_member(shard, image.name, b"\x00garbage" * (image.size // 8) + b"\x00" * (image.size % 8))
     jsons = [m for m in members if m.name.endswith(".json")]
     bad_json = next(m for m in jsons if m.name.split(".")[0] != image.name.split(".")[0])
-    _overwrite_member(shard, bad_json.name, b"{" + b" " * (bad_json.size - 1))
+    overwrite_member(shard, bad_json.name, b"{" + b" " * (bad_json.size - 1))
     broken = {image.name.split(".")[0]: shard.name, bad_json.name.split(".")[0]: shard.name}
     return out, broken
 

@@ -29,3 +29,14 @@ def all_keys(shard_set: Path) -> set[str]:
             keys.update(m.name.split(".")[0] for m in tar.getmembers())
     return keys
 
+
+def overwrite_member(shard: Path, member_name: str, data: bytes) -> None:
+    """Replace the bytes of one tar member in place, keeping its size (energon's index stays valid), as a
+    disk or a bad copy would change them."""
+    with tarfile.open(shard) as tar:
+        info = tar.getmember(member_name)
+    if len(data) != info.size:
+        raise ValueError(f"replacement for {member_name} must have {info.size} bytes, got {len(data)}")
+    with open(shard, "r+b") as f:
+        f.seek(info.offset_data)
+        f.write(data)

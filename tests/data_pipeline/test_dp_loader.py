@@ -14,7 +14,7 @@ import torch
 from pretrain.data.blend import BlendError
 from pretrain.data.loader import build_eval_loader, build_train_loader
 from pretrain.data.packing import first_fit_decreasing
-from tests.data_pipeline.pipeline_helpers import all_keys, data_config
+from tests.data_pipeline.pipeline_helpers import all_keys, data_config, overwrite_member
 
 
 def _loader(sets, tokenizer, *, stage=None, seq_length=256, micro_batch_size=2, dp_rank=0, dp_size=1, seed=5,
@@ -144,6 +144,34 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_set, tokenizer, 
         got = next(resumed)
         assert got["skipped"] == want["skipped"] and got["doc_ids"] == want["doc_ids"]
         assert got["samples_skipped_total"] == want["samples_skipped_total"]
+
+
+def test_an_image_whose_record_misstates_its_size_is_skipped_when_realised(shard_sets, tokenizer, tmp_path, caplog):
+    """Packs are planned from the images' recorded sizes; one whose shard record says another size than
+    its pixels have (a hand-edited or foreign shard) is caught when the pack is realised: skipped with
+    reason ``realise_failed``, logged, and every other sample still trained on exactly once."""
+    import re
+    import tarfile
+
+    path = tmp_path / "image_text"
+    shutil.copytree(shard_sets["image_text"], path)
+    shard = sorted(path.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:  # an image of 100 px or more across, said to be 999 px across
+        jsons = [(m, tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.name.endswith(".json")]
+    member, text = next((m, t) for m, t in jsons if re.search(r'"width":(1\d\d)\b', t))
+    width, wrong = re.search(r'"width":(\d+)', text).group(1), "999"
+    overwrite_member(shard, member.name, text.replace(f'"width":{width}', f'"width":{wrong}', 1).encode())
+    key = member.name.split(".")[0]
+    caplog.set_level(logging.WARNING, logger="pretrain.data")
+    passes = build_eval_loader(data_config({"image_text": path}, packing_buffer_size=16), {}, seq_length=256,
+                               micro_batch_size=2, dp_rank=0, dp_size=1, tokenizer=tokenizer, split_part="train")
+    seen, skipped = Counter(), []
+    for batch in passes:
+        seen.update(doc.split("/")[-1] for row in batch["doc_ids"] for doc in row)
+        skipped += batch["skipped"]
+    assert [(r["key"], r["reason"]) for r in skipped] == [(key, "realise_failed")]
+    assert "the plan had" in skipped[0]["detail"] and any(key in m for m in caplog.messages)
+    assert set(seen) == all_keys(path) - {key} and set(seen.values()) == {1}
 
 
 def test_data_parallel_ranks_read_disjoint_samples(shard_sets, tokenizer):
