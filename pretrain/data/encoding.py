@@ -377,7 +377,7 @@ class _MediaDecoder:
             if self.sizes is None:
                 self._cache[name] = media.load_image(self._bytes(name))
             else:
-                self._bytes(name)
+                self._bytes(name)  # a missing member is the same error as when decoding
                 record = self.sizes[name]
                 self._cache[name] = ImageInfo(format=record.format, width=record.width, height=record.height)
         return self._cache[name]
