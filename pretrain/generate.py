@@ -112,10 +112,12 @@ def next_token_logits(im: InferenceModel, inputs: dict, continuations: list[list
     extra = torch.arange(last + 1, last + 1 + length).expand(3, -1)
     positions = torch.cat([inputs["position_ids"], extra], dim=1)[:, None, :].expand(3, n, -1)
     media = {}
-    for pixels, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
-        if pixels in inputs:  # every row holds the same media
-            media[pixels] = inputs[pixels].repeat(n, 1)
-            media[grid] = inputs[grid].repeat(n, 1)
+    for pixels, grid, index in (("pixel_values", "image_grid_thw", "image_index"),
+                                ("pixel_values_videos", "video_grid_thw", "video_index")):
+        if pixels in inputs:  # every row holds the same media: one ViT pass, its features for each row
+            media[pixels], media[grid] = inputs[pixels], inputs[grid]
+            if n > 1:
+                media[index] = torch.arange(inputs[grid].shape[0]).repeat(n)
     # Inputs are built on the CPU; the model may sit on a GPU.
     batch = to_device({"input_ids": ids, "position_ids": positions, **media})
     logits = im.model(batch.pop("input_ids"), batch.pop("position_ids"), **batch)

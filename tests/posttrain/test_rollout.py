@@ -162,6 +162,25 @@ def _single(rank, cfg, tokenizer, prompts, ckpt):
         logits.float().square().mean().backward()
         out[f"media_{name}"] = (logits.detach(), model.vision.patch_embed.weight.grad.clone(),
                                 inputs["pixel_values"].shape[0], inputs["pixel_values_videos"].shape[0])
+
+    # Scoring answer choices (pretrain.evaluate): the choices of an image or video prompt share its ViT pass,
+    # with the log-likelihoods of scoring each choice alone.
+    from pretrain.data.encoding import EncodingConfig, SampleEncoder
+    from pretrain.generate import InferenceModel, choice_log_likelihoods
+
+    model.eval()
+    im = InferenceModel(model, tokenizer, SampleEncoder(tokenizer, EncodingConfig()), None, None)
+    patches = []  # the patches each ViT pass encodes
+    hook = model.vision.register_forward_hook(lambda module, args, result: patches.append(args[0].shape[0]))
+    choices = ["red", "blue square", "left", "it moves up"]
+    out["choices"] = []
+    for prompt, pixels in ((prompts[1], "pixel_values"), (prompts[3], "pixel_values_videos")):
+        before = len(patches)
+        together = choice_log_likelihoods(im, prompt, choices)
+        encoded = patches[before:]
+        alone = [choice_log_likelihoods(im, prompt, [c])[0] for c in choices]
+        out["choices"].append((together, alone, encoded, prompt[pixels].shape[0]))
+    hook.remove()
     return out
 
 
@@ -395,6 +414,13 @@ def test_rows_of_one_prompt_share_its_vit_pass(single):
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
     assert grad.abs().sum() > 0
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_choices_share_the_prompts_vit_pass(single):
+    for together, alone, encoded, patches in single["choices"]:
+        assert encoded == [patches]  # one ViT pass over the prompt's media, not one per choice
+        assert max(abs(a - b) for a, b in zip(together, alone)) <= 1e-4, (together, alone)
+        assert len(set(round(x, 3) for x in together)) == len(together)  # the choices score differently
 
 
 def test_response_rows_are_packed_one_document_each():
