@@ -123,7 +123,7 @@ def video_target_size(
 def image_grid(height: int, width: int, config: VisionInputConfig = VisionInputConfig()) -> tuple[int, int, int]:
     """(t, h, w) patches of an image of ``height`` x ``width`` pixels, as :func:`process_image` cuts it."""
     new_h, new_w = image_target_size(height, width, config)
-    return -(-1 // config.temporal_patch_size), new_h // config.patch_size, new_w // config.patch_size
+    return 1, new_h // config.patch_size, new_w // config.patch_size  # one frame: one temporal patch
 
 
 def video_grid(num_frames: int, height: int, width: int, config: VisionInputConfig = VisionInputConfig()) -> tuple[int, int, int]:

@@ -211,23 +211,24 @@ class PackingTaskEncoder(TaskEncoder):
     def postencode_sample(self, planned: PlannedDocument) -> RealisedDocument:
         if planned.skip is not None:
             return self._realised(planned, skip=planned.skip)
-        reason = None
         try:
             _, fit = self._encode(planned.parts, decode_media=True)
-            got = None if fit.sample is None else (fit.sample.num_tokens,
-                                                   fit.sample.num_image_patches + fit.sample.num_video_patches)
-            if got != (planned.num_tokens, planned.num_patches):
-                reason = "realise_failed"
-                raise ValueError(f"decoded, the sample has (tokens, patches) {got}, the plan had "
-                                 f"{(planned.num_tokens, planned.num_patches)} (its media differ from their record)")
         except SYSTEM_EXCEPTIONS:
             raise
         except Exception as err:  # e.g. pixels that do not decode
-            record = skip_record(planned.source, planned.shard, str(planned.__key__), reason or _reason(err),
-                                 f"{type(err).__name__}: {err}")
-            _log_skip(record)
-            return self._realised(planned, skip=record)
+            return self._realise_failed(planned, _reason(err), f"{type(err).__name__}: {err}")
+        got = None if fit.sample is None else (fit.sample.num_tokens,
+                                               fit.sample.num_image_patches + fit.sample.num_video_patches)
+        if got != (planned.num_tokens, planned.num_patches):
+            return self._realise_failed(planned, "realise_failed", f"decoded, the sample has (tokens, patches) "
+                                        f"{got}, the plan had {(planned.num_tokens, planned.num_patches)} "
+                                        "(its media differ from their record)")
         return self._realised(planned, sample=fit.sample)
+
+    def _realise_failed(self, planned: PlannedDocument, reason: str, detail: str) -> RealisedDocument:
+        record = skip_record(planned.source, planned.shard, str(planned.__key__), reason, detail)
+        _log_skip(record)
+        return self._realised(planned, skip=record)
 
     @stateless
     def pack_selected_samples(self, samples: list[RealisedDocument]) -> PackItem:
