@@ -25,7 +25,7 @@ from pretrain.generate import (
     InferenceModel,
     choice_log_likelihoods,
     encode_prompt,
-    generate,
+    generate_answers,
     load_inference_model,
     load_media,
 )
@@ -36,21 +36,29 @@ def _first_word(text: str) -> str:
     return words[0] if words else ""
 
 
-def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None) -> dict:
-    """Accuracy overall and per media type: {"all": {"n", "generated", "choice"}, "image": ..., ...}."""
+def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None, batch_size: int = 32) -> dict:
+    """Accuracy overall and per media type: {"all": {"n", "generated", "choice"}, "image": ..., ...}.
+
+    Questions run ``batch_size`` at a time (one batched greedy generation and one packed forward for
+    all their choices); the result does not depend on it beyond float rounding.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
     eval_file = Path(eval_file)
-    lines = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()]
+    items = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()][:limit]
     hits: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
-    for item in lines[:limit]:
-        kind = item["media_type"]
-        inputs = encode_prompt(im, load_media(eval_file.parent / item["media"], kind, im.frames), kind,
-                               item["question"])
-        answer = item["answer"].lower()
-        generated = _first_word(generate(im, inputs, max_new_tokens=4)) == answer
-        scores = choice_log_likelihoods(im, inputs, item["choices"])
-        chosen = item["choices"][max(range(len(scores)), key=scores.__getitem__)].lower() == answer
-        hits[kind].append((generated, chosen))
-        hits["all"].append((generated, chosen))
+    for first in range(0, len(items), batch_size):
+        batch = items[first:first + batch_size]
+        prompts = [encode_prompt(im, load_media(eval_file.parent / item["media"], item["media_type"], im.frames),
+                                 item["media_type"], item["question"]) for item in batch]
+        answers = generate_answers(im, prompts, max_new_tokens=4)
+        scores = choice_log_likelihoods(im, prompts, [item["choices"] for item in batch])
+        for item, answer, score in zip(batch, answers, scores):
+            expected = item["answer"].lower()
+            generated = _first_word(answer) == expected
+            chosen = item["choices"][max(range(len(score)), key=score.__getitem__)].lower() == expected
+            hits[item["media_type"]].append((generated, chosen))
+            hits["all"].append((generated, chosen))
     return {kind: {"n": len(v), "generated": sum(g for g, _ in v) / len(v), "choice": sum(c for _, c in v) / len(v)}
             for kind, v in hits.items()}
 
@@ -60,10 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="checkpoints folder (its latest) or a step directory")
     parser.add_argument("--eval", required=True, help="eval.jsonl")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only")
+    parser.add_argument("--batch-size", type=int, default=32, help="questions per batch (default 32)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
-        result = evaluate(load_inference_model(args.ckpt), args.eval, args.limit)
+        result = evaluate(load_inference_model(args.ckpt), args.eval, args.limit, args.batch_size)
     except (CheckpointError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

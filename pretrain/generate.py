@@ -22,7 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.checkpoint_io import CheckpointError, load_weights
-from pretrain.forward import to_device
+from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, sequence_logprobs
 
 
 @dataclass
@@ -95,53 +95,57 @@ def encode_prompt(im: InferenceModel, media: Any, kind: str, prompt: str) -> dic
     return encode_prompt_messages(im.encoder, messages)
 
 
-@torch.no_grad()
-def next_token_logits(im: InferenceModel, inputs: dict, continuations: list[list[int]]) -> torch.Tensor:
-    """Logits [n, L + 1, vocab] after the prompt and each token of each of the n continuations.
+def generate_answers(im: InferenceModel, prompts: Sequence[dict], max_new_tokens: int = 16) -> list[str]:
+    """Greedy answer of each prompt (:func:`encode_prompt` dicts), all in one batch, until
+    ``<|im_end|>``/``<|endoftext|>`` or ``max_new_tokens``; the stop token is not part of the answer.
 
-    The continuations run as one batch, right-padded to the longest (L); padding comes after the
-    tokens that matter, so causal attention keeps it from changing their logits. Continuation tokens
-    are text: each takes the next position on all three MRoPE axes.
+    The batch is the rollout's (:func:`pretrain.posttrain.rollout.generate_rollouts` at temperature 0):
+    prompts left-padded into one grid, the ViT once per prompt, one prefill then one token per row and
+    step with a KV cache. Never picks a token the tokenizer does not have (a padded embedding's extra
+    rows) or an image/video placeholder.
     """
-    n, length = len(continuations), max(len(c) for c in continuations)
-    prompt = inputs["input_ids"]
-    ids = torch.cat([prompt.expand(n, -1),
-                     torch.tensor([c + [im.tokenizer.pad_id] * (length - len(c)) for c in continuations],
-                                  dtype=torch.long).reshape(n, length)], dim=1)
-    last = int(inputs["position_ids"].max())
-    extra = torch.arange(last + 1, last + 1 + length).expand(3, -1)
-    positions = torch.cat([inputs["position_ids"], extra], dim=1)[:, None, :].expand(3, n, -1)
-    media = {}
-    for pixels, grid, index in (("pixel_values", "image_grid_thw", "image_index"),
-                                ("pixel_values_videos", "video_grid_thw", "video_index")):
-        if pixels in inputs:  # every row holds the same media: one ViT pass, its features for each row
-            media[pixels], media[grid] = inputs[pixels], inputs[grid]
-            if n > 1:
-                media[index] = torch.arange(inputs[grid].shape[0]).repeat(n)
-    # Inputs are built on the CPU; the model may sit on a GPU.
-    batch = to_device({"input_ids": ids, "position_ids": positions, **media})
-    logits = im.model(batch.pop("input_ids"), batch.pop("position_ids"), **batch)
-    return logits[:, prompt.shape[0] - 1:].float().cpu()
+    cfg = RolloutConfig(temperature=0.0, max_new_tokens=max_new_tokens, group_size=1)
+    rollouts = generate_rollouts(im.model, list(prompts), cfg, im.tokenizer, prompt_keys=range(len(prompts)))
+    answers = []
+    for ids, length, finished in zip(rollouts.response_ids, rollouts.lengths, rollouts.finished):
+        kept = int(length) - int(finished)  # a finished answer ends with its stop token
+        answers.append(im.tokenizer.decode(ids[:kept].tolist()).strip())
+    return answers
 
 
 def generate(im: InferenceModel, inputs: dict, max_new_tokens: int = 16) -> str:
-    """Greedy decoding until ``<|im_end|>``/``<|endoftext|>`` or ``max_new_tokens``."""
-    stop = {im.tokenizer.im_end_id, im.tokenizer.eos_id}
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        # The model's vocabulary may be padded beyond the tokenizer's: never pick a padding row.
-        token = int(next_token_logits(im, inputs, [out])[0, -1, : im.tokenizer.vocab_size].argmax())
-        if token in stop:
-            break
-        out.append(token)
-    return im.tokenizer.decode(out).strip()
+    """Greedy answer of one prompt (:func:`generate_answers`)."""
+    return generate_answers(im, [inputs], max_new_tokens)[0]
 
 
-def choice_log_likelihoods(im: InferenceModel, inputs: dict, choices: list[str]) -> list[float]:
-    """Sum of token log-probabilities of each answer choice followed by ``<|im_end|>``."""
-    targets = [im.tokenizer.encode(choice) + [im.tokenizer.im_end_id] for choice in choices]
-    logp = torch.log_softmax(next_token_logits(im, inputs, [t[:-1] for t in targets]), dim=-1)
-    return [float(logp[i, torch.arange(len(t)), torch.tensor(t)].sum()) for i, t in enumerate(targets)]
+@torch.no_grad()
+def choice_log_likelihoods(im: InferenceModel, prompts: Sequence[dict],
+                           choices: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Sum of token log-probabilities (nats) of each answer choice followed by ``<|im_end|>``:
+    ``result[q][c]`` for choice ``choices[q][c]`` after prompt ``prompts[q]``.
+
+    All rows (prompt, choice) run as one packed sequence
+    (:func:`pretrain.posttrain.rollout.sequence_logprobs`): each prompt's media through the ViT once
+    for all its choices. Probabilities are over the tokenizer's vocabulary, as :func:`generate_answers`
+    picks from it.
+    """
+    if len(prompts) != len(choices):
+        raise ValueError(f"{len(choices)} lists of choices for {len(prompts)} prompts")
+    targets = [im.tokenizer.encode(c) + [im.tokenizer.im_end_id] for options in choices for c in options]
+    width = max(len(t) for t in targets)
+    ids = torch.full((len(targets), width), im.tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros(len(targets), width, dtype=torch.bool)
+    for row, t in enumerate(targets):
+        ids[row, :len(t)], mask[row, :len(t)] = torch.tensor(t), True
+    prompt_index = torch.tensor([q for q, options in enumerate(choices) for _ in options], dtype=torch.long)
+    logp = sequence_logprobs(im.model, list(prompts), ids, mask, temperature=1.0,
+                             vocab_size=im.tokenizer.vocab_size, prompt_index=prompt_index)
+    sums = logp.sum(dim=1).cpu().tolist()
+    out, row = [], 0
+    for options in choices:
+        out.append(sums[row:row + len(options)])
+        row += len(options)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

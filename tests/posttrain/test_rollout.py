@@ -163,23 +163,24 @@ def _single(rank, cfg, tokenizer, prompts, ckpt):
         out[f"media_{name}"] = (logits.detach(), model.vision.patch_embed.weight.grad.clone(),
                                 inputs["pixel_values"].shape[0], inputs["pixel_values_videos"].shape[0])
 
-    # Scoring answer choices (pretrain.evaluate): the choices of an image or video prompt share its ViT pass,
-    # with the log-likelihoods of scoring each choice alone.
+    # Held-out evaluation (pretrain.evaluate): all prompts in one batch, each prompt's media through the
+    # ViT once for all its answer choices; the same scores and greedy answers as each prompt alone.
     from pretrain.data.encoding import EncodingConfig, SampleEncoder
-    from pretrain.generate import InferenceModel, choice_log_likelihoods
+    from pretrain.generate import InferenceModel, choice_log_likelihoods, generate_answers
 
     model.eval()
     im = InferenceModel(model, tokenizer, SampleEncoder(tokenizer, EncodingConfig()), None, None)
     patches = []  # the patches each ViT pass encodes
     hook = model.vision.register_forward_hook(lambda module, args, result: patches.append(args[0].shape[0]))
-    choices = ["red", "blue square", "left", "it moves up"]
-    out["choices"] = []
-    for prompt, pixels in ((prompts[1], "pixel_values"), (prompts[3], "pixel_values_videos")):
-        before = len(patches)
-        together = choice_log_likelihoods(im, prompt, choices)
-        encoded = patches[before:]
-        alone = [choice_log_likelihoods(im, prompt, [c])[0] for c in choices]
-        out["choices"].append((together, alone, encoded, prompt[pixels].shape[0]))
+    choices = [["red", "blue square"], ["red", "blue square", "left", "it moves up"], ["up"],
+               ["it moves up", "left", "down"]]
+    together = choice_log_likelihoods(im, prompts, choices)
+    encoded = sum(patches)
+    alone = [[choice_log_likelihoods(im, [p], [[c]])[0][0] for c in options] for p, options in zip(prompts, choices)]
+    out["choices"] = (together, alone, encoded,
+                      prompts[1]["pixel_values"].shape[0] + prompts[3]["pixel_values_videos"].shape[0])
+    out["answers"] = (generate_answers(im, prompts, max_new_tokens=NEW),
+                      [generate_answers(im, [p], max_new_tokens=NEW)[0] for p in prompts])
     hook.remove()
     return out
 
@@ -417,10 +418,18 @@ def test_rows_of_one_prompt_share_its_vit_pass(single):
 
 
 def test_answer_choices_share_the_prompts_vit_pass(single):
-    for together, alone, encoded, patches in single["choices"]:
-        assert encoded == [patches]  # one ViT pass over the prompt's media, not one per choice
-        assert max(abs(a - b) for a, b in zip(together, alone)) <= 1e-4, (together, alone)
-        assert len(set(round(x, 3) for x in together)) == len(together)  # the choices score differently
+    together, alone, encoded, patches = single["choices"]
+    assert encoded == patches  # one ViT pass over each prompt's media, not one per choice
+    assert [len(x) for x in together] == [2, 4, 1, 3]
+    for batched, single_scores in zip(together, alone):
+        assert max(abs(a - b) for a, b in zip(batched, single_scores)) <= 1e-4, (together, alone)
+    assert len(set(round(x, 3) for x in together[1])) == 4  # the choices score differently
+
+
+def test_batched_greedy_answers_equal_each_prompt_alone(single):
+    batched, alone = single["answers"]
+    assert batched == alone
+    assert any(batched)  # (random weights still write something)
 
 
 def test_response_rows_are_packed_one_document_each():
