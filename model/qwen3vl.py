@@ -12,9 +12,16 @@ Build it with :func:`build_qwen3vl`; its ``forward`` contract::
           pixel_values=None, image_grid_thw=None,          # (patches, 1536) float, (n_images, 3)
           pixel_values_videos=None, video_grid_thw=None,   # (patches, 1536) float, (n_videos, 3)
           packed_seq_params=None,        # transformer-engine THD path (b == 1, cu_seqlens)
-          attention_mask=None)           # dense_mask backend only: bool [b, 1, s, s], True = masked
+          attention_mask=None,           # dense_mask backend only: bool [b, 1, s, s], True = masked
+          padding_mask=None)             # bool [b, s], True = a pack's padding tail (MoE: see below)
       -> logits [b, s / cp, vocab] (vocab split over tensor-parallel ranks unless parallel_output=False)
          or, with labels, per-token losses [b, s / cp].
+
+Padding (``padding_mask``): a pack's padding tokens still run through every layer (the shapes are
+static), but MoE routers leave them out of their statistics: the load-balancing and z losses and the
+tokens counted per expert are those of the real tokens only (Megatron's router ``padding_mask``). All
+padding tokens are the same token at the same position, so they would all pick the same experts and
+the auxiliary loss would push the router against those experts for real tokens as well.
 
 Inputs always hold the full sequence ``s``. On a pipeline stage other than the last it returns the hidden
 states to send on. Parallel layouts: tensor (``tp``), pipeline (``pp``, with the vision encoder on the
@@ -336,6 +343,18 @@ class Qwen3VLModel(LanguageModule):
             raise ValueError(f"the KV-cache path runs with context parallelism 1, not cp={cp_size}")
         return int(inference_context.sequence_len_offset)
 
+    def _router_padding(self, padding_mask, document_ids, b: int, s: int, cp_size: int, cp_rank: int):
+        """The padding mask as the MoE routers take it: bool [b, tokens of this rank] (after the CP cut
+        and the sequence-parallel split), True = padding; None for a dense decoder or without one."""
+        if padding_mask is None or not self.cfg.text.is_moe:
+            return None
+        if tuple(padding_mask.shape) != (b, s):
+            raise ValueError(f"padding_mask {tuple(padding_mask.shape)} must be [b, s] = {(b, s)} like input_ids")
+        mask = split_sequence(padding_mask.to(torch.bool), 1, cp_size, cp_rank, document_ids, batch_dim=0)
+        if self.config.sequence_parallel:
+            mask = tensor_parallel.scatter_to_sequence_parallel_region(mask.t().contiguous()).t().contiguous()
+        return mask
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -352,6 +371,7 @@ class Qwen3VLModel(LanguageModule):
         inference_context=None,
         image_index: torch.Tensor | None = None,
         video_index: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, s = input_ids.shape
         cp_size, cp_rank = cp_size_and_rank()
@@ -371,6 +391,7 @@ class Qwen3VLModel(LanguageModule):
                              + (f" after {total - s} cached tokens" if total != s else ""))
         rotary = split_sequence(rotary, 0, cp_size, cp_rank, document_ids, batch_dim=1)
         attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, total)
+        router_padding = self._router_padding(padding_mask, document_ids, b, s, cp_size, cp_rank)
 
         decoder_input, context = None, None
         if self.pre_process:
@@ -399,7 +420,7 @@ class Qwen3VLModel(LanguageModule):
 
         hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_input, context=context,
                               rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
-                              inference_context=inference_context)
+                              inference_context=inference_context, padding_mask=router_padding)
         if not self.post_process:
             return hidden
         if inference_context is not None and inference_context.materialize_only_last_token_logits:

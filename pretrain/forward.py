@@ -66,14 +66,15 @@ def media_inputs(batch: dict) -> dict:
 def model_inputs(batch: dict, model, use_packed_seq_params: bool | None = None) -> dict:
     """Keyword arguments of the model for a packed micro-batch (on the device): positions, the document
     boundaries (``packed_seq_params`` (THD) on the transformer-engine backend, ``document_ids``
-    otherwise; ``use_packed_seq_params`` None decides from the model's backend) and the media."""
+    otherwise; ``use_packed_seq_params`` None decides from the model's backend), the padding
+    (``padding_mask``: document id -1, left out of the MoE routers' statistics) and the media."""
     from megatron.core.utils import get_attr_wrapped_model
 
     if use_packed_seq_params is None:
         use_packed_seq_params = get_attr_wrapped_model(model, "attention") == "te"
     thd = packed_seq_params(batch) if use_packed_seq_params else None
     return dict(position_ids=batch["position_ids"], document_ids=None if thd is not None else batch["document_ids"],
-                packed_seq_params=thd, **media_inputs(batch))
+                packed_seq_params=thd, padding_mask=batch["document_ids"] < 0, **media_inputs(batch))
 
 
 def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | None = None):

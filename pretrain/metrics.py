@@ -64,7 +64,8 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
 
 
 class ExpertLoadTracker:
-    """Tokens routed to each expert of each MoE layer, from forward hooks on Megatron's routers.
+    """Tokens routed to each expert of each MoE layer, from forward hooks on Megatron's routers; a pack's
+    padding (the routers' ``padding_mask``, see :mod:`model.qwen3vl`) is not counted.
 
     Counts accumulate on the routers' device (no host copy, hence no GPU sync, per router call);
     :meth:`imbalance` reads them once per log interval and returns, per decoder layer (1-based global
@@ -79,12 +80,15 @@ class ExpertLoadTracker:
         for chunk in model_chunks:
             for name, module in chunk.named_modules():
                 if name.endswith("mlp.router"):
-                    module.register_forward_hook(self._record)
+                    module.register_forward_hook(self._record, with_kwargs=True)
 
-    def _record(self, router, inputs, output) -> None:
+    def _record(self, router, args, kwargs, output) -> None:
         if not router.training or not isinstance(output, tuple):
             return
-        routing_map = output[1].detach()  # [tokens, experts]
+        routing_map = output[1].detach()  # [tokens, experts], tokens in the order of padding_mask [s, b]
+        padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+        if padding is not None:
+            routing_map = routing_map & ~padding.reshape(-1, 1)
         if self.counts is None:
             self.counts = torch.zeros(self.shape, dtype=torch.float32, device=routing_map.device)
         self.counts[int(getattr(router, "layer_number", 0) or 0)] += routing_map.sum(0)
