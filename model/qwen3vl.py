@@ -21,7 +21,8 @@ Padding (``padding_mask``): a pack's padding tokens still run through every laye
 static), but MoE routers leave them out of their statistics: the load-balancing and z losses and the
 tokens counted per expert are those of the real tokens only (Megatron's router ``padding_mask``). All
 padding tokens are the same token at the same position, so they would all pick the same experts and
-the auxiliary loss would push the router against those experts for real tokens as well.
+the auxiliary loss would push the router against those experts for real tokens as well; they are
+dispatched spread evenly over the experts, with weight 0 (:mod:`model.moe_padding`).
 
 Inputs always hold the full sequence ``s``. On a pipeline stage other than the last it returns the hidden
 states to send on. Parallel layouts: tensor (``tp``), pipeline (``pp``, with the vision encoder on the
@@ -72,6 +73,7 @@ from model.config import ConfigError, Qwen3VLConfig
 from model.text_config import runtime_settings
 from model.context_parallel import cp_size_and_rank, encode_over_cp, split_sequence
 from model.layer_specs import qwen3vl_decoder_block_spec, resolve_attention_backend
+from model.moe_padding import register_padding_spread
 from model.rope import InterleavedMRoPE
 from model.vision.vision_model import Qwen3VLVisionModel
 
@@ -227,6 +229,8 @@ class Qwen3VLModel(LanguageModule):
             vp_stage=vp_stage,
             num_deepstack=cfg.num_deepstack,
         )
+        if t.is_moe:
+            register_padding_spread(self.decoder)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, t.vocab_size, config=config, init_method=config.init_method, bias=False,
