@@ -7,7 +7,8 @@ the mean time of the group's two frames. These rules mirror transformers' ``Qwen
 sample_frames`` and ``Qwen3VLProcessor._calculate_timestamps``.
 
 Decoding is not done here: :func:`load_video_clip` asks ``common.media.decode`` (the one media module);
-:func:`probe_video_clip` gives the same clip's frame times and size without decoding its frames.
+:func:`video_clip_size` gives the same clip's frame times and size from a video's probe (or its shard
+record) without opening it.
 """
 
 from __future__ import annotations
@@ -187,17 +188,15 @@ def load_video_clip(
     return VideoClip.from_indices(frames, indices, info.fps, start=offset)
 
 
-def probe_video_clip(
-    src: str | os.PathLike | bytes,
+def video_clip_size(
+    info,
     config: FrameSamplingConfig = FrameSamplingConfig(),
     *,
     start: float | None = None,
     end: float | None = None,
 ) -> VideoClipSize:
-    """:func:`load_video_clip` without decoding the sampled frames: the same probe (which decodes the first
-    frame), the same frame times, the probed frame size. Raises ``MediaError`` for bad videos."""
-    from common.media import decode as media
-
-    info = media.probe_video(src)
+    """The :class:`VideoClipSize` of a video described by ``info`` (anything with ``num_frames``, ``fps``,
+    ``width`` and ``height``: a probe's ``VideoInfo``, or a shard's media record, which holds the build
+    time's probe), without opening the video."""
     indices, offset = _clip_indices(info, config, start, end)
-    return VideoClipSize(sampled_frame_times(indices, info.fps, offset), info.height, info.width)
+    return VideoClipSize(sampled_frame_times(indices, info.fps, offset), int(info.height), int(info.width))

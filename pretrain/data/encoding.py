@@ -355,9 +355,10 @@ class _MediaDecoder:
     """Decodes a sample's media members once each (a member referenced twice is decoded once).
 
     ``sizes`` (the sample's ``data_tools.schema.Media`` records by part name) instead of None: the media
-    are not decoded, only sized: an image by its recorded width and height (measured after EXIF rotation
-    by the ``load_image`` that built the shard), a video by :func:`probe_video_clip` (the probe of
-    :func:`load_video_clip`, without decoding the sampled frames).
+    are not decoded, only sized, by their records (what ``data_tools`` measured when it built the shard,
+    with the loaders used here): an image by its width and height (after EXIF rotation, by
+    ``load_image``), a video by its frame count, frame rate and size (``probe_video``), from which
+    :func:`video_clip_size` gives the frames :func:`load_video_clip` samples. Nothing is opened.
     """
 
     def __init__(self, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str,
@@ -383,11 +384,14 @@ class _MediaDecoder:
         return self._cache[name]
 
     def video(self, name: str) -> VideoClip | VideoClipSize:
-        from common.media.frame_sampling import load_video_clip, probe_video_clip
+        from common.media.frame_sampling import load_video_clip, video_clip_size
 
         if name not in self._cache:
-            load = load_video_clip if self.sizes is None else probe_video_clip
-            self._cache[name] = load(self._bytes(name), self.frames)
+            if self.sizes is None:
+                self._cache[name] = load_video_clip(self._bytes(name), self.frames)
+            else:
+                self._bytes(name)  # a missing member is the same error as when decoding
+                self._cache[name] = video_clip_size(self.sizes[name], self.frames)
         return self._cache[name]
 
     def part(self, part) -> Any:

@@ -146,24 +146,30 @@ def test_corrupt_samples_are_skipped_counted_and_logged(corrupt_set, tokenizer, 
         assert got["samples_skipped_total"] == want["samples_skipped_total"]
 
 
-def test_an_image_whose_record_misstates_its_size_is_skipped_when_realised(shard_sets, tokenizer, tmp_path, caplog):
-    """Packs are planned from the images' recorded sizes; one whose shard record says another size than
-    its pixels have (a hand-edited or foreign shard) is caught when the pack is realised: skipped with
-    reason ``realise_failed``, logged, and every other sample still trained on exactly once."""
+@pytest.mark.parametrize("kind, field, pattern, wrong", [
+    ("image_text", "width", r"1\d\d", "999"),  # an image of 100 px or more across, said to be 999 px across
+    ("video", "fps", r"\d\.\d", "1.0"),  # a video said to run at 1 frame/s: longer, more frames sampled
+])
+def test_media_whose_record_misstates_them_are_skipped_when_realised(shard_sets, tokenizer, tmp_path, caplog,
+                                                                    kind, field, pattern, wrong):
+    """Packs are planned from the media's shard records; a sample whose record says another image size or
+    video frame rate than its media have (a hand-edited or foreign shard) is caught when the pack is
+    realised: skipped with reason ``realise_failed``, logged, and every other sample still trained on
+    exactly once."""
     import re
     import tarfile
 
-    path = tmp_path / "image_text"
-    shutil.copytree(shard_sets["image_text"], path)
+    path = tmp_path / kind
+    shutil.copytree(shard_sets[kind], path)
     shard = sorted(path.glob("*.tar"))[0]
-    with tarfile.open(shard) as tar:  # an image of 100 px or more across, said to be 999 px across
+    with tarfile.open(shard) as tar:
         jsons = [(m, tar.extractfile(m).read().decode()) for m in tar.getmembers() if m.name.endswith(".json")]
-    member, text = next((m, t) for m, t in jsons if re.search(r'"width":(1\d\d)\b', t))
-    width, wrong = re.search(r'"width":(\d+)', text).group(1), "999"
-    overwrite_member(shard, member.name, text.replace(f'"width":{width}', f'"width":{wrong}', 1).encode())
+    member, text = next((m, t) for m, t in jsons if re.search(rf'"{field}":({pattern})\b', t))
+    stated = re.search(rf'"{field}":({pattern})\b', text).group(1)
+    overwrite_member(shard, member.name, text.replace(f'"{field}":{stated}', f'"{field}":{wrong}', 1).encode())
     key = member.name.split(".")[0]
     caplog.set_level(logging.WARNING, logger="pretrain.data")
-    passes = build_eval_loader(data_config({"image_text": path}, packing_buffer_size=16), {}, seq_length=256,
+    passes = build_eval_loader(data_config({kind: path}, packing_buffer_size=16), {}, seq_length=256,
                                micro_batch_size=2, dp_rank=0, dp_size=1, tokenizer=tokenizer, split_part="train")
     seen, skipped = Counter(), []
     for batch in passes:
