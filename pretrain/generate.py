@@ -126,8 +126,8 @@ def choice_log_likelihoods(im: InferenceModel, prompts: Sequence[dict],
 
     All rows (prompt, choice) run as one packed sequence
     (:func:`pretrain.posttrain.rollout.sequence_logprobs`): each prompt's media through the ViT once
-    for all its choices. Probabilities are over the tokenizer's vocabulary, as :func:`generate_answers`
-    picks from it.
+    for all its choices. Probabilities are over the tokenizer's vocabulary less the image/video
+    placeholders, the tokens :func:`generate_answers` picks from.
     """
     if len(prompts) != len(choices):
         raise ValueError(f"{len(choices)} lists of choices for {len(prompts)} prompts")
