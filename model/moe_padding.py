@@ -5,10 +5,10 @@ tokens cannot simply be left out of the dispatch. Left to the router, they would
 ``top_k`` experts: every padding token is the same token at the same position (pad id, position 0),
 so the experts that pad routes to get all of the padding's work (with 5 % padding, 128 experts and
 top-8, each of those 8 gets about 1.8 times the tokens of an average expert) and, with expert
-parallelism, the step waits for the ranks that hold them. :func:`spread_padding_over_experts` gives padding token ``i`` (its index in
-the router's flattened ``[s, b]`` order) the experts ``i*k .. i*k + k-1`` modulo the expert count, so
-padding adds the same load to every expert and every expert-parallel rank, and its weights to 0 so
-that the experts' outputs for padding are zero. Real tokens' routing, outputs and gradients do not
+parallelism, the step waits for the ranks that hold them. :func:`spread_padding_over_experts` gives
+padding token ``i`` (its index in the router's flattened ``[s, b]`` order) the experts
+``i*k .. i*k + k-1`` modulo the expert count, so padding adds the same load to every expert and every
+expert-parallel rank, and sets its weights to 0 so that the experts' outputs for padding are zero. Real tokens' routing, outputs and gradients do not
 change. The router's statistics leave padding out already (Megatron's ``padding_mask``).
 """
 
