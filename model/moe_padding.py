@@ -8,8 +8,9 @@ top-8, each of those 8 gets about 1.8 times the tokens of an average expert) and
 parallelism, the step waits for the ranks that hold them. :func:`spread_padding_over_experts` gives
 padding token ``i`` (its index in the router's flattened ``[s, b]`` order) the experts
 ``i*k .. i*k + k-1`` modulo the expert count, so padding adds the same load to every expert and every
-expert-parallel rank, and sets its weights to 0 so that the experts' outputs for padding are zero. Real tokens' routing, outputs and gradients do not
-change. The router's statistics leave padding out already (Megatron's ``padding_mask``).
+expert-parallel rank, and sets its weights to 0 so that the experts' outputs for padding are zero.
+Real tokens' routing, outputs and gradients do not change. The router's statistics leave padding out
+already (Megatron's ``padding_mask``).
 """
 
 from __future__ import annotations
