@@ -18,12 +18,18 @@ from __future__ import annotations
 import torch
 
 
+def router_padding_mask(args, kwargs):
+    """The ``padding_mask`` a router forward hook's call received (``[s, b]`` bool, True = padding; None
+    without one): Megatron's MoE layer passes it positionally, after the hidden states."""
+    return kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+
+
 def spread_padding_over_experts(router, args, kwargs, output):
     """Forward hook of a Megatron ``TopKRouter`` (registered ``with_kwargs=True``): ``output`` is
     ``(probs [tokens, experts], routing_map [tokens, experts] bool)``; the router's ``padding_mask``
     argument (``[s, b]`` bool, True = padding) names the rows to rewrite. None (output unchanged)
     when there is no mask."""
-    padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+    padding = router_padding_mask(args, kwargs)
     if padding is None or not isinstance(output, tuple):
         return None
     probs, routing_map = output

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.distributed.comm import communication_device
+from model.moe_padding import router_padding_mask
 
 # Dense bf16 tensor-core peak per GPU (FLOP/s), by device-name fragment, for MFU.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -86,7 +87,7 @@ class ExpertLoadTracker:
         if not router.training or not isinstance(output, tuple):
             return
         routing_map = output[1].detach()  # [tokens, experts], tokens in the order of padding_mask [s, b]
-        padding = kwargs.get("padding_mask", args[1] if len(args) > 1 else None)
+        padding = router_padding_mask(args, kwargs)
         if padding is not None:
             routing_map = routing_map & ~padding.reshape(-1, 1)
         if self.counts is None:

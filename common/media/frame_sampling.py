@@ -159,15 +159,6 @@ def clip_frame_range(total_frames: int, video_fps: float, start: float | None, e
     return first, last
 
 
-def _clip_indices(info, config: FrameSamplingConfig, start: float | None, end: float | None) -> tuple[np.ndarray, float]:
-    """The frame indices a clip samples from a probed video, and the clip's start (s)."""
-    if start is None and end is None:
-        return sample_frame_indices(info.num_frames, info.fps, config), 0.0
-    first, last = clip_frame_range(info.num_frames, info.fps, start, end)
-    count = num_sampled_frames(last - first + 1, info.fps, config)
-    return first + np.linspace(0, last - first, count).round().astype(np.int64), float(start or 0.0)
-
-
 def load_video_clip(
     src: str | os.PathLike | bytes,
     config: FrameSamplingConfig = FrameSamplingConfig(),
@@ -183,20 +174,21 @@ def load_video_clip(
     from common.media import decode as media  # the one decoding module; imported here so sampling has no decoder deps
 
     info = media.probe_video(src)
-    indices, offset = _clip_indices(info, config, start, end)
+    if start is None and end is None:
+        indices = sample_frame_indices(info.num_frames, info.fps, config)
+        offset = 0.0
+    else:
+        first, last = clip_frame_range(info.num_frames, info.fps, start, end)
+        count = num_sampled_frames(last - first + 1, info.fps, config)
+        indices = first + np.linspace(0, last - first, count).round().astype(np.int64)
+        offset = float(start or 0.0)
     frames = media.read_video_frames(src, indices.tolist())
     return VideoClip.from_indices(frames, indices, info.fps, start=offset)
 
 
-def video_clip_size(
-    info,
-    config: FrameSamplingConfig = FrameSamplingConfig(),
-    *,
-    start: float | None = None,
-    end: float | None = None,
-) -> VideoClipSize:
-    """The :class:`VideoClipSize` of a video described by ``info`` (anything with ``num_frames``, ``fps``,
-    ``width`` and ``height``: a probe's ``VideoInfo``, or a shard's media record, which holds the build
-    time's probe), without opening the video."""
-    indices, offset = _clip_indices(info, config, start, end)
-    return VideoClipSize(sampled_frame_times(indices, info.fps, offset), int(info.height), int(info.width))
+def video_clip_size(info, config: FrameSamplingConfig = FrameSamplingConfig()) -> VideoClipSize:
+    """What :func:`load_video_clip` returns for a whole video, without opening it: the frames it samples
+    from a video described by ``info`` (anything with ``num_frames``, ``fps``, ``width`` and ``height``:
+    a probe's ``VideoInfo``, or a shard's media record, which holds the build time's probe)."""
+    indices = sample_frame_indices(info.num_frames, info.fps, config)
+    return VideoClipSize(sampled_frame_times(indices, info.fps), int(info.height), int(info.width))

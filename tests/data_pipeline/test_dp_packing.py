@@ -240,8 +240,9 @@ def _assert_planned_equals_decoded(planned, decoded):
 
 def test_packs_are_planned_without_decoding_media_and_the_plan_is_what_decoding_gives(shard_sets, tokenizer, tmp_path):
     """The packer plans each sample with its media only sized by their shard records (an image's size, a
-    video's frame count, frame rate and size): every token, label, position and patch grid equals the decoded sample's, for every sample of
-    the four kinds and for a photo whose EXIF orientation turns it on its side."""
+    video's frame count, frame rate and size): every token, label, position and patch grid equals the
+    decoded sample's, for every sample of the four kinds and for a photo whose EXIF orientation turns it
+    on its side."""
     from data_tools.build import run_build
     from data_tools.config import BuildConfig
 
