@@ -16,13 +16,18 @@
 * one training step of the tiny MoE model in bf16 as the trainer builds it (``Float16Module``, fp32 main
   weights, distributed optimizer) on a packed multimodal micro-batch; save, 2 more steps, then a fresh
   model restored from the checkpoint repeats those 2 steps;
+* post-training as the RL stage runs it: rollouts of the tiny MoE model (text, image and video prompts)
+  with the KV cache against the full recomputation and their log-probs against the teacher-forced
+  packed forward (float32), then in bf16 under the trainer's wrappers, and one SAPO update from them;
 * ``benchmarks/bench_step.py`` runs on the GPU and prints its MFU line.
 
 Tolerances were set before any GPU run (the measured values are printed: run with ``-s``): float32 on
 CUDA sums in other orders than on CPU, hence 1e-4 where the CPU tests assert 1e-5. The rank bodies run
 by hand on CPU measured: float32 parity <= 7e-7, bf16 logits 1.1-1.6 % of the largest logit for the
 dense model (transformers' bf16: 1.0-2.0 %), 9.4 % for MoE (transformers: 9.4 %); document vs dense-mask
-attention 3e-7 in float32; the resumed steps bit-identical.
+attention 3e-7 in float32; the resumed steps bit-identical; rollouts: cached vs recomputed and sampled
+vs scored log-probs <= 1e-6 in float32, 4e-3 (max) and 2.5e-4 (mean) in bf16, the first update's ratio
+exactly 1.
 """
 
 from __future__ import annotations
@@ -436,6 +441,143 @@ def test_checkpoint_resume_on_cuda(train_resume):
     for (loss, norm, _), (rl, rn, rs) in zip(r["steps"][3:], r["resumed"]):
         # The same kernels on the same inputs; a lost Adam state would move the loss by ~1e-2.
         assert not rs and rl == pytest.approx(loss, rel=1e-3) and rn == pytest.approx(norm, rel=1e-2), r
+
+
+# ----------------------------------------------------------------------------------------------------
+# Post-training on the GPU: rollouts with the KV cache, their log-probs, one SAPO update
+
+
+def _rl_prompts(tokenizer) -> list[dict]:
+    """Rollout prompts (chat template, as the RL stage and ``pretrain.generate`` encode them): two text
+    prompts of different lengths, an image prompt and a video prompt."""
+    import numpy as np
+    import PIL.Image
+
+    from common.media.frame_sampling import VideoClip
+    from common.media.vision_inputs import VisionInputConfig
+    from pretrain.data.encoding import EncodingConfig, SampleEncoder
+    from pretrain.generate import encode_prompt_messages
+
+    rng = np.random.default_rng(0)
+    encoder = SampleEncoder(tokenizer, EncodingConfig(vision=VisionInputConfig(
+        image_min_pixels=1024, image_max_pixels=16384, video_min_pixels=1024, video_max_pixels=8192)))
+
+    def user(*content):
+        return [{"role": "user", "content": [*content]}]
+
+    image = PIL.Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    clip = VideoClip(rng.integers(0, 255, (4, 64, 64, 3), dtype=np.uint8), np.arange(4) / 2.0)
+    return [encode_prompt_messages(encoder, m) for m in (
+        user({"type": "text", "text": "which way does the red circle move"}),
+        user({"type": "image", "image": image}, {"type": "text", "text": "what is in the picture"}),
+        user({"type": "text", "text": "there is a small blue square on the left and then it moves up slowly"}),
+        user({"type": "video", "video": clip}, {"type": "text", "text": "which way does it move"}),
+    )]
+
+
+def _masked_diff(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) of |a - b| over the generated tokens."""
+    d = (a.float().cpu() - b.float().cpu()).abs()[mask.cpu()]
+    return d.max().item(), d.mean().item()
+
+
+def _rl_body(rank, job, tokenizer, prompts: list[dict]) -> dict:
+    from common.distributed.parallel import initialize_distributed
+    from model.config import Qwen3VLConfig
+    from model.qwen3vl import build_qwen3vl
+    from pretrain.posttrain.advantages import group_advantages
+    from pretrain.posttrain.policy_loss import policy_loss_config
+    from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, policy_update
+    from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, placeholder_ids, sequence_logprobs
+    from pretrain.trainer import build_training
+
+    initialize_distributed(job.parallel, seed=job.train.seed)
+    _float32_exact_matmuls()
+    cfg = Qwen3VLConfig.from_mapping(job.model)
+    g, new = 4, 12
+    greedy = RolloutConfig(temperature=0.0, max_new_tokens=new, group_size=g, stop_tokens=())
+    sampled = RolloutConfig(temperature=1.0, max_new_tokens=new, group_size=g, seed=1, stop_tokens=())
+    out = {}
+
+    # float32 (TF32 off): the decode's own consistency, as tests/posttrain/test_rollout.py on the CPU
+    model = build_qwen3vl(cfg).eval()
+    cached = generate_rollouts(model, prompts, greedy, tokenizer)
+    full = generate_rollouts(model, prompts, greedy, tokenizer, use_cache=False)
+    out["devices"] = sorted({p.device.type for p in model.parameters()})
+    out["greedy_ids_equal"] = torch.equal(cached.response_ids, full.response_ids)
+    out["greedy_logp"] = _masked_diff(cached.logprobs, full.logprobs, cached.response_mask)
+    rollouts = generate_rollouts(model, prompts, sampled, tokenizer, step=3)
+    again = generate_rollouts(model, prompts, sampled, tokenizer, step=3)
+    out["sampled_reproducible"] = torch.equal(rollouts.response_ids, again.response_ids)
+    out["sampled_distinct"] = not torch.equal(rollouts.response_ids[0], rollouts.response_ids[1])
+    with torch.no_grad():
+        scored = sequence_logprobs(model, prompts, rollouts, micro_batch_size=4)
+    out["fp32_logp"] = _masked_diff(rollouts.logprobs, scored, rollouts.response_mask)
+    del model
+
+    # bf16 as the RL stage runs it: the trainer's Float16Module + DDP + distributed optimizer
+    chunks, ddp, optimizer = build_training(job, torch.bfloat16)
+    for chunk in ddp:
+        chunk.eval()
+    rollouts = generate_rollouts(ddp[0], prompts, sampled, tokenizer, step=3)
+    with torch.no_grad():
+        old_logp = sequence_logprobs(ddp[0], prompts, rollouts, micro_batch_size=4).cpu()
+    out["bf16_logp"] = _masked_diff(rollouts.logprobs, old_logp, rollouts.response_mask)
+    out["bf16_tokens_per_s"] = rollouts.timing["tokens_per_s"]
+    for chunk in ddp:
+        chunk.train()
+    rewards = torch.arange(len(rollouts.texts), dtype=torch.float32) % g  # a spread within every group
+    advantages = group_advantages(rewards, g)
+    rows = RLRows(prompts, rollouts.response_ids, rollouts.response_mask, old_logp, advantages, rollouts.prompt_index)
+    before = [p.detach().float().cpu().clone() for gr in optimizer.param_groups for p in gr["params"]]
+    loss_step = PolicyLossStep(policy_loss_config("sapo"), "seq-mean-token-mean", rollouts.temperature,
+                               rollouts.vocab_size, placeholder_ids(cfg))
+    result = policy_update(ddp, optimizer, rows, loss_step, 4, torch.bfloat16)
+    after = [p.detach().float().cpu() for gr in optimizer.param_groups for p in gr["params"]]
+    out["update"] = (result.loss, result.grad_norm, result.skipped)
+    out["ratio"] = loss_step.metrics.reduce(loss_step.present)
+    out["moved"] = sum(not torch.equal(a, b) for a, b in zip(before, after)) / len(before)
+    return out
+
+
+@pytest.fixture(scope="module")
+def rl_step(tmp_path_factory):
+    from benchmarks.bench_step import bench_tokenizer, compose_job, fit_model_to_tokenizer
+
+    job = compose_job("tiny_moe", "single", stage="rl_sapo", seq_length=1024,
+                      overrides=["stage.optimizer.lr=1e-3", "stage.optimizer.min_lr=1e-3"])
+    tokenizer = bench_tokenizer(tmp_path_factory.mktemp("gpu_rl_tok"))
+    fit_model_to_tokenizer(job, tokenizer)
+    result = run_ranks(_rl_body, 1, job, tokenizer, _rl_prompts(tokenizer))[0]
+    print(f"\nrollouts on CUDA (tiny_moe, 4 prompts x G=4, 12 tokens): float32 greedy cache vs recompute "
+          f"(max, mean |logp diff|) {result['greedy_logp']}, sampled vs scored {result['fp32_logp']}; bf16 "
+          f"sampled vs scored {result['bf16_logp']}, {result['bf16_tokens_per_s']:.0f} tokens/s; SAPO update "
+          f"(loss, grad norm, skipped) {result['update']}, ratio {result['ratio']}, {result['moved']:.0%} of the "
+          "main weights moved")
+    return result
+
+
+def test_rollouts_with_the_kv_cache_on_cuda(rl_step):
+    r = rl_step
+    assert r["devices"] == ["cuda"], r["devices"]
+    # float32: the cached decode is the full recomputation, a sample is reproducible from its seed, and
+    # the sampler's log-probs are the teacher-forced packed forward's (the RL loss's old policy).
+    assert r["greedy_ids_equal"] and r["greedy_logp"][0] <= FP32_TOL, r["greedy_logp"]
+    assert r["sampled_reproducible"] and r["sampled_distinct"], r
+    assert r["fp32_logp"][0] <= FP32_TOL, r["fp32_logp"]
+    # bf16: the decode (one query per row against the cache) and the packed forward run different
+    # kernels; their log-probs agree to bf16 precision on average (a wrong position, mask or cache row
+    # moves them by nats), a single token's by less than a router flip can move it.
+    assert r["bf16_logp"][1] <= 0.05, r["bf16_logp"]
+
+
+def test_sapo_update_on_cuda(rl_step):
+    loss, norm, skipped = rl_step["update"]
+    assert not skipped and loss == loss and norm is not None and 0 < norm < float("inf"), rl_step["update"]
+    assert rl_step["moved"] > 0.5, rl_step["moved"]
+    # The first update is on-policy: the old log-probs are this model's in this packing, so the ratio is
+    # 1 up to the train-mode forward's bf16 rounding.
+    assert rl_step["ratio"]["ratio_dev_max"] <= 0.05, rl_step["ratio"]
 
 
 # ----------------------------------------------------------------------------------------------------
