@@ -19,6 +19,9 @@
 * post-training as the RL stage runs it: rollouts of the tiny MoE model (text, image and video prompts)
   with the KV cache against the full recomputation and their log-probs against the teacher-forced
   packed forward (float32), then in bf16 under the trainer's wrappers, and one SAPO update from them;
+* distillation as the distill stage runs it (bf16): the frozen teacher from a checkpoint, its hidden states
+  carried in the micro-batches to its output layer; KL 0 when the teacher is the student, and steps that
+  lower the KL to a perturbed teacher;
 * ``benchmarks/bench_step.py`` runs on the GPU and prints its MFU line.
 
 Tolerances were set before any GPU run (the measured values are printed: run with ``-s``): float32 on
@@ -444,7 +447,7 @@ def test_checkpoint_resume_on_cuda(train_resume):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Post-training on the GPU: rollouts with the KV cache, their log-probs, one SAPO update
+# Post-training on the GPU: rollouts with the KV cache, their log-probs, one SAPO update; distillation
 
 
 def _rl_prompts(tokenizer) -> list[dict]:
@@ -578,6 +581,88 @@ def test_sapo_update_on_cuda(rl_step):
     # The first update is on-policy: the old log-probs are this model's in this packing, so the ratio is
     # 1 up to the train-mode forward's bf16 rounding.
     assert rl_step["ratio"]["ratio_dev_max"] <= 0.05, rl_step["ratio"]
+
+
+def _distill_body(rank, job, micro_batches: list[dict]) -> dict:
+    from common.distributed.parallel import initialize_distributed
+    from model.checkpoint_io import save_weights
+    from model.config import Qwen3VLConfig
+    from pretrain.posttrain.distill_stage import build_frozen_model, distill_forward_step, run_teacher
+    from pretrain.step import train_step
+    from pretrain.trainer import build_training, normalize_loss_weights
+
+    initialize_distributed(job.parallel, seed=job.train.seed)
+    chunks, ddp, optimizer = build_training(job, torch.bfloat16)
+    save_weights(job.stage.distill.teacher, chunks)  # the student as it starts: its own teacher
+    teacher = build_frozen_model(job, Qwen3VLConfig.from_mapping(job.model), Path(job.stage.distill.teacher),
+                                 torch.bfloat16)
+    out = {"teacher_dtypes": sorted({str(p.dtype) for p in teacher.parameters()}),
+           "teacher_frozen": not any(p.requires_grad for p in teacher.parameters())}
+
+    def batches():
+        copies = [dict(b) for b in micro_batches]
+        normalize_loss_weights(copies)
+        run_teacher(teacher, copies)  # as pretrain.trainer.run_stage, before the student's schedule
+        return copies
+
+    def kl() -> float:
+        """The mean KL per target token of the micro-batches (the loss a step reports), without a step."""
+        total = count = 0.0
+        with torch.no_grad():
+            for batch in batches():
+                logits, loss = distill_forward_step(teacher, 1.0)(iter([batch]), ddp[0])
+                weighted, tokens, _ = loss(logits)
+                total, count = total + float(weighted), count + float(tokens)
+        return total / count
+
+    for chunk in ddp:
+        chunk.eval()
+    out["self_kl"] = kl()
+    with torch.no_grad():  # a different teacher: the same weights, perturbed
+        g = torch.Generator(device=_device()).manual_seed(0)
+        for p in teacher.parameters():
+            p.add_(0.5 * p.float().std().nan_to_num() * torch.randn(p.shape, device=p.device, generator=g)
+                   .to(p.dtype))
+    out["other_kl"] = kl()
+    for chunk in ddp:
+        chunk.train()
+    shape = micro_batches[0]["tokens"].shape
+    steps = [train_step(ddp, optimizer, distill_forward_step(teacher, 1.0), iter(batches()), len(micro_batches),
+                        int(shape[1]), int(shape[0])) for _ in range(4)]
+    out["steps"] = [(r.loss, r.grad_norm, r.skipped) for r in steps]
+    return out
+
+
+@pytest.fixture(scope="module")
+def distill_steps(tmp_path_factory):
+    from benchmarks.bench_step import bench_tokenizer, compose_job, fit_model_to_tokenizer, synthetic_global_batch
+
+    teacher = tmp_path_factory.mktemp("gpu_teacher")
+    job = compose_job("tiny_moe", "single", stage="distill", seq_length=1024,
+                      overrides=["stage.optimizer.lr=1e-3", "stage.optimizer.warmup_steps=0",
+                                 f"stage.distill.teacher={teacher}"])
+    tokenizer = bench_tokenizer(tmp_path_factory.mktemp("gpu_distill_tok"))
+    fit_model_to_tokenizer(job, tokenizer)
+    micro_batches = synthetic_global_batch(tokenizer, 1024, 1, 2, image_side=128)
+    result = run_ranks(_distill_body, 1, job, micro_batches)[0]
+    print(f"\ndistillation on CUDA (tiny_moe, bf16, 2 packed micro-batches of 1024): KL to itself "
+          f"{result['self_kl']:.2e}, to a perturbed teacher {result['other_kl']:.4f}; steps (loss, grad norm, "
+          f"skipped) {result['steps']}")
+    return result
+
+
+def test_distillation_step_on_cuda(distill_steps):
+    r = distill_steps
+    assert r["teacher_dtypes"] == ["torch.bfloat16"] and r["teacher_frozen"], r
+    # The teacher's hidden states, carried in the micro-batches to its output layer, give the student's
+    # own distribution when the teacher is the student: KL 0 up to bf16 rounding of the two passes.
+    # (measured on CPU: 0 against itself, 6.9e-3 against the perturbed teacher)
+    assert 0 <= r["self_kl"] <= 1e-4 and r["other_kl"] >= 1e-3, r
+    losses = [loss for loss, *_ in r["steps"]]
+    for loss, norm, skipped in r["steps"]:
+        assert not skipped and loss == loss and norm is not None and 0 < norm < float("inf"), r["steps"]
+    assert losses[0] == pytest.approx(r["other_kl"], rel=0.05), (losses, r["other_kl"])
+    assert losses[-1] < 0.9 * losses[0], losses  # the student moves towards the teacher
 
 
 # ----------------------------------------------------------------------------------------------------
