@@ -3,8 +3,12 @@
 The rows of a step (responses that survived the prompt filter, with their old-policy log-probs and
 advantages) become micro-batches of ``micro_batch_size`` rows, each row its prompt followed by its
 response, the rows of a micro-batch packed into one sequence
-(:func:`pretrain.posttrain.rollout.response_rows`), every micro-batch of the step padded to one length
-L so that pipeline stages exchange fixed shapes. The schedule's forward step runs the model (any layout the trainer runs:
+(:func:`pretrain.posttrain.rollout.response_rows`). With pipeline parallelism every micro-batch of the
+step is padded to one length L, as the stages exchange fixed shapes (the padding is document -1, which
+the MoE routers leave out: it changes neither the loss nor the load-balancing gradient); without it each
+micro-batch keeps its own length (rows' lengths differ a lot: a group of video prompts' rows can be
+several times a group of text prompts', and padding to the longest would be mostly padding, its
+attention quadratic in its length). The schedule's forward step runs the model (any layout the trainer runs:
 TP, SP, PP, EP, DP); its loss function, on the last pipeline stage, takes the vocabulary-parallel
 logits to per-token log-probs and returns the policy loss as a *sum and a count*
 (:func:`pretrain.posttrain.policy_loss.policy_loss_terms`): Megatron adds the counts over micro-batches
@@ -78,24 +82,28 @@ def balance_rows(local_rows: int) -> int:
     return int(all_reduce_values([local_rows], group=group, op=torch.distributed.ReduceOp.MAX)[0])
 
 
-def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, multiple_of: int = 1) -> tuple[list[dict], int]:
-    """(micro-batches of ``micro_batch_size`` rows, each packed into one sequence [1, L]; L, the
-    longest packed micro-batch of ``rows``, so that every one has the same shape). The last micro-batch
-    is filled up with empty rows."""
+def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, multiple_of: int = 1,
+                     same_length: bool = False) -> tuple[list[dict], int]:
+    """(micro-batches of ``micro_batch_size`` rows, each packed into one sequence [1, L_k] with L_k a
+    multiple of ``multiple_of``; the longest L_k). ``same_length`` (pipeline parallelism): every L_k is
+    the longest, the shorter micro-batches right-padded. The last micro-batch is filled up with empty
+    rows."""
     count = math.ceil(len(rows) / micro_batch_size)
     rows = rows.padded_to(count * micro_batch_size, pad_id=0)
     parts = [rows.select(slice(k * micro_batch_size, (k + 1) * micro_batch_size)) for k in range(count)]
-    length = max(packed_length(p.prompts, p.prompt_index, p.response_ids, p.response_mask, multiple_of) for p in parts)
+    lengths = [packed_length(p.prompts, p.prompt_index, p.response_ids, p.response_mask, multiple_of) for p in parts]
+    longest = max(lengths)
     batches = []
-    for part in parts:
+    for part, length in zip(parts, lengths):
         inputs, index = response_rows(part.prompts, part.response_ids, part.prompt_index, dtype,
-                                      response_mask=part.response_mask, multiple_of=multiple_of, length=length)
+                                      response_mask=part.response_mask, multiple_of=multiple_of,
+                                      length=longest if same_length else length)
         batch = {**inputs, "index": index, "response_ids": part.response_ids, "response_mask": part.response_mask,
                  "old_logp": part.old_logp, "advantages": part.advantages}
         if part.ref_logp is not None:
             batch["ref_logp"] = part.ref_logp
         batches.append(batch)
-    return batches, length
+    return batches, longest
 
 
 class PolicyLossMetrics:
@@ -144,7 +152,7 @@ class PolicyLossStep:
     def __call__(self, data_iterator, model):
         batch = to_device(next(data_iterator))
         logits = model(batch["input_ids"], batch["position_ids"], document_ids=batch["document_ids"],
-                       runtime_gather_output=False, **media_inputs(batch))
+                       padding_mask=batch["document_ids"] < 0, runtime_gather_output=False, **media_inputs(batch))
         return logits, partial(self._loss, batch)
 
     def _loss(self, batch: dict, logits: torch.Tensor):
@@ -165,5 +173,6 @@ def policy_update(model: list, optimizer, rows: RLRows, loss_step: PolicyLossSte
     data-parallel rank). ``StepResult.loss`` is the policy loss of the global mini-batch."""
     sp = model[0].config.sequence_parallel
     multiple = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
-    batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple)
-    return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)  # [1, L] each
+    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
+    batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple, same_length=pipelined)
+    return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)  # [1, L_k] each

@@ -16,9 +16,10 @@ How the batch runs (all prompts x G responses in one batch):
 
 * **Left padding.** Prompts are left-padded to the longest, so every row's next token sits in the
   same column: the KV cache is one static ``[S, B, ...]`` buffer per layer and each decoding step
-  feeds one ``[B, 1]`` column. The padding is a separate segment of the ``document_ids``, so no real
-  token ever attends to it, and positions are the prompt's own: a left-padded row computes what the
-  prompt alone would (right padding would need a different write column per row).
+  feeds one ``[B, 1]`` column. The padding is a separate segment of the ``document_ids`` (id -1, as a
+  pack's padding: the MoE routers leave it out, ``padding_mask``), so no real token ever attends to it,
+  and positions are the prompt's own: a left-padded row computes what the prompt alone would (right
+  padding would need a different write column per row).
 * **Prefill once per prompt.** The P prompts (with their images and videos: the ViT runs once per
   prompt, not G times) fill the cache; its rows are then repeated G times, and the first tokens of
   the G responses are sampled from the same logits.
@@ -240,7 +241,7 @@ def _shared_media(prompts: list[_Prompt], order: Sequence[int], dtype: torch.dty
 class _Batch:
     """The left-padded token grid of a rollout: prompts (``prompt_len`` columns) then generated tokens.
 
-    ``ids`` [B, S], ``positions`` [3, B, S], ``documents`` [B, S] (0 = left padding, 1 = the row's
+    ``ids`` [B, S], ``positions`` [3, B, S], ``documents`` [B, S] (-1 = left padding, 0 = the row's
     prompt and response) with S = prompt_len + max_new_tokens; rows p*G .. p*G+G-1 hold prompt p.
     """
 
@@ -258,7 +259,7 @@ class _Batch:
         total = prompt_len + max_new_tokens
         ids = torch.full((n, total), pad_id, dtype=torch.long)
         positions = torch.zeros(3, n, total, dtype=torch.long)
-        documents = torch.zeros(n, total, dtype=torch.long)
+        documents = torch.full((n, total), -1, dtype=torch.long)
         for i, p in enumerate(prompts):
             start = prompt_len - p.ids.numel()
             ids[i, start:prompt_len] = p.ids
@@ -266,7 +267,7 @@ class _Batch:
             # Response tokens are text: the next position on all three axes (pretrain.generate).
             last = int(p.positions.max())
             positions[:, i, prompt_len:] = torch.arange(last + 1, last + 1 + max_new_tokens)
-            documents[i, start:] = 1
+            documents[i, start:] = 0
         return cls(prompts, g, prompt_len, ids.repeat_interleave(g, 0), positions.repeat_interleave(g, 1),
                    documents.repeat_interleave(g, 0))
 
@@ -367,7 +368,7 @@ class _CachedDecoder:
         b, g, s = self.batch, self.batch.group_size, self.batch.prompt_len
         firsts = torch.arange(0, b.ids.shape[0], g)  # one row per prompt
         inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
-                            "document_ids": b.documents[firsts, :s],
+                            "document_ids": b.documents[firsts, :s], "padding_mask": b.documents[firsts, :s] < 0,
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
         logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=self.context,
@@ -409,7 +410,7 @@ class _RecomputeDecoder:
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:
         b, n = self.batch, self.length
         inputs = to_device({"input_ids": b.ids[rows, :n], "position_ids": b.positions[:, rows, :n],
-                            "document_ids": b.documents[rows, :n],
+                            "document_ids": b.documents[rows, :n], "padding_mask": b.documents[rows, :n] < 0,
                             **_media(b.prompts, b.prompt_of(rows), _model_dtype(self.model))})
         logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), runtime_gather_output=True, **inputs))
@@ -691,8 +692,8 @@ def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], response
     Row i is prompt ``prompt_index[i]`` then ``responses[i]`` [n, T] up to its last token in
     ``response_mask`` (default: all T), one document of the packed sequence (``document_ids`` i, so
     attention stays inside the row); the rows follow each other without padding, and the sequence is
-    right-padded (a document of its own) to ``length`` tokens (default: the rows' total, rounded up to
-    ``multiple_of``, e.g. tp with sequence parallelism). Packing instead of padding every row to the
+    right-padded (document id -1, as a pack's padding) to ``length`` tokens (default: the rows' total,
+    rounded up to ``multiple_of``, e.g. tp with sequence parallelism). Packing instead of padding every row to the
     longest prompt matters because prompts differ a lot in length (a video prompt is several times an
     image prompt, a long response many times a short one). ``inputs`` holds ``input_ids`` [1, L],
     ``position_ids`` [3, 1, L] (each row's prompt positions, its response tokens on the next position
@@ -710,7 +711,7 @@ def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], response
         raise ValueError(f"packed length {length} must be >= {needed} and a multiple of {multiple_of}")
     ids = torch.zeros(1, length, dtype=torch.long)
     positions = torch.arange(length).expand(3, 1, length).clone()
-    documents = torch.full((1, length), n, dtype=torch.long)
+    documents = torch.full((1, length), -1, dtype=torch.long)
     index = torch.zeros(n, width, dtype=torch.long)
     offset = 0
     for i, p in enumerate(prompt_index.tolist()):
@@ -779,7 +780,8 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, r
                                   multiple_of=multiple)
     inputs = to_device(inputs)
     logits = stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
-                                                 runtime_gather_output=False, **inputs))
+                                                 runtime_gather_output=False,
+                                                 padding_mask=inputs["document_ids"] < 0, **inputs))
     device = next(model.parameters()).device
     if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
         logp = from_last_stage(None, (n, width), torch.float32, device)

@@ -5,6 +5,7 @@ log-probs away from the current policy so that ratios leave 1, advantages of bot
 same policy loss and gradient norm in one process, in TP2 with sequence parallelism, in EP2 (the
 MoE experts split, the rows split over the two data-parallel ranks) and in PP2 (the packed micro-batches
 of different row lengths padded to one shape for the stages). SAPO, GRPO and GSPO, both aggregations.
+Without pipeline stages each micro-batch keeps its own length.
 """
 
 from __future__ import annotations
@@ -95,3 +96,66 @@ def test_rl_loss_is_the_same_in_single_tp2_ep2_and_pp2(setup):
     # ratios really left 1 (old log-probs are not the policy's), and the losses differ by method
     assert single[0][2]["ratio_dev_mean"] > 0.1
     assert len({round(loss, 6) for loss, _, _ in single}) == 3
+
+
+def _padded_and_own_length(rank, overrides, prompts, batch, ckpt, vocab):
+    from common.distributed.parallel import initialize_distributed
+    from model.checkpoint_io import load_weights
+    from pretrain.cli import load_job
+    from pretrain.posttrain.policy_loss import policy_loss_config
+    from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, rl_micro_batches
+    from pretrain.posttrain.rollout import placeholder_ids
+    from pretrain.step import train_step
+    from pretrain.trainer import build_training
+
+    _, job = load_job([*overrides, "parallel=single"])
+    initialize_distributed(job.parallel, seed=0)
+    chunks, model, optimizer = build_training(job, torch.float32)
+    # The last two rows answer a prompt five times the longest: the other micro-batches pad a lot. With
+    # advantages 0 the policy loss has no gradient: what is left is the MoE load-balancing loss's.
+    long = {"input_ids": prompts[1]["input_ids"].repeat(5)}
+    rows = RLRows([*prompts, long], **{**batch, "prompt_index": torch.tensor([0, 0, 1, 1, 2, 2, 4, 4]),
+                                       "advantages": torch.zeros(ROWS)})
+    out = {}
+    for same in (False, True):
+        load_weights(ckpt, chunks)
+        step = PolicyLossStep(policy_loss_config("sapo"), "token-mean", 1.0, vocab, placeholder_ids(chunks[0].cfg))
+        batches, length = rl_micro_batches(rows, 2, torch.float32, same_length=same)
+        result = train_step(model, optimizer, step, iter(batches), len(batches), length, 1)
+        padding = sum(int((b["document_ids"] < 0).sum()) for b in batches)
+        out[same] = (result.loss, result.grad_norm, padding)
+    return out
+
+
+def test_padding_to_one_length_changes_nothing_but_the_shapes(setup):
+    """The pipeline rule's padding (every micro-batch as long as the longest) is a document of its own
+    that the MoE routers leave out (``padding_mask``): the loss and the gradient of the load-balancing
+    loss are those of the micro-batches at their own lengths."""
+    overrides, prompts, batch, ckpt, vocab = setup
+    run_ranks(_update, 1, overrides, "single", prompts, batch, ckpt, vocab, True)  # writes the weights
+    out = run_ranks(_padded_and_own_length, 1, overrides, prompts, batch, ckpt, vocab)[0]
+    (loss, norm, own_padding), (padded_loss, padded_norm, padding) = out[False], out[True]
+    assert own_padding == 0 and padding > 100 and norm > 0, out
+    assert padded_loss == pytest.approx(loss, abs=1e-7) and padded_norm == pytest.approx(norm, rel=1e-5), out
+
+
+@pytest.mark.parametrize("same_length", [False, True])
+def test_micro_batches_are_padded_to_one_length_only_for_pipeline_stages(same_length):
+    """Without pipeline parallelism each micro-batch keeps its own packed length (a group of long
+    prompts' rows would otherwise make every other micro-batch mostly padding); with it (the stages
+    exchange fixed shapes) every micro-batch is the longest, right-padded. Lengths are rounded up to
+    ``multiple_of`` (tp with sequence parallelism) either way."""
+    from pretrain.posttrain.rl_step import RLRows, rl_micro_batches
+
+    prompts = [{"input_ids": torch.arange(1, 4)}, {"input_ids": torch.arange(1, 21)}]  # 3 and 20 tokens
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # row 1: 3 of its 5 tokens
+    rows = RLRows(prompts, torch.full((4, 5), 7), mask, torch.zeros(4, 5), torch.zeros(4), torch.tensor([0, 0, 1, 1]))
+    batches, longest = rl_micro_batches(rows, 2, torch.float32, multiple_of=4, same_length=same_length)
+    lengths = [b["input_ids"].shape[1] for b in batches]
+    assert longest == 52  # 2 x (20 + 5) = 50, rounded up to 52
+    assert lengths == ([52, 52] if same_length else [16, 52])  # 8 + 6 = 14 -> 16
+    for b, length, real in zip(batches, lengths, (14, 50)):
+        assert b["position_ids"].shape == (3, 1, length) and b["document_ids"].shape == (1, length)
+        # the two rows (documents 0 and 1), then the padding (document -1, as a pack's)
+        assert bool((b["document_ids"][0, :real] >= 0).all()) and bool((b["document_ids"][0, real:] == -1).all())

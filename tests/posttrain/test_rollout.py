@@ -446,7 +446,8 @@ def test_response_rows_are_packed_one_document_each():
     assert packed_length(prompts, prompt_index, responses, mask, multiple_of=4) == 20  # 17 rounded up
     ids, documents, positions = inputs["input_ids"][0], inputs["document_ids"][0], inputs["position_ids"][:, 0]
     assert ids.shape == (20,) and positions.shape == (3, 20)
-    assert documents.tolist() == [0] * 8 + [1] * 4 + [2] * 5 + [3] * 3  # the tail is a document of its own
+    # the tail is a document of its own, id -1 as a pack's padding (left out of the MoE routers)
+    assert documents.tolist() == [0] * 8 + [1] * 4 + [2] * 5 + [-1] * 3
     assert ids[:17].tolist() == [10, 11, 12, 13, 14, 7, 8, 9, 20, 21, 22, 4, 10, 11, 12, 13, 14]
     assert positions[0, :17].tolist() == [*range(8), *range(4), *range(5)]  # each row from 0
     offsets = [0, 8, 12]
