@@ -503,7 +503,7 @@ def _rl_body(rank, job, tokenizer, prompts: list[dict]) -> dict:
     out = {}
 
     # float32 (TF32 off): the decode's own consistency, as tests/posttrain/test_rollout.py on the CPU
-    model = build_qwen3vl(cfg).eval()
+    model = build_qwen3vl(cfg).to(_device()).eval()  # .to: a no-op where the build placed it on the GPU
     cached = generate_rollouts(model, prompts, greedy, tokenizer)
     full = generate_rollouts(model, prompts, greedy, tokenizer, use_cache=False)
     out["devices"] = sorted({p.device.type for p in model.parameters()})
