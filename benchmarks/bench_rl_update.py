@@ -41,9 +41,9 @@ def rollout_rows(tokenizer, cfg, groups: int, g: int, max_new_tokens: int, side:
     from pretrain.posttrain.rl_step import RLRows
 
     rng = np.random.default_rng(seed)
-    pixels = side * side
+    pixels = side * side  # per image and per frame (a video's max_pixels is its whole budget)
     encoder = SampleEncoder(tokenizer, EncodingConfig(vision=VisionInputConfig(
-        image_min_pixels=pixels, image_max_pixels=pixels, video_min_pixels=pixels, video_max_pixels=pixels)))
+        image_min_pixels=pixels, image_max_pixels=pixels, video_min_pixels=4096, video_max_pixels=frames * pixels)))
     question = {"type": "text", "text": "which way does the red circle move and what is on its left"}
     kinds = [[question],
              [{"type": "image", "image": PIL.Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8))},
