@@ -33,6 +33,9 @@ Context parallelism (``cp > 1``): the rank's queries are its tokens in the layou
 their gradients are reduce-scattered back) and put in sequence order, so every query sees exactly the
 keys it would see without CP.
 
+Padding (segment ids < 0) attends within blocks of :data:`PADDING_BLOCK` tokens: its outputs feed no loss
+and reach no real token, and as one causal segment it would cost attention quadratic in its length.
+
 The segment ids of one forward pass are the same tensor for every layer; the document plan derived from
 them is cached on that tensor, so it is computed once per forward, not once per layer.
 
@@ -70,6 +73,10 @@ QUERY_BLOCK, MIN_QUERY_BLOCK = 1024, 64
 # A block with at most this many mask entries keeps its mask (at most 256 KB, < 1 KB per query row of a
 # short document's chunk) rather than computing it twice: the chunks of short documents are many.
 SMALL_MASK = 1 << 16
+# Padding (segment id < 0: a pack's tail, the RL micro-batches' fill-up) attends within blocks of at most
+# this many tokens: nothing reads its outputs, and as one causal document its attention would grow with
+# the square of its length (half of an RL micro-batch can be padding under pipeline parallelism).
+PADDING_BLOCK = 128
 # CUDA, half precision: one variable-length flash attention call per layer (see the module docstring).
 USE_VARLEN = True
 
@@ -95,9 +102,13 @@ def attention_pieces(segment_ids, causal: bool, positions=None) -> list[Attentio
     ``segment_ids`` (a list or a 1-D CPU tensor) cover the full sequence (``S`` tokens); ``positions``
     (likewise) are the global positions of this rank's tokens in its order (context parallelism,
     :func:`model.context_parallel.rank_positions`), None for all ``S``. Keys are in sequence order. A piece is a run of consecutive positions inside one
-    segment.
+    segment. A run of padding (ids < 0) is cut into segments of :data:`PADDING_BLOCK` tokens.
     """
-    starts, ends = document_bounds(segment_ids)  # each position's segment: [start, end)
+    seg = torch.as_tensor(segment_ids)
+    padding = seg < 0
+    if bool(padding.any()):  # block k of the sequence's padding positions gets id -1 - k
+        seg = torch.where(padding, -1 - torch.arange(seg.numel()) // PADDING_BLOCK, seg)
+    starts, ends = document_bounds(seg)  # each position's segment: [start, end)
     pos = torch.arange(starts.numel()) if positions is None else torch.as_tensor(positions)
     breaks = torch.ones(pos.numel() + 1, dtype=torch.bool)  # where a run of the local order begins
     breaks[1:-1] = (pos[1:] != pos[:-1] + 1) | (starts[pos[1:]] != starts[pos[:-1]])

@@ -140,6 +140,41 @@ def test_attention_pieces_cover_every_query_once():
         (0, 5, 0, 5, None), (5, 14, 5, 14, None), (14, 16, 14, 16, None)]
 
 
+def test_padding_attends_in_blocks_and_real_tokens_see_what_they_saw():
+    """A padding run (segment id < 0) is cut into segments of at most PADDING_BLOCK tokens: its attention
+    grows linearly with its length, not with its square. The documents' outputs are those of padding as
+    one segment (a dense mask over the same ids), with context parallelism's pieces too."""
+    import torch.nn.functional as F
+
+    from model.attention import PADDING_BLOCK, _plan, attend_packed, attention_pieces
+    from model.context_parallel import rank_positions
+
+    seq = 2 * PADDING_BLOCK + 100
+    segments = torch.tensor([0] * 40 + [1] * 60 + [-1] * (seq - 100))
+    for positions in (None, rank_positions(segments, seq, 2)[1].tolist()):
+        pieces = attention_pieces(segments, causal=True, positions=positions)
+        rows = [r for p in pieces for r in range(p.q_start, p.q_end)]
+        assert rows == list(range(len(rows)))
+        assert len(rows) == (seq if positions is None else seq // 2)
+        for p in pieces:
+            if segments[p.k_start] < 0:
+                assert p.k_end - p.k_start <= PADDING_BLOCK and bool((segments[p.k_start:p.k_end] < 0).all())
+            else:
+                assert segments[p.k_start] == segments[p.k_end - 1]
+    assert max(p.k_end - p.k_start for p in attention_pieces(segments, causal=True)) <= PADDING_BLOCK
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(seq, 1, 4, 16, generator=g) for _ in range(3))
+    ids = segments[None]
+    out = attend_packed(q, k, v, _plan(ids, 1, seq, True, 1, 0), None, True, 0.25, varlen=False)
+    visible = (ids[0][:, None] == ids[0][None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
+    reference = F.scaled_dot_product_attention(q.permute(1, 2, 0, 3), k.permute(1, 2, 0, 3), v.permute(1, 2, 0, 3),
+                                               attn_mask=visible, scale=0.25)
+    reference = reference.permute(2, 0, 1, 3).reshape(seq, 1, -1)
+    assert (out[:100] - reference[:100]).abs().max().item() <= 1e-6  # the documents: unchanged
+    assert bool(out.isfinite().all())
+
+
 def _causal_pairs(segments: list[int], positions: list[int]) -> int:
     """Attention work of a rank: the (query, key) pairs its queries attend to."""
     starts, start = {}, 0
