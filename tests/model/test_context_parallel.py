@@ -142,8 +142,9 @@ def test_attention_pieces_cover_every_query_once():
 
 def test_padding_attends_in_blocks_and_real_tokens_see_what_they_saw():
     """A padding run (segment id < 0) is cut into segments of at most PADDING_BLOCK tokens: its attention
-    grows linearly with its length, not with its square. The documents' outputs are those of padding as
-    one segment (a dense mask over the same ids), with context parallelism's pieces too."""
+    grows linearly with its length, not with its square; with context parallelism's layout too, every
+    query is in one piece and a piece's keys stay inside a block. The documents' outputs are those of
+    padding as one segment (a dense mask over the same ids)."""
     import torch.nn.functional as F
 
     from model.attention import PADDING_BLOCK, _plan, attend_packed, attention_pieces
