@@ -1,16 +1,18 @@
 """Time of the RL policy update with micro-batches at their own packed lengths vs all padded to the longest.
 
-    python benchmarks/bench_rl_update.py [--model tiny_moe] [--groups 2] [--group-size 8] [--steps 3]
+    python benchmarks/bench_rl_update.py [--model tiny_moe] [--groups 3] [--group-size 8] [--steps 3]
+        [--max-new-tokens 128] [--side 224] [--frames 16]
 
 One process, the trainer's model and optimizer of ``stage=rl_sapo`` (``pretrain.trainer.build_training``),
 a synthetic rollout batch of prompt groups as an RL step holds them: in turn a text prompt, an image prompt
 and a video prompt (random pixels, encoded by the chat template as the RL stage encodes them), G responses
 each of 8 to ``--max-new-tokens`` random tokens. One micro-batch holds G rows (one group), so the micro-batches'
-lengths differ as their prompts do. ``pretrain.posttrain.rl_step.policy_update`` runs the same rows with each
-micro-batch at its own length (``same_length=False``: the rule without pipeline stages) and with every one
-padded to the longest (``same_length=True``: what pipeline stages need, and what every layout did before),
-alternating, after one warm-up update each. Prints both layouts' tokens (real and padding) and update times,
-then ``padded/own-length update time: X``. The loss and gradient norm of the two are the same (printed).
+lengths differ as their prompts do. The same rows go through the trainer's step as
+``pretrain.posttrain.rl_step.policy_update`` runs them, with each micro-batch at its own length
+(``rl_micro_batches(same_length=False)``: the rule without pipeline stages) and with every one padded to the
+longest (``same_length=True``: what pipeline stages need), alternating, after one warm-up update each.
+Prints both layouts' tokens (real and padding) and update times, then ``padded/own-length update time: X``.
+The loss and gradient norm of the two are the same (printed).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
     from pretrain.posttrain import rl_step
     from pretrain.posttrain.policy_loss import policy_loss_config
     from pretrain.posttrain.rollout import placeholder_ids
+    from pretrain.step import train_step
     from pretrain.trainer import build_training
 
     initialize_distributed(job.parallel, seed=job.train.seed)
@@ -86,7 +89,7 @@ def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        result = rl_step.train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)
+        result = train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         out[same]["results"].append((result.loss, result.grad_norm))
