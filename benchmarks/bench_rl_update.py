@@ -63,6 +63,7 @@ def rollout_rows(tokenizer, cfg, groups: int, g: int, max_new_tokens: int, side:
 
 
 def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
+    from benchmarks.bench_step import _sync
     from common.distributed.parallel import initialize_distributed
     from model.config import Qwen3VLConfig
     from pretrain.posttrain import rl_step
@@ -75,23 +76,21 @@ def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
     cfg = Qwen3VLConfig.from_mapping(job.model)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     _, model, optimizer = build_training(job, dtype)
-    out = {}
-    for same in (False, True):
-        batches, longest = rl_step.rl_micro_batches(rows, g, dtype, same_length=same)
-        real = int(sum((b["document_ids"] >= 0).sum() for b in batches))
-        out[same] = {"tokens": sum(b["input_ids"].shape[1] for b in batches), "real": real, "times": [],
-                     "results": []}
+    layouts, out = {}, {}
+    for same in (False, True):  # the micro-batches of each layout, built once (the steps only read them)
+        layouts[same] = rl_step.rl_micro_batches(rows, g, dtype, same_length=same)
+        batches = layouts[same][0]
+        out[same] = {"tokens": sum(b["input_ids"].shape[1] for b in batches),
+                     "real": int(sum((b["document_ids"] >= 0).sum() for b in batches)), "times": [], "results": []}
 
     def update(same: bool) -> float:
         loss_step = rl_step.PolicyLossStep(policy_loss_config("sapo"), "seq-mean-token-mean", 1.0,
                                            tokenizer.vocab_size, placeholder_ids(cfg))
-        batches, length = rl_step.rl_micro_batches(rows, g, dtype, same_length=same)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        batches, length = layouts[same]
+        _sync()
         t0 = time.perf_counter()
         result = train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         out[same]["results"].append((result.loss, result.grad_norm))
         return time.perf_counter() - t0
 

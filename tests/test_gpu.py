@@ -519,7 +519,7 @@ def _rl_body(rank, job, tokenizer, prompts: list[dict]) -> dict:
     del model
 
     # bf16 as the RL stage runs it: the trainer's Float16Module + DDP + distributed optimizer
-    chunks, ddp, optimizer = build_training(job, torch.bfloat16)
+    _, ddp, optimizer = build_training(job, torch.bfloat16)
     for chunk in ddp:
         chunk.eval()
     rollouts = generate_rollouts(ddp[0], prompts, sampled, tokenizer, step=3)
