@@ -156,9 +156,9 @@ class PolicyLossStep:
         return logits, partial(self._loss, batch)
 
     def _loss(self, batch: dict, logits: torch.Tensor):
-        logp = response_logprobs(logits, batch["index"], batch["response_ids"], self.temperature, self.vocab_size,
-                                 self.banned)
         mask = batch["response_mask"]
+        logp = response_logprobs(logits, batch["index"], batch["response_ids"], mask, self.temperature,
+                                 self.vocab_size, self.banned)
         total, count, metrics = policy_loss_terms(self.loss_cfg, logp, batch["old_logp"], batch["advantages"],
                                                   mask, self.aggregation, batch.get("ref_logp"))
         self.metrics.add(metrics, float(mask.sum()))

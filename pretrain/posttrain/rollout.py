@@ -730,13 +730,12 @@ def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], response
     return inputs, index
 
 
-def _response_logits(logits: torch.Tensor, index: torch.Tensor, temperature: float, vocab_size: int,
+def _response_logits(logits: torch.Tensor, positions: torch.Tensor, temperature: float, vocab_size: int,
                      banned: Sequence[int] = ()) -> torch.Tensor:
-    """This rank's vocabulary shard of the tempered logits at each response token [n, T, V/tp] (float32)
-    from the logits [1, L, V/tp] of a :func:`response_rows` sequence and its ``index`` [n, T]; -inf
-    beyond the tokenizer's vocabulary (a padded embedding's extra rows are never sampled) and at the
-    ``banned`` ids (:func:`placeholder_ids`)."""
-    picked = logits.reshape(-1, logits.shape[-1])[index.to(logits.device)]  # [n, T, V/tp]
+    """This rank's vocabulary shard of the tempered logits [N, V/tp] (float32) at ``positions`` [N] of
+    the logits [1, L, V/tp] of a :func:`response_rows` sequence; -inf beyond the tokenizer's vocabulary
+    (a padded embedding's extra rows are never sampled) and at the ``banned`` ids (:func:`placeholder_ids`)."""
+    picked = logits.reshape(-1, logits.shape[-1])[positions.to(logits.device)]  # [N, V/tp]
     z = picked.float() / temperature
     shard = z.shape[-1]
     first = parallel_state.get_tensor_model_parallel_rank() * shard
@@ -745,14 +744,31 @@ def _response_logits(logits: torch.Tensor, index: torch.Tensor, temperature: flo
     return z.masked_fill(outside, float("-inf")).contiguous()
 
 
-def response_logprobs(logits: torch.Tensor, index: torch.Tensor, responses: torch.Tensor, temperature: float,
-                      vocab_size: int, banned: Sequence[int] = ()) -> torch.Tensor:
-    """log softmax(z / temperature)[token] [n, T] of each response token from the model's
-    vocabulary-parallel logits [1, L, V/tp] of a :func:`response_rows` sequence (``index`` [n, T] its
-    second result), over the tokenizer's vocabulary less the ``banned`` ids (:func:`placeholder_ids`), as
-    sampled."""
-    z = _response_logits(logits, index, temperature, vocab_size, banned)
-    return -tensor_parallel.vocab_parallel_cross_entropy(z, responses.to(z.device))
+def _response_tokens(logits: torch.Tensor, index: torch.Tensor, responses: torch.Tensor,
+                     response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep [n, T] bool, the sequence positions [N] and the token ids [N] of the N kept response
+    tokens) on the logits' device. Only kept tokens are gathered: rows end at different lengths, and
+    the fp32 copies of the logits at every column of every row (up to the longest response) would cost
+    n * T * V/tp floats each where the responses hold far fewer tokens."""
+    keep = response_mask.bool().to(logits.device)
+    return keep, index.to(logits.device)[keep], responses.to(logits.device)[keep]
+
+
+def _unflatten(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Values [N] of the kept entries back to ``keep``'s shape [n, T], 0 elsewhere (differentiable)."""
+    return torch.zeros(keep.shape, dtype=values.dtype, device=values.device).masked_scatter(keep, values)
+
+
+def response_logprobs(logits: torch.Tensor, index: torch.Tensor, responses: torch.Tensor,
+                      response_mask: torch.Tensor, temperature: float, vocab_size: int,
+                      banned: Sequence[int] = ()) -> torch.Tensor:
+    """log softmax(z / temperature)[token] [n, T] of each response token in ``response_mask`` [n, T]
+    (0 elsewhere) from the model's vocabulary-parallel logits [1, L, V/tp] of a :func:`response_rows`
+    sequence (``index`` [n, T] its second result), over the tokenizer's vocabulary less the ``banned``
+    ids (:func:`placeholder_ids`), as sampled."""
+    keep, positions, tokens = _response_tokens(logits, index, responses, response_mask)
+    z = _response_logits(logits, positions, temperature, vocab_size, banned)
+    return _unflatten(-tensor_parallel.vocab_parallel_cross_entropy(z, tokens), keep)
 
 
 def vocab_parallel_entropy(z: torch.Tensor) -> torch.Tensor:
@@ -786,12 +802,13 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, r
     if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
         logp = from_last_stage(None, (n, width), torch.float32, device)
         return logp, (from_last_stage(None, (n, width), torch.float32, device) if with_entropy else None)
-    z = _response_logits(logits, index, temperature, vocab_size, placeholder_ids(model.cfg))
+    keep, positions, tokens = _response_tokens(logits, index, responses, response_mask)
+    z = _response_logits(logits, positions, temperature, vocab_size, placeholder_ids(model.cfg))
     entropy = None
     if with_entropy:  # first: Megatron's cross entropy works in place on z
         with torch.no_grad():
-            entropy = vocab_parallel_entropy(z)
-    logp = -tensor_parallel.vocab_parallel_cross_entropy(z, responses.to(z.device))
+            entropy = _unflatten(vocab_parallel_entropy(z), keep)
+    logp = _unflatten(-tensor_parallel.vocab_parallel_cross_entropy(z, tokens), keep)
     if with_entropy:
         entropy = from_last_stage(entropy, (n, width), torch.float32, logp.device)
     return from_last_stage(logp, (n, width), torch.float32, logp.device), entropy

@@ -460,3 +460,39 @@ def test_response_rows_are_packed_one_document_each():
                 assert offsets[i] <= int(index[i, t]) < offsets[i] + size
     with pytest.raises(ValueError, match="packed length 16 must be >= 20"):
         response_rows(prompts, responses, prompt_index, torch.float32, response_mask=mask, multiple_of=4, length=16)
+
+
+def _response_logprobs_rank(rank, logits, index, responses, mask, vocab, banned):
+    from common.distributed.parallel import initialize_distributed
+    from pretrain.posttrain.rollout import response_logprobs
+
+    initialize_distributed({"tp": 2})
+    shard = logits.shape[-1] // 2
+    mine = logits[..., rank * shard:(rank + 1) * shard].clone().requires_grad_(True)
+    logp = response_logprobs(mine, index, responses, mask, 0.7, vocab, banned)
+    logp.sum().backward()
+    return logp.detach(), mine.grad
+
+
+def test_response_logprobs_score_the_kept_tokens_over_the_vocabulary_shards():
+    """Two tensor-parallel ranks, each with half the vocabulary: the log-probs of the tokens in the mask
+    are log_softmax over the tokenizer's vocabulary less the banned ids (at the temperature), 0 past each
+    row's end, and the gradient reaches only the logits that predict kept tokens."""
+    torch.manual_seed(0)
+    vocab, padded, banned = 27, 32, (3, 20)  # the model's vocabulary padded past the tokenizer's
+    logits = torch.randn(1, 12, padded)
+    index = torch.tensor([[1, 2, 3, 3], [6, 7, 7, 7], [9, 10, 11, 11]])
+    responses = torch.tensor([[5, 0, 26, 9], [1, 2, 3, 4], [7, 8, 19, 1]])
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [True, True, True, False]])
+    results = run_ranks(_response_logprobs_rank, 2, logits, index, responses, mask, vocab, banned)
+    z = logits[0, :, :vocab] / 0.7
+    z[:, list(banned)] = float("-inf")
+    expected = torch.where(mask, torch.log_softmax(z, dim=-1)[index, responses], 0.0)
+    for logp, _ in results:
+        assert logp.shape == (3, 4)
+        torch.testing.assert_close(logp, expected, rtol=0, atol=1e-5)
+    grad = torch.cat([g for _, g in results], dim=-1)[0]
+    predicting = sorted(set(index[mask].tolist()))
+    assert grad[predicting].abs().sum(dim=-1).gt(0).all()
+    others = [p for p in range(12) if p not in predicting]
+    assert grad[others].abs().max().item() == 0
