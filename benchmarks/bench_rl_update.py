@@ -1,4 +1,5 @@
-"""Time of the RL policy update with micro-batches at their own packed lengths vs all padded to the longest.
+"""Time of the RL policy update with micro-batches at their own packed lengths vs all padded to the longest,
+and padded after cutting every G rows.
 
     python benchmarks/bench_rl_update.py [--model tiny_moe] [--groups 3] [--group-size 8] [--steps 3]
         [--max-new-tokens 128] [--side 224] [--frames 16]
@@ -6,13 +7,16 @@
 One process, the trainer's model and optimizer of ``stage=rl_sapo`` (``pretrain.trainer.build_training``),
 a synthetic rollout batch of prompt groups as an RL step holds them: in turn a text prompt, an image prompt
 and a video prompt (random pixels, encoded by the chat template as the RL stage encodes them), G responses
-each of 8 to ``--max-new-tokens`` random tokens. One micro-batch holds G rows (one group), so the micro-batches'
-lengths differ as their prompts do. The same rows go through the trainer's step as
-``pretrain.posttrain.rl_step.policy_update`` runs them, with each micro-batch at its own length
-(``rl_micro_batches(same_length=False)``: the rule without pipeline stages) and with every one padded to the
-longest (``same_length=True``: what pipeline stages need), alternating, after one warm-up update each.
-Prints both layouts' tokens (real and padding) and update times, then ``padded/own-length update time: X``.
-The loss and gradient norm of the two are the same (printed).
+each of 8 to ``--max-new-tokens`` random tokens; ``micro_batch_size`` G, so there are as many micro-batches
+as groups. The same rows go through the trainer's step as ``pretrain.posttrain.rl_step.policy_update`` runs
+them, the rows cut by ``rl_micro_batches`` (where the longest micro-batch is shortest), with each micro-batch
+at its own length (``same_length=False``: the rule without pipeline stages) and with every one padded to the
+longest (``same_length=True``: what pipeline stages need); and, for comparison, padded after cutting every G
+rows (one group per micro-batch, so the micro-batches' lengths differ as their prompts do); in turn, after
+one warm-up update each. Prints each layout's tokens (real and padding) and update time, then
+``padded/own-length update time: X`` and ``padded, cut every G rows/own-length update time: Y``. The
+loss of all three is the same (printed); the gradient norm of the last differs a little, its micro-batches
+hold other rows (the MoE load-balancing loss is a micro-batch's).
 """
 
 from __future__ import annotations
@@ -76,29 +80,31 @@ def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
     cfg = Qwen3VLConfig.from_mapping(job.model)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     _, model, optimizer = build_training(job, dtype)
+    every_g = list(range(0, len(rows), g)) + [len(rows)]
+    options = {"own": {}, "padded": {"same_length": True}, "every_g": {"same_length": True, "cuts": every_g}}
     layouts, out = {}, {}
-    for same in (False, True):  # the micro-batches of each layout, built once (the steps only read them)
-        layouts[same] = rl_step.rl_micro_batches(rows, g, dtype, same_length=same)
-        batches = layouts[same][0]
-        out[same] = {"tokens": sum(b["input_ids"].shape[1] for b in batches),
+    for name, kwargs in options.items():  # the micro-batches of each layout, built once (the steps only read them)
+        layouts[name] = rl_step.rl_micro_batches(rows, g, dtype, **kwargs)
+        batches = layouts[name][0]
+        out[name] = {"tokens": sum(b["input_ids"].shape[1] for b in batches),
                      "real": int(sum((b["document_ids"] >= 0).sum() for b in batches)), "times": [], "results": []}
 
-    def update(same: bool) -> float:
+    def update(name: str) -> float:
         loss_step = rl_step.PolicyLossStep(policy_loss_config("sapo"), "seq-mean-token-mean", 1.0,
                                            tokenizer.vocab_size, placeholder_ids(cfg))
-        batches, length = layouts[same]
+        batches, length = layouts[name]
         _sync()
         t0 = time.perf_counter()
         result = train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)
         _sync()
-        out[same]["results"].append((result.loss, result.grad_norm))
+        out[name]["results"].append((result.loss, result.grad_norm))
         return time.perf_counter() - t0
 
-    for same in (False, True):
-        update(same)  # warm-up
+    for name in options:
+        update(name)  # warm-up
     for _ in range(steps):
-        for same in (False, True):
-            out[same]["times"].append(update(same))
+        for name in options:
+            out[name]["times"].append(update(name))
     return out
 
 
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tiny_moe", help="a conf/model name (default tiny_moe)")
     p.add_argument("--groups", type=int, default=3, help="prompt groups (text, image, video in turn; default 3)")
-    p.add_argument("--group-size", type=int, default=8, help="responses per prompt G = rows per micro-batch")
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt G (and micro_batch_size)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest response (default 128)")
     p.add_argument("--side", type=int, default=224, help="image and frame side in pixels (default 224)")
     p.add_argument("--frames", type=int, default=16, help="frames of the video prompt (default 16)")
@@ -126,17 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = rollout_rows(tokenizer, cfg, args.groups, args.group_size, args.max_new_tokens, args.side, args.frames)
     out = spawn_ranks(bench_rank, 1, job, tokenizer, rows, args.group_size, args.steps)[0]
     prompt_tokens = [int(p["input_ids"].numel()) for p in rows.prompts[:3]]
-    print(f"bench_rl_update: {args.model}, {args.groups} prompt groups x G={args.group_size} rows, one group per "
-          f"micro-batch; prompts of {', '.join(map(str, prompt_tokens))} tokens (text, image, video of "
-          f"{args.frames} frames, {args.side}x{args.side} pixels), responses of 8-{args.max_new_tokens} tokens")
-    for same, name in ((False, "own length"), (True, "padded to the longest")):
-        r = out[same]
+    print(f"bench_rl_update: {args.model}, {args.groups} prompt groups x G={args.group_size} rows, "
+          f"{args.groups} micro-batches; prompts of {', '.join(map(str, prompt_tokens))} tokens (text, image, "
+          f"video of {args.frames} frames, {args.side}x{args.side} pixels), responses of 8-{args.max_new_tokens} tokens")
+    names = {"own": "own length", "padded": "padded to the longest", "every_g": "padded, cut every G rows"}
+    for key, name in names.items():
+        r = out[key]
         loss, norm = r["results"][-1]
-        print(f"{name:22s}: {r['tokens']:,} tokens ({r['real']:,} real, {1 - r['real'] / r['tokens']:.0%} padding), "
+        print(f"{name:25s}: {r['tokens']:,} tokens ({r['real']:,} real, {1 - r['real'] / r['tokens']:.0%} padding), "
               f"update {statistics.median(r['times']):.3f} s (median of {len(r['times'])}), loss {loss:.6f}, "
               f"grad norm {norm:.6f}")
-    ratio = statistics.median(out[True]["times"]) / statistics.median(out[False]["times"])
-    print(f"padded/own-length update time: {ratio:.2f}")
+    own = statistics.median(out["own"]["times"])
+    print(f"padded/own-length update time: {statistics.median(out['padded']['times']) / own:.2f}")
+    print(f"padded, cut every G rows/own-length update time: {statistics.median(out['every_g']['times']) / own:.2f}")
     return 0
 
 

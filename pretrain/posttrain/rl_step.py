@@ -1,14 +1,15 @@
 """The policy update of an RL step: a rollout batch's loss through Megatron-Core's training schedule.
 
 The rows of a step (responses that survived the prompt filter, with their old-policy log-probs and
-advantages) become micro-batches of ``micro_batch_size`` rows, each row its prompt followed by its
-response, the rows of a micro-batch packed into one sequence
-(:func:`pretrain.posttrain.rollout.response_rows`). With pipeline parallelism every micro-batch of the
-step is padded to one length L, as the stages exchange fixed shapes (the padding is document -1, which
-the MoE routers leave out: it changes neither the loss nor the load-balancing gradient); without it each
-micro-batch keeps its own length (rows' lengths differ a lot: a group of video prompts' rows can be
-several times a group of text prompts', and padding to the longest would be mostly padding, its
-attention quadratic in its length). The schedule's forward step runs the model (any layout the trainer runs:
+advantages) become ``ceil(rows / micro_batch_size)`` micro-batches of contiguous rows, each row its prompt
+followed by its response, the rows of a micro-batch packed into one sequence
+(:func:`pretrain.posttrain.rollout.response_rows`). Rows' lengths differ a lot (a group of video prompts'
+rows can be several times a group of text prompts'), so the rows are cut where the longest micro-batch is
+shortest (:func:`split_rows`), not every ``micro_batch_size`` rows; the cut depends on the rows alone, so
+every layout runs the same micro-batches. With pipeline parallelism every micro-batch of the step is
+padded to the longest, as the stages exchange fixed shapes (the padding is document -1, which the MoE
+routers leave out: it changes neither the loss nor the load-balancing gradient, and it attends within
+blocks of 128 tokens); without it each micro-batch keeps its own length. The schedule's forward step runs the model (any layout the trainer runs:
 TP, SP, PP, EP, DP); its loss function, on the last pipeline stage, takes the vocabulary-parallel
 logits to per-token log-probs and returns the policy loss as a *sum and a count*
 (:func:`pretrain.posttrain.policy_loss.policy_loss_terms`): Megatron adds the counts over micro-batches
@@ -32,7 +33,7 @@ from megatron.core import parallel_state
 from common.distributed.comm import all_reduce_values
 from pretrain.forward import media_inputs, to_device
 from pretrain.posttrain.policy_loss import policy_loss_terms
-from pretrain.posttrain.rollout import packed_length, response_logprobs, response_rows
+from pretrain.posttrain.rollout import packed_length, packed_sizes, response_logprobs, response_rows
 from pretrain.step import LOSS_KEY, StepResult, train_step
 
 
@@ -82,15 +83,59 @@ def balance_rows(local_rows: int) -> int:
     return int(all_reduce_values([local_rows], group=group, op=torch.distributed.ReduceOp.MAX)[0])
 
 
+def split_rows(sizes: list[int], responses: list[int], count: int, response_cap: int) -> list[int]:
+    """Where to cut rows of ``sizes`` tokens (prompt + response) into ``count`` contiguous non-empty
+    micro-batches (the first row of each, then len(sizes)) so that the longest holds as few tokens as
+    possible, none holding more than ``response_cap`` response tokens (``responses`` per row).
+
+    The smallest longest length L is found by bisection: cutting greedily (each micro-batch as long as
+    fits in L tokens and the cap) needs the fewest micro-batches for a given L, and cutting a
+    micro-batch again never makes one longer, so L is feasible when the greedy cut needs at most
+    ``count``; the greedy cut is then split further (its longest micro-batch of several rows in two,
+    the halves as even as the rows allow) up to ``count``."""
+    if not 1 <= count <= len(sizes):
+        raise ValueError(f"{len(sizes)} rows do not split into {count} non-empty micro-batches")
+    if max(responses) > response_cap:
+        raise ValueError(f"a row of {max(responses)} response tokens is over the cap of {response_cap}")
+
+    def greedy(limit: int) -> list[int]:
+        starts, total, kept = [0], 0, 0
+        for i, (size, response) in enumerate(zip(sizes, responses)):
+            if i > starts[-1] and (total + size > limit or kept + response > response_cap):
+                starts.append(i)
+                total, kept = 0, 0
+            total, kept = total + size, kept + response
+        return starts
+
+    low, high = max(sizes), sum(sizes)
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(greedy(mid)) <= count else (mid + 1, high)
+    starts = greedy(low) + [len(sizes)]
+    while len(starts) - 1 < count:
+        _, a, b = max((sum(sizes[a:b]), a, b) for a, b in zip(starts, starts[1:]) if b - a > 1)
+        cut = min(range(a + 1, b), key=lambda c: max(sum(sizes[a:c]), sum(sizes[c:b])))
+        starts = sorted([*starts, cut])
+    return starts
+
+
 def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, multiple_of: int = 1,
-                     same_length: bool = False) -> tuple[list[dict], int]:
-    """(micro-batches of ``micro_batch_size`` rows, each packed into one sequence [1, L_k] with L_k a
-    multiple of ``multiple_of``; the longest L_k). ``same_length`` (pipeline parallelism): every L_k is
-    the longest, the shorter micro-batches right-padded. The last micro-batch is filled up with empty
-    rows."""
-    count = math.ceil(len(rows) / micro_batch_size)
-    rows = rows.padded_to(count * micro_batch_size, pad_id=0)
-    parts = [rows.select(slice(k * micro_batch_size, (k + 1) * micro_batch_size)) for k in range(count)]
+                     same_length: bool = False, cuts: list[int] | None = None) -> tuple[list[dict], int]:
+    """(micro-batches, the longest length L): ``ceil(len(rows) / micro_batch_size)`` micro-batches, each
+    a contiguous run of rows packed into one sequence [1, L_k] with L_k a multiple of ``multiple_of``.
+    The rows are cut where the longest micro-batch is shortest (:func:`split_rows`), no micro-batch
+    holding more response tokens than ``micro_batch_size`` full-width responses: rows differ a lot in
+    length (a group of video prompts' rows can be several times a group of text prompts'), and cutting
+    every ``micro_batch_size`` rows would make some micro-batches much longer than others. The cut
+    depends on the rows alone, not on the layout: every layout runs the same micro-batches.
+    ``same_length`` (pipeline parallelism): every L_k is L, the shorter micro-batches right-padded.
+    ``cuts``: the first row of each micro-batch, then len(rows), instead (benchmarks compare cuts)."""
+    if cuts is None:
+        count = math.ceil(len(rows) / micro_batch_size)
+        starts, kept, _ = packed_sizes(rows.prompts, rows.prompt_index, rows.response_ids, rows.response_mask)
+        cuts = split_rows([s + k for s, k in zip(starts, kept)], kept, count,
+                          micro_batch_size * int(rows.response_ids.shape[1]))
+    parts = [rows.select(slice(a, b)) for a, b in zip(cuts, cuts[1:])]
     lengths = [packed_length(p.prompts, p.prompt_index, p.response_ids, p.response_mask, multiple_of) for p in parts]
     longest = max(lengths)
     batches = []

@@ -664,10 +664,12 @@ def sequence_logprobs(
     return logp, torch.where(mask.to(entropy.device), entropy, zero)
 
 
-def _packed_sizes(items: list[_Prompt], prompt_index: torch.Tensor, responses: torch.Tensor,
-                  response_mask: torch.Tensor | None, multiple_of: int) -> tuple[list[int], list[int], int]:
-    """(prompt length of each row, response tokens kept of each row, the packed length rounded up to
-    ``multiple_of``) of :func:`response_rows`."""
+def packed_sizes(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], prompt_index: torch.Tensor,
+                 responses: torch.Tensor, response_mask: torch.Tensor | None = None,
+                 multiple_of: int = 1) -> tuple[list[int], list[int], int]:
+    """(prompt tokens of each row, response tokens kept of each row, the packed length rounded up to
+    ``multiple_of``) of :func:`response_rows` (without building it)."""
+    items = prompts if prompts and isinstance(prompts[0], _Prompt) else _prompts(prompts)
     n, width = responses.shape
     kept = [width] * n
     if response_mask is not None:
@@ -681,7 +683,7 @@ def _packed_sizes(items: list[_Prompt], prompt_index: torch.Tensor, responses: t
 def packed_length(prompts: Sequence[Mapping[str, Any]], prompt_index: torch.Tensor, responses: torch.Tensor,
                   response_mask: torch.Tensor | None = None, multiple_of: int = 1) -> int:
     """The length of :func:`response_rows`' sequence for these rows (without building it)."""
-    return _packed_sizes(_prompts(prompts), prompt_index, responses, response_mask, multiple_of)[2]
+    return packed_sizes(prompts, prompt_index, responses, response_mask, multiple_of)[2]
 
 
 def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], responses: torch.Tensor,
@@ -705,7 +707,7 @@ def response_rows(prompts: Sequence[Mapping[str, Any]] | list[_Prompt], response
     """
     items = prompts if prompts and isinstance(prompts[0], _Prompt) else _prompts(prompts)
     n, width = responses.shape
-    starts, kept, needed = _packed_sizes(items, prompt_index, responses, response_mask, multiple_of)
+    starts, kept, needed = packed_sizes(items, prompt_index, responses, response_mask, multiple_of)
     length = needed if length is None else int(length)
     if length < needed or length % multiple_of:
         raise ValueError(f"packed length {length} must be >= {needed} and a multiple of {multiple_of}")

@@ -111,9 +111,9 @@ def _padded_and_own_length(rank, overrides, prompts, batch, ckpt, vocab):
     _, job = load_job([*overrides, "parallel=single"])
     initialize_distributed(job.parallel, seed=0)
     chunks, model, optimizer = build_training(job, torch.float32)
-    # The last two rows answer a prompt five times the longest: the other micro-batches pad a lot. With
+    # The last two rows answer a prompt ten times the longest: the other micro-batches pad a lot. With
     # advantages 0 the policy loss has no gradient: what is left is the MoE load-balancing loss's.
-    long = {"input_ids": prompts[1]["input_ids"].repeat(5)}
+    long = {"input_ids": prompts[1]["input_ids"].repeat(10)}
     rows = RLRows([*prompts, long], **{**batch, "prompt_index": torch.tensor([0, 0, 1, 1, 2, 2, 4, 4]),
                                        "advantages": torch.zeros(ROWS)})
     out = {}
@@ -159,3 +159,41 @@ def test_micro_batches_are_padded_to_one_length_only_for_pipeline_stages(same_le
         assert b["position_ids"].shape == (3, 1, length) and b["document_ids"].shape == (1, length)
         # the two rows (documents 0 and 1), then the padding (document -1, as a pack's)
         assert bool((b["document_ids"][0, :real] >= 0).all()) and bool((b["document_ids"][0, real:] == -1).all())
+
+
+def test_split_rows_finds_the_shortest_longest_micro_batch():
+    """The cut of rows into a given number of contiguous micro-batches is the one whose longest
+    micro-batch is shortest under the cap on response tokens (against every possible cut), and a
+    mixed batch (groups of text, image and video prompts' rows) no longer has one micro-batch
+    several times the others."""
+    import itertools
+    import random
+
+    from pretrain.posttrain.rl_step import split_rows
+
+    rng = random.Random(0)
+    for _ in range(300):
+        n = rng.randint(1, 8)
+        responses = [rng.randint(0, 6) for _ in range(n)]
+        sizes = [r + rng.randint(1, 30) for r in responses]
+        count, cap = rng.randint(1, n), rng.randint(max(responses), 2 * max(responses) + 6)
+        best = None
+        for inner in itertools.combinations(range(1, n), count - 1):
+            cuts = [0, *inner, n]
+            if all(sum(responses[a:b]) <= cap for a, b in zip(cuts, cuts[1:])):
+                longest = max(sum(sizes[a:b]) for a, b in zip(cuts, cuts[1:]))
+                best = longest if best is None else min(best, longest)
+        if best is None:  # no cut into `count` micro-batches keeps every one under the cap
+            continue
+        cuts = split_rows(sizes, responses, count, cap)
+        assert cuts[0] == 0 and cuts[-1] == n and len(cuts) == count + 1 and cuts == sorted(set(cuts)), cuts
+        assert all(sum(responses[a:b]) <= cap for a, b in zip(cuts, cuts[1:]))
+        assert max(sum(sizes[a:b]) for a, b in zip(cuts, cuts[1:])) == best, (sizes, responses, count, cap, cuts)
+
+    # 3 groups of G = 8 rows: text, image and video prompts (37, 88, 533 tokens), responses of 68 tokens,
+    # 3 micro-batches (micro_batch_size 8, the cap 8 x 128): cut every 8 rows, the video group's is 4,808
+    sizes, responses = [37 + 68] * 8 + [88 + 68] * 8 + [533 + 68] * 8, [68] * 24
+    cuts = split_rows(sizes, responses, 3, 8 * 128)
+    assert [sum(sizes[a:b]) for a, b in zip(cuts, cuts[1:])] == [1_932, 2_560, 2_404]  # 15 rows, 5, 4
+    with pytest.raises(ValueError, match="do not split into 4"):
+        split_rows([1, 2, 3], [0, 0, 0], 4, 10)
