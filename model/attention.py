@@ -81,6 +81,13 @@ PADDING_BLOCK = 128
 USE_VARLEN = True
 
 
+def padding_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """True where a token is padding: document (segment) id < 0, the rule of packs' tails, RL rows'
+    fill-up and rollouts' left padding. The model's ``padding_mask`` argument (left out of the MoE
+    routers) is this of the ``document_ids``."""
+    return document_ids < 0
+
+
 @dataclass(frozen=True)
 class AttentionPiece:
     """Local query rows ``[q_start, q_end)`` attend to keys ``[k_start, k_end)`` (sequence order).
@@ -105,7 +112,7 @@ def attention_pieces(segment_ids, causal: bool, positions=None) -> list[Attentio
     segment. A run of padding (ids < 0) is cut into segments of :data:`PADDING_BLOCK` tokens.
     """
     seg = torch.as_tensor(segment_ids)
-    padding = seg < 0
+    padding = padding_mask(seg)
     if bool(padding.any()):  # block k of the sequence's padding positions gets id -1 - k
         seg = torch.where(padding, -1 - torch.arange(seg.numel()) // PADDING_BLOCK, seg)
     starts, ends = document_bounds(seg)  # each position's segment: [start, end)

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
+from model.attention import padding_mask
 from model.context_parallel import split_on_this_rank
 from pretrain.step import LOSS_KEY
 
@@ -74,7 +75,7 @@ def model_inputs(batch: dict, model, use_packed_seq_params: bool | None = None) 
         use_packed_seq_params = get_attr_wrapped_model(model, "attention") == "te"
     thd = packed_seq_params(batch) if use_packed_seq_params else None
     return dict(position_ids=batch["position_ids"], document_ids=None if thd is not None else batch["document_ids"],
-                packed_seq_params=thd, padding_mask=batch["document_ids"] < 0, **media_inputs(batch))
+                packed_seq_params=thd, padding_mask=padding_mask(batch["document_ids"]), **media_inputs(batch))
 
 
 def qwen3vl_forward_step(data_iterator, model, use_packed_seq_params: bool | None = None):

@@ -9,12 +9,13 @@ shortest (:func:`split_rows`), not every ``micro_batch_size`` rows; the cut depe
 every layout runs the same micro-batches. With pipeline parallelism every micro-batch of the step is
 padded to the longest, as the stages exchange fixed shapes (the padding is document -1, which the MoE
 routers leave out: it changes neither the loss nor the load-balancing gradient, and it attends within
-blocks of 128 tokens); without it each micro-batch keeps its own length. The schedule's forward step runs the model (any layout the trainer runs:
-TP, SP, PP, EP, DP); its loss function, on the last pipeline stage, takes the vocabulary-parallel
-logits to per-token log-probs and returns the policy loss as a *sum and a count*
-(:func:`pretrain.posttrain.policy_loss.policy_loss_terms`): Megatron adds the counts over micro-batches
-and data-parallel ranks and divides the gradients by the total, so the update follows the loss of the
-whole global batch under the chosen aggregation, whatever the layout or micro-batch split.
+blocks of 128 tokens); without it each micro-batch keeps its own length. The schedule's forward step
+runs the model (any layout the trainer runs: TP, SP, PP, EP, DP); its loss function, on the last
+pipeline stage, takes the vocabulary-parallel logits to per-token log-probs and returns the policy loss
+as a *sum and a count* (:func:`pretrain.posttrain.policy_loss.policy_loss_terms`): Megatron adds the
+counts over micro-batches and data-parallel ranks and divides the gradients by the total, so the update
+follows the loss of the whole global batch under the chosen aggregation, whatever the layout or
+micro-batch split.
 
 Every data-parallel rank runs the same number of micro-batches (expert-parallel ranks exchange tokens
 in every MoE layer, so none may stop early): :func:`balance_rows` pads each rank's rows to the largest
@@ -31,6 +32,7 @@ import torch
 from megatron.core import parallel_state
 
 from common.distributed.comm import all_reduce_values
+from model.attention import padding_mask
 from pretrain.forward import media_inputs, to_device
 from pretrain.posttrain.policy_loss import policy_loss_terms
 from pretrain.posttrain.rollout import packed_length, packed_sizes, response_logprobs, response_rows
@@ -197,7 +199,8 @@ class PolicyLossStep:
     def __call__(self, data_iterator, model):
         batch = to_device(next(data_iterator))
         logits = model(batch["input_ids"], batch["position_ids"], document_ids=batch["document_ids"],
-                       padding_mask=batch["document_ids"] < 0, runtime_gather_output=False, **media_inputs(batch))
+                       padding_mask=padding_mask(batch["document_ids"]), runtime_gather_output=False,
+                       **media_inputs(batch))
         return logits, partial(self._loss, batch)
 
     def _loss(self, batch: dict, logits: torch.Tensor):

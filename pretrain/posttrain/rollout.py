@@ -86,6 +86,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from common.distributed.comm import all_reduce_values
 from common.tokens.tokenizer import ENDOFTEXT, IM_END
+from model.attention import padding_mask
 from pretrain.forward import to_device
 from pretrain.posttrain.pipeline_forward import from_last_stage, stage_forward
 
@@ -367,8 +368,9 @@ class _CachedDecoder:
         """Logits [B, V] of every row's first response token."""
         b, g, s = self.batch, self.batch.group_size, self.batch.prompt_len
         firsts = torch.arange(0, b.ids.shape[0], g)  # one row per prompt
+        documents = b.documents[firsts, :s]
         inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
-                            "document_ids": b.documents[firsts, :s], "padding_mask": b.documents[firsts, :s] < 0,
+                            "document_ids": documents, "padding_mask": padding_mask(documents),
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
         logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=self.context,
@@ -410,7 +412,7 @@ class _RecomputeDecoder:
     def _logits(self, rows: torch.Tensor) -> torch.Tensor:
         b, n = self.batch, self.length
         inputs = to_device({"input_ids": b.ids[rows, :n], "position_ids": b.positions[:, rows, :n],
-                            "document_ids": b.documents[rows, :n], "padding_mask": b.documents[rows, :n] < 0,
+                            "document_ids": b.documents[rows, :n], "padding_mask": padding_mask(b.documents[rows, :n]),
                             **_media(b.prompts, b.prompt_of(rows), _model_dtype(self.model))})
         logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), runtime_gather_output=True, **inputs))
@@ -799,7 +801,7 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, r
     inputs = to_device(inputs)
     logits = stage_forward(model, lambda: model(inputs.pop("input_ids"), inputs.pop("position_ids"),
                                                  runtime_gather_output=False,
-                                                 padding_mask=inputs["document_ids"] < 0, **inputs))
+                                                 padding_mask=padding_mask(inputs["document_ids"]), **inputs))
     device = next(model.parameters()).device
     if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
         logp = from_last_stage(None, (n, width), torch.float32, device)
