@@ -58,14 +58,15 @@ Post-training stages add terms and moments:
   rows of one prompt share one ViT pass: :attr:`Workload.vision_rows`), and its loss keeps the
   response tokens' logits in fp32 (the gathered logits, their tempered copy, the cross entropy's
   softmax) on top of the bf16 logits of the whole row. Three more moments: the rollout's *prefill* (the
-  KV cache of the rank's P prompts, the prompts' forward without gradient), the rollout's *decoding*
-  (the **KV cache** of all P x G rows: Megatron's static cache, ``[prompt + max_new_tokens, rows, kv
-  heads / tp, head_dim]`` keys and values per layer of the stage, plus one decoding step: the rotary
-  embedding of the whole cached sequence, which Megatron applies again to a layer's cached keys at
-  every step, the keys and values expanded to the query heads (PyTorch's math attention path: an upper
-  bound where a fused kernel runs), the sampling's fp32/fp64 copies of the rows' logits), and the
-  *old-policy log-probs* (a micro-batch's forward without gradient, its logits and the entropy's fp32
-  temporaries);
+  prompts' forward without gradient, and at its end two copies of the P prompts' keys and values:
+  Megatron's static cache of the prefill and the prompt cache that keeps them), the rollout's
+  *decoding* (the **KV cache**: the prompt cache, ``[P, kv heads / tp, prompt, head_dim]`` keys and
+  values per layer of the stage, once per prompt for its G rows, and Megatron's static cache of all
+  P x G rows' responses, ``[max_new_tokens, rows, kv heads / tp, head_dim]``; plus one decoding step: the
+  rotary embedding of the responses, which Megatron applies again to a layer's cached keys at every
+  step, the attention's scores over prompt and response, the sampling's fp32/fp64 copies of the rows'
+  logits), and the *old-policy log-probs* (a micro-batch's forward without gradient, its logits and the
+  entropy's fp32 temporaries);
 * a **frozen model** (:class:`FrozenModel`: an RL reference policy, GRPO's KL, or a distillation
   teacher) adds its weights in the job's layout, no gradients, no optimizer state; a *teacher* runs
   over every micro-batch of the step before the student's schedule, keeps its final hidden states
@@ -288,7 +289,7 @@ class Rollout:
 
     @property
     def positions(self) -> int:
-        """Positions of the KV cache: the longest prompt and the longest possible response."""
+        """Positions of a row: the longest prompt and the longest possible response."""
         return self.prompt_tokens + self.max_new_tokens
 
 
@@ -492,8 +493,8 @@ def _in_flight(parallel: ParallelConfig, work: Workload, stage: int) -> float:
 
 def kv_cache_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rows: int, positions: int,
                    a: int) -> float:
-    """Megatron's static KV cache on one rank of pipeline stage ``stage``: for each of the stage's decoder
-    layers, keys and values ``[positions, rows, kv heads / tp, head_dim]`` of ``a`` bytes."""
+    """A KV cache on one rank of pipeline stage ``stage``: for each of the stage's decoder layers, keys and
+    values of ``positions`` positions of ``rows`` rows, ``kv heads / tp`` heads of ``head_dim``, ``a`` bytes."""
     t = cfg.text
     groups = max(1, t.num_key_value_heads // parallel.tp)
     return 2.0 * len(_layers_of_stage(cfg, parallel, stage)) * positions * rows * groups * t.head_dim * a
@@ -552,22 +553,25 @@ def forward_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, toke
 
 
 def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rollout: Rollout, a: int) -> float:
-    """Bytes of one decoding step of all the rollout's rows beside the full KV cache: the fp32 rotary
-    angles of the whole ``[positions, rows]`` grid; then, in a layer, the larger of Megatron's rotary
-    embedding of the layer's cached keys (applied again to the whole cached sequence at every step: the
-    cosine and sine products, the rotated half, their sum: four copies of the keys) and the rotated keys
-    with the keys and values expanded to the query heads (PyTorch's math attention path, an upper bound
-    where a fused kernel runs); on the last stage, after the layers, the sampling's copies of the rows'
-    gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64 sort
-    order, the fp64 probabilities and their cumulative sum)."""
+    """Bytes of one decoding step of all the rollout's rows beside the KV cache: the fp32 rotary angles of
+    the ``[max_new_tokens, rows]`` responses; then, in a layer, the larger of Megatron's rotary embedding
+    of the layer's cached response keys (applied again to all of them at every step: the cosine and
+    sine products, the rotated half, their sum: four copies of the keys) and the attention
+    (:class:`model.attention.PromptCache`: the rotated keys, the keys and values in the matmuls' layout, the
+    scores over prompt and response of every query head: their matmul outputs, the prompts' grid and
+    the rows' gather, the fp32 scores, scaled, masked and their softmax, the probabilities back in
+    ``a`` bytes and their prompts' grid); on the last stage, after the layers, the sampling's copies of
+    the rows' gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the
+    int64 sort order, the fp64 probabilities and their cumulative sum)."""
     t = cfg.text
-    rows, positions = rollout.rows, rollout.positions
+    rows, new, prompt = rollout.rows, rollout.max_new_tokens, rollout.prompt_tokens
     groups = max(1, t.num_key_value_heads // parallel.tp)
     heads = t.num_attention_heads // parallel.tp
-    keys = positions * rows * groups * t.head_dim * a  # one layer's cached keys
-    layer = max(4 * keys, keys + 2 * max(1, heads // groups) * keys)
+    keys = new * rows * groups * t.head_dim * a  # one layer's cached response keys
+    scores = rows * heads * (prompt + new)
+    layer = max(4 * keys, 3 * keys + scores * (5 * a + 16))
     sampling = rows * t.vocab_size * (a + 4 + 4 + 4 + 8 + 8 + 8) if stage == parallel.pp - 1 else 0.0
-    return 4 * t.head_dim * rows * positions + max(layer, sampling)
+    return 4 * t.head_dim * rows * new + max(layer, sampling)
 
 
 def loss_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> float:
@@ -751,8 +755,9 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
 def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload, rollout: Rollout,
                     stage: int) -> dict[str, dict[str, float]]:
     """The moments of an RL step outside the policy update (beside the weights, gradients, optimizer
-    state and a reference policy's weights, which stay): the rollout's prefill (the cache of the
-    prompts, their forward), its decoding (the cache of every row, the prefill's inputs or one step),
+    state and a reference policy's weights, which stay): the rollout's prefill (the prompts' keys and
+    values twice, their forward), its decoding (the prompt cache and every row's response cache, the
+    prefill's inputs or one step),
     the old-policy log-probs of one micro-batch (its forward, then its logits; a reference policy's
     log-probs take the same pass without the entropy, less)."""
     a, last = work.act_bytes, stage == parallel.pp - 1
@@ -764,10 +769,11 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
     logprobs = _logprob_bytes(cfg, parallel, work) if last else 0.0
     return {
         "rollout prefill": {
-            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.positions, a),
+            KV_CACHE: 2 * kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a),
             "working memory": prefill},
         "rollout decoding": {
-            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, rollout.rows, rollout.positions, a),
+            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)
+            + kv_cache_bytes(cfg, parallel, stage, rollout.rows, rollout.max_new_tokens, a),
             "working memory": max(pixels, _decoding_bytes(cfg, parallel, stage, rollout, a))},
         # the forward's working set, then (last stage) the logits: never both at once
         "old-policy log-probs": {"logits + loss": logprobs, "working memory": 0.0} if logprobs >= forward else

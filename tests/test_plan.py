@@ -278,10 +278,11 @@ def test_planned_memory_matches_two_rank_layouts():
 
 # A tiny RL step (tiny_dense, fp32, 1 rank): 4 prompts of 32 text tokens and an image of 64 patches, G = 16
 # responses of 256 tokens each, micro-batches of 4 rows, 2 updates. The three moments of the plan each
-# peak in their own range of the step: the rollout (the KV cache of 64 rows), the old-policy log-probs
-# (the entropy's fp32 copies of the response logits), the policy update (activations and loss of 4 rows of
-# 304 tokens). Measured (2026-12-01, 2 CPU cores): rollout 45.3 MB planned / 45.3 MB measured, old-policy
-# log-probs 74.1 / 74.8 MB, update 82.7 / 84.0 MB (0.98-1.00).
+# peak in their own range of the step: the rollout (the prompt cache of 4 prompts, the response cache of 64
+# rows), the old-policy log-probs (the entropy's fp32 copies of the response logits), the policy update
+# (activations and loss of 4 rows of 304 tokens). Measured (2026-12-01, 2 CPU cores): rollout 38.8 MB planned / 40.4 MB measured (45.3 MB
+# while each row cached its own copy of its prompt), old-policy log-probs 74.1 / 74.9 MB, update 82.7 /
+# 84.1 MB (0.96-0.99).
 RL_TEXT, RL_PATCHES = 32, 64
 RL_OVERRIDES = ["model=tiny_dense", "stage=rl_sapo", "train.precision=fp32", "train.micro_batch_size=4",
                 "stage.rl.prompts_per_step=4", "stage.rl.group_size=16", "stage.rl.max_new_tokens=256",
@@ -488,8 +489,9 @@ def test_rl_plan_counts_the_rollouts_kv_cache_and_fits_a_2b_job_on_80gb(capsys):
     assert main(["stage=rl_sapo", "model=qwen3vl_2b", "cluster=example_h100", "cluster.nodes=1"]) == 0
     out = capsys.readouterr().out
     rows = _table(out)
-    # Megatron's static cache: K and V x 28 layers x 1,600 positions x 128 rows x 8 KV heads x 128 x bf16
-    assert rows["KV cache"] == round(2 * 28 * 1600 * 128 * 8 * 128 * 2 / 1e9, 1) == 23.5
+    # K and V x 28 layers x (the prompt cache: 8 prompts x 576 positions; Megatron's static cache of the
+    # responses: 128 rows x 1,024 positions) x 8 KV heads x 128 x bf16
+    assert rows["KV cache"] == round(2 * 28 * (8 * 576 + 128 * 1024) * 8 * 128 * 2 / 1e9, 1) == 15.6
     assert "peak at: rollout decoding" in out and "largest term: KV cache" in out
     assert "of 80 GB (cluster.gpu_memory_gb of example_h100): fits" in out
     assert "2 update(s) of 64 micro-batch(es) of 1 row(s) of 1,600 tokens" in out and "not counted" not in out

@@ -15,18 +15,21 @@ axes) and, with media, ``pixel_values`` + ``image_grid_thw`` and/or ``pixel_valu
 How the batch runs (all prompts x G responses in one batch):
 
 * **Left padding.** Prompts are left-padded to the longest, so every row's next token sits in the
-  same column: the KV cache is one static ``[S, B, ...]`` buffer per layer and each decoding step
-  feeds one ``[B, 1]`` column. The padding is a separate segment of the ``document_ids`` (id -1, as a
-  pack's padding: the MoE routers leave it out, ``padding_mask``), so no real token ever attends to it,
-  and positions are the prompt's own: a left-padded row computes what the prompt alone would (right
-  padding would need a different write column per row).
+  same column: each decoding step feeds one ``[B, 1]`` column. The padding is a separate segment of
+  the ``document_ids`` (id -1, as a pack's padding: the MoE routers leave it out, ``padding_mask``), so
+  no real token ever attends to it, and positions are the prompt's own: a left-padded row computes
+  what the prompt alone would (right padding would need a different write column per row).
 * **Prefill once per prompt.** The P prompts (with their images and videos: the ViT runs once per
-  prompt, not G times) fill the cache; its rows are then repeated G times, and the first tokens of
+  prompt, not G times) fill the prompt cache (:class:`model.attention.PromptCache`: every decoder
+  layer's keys and values of the P prompts, kept once for the G rows of each), and the first tokens of
   the G responses are sampled from the same logits.
-* **KV cache.** Megatron-Core's ``StaticInferenceContext``: each layer's ``SelfAttention`` appends
-  the new keys and values and attends over the cache (:class:`model.attention.DocumentAttention`
-  handles the cached step), so a token costs one token's forward. ``use_cache=False`` recomputes the
-  whole sequence at every step instead (correct and slow; the reference the cache is tested against).
+* **KV cache.** The responses' keys and values go to Megatron-Core's ``StaticInferenceContext``
+  (``[max_new_tokens, B, ...]`` per layer): each layer's ``SelfAttention`` appends the new ones, and
+  :class:`model.attention.DocumentAttention` attends over the row's prompt in the prompt cache and
+  its response so far, so a token costs one token's forward, and a prompt's keys are held (and read)
+  once, not G times: P x prompt + B x response positions, where a cache of whole rows holds
+  B x (prompt + response). ``use_cache=False`` recomputes the whole sequence at every step instead
+  (correct and slow; the reference the cache is tested against).
 * **Finished rows** keep their place until at most 3/4 of the batch is still running; then the cache
   is compacted to the running rows (a handful of copies per rollout, not one per finished row).
 
@@ -351,54 +354,69 @@ def _model_dtype(model) -> torch.dtype:
 
 
 class _CachedDecoder:
-    """Prefill once per prompt, then one token per row and step with Megatron's static KV cache."""
+    """Prefill once per prompt, then one token per row and step with Megatron's static KV cache for the
+    responses and a :class:`model.attention.PromptCache` for the prompts: the G rows of a prompt share
+    its keys and values (see :mod:`model.attention`)."""
 
     def __init__(self, model, batch: _Batch):
-        from megatron.core.inference.contexts import StaticInferenceContext
+        from model.attention import PromptCache
 
         self.model, self.batch = model, batch
-        # Room for the prompts only: the prefill fills P rows, then each is copied G times.
-        self.context = StaticInferenceContext(max_batch_size=len(batch.prompts),
-                                              max_sequence_length=batch.ids.shape[1])
+        s, firsts = batch.prompt_len, torch.arange(0, batch.ids.shape[0], batch.group_size)
+        # Response positions and documents of every row, the prompts' padding, on the model's device once.
+        self.grid = to_device({"position_ids": batch.positions[:, :, s:], "document_ids": batch.documents[:, s:],
+                               "padding": padding_mask(batch.documents[firsts, :s])})
+        self.prompt_cache = PromptCache(self.grid["padding"], batch.group_size)
+        self.attention = [layer.self_attention.core_attention for layer in model.decoder.layers]
+        for attention in self.attention:
+            attention.prompt_cache = self.prompt_cache
+        self.context = None
         self.rows = torch.arange(batch.ids.shape[0])  # the batch rows held in the cache, in cache order
-        # Positions and documents of the whole grid, on the model's device once (not once per step).
-        self.grid = to_device({"position_ids": batch.positions, "document_ids": batch.documents})
+
+    def close(self) -> None:
+        for attention in self.attention:
+            attention.prompt_cache = None
 
     def prefill(self) -> torch.Tensor:
         """Logits [B, V] of every row's first response token."""
+        from megatron.core.inference.contexts import StaticInferenceContext
+
         b, g, s = self.batch, self.batch.group_size, self.batch.prompt_len
         firsts = torch.arange(0, b.ids.shape[0], g)  # one row per prompt
         documents = b.documents[firsts, :s]
         inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
                             "document_ids": documents, "padding_mask": padding_mask(documents),
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
+        # Megatron's cache of the prompts is dropped after the prefill: the prompt cache keeps their keys.
+        prefill = StaticInferenceContext(max_batch_size=len(b.prompts), max_sequence_length=s)
         logits = stage_forward(self.model, lambda: self.model(
-            inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=self.context,
+            inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=prefill,
             runtime_gather_output=True, **inputs))
-        self.context.sequence_len_offset = s
+        del prefill
+        self.prompt_cache.capturing = False
+        self.prompt_cache.rows = self.rows.to(self.grid["padding"].device)  # on the device, once per change
+        self.context = StaticInferenceContext(max_batch_size=b.ids.shape[0],
+                                              max_sequence_length=b.ids.shape[1] - s)
         self.context.enable_decode_mode()
-        self._select(torch.arange(len(b.prompts)).repeat_interleave(g))  # each prompt's cache G times
         return None if logits is None else logits[:, -1].repeat_interleave(g, 0)
-
-    def _select(self, index: torch.Tensor) -> None:
-        memory = self.context.key_value_memory_dict
-        for layer, (keys, values) in memory.items():
-            i = index.to(keys.device)
-            memory[layer] = (keys.index_select(1, i), values.index_select(1, i))
 
     def step(self, rows: torch.Tensor) -> torch.Tensor:
         """Feed the last written token of ``rows`` (a subset of the cached rows, in their order);
         logits [len(rows), V] of the token after it."""
         if not torch.equal(rows, self.rows):
-            self._select(torch.searchsorted(self.rows, rows))
-            self.rows = rows
-        col = self.context.sequence_len_offset  # the column of the token fed now
+            memory = self.context.key_value_memory_dict
+            for layer, (keys, values) in memory.items():
+                i = torch.searchsorted(self.rows, rows).to(keys.device)
+                memory[layer] = (keys.index_select(1, i), values.index_select(1, i))
+            self.rows, self.prompt_cache.rows = rows, rows.to(self.grid["padding"].device)
+        t = self.context.sequence_len_offset  # the response column of the token fed now
+        col = self.batch.prompt_len + t
         ids = to_device({"input_ids": self.batch.ids[rows, col:col + 1]})["input_ids"]
         index = rows.to(ids.device)
         logits = stage_forward(self.model, lambda: self.model(
-            ids, self.grid["position_ids"][:, index, :col + 1], inference_context=self.context,
-            document_ids=self.grid["document_ids"][index, :col + 1], runtime_gather_output=True))
-        self.context.sequence_len_offset = col + 1
+            ids, self.grid["position_ids"][:, index, :t + 1], inference_context=self.context,
+            document_ids=self.grid["document_ids"][index, :t + 1], runtime_gather_output=True))
+        self.context.sequence_len_offset = t + 1
         return None if logits is None else logits[:, -1]
 
 
@@ -424,6 +442,9 @@ class _RecomputeDecoder:
     def step(self, rows: torch.Tensor) -> torch.Tensor:
         self.length += 1
         return self._logits(rows)
+
+    def close(self) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -553,34 +574,37 @@ def generate_rollouts(
     device = next(inner.parameters()).device
     with torch.no_grad(), _generation_mode(inner):
         decoder = (_CachedDecoder if use_cache else _RecomputeDecoder)(inner, batch)
-        logits = decoder.prefill()
-        forwards += 1
-        _synchronize()
-        prefill_done = time.perf_counter()
-        rows = torch.arange(rows_total)  # the rows ``logits`` belong to (None before the last stage)
-        for t in range(cfg.max_new_tokens):
-            live = ~done[rows]
-            if bool(live.any()):
-                active = rows[live]
-                tokens = logp = None
-                if logits is not None:
-                    live_logits = logits[live.to(logits.device), :vocab].float()
-                    live_logits[:, [i for i in banned if i < vocab]] = float("-inf")
-                    tokens, logp = sample_tokens(live_logits, uniforms[active, t], cfg.temperature, cfg.top_p)
-                tokens, logp = _share_samples(tokens, logp, active.numel(), device)
-                tokens, logp = tokens.cpu(), logp.cpu()
-                out_ids[active, t], out_logp[active, t], lengths[active] = tokens, logp, t + 1
-                batch.ids[active, batch.prompt_len + t] = tokens
-                done[active] = torch.isin(tokens, stop)
-            running = (~done).nonzero()[:, 0]
-            if t + 1 == cfg.max_new_tokens or not _anyone_running(inner, running.numel() > 0):
-                break
-            if running.numel() == 0:
-                rows = rows[:1]  # others in the expert group still run: step along with one row
-            elif running.numel() <= COMPACT_WHEN_RUNNING * rows.numel():
-                rows = running
-            logits = decoder.step(rows)
+        try:
+            logits = decoder.prefill()
             forwards += 1
+            _synchronize()
+            prefill_done = time.perf_counter()
+            rows = torch.arange(rows_total)  # the rows ``logits`` belong to (None before the last stage)
+            for t in range(cfg.max_new_tokens):
+                live = ~done[rows]
+                if bool(live.any()):
+                    active = rows[live]
+                    tokens = logp = None
+                    if logits is not None:
+                        live_logits = logits[live.to(logits.device), :vocab].float()
+                        live_logits[:, [i for i in banned if i < vocab]] = float("-inf")
+                        tokens, logp = sample_tokens(live_logits, uniforms[active, t], cfg.temperature, cfg.top_p)
+                    tokens, logp = _share_samples(tokens, logp, active.numel(), device)
+                    tokens, logp = tokens.cpu(), logp.cpu()
+                    out_ids[active, t], out_logp[active, t], lengths[active] = tokens, logp, t + 1
+                    batch.ids[active, batch.prompt_len + t] = tokens
+                    done[active] = torch.isin(tokens, stop)
+                running = (~done).nonzero()[:, 0]
+                if t + 1 == cfg.max_new_tokens or not _anyone_running(inner, running.numel() > 0):
+                    break
+                if running.numel() == 0:
+                    rows = rows[:1]  # others in the expert group still run: step along with one row
+                elif running.numel() <= COMPACT_WHEN_RUNNING * rows.numel():
+                    rows = running
+                logits = decoder.step(rows)
+                forwards += 1
+        finally:
+            decoder.close()  # the model's attention modules let go of the prompt cache
     _synchronize()
     end = time.perf_counter()
 
