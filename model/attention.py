@@ -431,14 +431,18 @@ class DocumentAttention(MegatronModule):
         def to_rows(x):  # [P, hk, G * rep, n] -> [b, hk, rep, n]
             return x.view(prompts, hk, g, rep, -1).transpose(1, 2).reshape(prompts * g, hk, rep, -1)[rows]
 
-        scores = torch.cat([to_rows(torch.matmul(to_prompts(q), prompt_keys.transpose(-1, -2))),
-                            torch.matmul(q, key.permute(1, 2, 3, 0))], dim=-1).float() * self.softmax_scale
+        # Scores from float32 operands (bf16 products rounded to bf16 would be coarser than the training
+        # forward's flash kernels, which keep them in fp32: a rollout-vs-train log-prob gap); the
+        # probabilities meet the values in the model's dtype, as in those kernels.
+        q = q.float()
+        scores = torch.cat([to_rows(torch.matmul(to_prompts(q), prompt_keys.float().transpose(-1, -2))),
+                            torch.matmul(q, key.float().permute(1, 2, 3, 0))], dim=-1) * self.softmax_scale
         hidden = cache.padding.to(query.device)[rows // g]  # [b, s]
         scores[..., :s] = scores[..., :s].masked_fill(hidden[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(query.dtype)
-        out = torch.matmul(to_prompts(probs[..., :s]), prompt_values)  # [P, hk, G * rep, d]
-        out = to_rows(out) + torch.matmul(probs[..., s:], value.permute(1, 2, 0, 3))
-        return out.reshape(1, b, hq * d)
+        out = to_rows(torch.matmul(to_prompts(probs[..., :s]), prompt_values)).float()  # [b, hk, rep, d]
+        out = out + torch.matmul(probs[..., s:], value.permute(1, 2, 0, 3)).float()
+        return out.to(query.dtype).reshape(1, b, hq * d)
 
     def _attend_cached(self, query, key, value, segment_ids):
         """Queries for the last ``sq`` of ``S`` positions, keys/values of all ``S`` from a KV cache
