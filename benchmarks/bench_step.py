@@ -63,7 +63,7 @@ FLOPS_NOTE = ("model FLOPs = pretrain.metrics.qwen3vl_train_flops (the trainer's
               "= 2 x forward), 2 FLOPs per multiply-add of the decoder (the experts a token is routed to, "
               "attention projections, MLP, LM head) on real (non-padding) tokens and of the ViT layers and "
               "patch embedding on every patch, plus attention scores and values over the causal pairs of "
-              "each packed segment (every document, and a row's padding tail) and the ViT's pairs inside "
+              "each packed document (not a row's padding tail) and the ViT's pairs inside "
               "each image or video frame group; the patch mergers, norms and activation recomputation "
               "are not counted")
 

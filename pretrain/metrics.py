@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from common.distributed.comm import communication_device
+from model.attention import padding_mask
 from model.moe_padding import router_padding_mask
 
 # Dense bf16 tensor-core peak per GPU (FLOP/s), by device-name fragment, for MFU.
@@ -32,6 +33,19 @@ def peak_flops_per_gpu() -> float | None:
         if key in name:
             return value
     return None
+
+
+def causal_pairs(document_ids: torch.Tensor) -> int:
+    """The (query, key) pairs causal attention computes inside the documents of packed rows
+    ``document_ids`` [b, s]: n (n + 1) / 2 for each run of n tokens of one document; the padding
+    (:func:`model.attention.padding_mask`) counts for none, as its tokens count for none in the MFU's
+    linear layers (whatever a backend spends on it)."""
+    pairs = 0
+    for row in document_ids:
+        ids, counts = torch.unique_consecutive(row, return_counts=True)
+        counts = counts[~padding_mask(ids)].long()
+        pairs += int((counts * (counts + 1) // 2).sum())
+    return pairs
 
 
 def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visual_patches: int,

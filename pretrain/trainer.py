@@ -43,7 +43,8 @@ from model.checkpoint_io import load_weights
 from pretrain.config import JobConfig, check_batch_layout, recompute_overrides, stage_total_steps
 from pretrain.forward import qwen3vl_forward_step
 from pretrain.lr_schedule import build_lr_scheduler
-from pretrain.metrics import ExpertLoadTracker, MetricsLogger, peak_flops_per_gpu, qwen3vl_train_flops
+from pretrain.metrics import (ExpertLoadTracker, MetricsLogger, causal_pairs, peak_flops_per_gpu,
+                              qwen3vl_train_flops)
 from common.distributed.comm import all_reduce_values, broadcast_flag
 from common.distributed.parallel import initialize_distributed
 from pretrain.preemption import PreemptionWatcher, requeue_slurm_job
@@ -159,8 +160,7 @@ def step_counts(micro_batches: list[dict]) -> dict[str, float]:
         real += int(b["num_real_tokens"])
         docs += int(b["num_documents"])
         fingerprint += sum(zlib.crc32(doc.encode()) for row in b.get("doc_ids", ()) for doc in row)
-        lengths = torch.diff(b["cu_seqlens"].long()) if "cu_seqlens" in b else torch.tensor([])
-        pairs += int((lengths * (lengths + 1) // 2).sum())
+        pairs += causal_pairs(b["document_ids"])
         for key in ("image_grid_thw", "video_grid_thw"):
             grid = b.get(key)
             if grid is not None and grid.numel():

@@ -462,6 +462,17 @@ def test_plan_step_time_uses_the_trainers_flops():
     assert plan.step_seconds(0.4, "H100") == pytest.approx(flops / (0.4 * PEAK_BF16_FLOPS["H100"] * 16))
 
 
+def test_mfu_counts_the_causal_pairs_of_documents_not_of_padding():
+    """The trainer's attention work (MFU): each document's causal pairs, a row's padding tail none (its
+    tokens count for none in the linear layers either), documents of different rows apart."""
+    import torch
+
+    from pretrain.metrics import causal_pairs
+
+    rows = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1], [2, 2, 2, 2, 2, 2, 2, 2], [3, 3, 4, 4, 4, 4, -1, -1]])
+    assert causal_pairs(rows) == (6 + 3) + 36 + (3 + 10)
+
+
 @pytest.mark.parametrize("args, message", [
     (["parallel.pp=5", "model=qwen3vl_8b"], "36 decoder layers do not split evenly over pp * vpp = 5"),
     (["--world-size", "3", "parallel=tp2"], "3 ranks do not fit the parallel layout"),
