@@ -58,8 +58,8 @@ Post-training stages add terms and moments:
   rows of one prompt share one ViT pass: :attr:`Workload.vision_rows`), and its loss keeps the
   response tokens' logits in fp32 (the gathered logits, their tempered copy, the cross entropy's
   softmax) on top of the bf16 logits of the whole row. Three more moments: the rollout's *prefill* (the
-  prompts' forward without gradient, and at its end two copies of the P prompts' keys and values:
-  Megatron's static cache of the prefill and the prompt cache that keeps them), the rollout's
+  prompts' forward without gradient, and the P prompts' keys and values in the prompt cache, plus the
+  last layer's in Megatron's static cache of its attention call), the rollout's
   *decoding* (the **KV cache**: the prompt cache, ``[P, kv heads / tp, prompt, head_dim]`` keys and
   values per layer of the stage, once per prompt for its G rows, and Megatron's static cache of all
   P x G rows' responses, ``[max_new_tokens, rows, kv heads / tp, head_dim]``; plus one decoding step: the
@@ -582,8 +582,8 @@ def loss_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> 
     bf16). ``policy`` (:func:`pretrain.posttrain.rollout.response_logprobs`): the logits of the whole
     rows, and for the response tokens their gathered copy, its fp32 tempered copy and the masked copy
     the cross entropy turns into its softmax in place (``a + 8`` bytes per response token and vocabulary
-    entry); with several rows per micro-batch the model's ``[b, s]`` reordering copies the logits once.
-    ``distill`` (:func:`pretrain.posttrain.distill.vocab_parallel_forward_kl`): the student's and the
+    entry); the rows of a micro-batch are one packed sequence ``[1, L]``, whose logits the model's
+    ``[s, b] -> [b, s]`` transpose does not copy. ``distill`` (:func:`pretrain.posttrain.distill.vocab_parallel_forward_kl`): the student's and the
     teacher's logits, and the KL's fp32 temporaries at its peak (both log-softmaxes, the teacher's
     probabilities, the log-ratio product, a zero fill, its mask and the per-entry terms: 25 bytes).
     """
@@ -593,8 +593,7 @@ def loss_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> 
         return (4 + (a if a == 2 else 0)) * n * vocab
     if work.loss == "distill":
         return (2 * a + 25) * n * vocab
-    reorder = a * n if work.micro_batch_size > 1 else 0
-    return (a * n + max(reorder, (a + 8) * work.micro_batch_size * work.response_tokens)) * vocab
+    return (a * n + (a + 8) * work.micro_batch_size * work.response_tokens) * vocab
 
 
 def _logprob_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> float:
@@ -603,9 +602,8 @@ def _logprob_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload)
     response tokens' fp32 logits and the entropy's fp32 temporaries (shifted logits, their exp, its
     positivity mask, the product, a zero fill and the selected terms: 25 bytes per entry with them)."""
     n, a = workload_shape(parallel, work).n, work.act_bytes
-    reorder = a * n if work.micro_batch_size > 1 else 0
     vocab = cfg.text.vocab_size // parallel.tp
-    return (a * n + max(reorder, 25 * work.micro_batch_size * work.response_tokens)) * vocab
+    return (a * n + 25 * work.micro_batch_size * work.response_tokens) * vocab
 
 
 def plan_memory(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, work: Workload,
@@ -757,7 +755,7 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
                     stage: int) -> dict[str, dict[str, float]]:
     """The moments of an RL step outside the policy update (beside the weights, gradients, optimizer
     state and a reference policy's weights, which stay): the rollout's prefill (the prompts' keys and
-    values twice, their forward), its decoding (the prompt cache and every row's response cache, the
+    values, a layer's twice, their forward), its decoding (the prompt cache and every row's response cache, the
     prefill's inputs or one step),
     the old-policy log-probs of one micro-batch (its forward, then its logits; a reference policy's
     log-probs take the same pass without the entropy, less)."""
@@ -770,7 +768,8 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
     logprobs = _logprob_bytes(cfg, parallel, work) if last else 0.0
     return {
         "rollout prefill": {
-            KV_CACHE: 2 * kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a),
+            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)
+            * (1 + 1 / len(_layers_of_stage(cfg, parallel, stage))),
             "working memory": prefill},
         "rollout decoding": {
             KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)

@@ -353,6 +353,15 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
+class _UnkeptBuffers(dict):
+    """A ``key_value_memory_dict`` that keeps nothing: Megatron's attention allocates a layer's cache
+    buffers when the dict lacks them, stores them in it and uses them for the call that allocated them;
+    not stored, they are freed when the call ends (the prefill, whose keys the prompt cache keeps)."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
+
+
 class _CachedDecoder:
     """Prefill once per prompt, then one token per row and step with Megatron's static KV cache for the
     responses and a :class:`model.attention.PromptCache` for the prompts: the G rows of a prompt share
@@ -387,8 +396,10 @@ class _CachedDecoder:
         inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
                             "document_ids": documents, "padding_mask": padding_mask(documents),
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
-        # Megatron's cache of the prompts is dropped after the prefill: the prompt cache keeps their keys.
+        # The prompt cache keeps the prompts' keys and values; Megatron's cache of the prefill is not kept,
+        # not even until the prefill ends (each layer's buffers are used within its attention call only).
         prefill = StaticInferenceContext(max_batch_size=len(b.prompts), max_sequence_length=s)
+        prefill.key_value_memory_dict = _UnkeptBuffers()
         logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=prefill,
             runtime_gather_output=True, **inputs))
