@@ -554,15 +554,15 @@ def forward_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, toke
 
 def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rollout: Rollout, a: int) -> float:
     """Bytes of one decoding step of all the rollout's rows beside the KV cache: the fp32 rotary angles of
-    the ``[max_new_tokens, rows]`` responses; then, in a layer, the larger of Megatron's rotary embedding
-    of the layer's cached response keys (applied again to all of them at every step: the cosine and
-    sine products, the rotated half, their sum: four copies of the keys) and the attention
-    (:class:`model.attention.PromptCache`: the rotated keys, the keys and values in the matmuls' layout,
-    below fp32 an fp32 copy of the layer's prompt and response keys, the scores over prompt and response
-    of every query head: their matmul outputs, the prompts' grid and the rows' gather, the fp32 scores,
-    scaled, masked and their softmax, the probabilities back in ``a`` bytes and their prompts' grid); on the last stage, after the layers, the sampling's copies of
-    the rows' gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the
-    int64 sort order, the fp64 probabilities and their cumulative sum)."""
+    the ``[max_new_tokens, rows]`` responses; then, in a layer, the larger of Megatron's rotary embedding of the
+    layer's cached response keys (applied again to all of them at every step: the cosine and sine products, the
+    rotated half, their sum: four copies of the keys) and the attention (:class:`model.attention.PromptCache`:
+    the rotated keys, the keys and values in the matmuls' layout, below fp32 an fp32 copy of the layer's prompt
+    and response keys, the scores over prompt and response of every query head: their matmul outputs, the
+    prompts' grid and the rows' gather, the fp32 scores, scaled, masked and their softmax, the probabilities
+    back in ``a`` bytes and their prompts' grid); on the last stage, after the layers, the sampling's copies of
+    the rows' gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64
+    sort order, the fp64 probabilities and their cumulative sum)."""
     t = cfg.text
     rows, new, prompt = rollout.rows, rollout.max_new_tokens, rollout.prompt_tokens
     groups = max(1, t.num_key_value_heads // parallel.tp)
@@ -580,11 +580,11 @@ def loss_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> 
 
     ``lm``: Megatron's cross entropy in fp32 (the logits ``[s / cp, vocab / tp]`` + their fp32 copy in
     bf16). ``policy`` (:func:`pretrain.posttrain.rollout.response_logprobs`): the logits of the whole
-    rows, and for the response tokens their gathered copy, its fp32 tempered copy and the masked copy
-    the cross entropy turns into its softmax in place (``a + 8`` bytes per response token and vocabulary
-    entry); the rows of a micro-batch are one packed sequence ``[1, L]``, whose logits the model's
-    ``[s, b] -> [b, s]`` transpose does not copy. ``distill`` (:func:`pretrain.posttrain.distill.vocab_parallel_forward_kl`): the student's and the
-    teacher's logits, and the KL's fp32 temporaries at its peak (both log-softmaxes, the teacher's
+    rows, and for the response tokens their gathered copy, its fp32 tempered copy and the masked copy the cross
+    entropy turns into its softmax in place (``a + 8`` bytes per response token and vocabulary entry); the rows
+    of a micro-batch are one packed sequence ``[1, L]``, whose logits the model's ``[s, b] -> [b, s]`` transpose
+    does not copy. ``distill`` (:func:`pretrain.posttrain.distill.vocab_parallel_forward_kl`): the student's and
+    the teacher's logits, and the KL's fp32 temporaries at its peak (both log-softmaxes, the teacher's
     probabilities, the log-ratio product, a zero fill, its mask and the per-entry terms: 25 bytes).
     """
     n, a = workload_shape(parallel, work).n, work.act_bytes

@@ -280,9 +280,9 @@ def test_planned_memory_matches_two_rank_layouts():
 # responses of 256 tokens each, micro-batches of 4 rows, 2 updates. The three moments of the plan each
 # peak in their own range of the step: the rollout (the prompt cache of 4 prompts, the response cache of 64
 # rows), the old-policy log-probs (the entropy's fp32 copies of the response logits), the policy update
-# (activations and loss of 4 rows of 304 tokens). Measured (2026-12-01, 2 CPU cores): rollout 38.8 MB planned / 40.4 MB measured (45.3 MB
-# while each row cached its own copy of its prompt), old-policy log-probs 74.1 / 74.9 MB, update 82.7 /
-# 84.1 MB (0.96-0.99).
+# (activations and loss of 4 rows of 304 tokens). Measured (2026-12-01, 2 CPU cores): rollout 38.8 MB
+# planned / 40.4 MB measured (45.3 MB while each row cached its own copy of its prompt), old-policy
+# log-probs 74.1 / 74.9 MB, update 82.7 / 84.1 MB (0.96-0.99).
 RL_TEXT, RL_PATCHES = 32, 64
 RL_OVERRIDES = ["model=tiny_dense", "stage=rl_sapo", "train.precision=fp32", "train.micro_batch_size=4",
                 "stage.rl.prompts_per_step=4", "stage.rl.group_size=16", "stage.rl.max_new_tokens=256",
