@@ -118,9 +118,6 @@ class PromptCache:
         self.keys[layer] = key.permute(1, 2, 0, 3).contiguous()
         self.values[layer] = value.permute(1, 2, 0, 3).contiguous()
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
-
 
 @dataclass(frozen=True)
 class AttentionPiece:
