@@ -558,9 +558,9 @@ def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, ro
     layer's cached response keys (applied again to all of them at every step: the cosine and sine products, the
     rotated half, their sum: four copies of the keys) and the attention (:class:`model.attention.PromptCache`:
     the rotated keys, the keys and values in the matmuls' layout, below fp32 an fp32 copy of the layer's prompt
-    and response keys, the scores over prompt and response of every query head: their matmul outputs, the
-    prompts' grid and the rows' gather, the fp32 scores, scaled, masked and their softmax, the probabilities
-    back in ``a`` bytes and their prompts' grid); on the last stage, after the layers, the sampling's copies of
+    and response keys and values, the fp32 scores over prompt and response of every query head: their
+    matmul outputs, the prompts' grid and the rows' gather, scaled, masked and their softmax, and the
+    probabilities' prompts' grid); on the last stage, after the layers, the sampling's copies of
     the rows' gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64
     sort order, the fp64 probabilities and their cumulative sum)."""
     t = cfg.text
@@ -568,9 +568,9 @@ def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, ro
     groups = max(1, t.num_key_value_heads // parallel.tp)
     heads = t.num_attention_heads // parallel.tp
     keys = new * rows * groups * t.head_dim * a  # one layer's cached response keys
-    upcast = 4 * (new * rows + prompt * rollout.prompts) * groups * t.head_dim if a != 4 else 0
+    upcast = 2 * 4 * (new * rows + prompt * rollout.prompts) * groups * t.head_dim if a != 4 else 0
     scores = rows * heads * (prompt + new)
-    layer = max(4 * keys, 3 * keys + upcast + scores * (5 * a + 16))
+    layer = max(4 * keys, 3 * keys + upcast + scores * (4 * 4 + 16))
     sampling = rows * t.vocab_size * (a + 4 + 4 + 4 + 8 + 8 + 8) if stage == parallel.pp - 1 else 0.0
     return 4 * t.head_dim * rows * new + max(layer, sampling)
 
