@@ -39,7 +39,7 @@ from pretrain.config import JobConfig
 from pretrain.posttrain.advantages import GroupFilterResult, PromptFilter, filter_groups, group_advantages
 from pretrain.posttrain.policy_loss import AGGREGATIONS, policy_loss_config_from_mapping
 from pretrain.posttrain.rewards import RewardSet
-from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, balance_rows, policy_update
+from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, balance_rows, mini_batches, policy_update
 from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, placeholder_ids, sequence_logprobs
 from pretrain.trainer import StageResult, format_number, open_stage, start_distributed
 
@@ -162,25 +162,21 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         loss_step = PolicyLossStep(loss_cfg, aggregation, rollouts.temperature, rollouts.vocab_size,
                                    placeholder_ids(run.model_cfg))
         if target:
+            _, cuts = mini_batches(rows, mbs, updates)
             for chunk in model:
                 chunk.eval()
             with torch.no_grad():
                 rows.old_logp, entropy = sequence_logprobs(
                     model[0], prompts, rows.response_ids, rows.response_mask, temperature=rollouts.temperature,
-                    vocab_size=rollouts.vocab_size, micro_batch_size=mbs, prompt_index=rows.prompt_index,
-                    with_entropy=True)
+                    vocab_size=rollouts.vocab_size, cuts=cuts, prompt_index=rows.prompt_index, with_entropy=True)
                 rows.old_logp, entropy_sum = rows.old_logp.cpu(), float(entropy.sum())
                 if reference is not None:
                     rows.ref_logp = sequence_logprobs(
                         reference, prompts, rows.response_ids, rows.response_mask, temperature=rollouts.temperature,
-                        vocab_size=rollouts.vocab_size, micro_batch_size=mbs, prompt_index=rows.prompt_index).cpu()
+                        vocab_size=rollouts.vocab_size, cuts=cuts, prompt_index=rows.prompt_index).cpu()
             for chunk in model:
                 chunk.train()
-            # mini-batches of ceil(target / updates) rows; the last may be smaller, and with few rows there
-            # may be fewer of them (never an empty one)
-            per_update = -(-target // updates)
-            for u in range(-(-target // per_update)):
-                part = rows.select(slice(u * per_update, (u + 1) * per_update))
+            for part in mini_batches(rows, mbs, updates)[0]:  # the rows now carry their old log-probs
                 result = policy_update(model, run.optimizer, part, loss_step, mbs, run.dtype)
                 results.append(result)
                 if not result.skipped:

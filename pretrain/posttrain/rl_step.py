@@ -121,6 +121,33 @@ def split_rows(sizes: list[int], responses: list[int], count: int, response_cap:
     return starts
 
 
+def micro_batch_cuts(rows: RLRows, micro_batch_size: int) -> list[int]:
+    """The cut of ``rows`` into the micro-batches of :func:`rl_micro_batches` (the first row of each,
+    then len(rows))."""
+    count = math.ceil(len(rows) / micro_batch_size)
+    starts, kept, _ = packed_sizes(rows.prompts, rows.prompt_index, rows.response_ids, rows.response_mask)
+    return split_rows([s + k for s, k in zip(starts, kept)], kept, count,
+                      micro_batch_size * int(rows.response_ids.shape[1]))
+
+
+def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[list[RLRows], list[int]]:
+    """The rows of an RL step's ``updates`` optimizer steps (successive runs of ``ceil(len(rows) /
+    updates)`` rows; the last may be smaller, and with few rows there may be fewer of them, never an
+    empty one), and the cut of all the step's rows into those steps' micro-batches (the first row of
+    each, then len(rows)): the old-policy and reference log-prob passes run the micro-batches the
+    updates run, so that each row is scored in the same packed sequence (the same shapes, the same
+    rounding on a GPU: the first update's ratios are 1)."""
+    if not len(rows):
+        return [], [0]
+    per_update = -(-len(rows) // updates)
+    parts, cuts = [], [0]
+    for start in range(0, len(rows), per_update):
+        part = rows.select(slice(start, start + per_update))
+        parts.append(part)
+        cuts += [start + c for c in micro_batch_cuts(part, micro_batch_size)[1:]]
+    return parts, cuts
+
+
 def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, multiple_of: int = 1,
                      same_length: bool = False, cuts: list[int] | None = None) -> tuple[list[dict], int]:
     """(micro-batches, the longest length L): ``ceil(len(rows) / micro_batch_size)`` micro-batches, each
@@ -133,10 +160,7 @@ def rl_micro_batches(rows: RLRows, micro_batch_size: int, dtype: torch.dtype, mu
     ``same_length`` (pipeline parallelism): every L_k is L, the shorter micro-batches right-padded.
     ``cuts``: the first row of each micro-batch, then len(rows), instead (benchmarks compare cuts)."""
     if cuts is None:
-        count = math.ceil(len(rows) / micro_batch_size)
-        starts, kept, _ = packed_sizes(rows.prompts, rows.prompt_index, rows.response_ids, rows.response_mask)
-        cuts = split_rows([s + k for s, k in zip(starts, kept)], kept, count,
-                          micro_batch_size * int(rows.response_ids.shape[1]))
+        cuts = micro_batch_cuts(rows, micro_batch_size)
     parts = [rows.select(slice(a, b)) for a, b in zip(cuts, cuts[1:])]
     lengths = [packed_length(p.prompts, p.prompt_index, p.response_ids, p.response_mask, multiple_of) for p in parts]
     longest = max(lengths)

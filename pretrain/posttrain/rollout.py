@@ -643,6 +643,7 @@ def sequence_logprobs(
     micro_batch_size: int | None = None,
     prompt_index: torch.Tensor | None = None,
     with_entropy: bool = False,
+    cuts: Sequence[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [B, T] float32 of the responses under ``model``, 0 on padding.
 
@@ -651,7 +652,8 @@ def sequence_logprobs(
     and ``vocab_size`` (the tokenizer's, default: the model's). Row b answers prompt
     ``prompt_index[b]`` (default: B = len(prompts) * G rows grouped by prompt). Each row is its prompt
     followed by its response, the rows packed into one sequence (:func:`response_rows`), in one forward
-    (``micro_batch_size`` rows at a time when given) in the model's training layout; the vocabulary
+    (``micro_batch_size`` rows at a time when given; ``cuts``: the first row of each forward, then B,
+    instead) in the model's training layout; the vocabulary
     stays split over the tensor-parallel ranks (Megatron's vocab-parallel cross entropy), and the
     result carries a gradient when called with gradients enabled (the policy's log-probs in the loss).
     ``with_entropy``: also return the entropy [B, T] (nats) of the tempered distribution at each
@@ -686,12 +688,17 @@ def sequence_logprobs(
     if tuple(prompt_index.shape) != (rows,) or int(prompt_index.min()) < 0 or int(prompt_index.max()) >= len(items):
         raise ValueError(f"prompt_index must give one prompt in [0, {len(items)}) per response row ({rows})")
     vocab_size = inner.cfg.text.vocab_size if vocab_size is None else int(vocab_size)
-    step = rows if micro_batch_size is None else int(micro_batch_size)
-    if step < 1:
-        raise ValueError(f"micro_batch_size={micro_batch_size!r} must be >= 1")
+    if cuts is None:
+        step = rows if micro_batch_size is None else int(micro_batch_size)
+        if step < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size!r} must be >= 1")
+        cuts = [*range(0, rows, step), rows]
+    cuts = [int(c) for c in cuts]
+    if cuts[0] != 0 or cuts[-1] != rows or any(a >= b for a, b in zip(cuts, cuts[1:])):
+        raise ValueError(f"cuts {cuts} must rise from 0 to the {rows} rows")
     ids, mask = ids.long().cpu(), mask.bool().cpu()
-    parts = [_sequence_logprobs(inner, items, ids[r:r + step], mask[r:r + step], prompt_index[r:r + step],
-                                temperature, vocab_size, with_entropy) for r in range(0, rows, step)]
+    parts = [_sequence_logprobs(inner, items, ids[a:b], mask[a:b], prompt_index[a:b], temperature, vocab_size,
+                                with_entropy) for a, b in zip(cuts, cuts[1:])]
     logp = torch.cat([part[0] for part in parts]).float()
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(mask.to(logp.device), logp, zero)

@@ -197,3 +197,37 @@ def test_split_rows_finds_the_shortest_longest_micro_batch():
     assert [sum(sizes[a:b]) for a, b in zip(cuts, cuts[1:])] == [1_932, 2_560, 2_404]  # 15 rows, 5, 4
     with pytest.raises(ValueError, match="do not split into 4"):
         split_rows([1, 2, 3], [0, 0, 0], 4, 10)
+
+
+def _scored_and_updated_shapes(rank, overrides, prompts, batch, ckpt, vocab):
+    from common.distributed.parallel import initialize_distributed
+    from pretrain.cli import load_job
+    from pretrain.posttrain.rl_step import RLRows, mini_batches, rl_micro_batches
+    from pretrain.posttrain.rollout import sequence_logprobs
+    from pretrain.trainer import build_training
+
+    _, job = load_job([*overrides, "parallel=single"])
+    initialize_distributed(job.parallel, seed=0)
+    chunks, _, _ = build_training(job, torch.float32)
+    long = {"input_ids": prompts[1]["input_ids"].repeat(6)}  # rows of very different lengths
+    rows = RLRows([*prompts, long], **{**batch, "prompt_index": torch.tensor([0, 0, 1, 1, 4, 4, 2, 3])})
+    parts, cuts = mini_batches(rows, 2, 2)
+    scored = []
+    hook = chunks[0].register_forward_pre_hook(lambda module, args: scored.append(tuple(args[0].shape)))
+    with torch.no_grad():
+        sequence_logprobs(chunks[0], rows.prompts, rows.response_ids, rows.response_mask, cuts=cuts,
+                          prompt_index=rows.prompt_index, vocab_size=vocab)
+    hook.remove()
+    updated = [tuple(b["input_ids"].shape) for part in parts for b in rl_micro_batches(part, 2, torch.float32)[0]]
+    return [len(p) for p in parts], cuts, scored, updated
+
+
+def test_old_policy_log_probs_run_the_updates_micro_batches(setup):
+    """The RL step's no-gradient log-prob passes (old policy, reference) run the micro-batches the
+    optimizer steps run, mini-batch by mini-batch: each row is scored in the packed sequence it is
+    trained in (on a GPU, other shapes round differently and the first update's ratios would leave 1)."""
+    overrides, prompts, batch, ckpt, vocab = setup
+    sizes, cuts, scored, updated = run_ranks(_scored_and_updated_shapes, 1, overrides, prompts, batch, ckpt, vocab)[0]
+    assert sizes == [4, 4] and cuts[0] == 0 and cuts[-1] == 8 and 4 in cuts  # no micro-batch spans two updates
+    assert cuts != [0, 2, 4, 6, 8]  # not every 2 rows: the long prompt's rows are cut apart
+    assert len(cuts) - 1 == 4 == len(scored) and scored == updated, (cuts, scored, updated)
