@@ -490,7 +490,7 @@ def _rl_body(rank, job, tokenizer, prompts: list[dict]) -> dict:
     from model.qwen3vl import build_qwen3vl
     from pretrain.posttrain.advantages import group_advantages
     from pretrain.posttrain.policy_loss import policy_loss_config
-    from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, policy_update
+    from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, mini_batches, policy_update
     from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, placeholder_ids, sequence_logprobs
     from pretrain.trainer import build_training
 
@@ -523,15 +523,17 @@ def _rl_body(rank, job, tokenizer, prompts: list[dict]) -> dict:
     for chunk in ddp:
         chunk.eval()
     rollouts = generate_rollouts(ddp[0], prompts, sampled, tokenizer, step=3)
+    rewards = torch.arange(len(rollouts.texts), dtype=torch.float32) % g  # a spread within every group
+    advantages = group_advantages(rewards, g)
+    rows = RLRows(prompts, rollouts.response_ids, rollouts.response_mask, rollouts.logprobs, advantages,
+                  rollouts.prompt_index)
+    _, cuts = mini_batches(rows, 4, 1)  # the old policy scored in the update's micro-batches, as the stage does
     with torch.no_grad():
-        old_logp = sequence_logprobs(ddp[0], prompts, rollouts, micro_batch_size=4).cpu()
-    out["bf16_logp"] = _masked_diff(rollouts.logprobs, old_logp, rollouts.response_mask)
+        rows.old_logp = sequence_logprobs(ddp[0], prompts, rollouts, cuts=cuts).cpu()
+    out["bf16_logp"] = _masked_diff(rollouts.logprobs, rows.old_logp, rollouts.response_mask)
     out["bf16_tokens_per_s"] = rollouts.timing["tokens_per_s"]
     for chunk in ddp:
         chunk.train()
-    rewards = torch.arange(len(rollouts.texts), dtype=torch.float32) % g  # a spread within every group
-    advantages = group_advantages(rewards, g)
-    rows = RLRows(prompts, rollouts.response_ids, rollouts.response_mask, old_logp, advantages, rollouts.prompt_index)
     before = [p.detach().float().cpu().clone() for gr in optimizer.param_groups for p in gr["params"]]
     loss_step = PolicyLossStep(policy_loss_config("sapo"), "seq-mean-token-mean", rollouts.temperature,
                                rollouts.vocab_size, placeholder_ids(cfg))
