@@ -688,6 +688,8 @@ def sequence_logprobs(
     if tuple(prompt_index.shape) != (rows,) or int(prompt_index.min()) < 0 or int(prompt_index.max()) >= len(items):
         raise ValueError(f"prompt_index must give one prompt in [0, {len(items)}) per response row ({rows})")
     vocab_size = inner.cfg.text.vocab_size if vocab_size is None else int(vocab_size)
+    if cuts is not None and micro_batch_size is not None:
+        raise ValueError("sequence_logprobs takes micro_batch_size or cuts, not both")
     if cuts is None:
         step = rows if micro_batch_size is None else int(micro_batch_size)
         if step < 1:
