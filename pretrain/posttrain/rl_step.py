@@ -135,8 +135,9 @@ def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[lis
     updates)`` rows; the last may be smaller, and with few rows there may be fewer of them, never an
     empty one), and the cut of all the step's rows into those steps' micro-batches (the first row of
     each, then len(rows)): the old-policy and reference log-prob passes run the micro-batches the
-    updates run, so that each row is scored in the same packed sequence (the same shapes, the same
-    rounding on a GPU: the first update's ratios are 1)."""
+    updates run, so that each row is scored in the packed sequence it is trained in (on a GPU, other
+    shapes round differently and move the first update's ratios off 1; under pipeline parallelism the
+    updates' padding still differs)."""
     if not len(rows):
         return [], [0]
     per_update = -(-len(rows) // updates)
