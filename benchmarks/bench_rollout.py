@@ -8,9 +8,9 @@ One process, the trainer's model of ``stage=rl_sapo`` (random weights), the prom
 sampled to ``--max-new-tokens`` tokens (no stop token). Times ``generate_rollouts`` with the KV cache
 (the prompt cache shared by each prompt's G rows, Megatron's static cache for the responses; after a
 warm-up, the median of ``--repeats``) and, as the reference in the same process, once without a cache
-(every step recomputes every row); the two sample the same tokens (checked). Prints the cache's
-positions against those of a cache where every row holds its own copy of its (left-padded) prompt, the
-time of each, and on CUDA the peak memory of each.
+(every step recomputes every row); the two sample the same tokens (checked in float32, counted in bf16
+on CUDA). Prints the cache's positions against those of a cache where every row holds its own copy of
+its (left-padded) prompt, the time of each, and on CUDA the peak memory of each.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def bench_rank(rank: int, job, tokenizer, prompts, g: int, new_tokens: int, repe
     out = {}
     for use_cache in (True, False):
         times, ids = [], None
-        # the cached rollout: a warm-up, then `repeats` timed; the recomputed one (slow): once
+        # the cached rollout: a warm-up, then `repeats` timed; the recomputed one (slow): a warm-up, one timed
         for i in range(repeats + 1 if use_cache else 2):
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
@@ -78,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                            args.frames).prompts
     out = spawn_ranks(bench_rank, 1, job, tokenizer, prompts, args.group_size, args.max_new_tokens,
                       args.repeats)[0]
-    if not torch.equal(out[True]["ids"], out[False]["ids"]):
-        raise SystemExit("bench_rollout: the cached and the recomputed rollouts sampled different tokens")
+    same = float((out[True]["ids"] == out[False]["ids"]).float().mean())
+    if same < 1 and not torch.cuda.is_available():  # float32: the cache computes what recomputation does
+        raise SystemExit(f"bench_rollout: the cached and the recomputed rollouts sampled different tokens "
+                         f"({same:.1%} equal)")
     lengths = [int(q["input_ids"].numel()) for q in prompts]
     rows, longest, new = len(prompts) * args.group_size, max(lengths), args.max_new_tokens
     shared, copied = len(prompts) * longest + rows * new, rows * (longest + new)
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         r = out[use_cache]
         peak = f", peak {r['peak'] / 2**30:.2f} GiB" if r["peak"] is not None else ""
         print(f"{name:22s}: {r['time']:.3f} s (median of {r['runs']}), {rows * new / r['time']:,.0f} tokens/s{peak}")
+    print(f"tokens equal to the recomputed rollout's: {same:.1%} (bf16 on CUDA may round a near tie apart)")
     print(f"recomputed/cached rollout time: {out[False]['time'] / out[True]['time']:.2f}")
     return 0
 
