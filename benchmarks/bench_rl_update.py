@@ -108,14 +108,19 @@ def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of :func:`rollout_rows`' prompts and the model, shared with bench_rollout.py."""
     p.add_argument("--model", default="tiny_moe", help="a conf/model name (default tiny_moe)")
     p.add_argument("--groups", type=int, default=3, help="prompt groups (text, image, video in turn; default 3)")
-    p.add_argument("--group-size", type=int, default=8, help="responses per prompt G (and micro_batch_size)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest response (default 128)")
     p.add_argument("--side", type=int, default=224, help="image and frame side in pixels (default 224)")
     p.add_argument("--frames", type=int, default=16, help="frames of the video prompt (default 16)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_prompt_arguments(p)
+    p.add_argument("--group-size", type=int, default=8, help="responses per prompt G (and micro_batch_size)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest response (default 128)")
     p.add_argument("--steps", type=int, default=3, help="timed updates per layout (default 3)")
     args = p.parse_args(argv)
 

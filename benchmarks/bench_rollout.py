@@ -56,17 +56,15 @@ def bench_rank(rank: int, job, tokenizer, prompts, g: int, new_tokens: int, repe
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.bench_rl_update import add_prompt_arguments, rollout_rows
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny_moe", help="a conf/model name (default tiny_moe)")
-    p.add_argument("--groups", type=int, default=3, help="prompts (text, image, video in turn; default 3)")
+    add_prompt_arguments(p)
     p.add_argument("--group-size", type=int, default=8, help="responses per prompt G (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per response (default 64)")
-    p.add_argument("--side", type=int, default=224, help="image and frame side in pixels (default 224)")
-    p.add_argument("--frames", type=int, default=16, help="frames of the video prompt (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="timed rollouts of each kind (default 3)")
     args = p.parse_args(argv)
 
-    from benchmarks.bench_rl_update import rollout_rows
     from benchmarks.bench_step import bench_tokenizer, compose_job, fit_model_to_tokenizer
     from common.distributed.spawn import spawn_ranks
 

@@ -162,7 +162,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         loss_step = PolicyLossStep(loss_cfg, aggregation, rollouts.temperature, rollouts.vocab_size,
                                    placeholder_ids(run.model_cfg))
         if target:
-            _, cuts = mini_batches(rows, mbs, updates)
+            update_rows, cuts = mini_batches(rows, mbs, updates)
             for chunk in model:
                 chunk.eval()
             with torch.no_grad():
@@ -176,8 +176,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                         vocab_size=rollouts.vocab_size, cuts=cuts, prompt_index=rows.prompt_index).cpu()
             for chunk in model:
                 chunk.train()
-            for part in mini_batches(rows, mbs, updates)[0]:  # the rows now carry their old log-probs
-                result = policy_update(model, run.optimizer, part, loss_step, mbs, run.dtype)
+            for part in update_rows:
+                result = policy_update(model, run.optimizer, rows.select(part), loss_step, mbs, run.dtype)
                 results.append(result)
                 if not result.skipped:
                     run.scheduler.step(increment=1)

@@ -130,9 +130,9 @@ def micro_batch_cuts(rows: RLRows, micro_batch_size: int) -> list[int]:
                       micro_batch_size * int(rows.response_ids.shape[1]))
 
 
-def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[list[RLRows], list[int]]:
-    """The rows of an RL step's ``updates`` optimizer steps (successive runs of ``ceil(len(rows) /
-    updates)`` rows; the last may be smaller, and with few rows there may be fewer of them, never an
+def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[list[slice], list[int]]:
+    """The rows (slices) of an RL step's ``updates`` optimizer steps (successive runs of
+    ``ceil(len(rows) / updates)`` rows; the last may be smaller, and with few rows there may be fewer of them, never an
     empty one), and the cut of all the step's rows into those steps' micro-batches (the first row of
     each, then len(rows)): the old-policy and reference log-prob passes run the micro-batches the
     updates run, so that each row is scored in the packed sequence it is trained in (on a GPU, other
@@ -143,9 +143,9 @@ def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[lis
     per_update = -(-len(rows) // updates)
     parts, cuts = [], [0]
     for start in range(0, len(rows), per_update):
-        part = rows.select(slice(start, start + per_update))
+        part = slice(start, min(start + per_update, len(rows)))
         parts.append(part)
-        cuts += [start + c for c in micro_batch_cuts(part, micro_batch_size)[1:]]
+        cuts += [start + c for c in micro_batch_cuts(rows.select(part), micro_batch_size)[1:]]
     return parts, cuts
 
 

@@ -218,8 +218,9 @@ def _scored_and_updated_shapes(rank, overrides, prompts, batch, ckpt, vocab):
         sequence_logprobs(chunks[0], rows.prompts, rows.response_ids, rows.response_mask, cuts=cuts,
                           prompt_index=rows.prompt_index, vocab_size=vocab)
     hook.remove()
-    updated = [tuple(b["input_ids"].shape) for part in parts for b in rl_micro_batches(part, 2, torch.float32)[0]]
-    return [len(p) for p in parts], cuts, scored, updated
+    updated = [tuple(b["input_ids"].shape) for part in parts
+               for b in rl_micro_batches(rows.select(part), 2, torch.float32)[0]]
+    return [len(rows.select(p)) for p in parts], cuts, scored, updated
 
 
 def test_old_policy_log_probs_run_the_updates_micro_batches(setup):
