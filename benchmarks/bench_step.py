@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             ours = spawn_ranks(megatron_rank, world, job, micro_batches, args.warmup, args.steps, args.profile)[0]
     except Exception as exc:
-        message = user_error_message(exc, (ValueError,))
+        message = user_error_message(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
@@ -487,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     flops = qwen3vl_train_flops(cfg, counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"])
     peak = peak_flops_per_gpu()
     if peak is not None:
-        print(f"MFU: {flops / step_s / (peak * world):.1%} ({flops / step_s / world / 1e12:.1f} TFLOP/s per GPU of "
-              f"{peak / 1e12:.0f} bf16 peak; {flops / 1e12:.2f} TFLOP per step)")
+        # Three significant digits, not a fixed decimal: a tiny model's MFU (0.01 %) must not print as 0.0 %.
+        print(f"MFU: {100 * flops / step_s / (peak * world):.3g}% ({flops / step_s / world / 1e12:.3g} TFLOP/s "
+              f"per GPU of {peak / 1e12:.0f} bf16 peak; {flops / 1e12:.2f} TFLOP per step)")
     elif cuda:
         print(f"MFU: unknown bf16 peak for {ours['device']} (pretrain.metrics.PEAK_BF16_FLOPS); "
               f"{flops / step_s / world / 1e12:.1f} TFLOP/s per GPU")

@@ -30,7 +30,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from model.norm import RMSNorm
+from model.norm import LayerNorm, RMSNorm
 
 
 def use_transformer_engine() -> bool:
@@ -157,7 +157,6 @@ def vision_layer_spec(backend: str = "document") -> ModuleSpec:
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     if backend == "te":
         from megatron.core.extensions.transformer_engine import (
@@ -172,7 +171,7 @@ def vision_layer_spec(backend: str = "document") -> ModuleSpec:
     else:
         qkv, attn, proj, fc1, fc2 = (ColumnParallelLinear, _local_core_attention(backend), RowParallelLinear,
                                      ColumnParallelLinear, RowParallelLinear)
-        input_norm = pre_mlp_norm = WrappedTorchNorm
+        input_norm = pre_mlp_norm = LayerNorm
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(

@@ -1,4 +1,4 @@
-"""RMSNorm for the Megatron-Core local (non-transformer-engine) layer spec.
+"""RMSNorm and LayerNorm for the Megatron-Core local (non-transformer-engine) layer specs.
 
 Megatron-Core's local spec wraps ``torch.nn.RMSNorm``, which refuses sequence parallelism; MoE with
 tensor parallelism needs sequence parallelism. This norm computes exactly what Qwen3's reference
@@ -32,7 +32,7 @@ class RMSNorm(torch.nn.Module):
             raise ValueError("zero-centred gamma is not part of Qwen3's RMSNorm")
         self.eps = eps
         self.weight = torch.nn.Parameter(
-            torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config))
+            torch.ones(hidden_size, dtype=config.params_dtype, device=parameter_device(config))
         )
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
 
@@ -44,7 +44,38 @@ class RMSNorm(torch.nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-def _init_device(config: TransformerConfig) -> torch.device:
+class LayerNorm(torch.nn.LayerNorm):
+    """torch's LayerNorm (the ViT's pre-attention and pre-MLP norms) with the signature of Megatron's norm
+    modules, its parameters built where Megatron's own layers put theirs (the current GPU unless
+    ``config.use_cpu_initialization``) and in ``config.params_dtype``.
+
+    Megatron's ``WrappedTorchNorm`` builds ``torch.nn.LayerNorm`` on torch's default device in float32:
+    on a GPU those weights stayed on the CPU (only a distributed-optimizer buffer would move them, never
+    for a frozen ViT or a frozen teacher), and the first forward with images failed there."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,  # signature of Megatron's norm modules; unused
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
+        if normalization != "LayerNorm":
+            raise ValueError(f"model.norm.LayerNorm built with normalization={normalization!r}")
+        if zero_centered_gamma or config.layernorm_zero_centered_gamma:
+            raise ValueError("zero-centred gamma is not part of the ViT's LayerNorm")
+        if config.sequence_parallel:
+            # Its weights are not marked sequence_parallel: their gradients would miss the other ranks' tokens.
+            raise ValueError("model.norm.LayerNorm runs without sequence parallelism (the ViT never splits "
+                             "its sequence)")
+        super().__init__(hidden_size, eps=eps, device=parameter_device(config), dtype=config.params_dtype)
+
+
+def parameter_device(config: TransformerConfig) -> torch.device:
+    """The device of parameters built outside Megatron's layers (these norms, the ViT's plain torch
+    modules): the current GPU unless ``config.use_cpu_initialization``, as Megatron's layers do."""
     if config.use_cpu_initialization or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())

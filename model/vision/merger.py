@@ -7,13 +7,7 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
-
-def parameter_device(config: TransformerConfig) -> torch.device:
-    """The device of parameters built outside Megatron's layers (plain torch modules of the ViT): the
-    current GPU unless ``config.use_cpu_initialization``, as Megatron's layers do."""
-    if config.use_cpu_initialization or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+from model.norm import parameter_device
 
 
 class PatchMerger(MegatronModule):

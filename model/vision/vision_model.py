@@ -23,7 +23,8 @@ from megatron.core.transformer.spec_utils import build_module
 from model.config import Qwen3VLVisionConfig
 from model.layer_specs import vision_layer_spec
 from model.vision import geometry
-from model.vision.merger import PatchMerger, parameter_device
+from model.norm import parameter_device
+from model.vision.merger import PatchMerger
 
 
 class Qwen3VLVisionModel(MegatronModule):
