@@ -39,23 +39,10 @@ and reach no real token, and as one causal segment it would cost attention quadr
 The segment ids of one forward pass are the same tensor for every layer; the document plan derived from
 them is cached on that tensor, so it is computed once per forward, not once per layer.
 
-Generation with a KV cache (Megatron's ``StaticInferenceContext``): after the prefill, ``SelfAttention``
-hands over keys and values of the whole sequence so far (``S`` tokens) with queries for the last ``sq``
-of them only. The segment ids then cover the ``S`` tokens, and every query row attends, in one batched
-``scaled_dot_product_attention``, to the keys of its own segment up to its own position (a
-``[b, 1, sq, S]`` boolean mask: small, ``sq`` is 1 per decoding step). Megatron switches the mask type
-to ``no_mask`` for those steps (its kernels assume one unpadded sequence per row); the layer's own
-causal type is used instead, so left-padded rows and packed prompts stay exact.
-
-Generation with a prompt cache (:class:`PromptCache`, set as ``prompt_cache`` on the decoder layers'
-modules by ``pretrain.posttrain.rollout``): the G rows that answer one prompt share its keys and values,
-kept once. In the prefill (the prompts, one row each) every layer stores its rotated keys and values in
-the cache; after it, Megatron's cache holds the responses only, and a decoding step's query of row r
-attends to its prompt's keys (read once for all the prompt's rows: one batched matmul per prompt, the
-rows as extra query heads) and to its own response's keys, one softmax over both. Against G copies of
-every prompt in Megatron's cache (``[prompt + response, P * G]``), the cache holds ``P * prompt + P * G
-* response`` positions, and Megatron's rotary embedding, which it applies again to all of a layer's
-cached keys at every step, covers the responses only.
+Generation (:class:`model.kv_cache.KVCache`, set as ``kv_cache`` on the decoder layers' modules by the
+model for the length of a forward): the prefill stores every layer's keys and values of the prompts, and a
+decoding step's one query per row attends to its prompt's and its response's cached keys
+(:meth:`model.kv_cache.KVCache.attend`).
 """
 
 from __future__ import annotations
@@ -75,6 +62,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from model.context_parallel import document_bounds, gathered_order, layout
+from model.kv_cache import KVCache
 
 # CPU, queries that start inside a document: rows x keys of one masked block, at most (a bool mask and the
 # kernel's float copy: 5 bytes each, transient), and its rows at most / at least.
@@ -96,27 +84,6 @@ def padding_mask(document_ids: torch.Tensor) -> torch.Tensor:
     fill-up and rollouts' left padding. The model's ``padding_mask`` argument (left out of the MoE
     routers) is this of the ``document_ids``."""
     return document_ids < 0
-
-
-class PromptCache:
-    """Keys and values of a generation's P prompts, once per prompt, for the P * G rows that answer them
-    (row r answers prompt r // G); see the module docstring.
-
-    ``padding`` [P, S]: True at the prompts' (left) padding, which no query sees. ``rows``: the batch
-    rows of the current decoding step, in batch order (set by the caller before each step). While
-    ``capturing`` (the prefill) each decoder layer stores its keys and values ``[S, P, hk, d]``, kept as
-    ``[P, hk, S, d]`` (the layout of the decoding step's matmuls)."""
-
-    def __init__(self, padding: torch.Tensor, group_size: int):
-        self.padding, self.group_size = padding, group_size
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
-        self.capturing = True
-        self.rows: torch.Tensor | None = None
-
-    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        self.keys[layer] = key.permute(1, 2, 0, 3).contiguous()
-        self.values[layer] = value.permute(1, 2, 0, 3).contiguous()
 
 
 @dataclass(frozen=True)
@@ -368,13 +335,13 @@ class DocumentAttention(MegatronModule):
                  cp_comm_type: str | None = None, pg_collection=None):
         super().__init__(config=config)
         self.attn_mask_type = attn_mask_type
-        self.layer_number = layer_number  # the decoder layer's (global) number: a prompt cache's key
+        self.layer_number = layer_number  # the decoder layer's (global) number: the KV cache's key
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.heads_per_partition = divide(config.num_attention_heads, tp)
         head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.prompt_cache: PromptCache | None = None  # set for a generation (see the module docstring)
+        self.kv_cache: KVCache | None = None  # set by the model for a generation's forward
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -383,13 +350,11 @@ class DocumentAttention(MegatronModule):
                              "or an attention bias")
         if attention_mask is not None and attention_mask.dtype == torch.bool:
             raise ValueError("DocumentAttention takes integer segment ids [b, S], not a boolean mask")
-        cache = self.prompt_cache
-        if cache is not None and not cache.capturing:
-            return self._attend_after_prompt(query, key, value, cache)
+        cache = self.kv_cache
+        if cache is not None and cache.decoding:
+            return cache.attend(self.layer_number, query, key, value, self.softmax_scale)
         if cache is not None:
-            cache.store(self.layer_number, key, value)
-        if key.shape[0] != query.shape[0]:
-            return self._attend_cached(query, key, value, attention_mask)
+            cache.store_prompts(self.layer_number, key, value)
         causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
         # From the config, not the parallel state: the ViT attends within frames, with cp = 1 in its config.
         cp_size = self.config.context_parallel_size
@@ -406,62 +371,3 @@ class DocumentAttention(MegatronModule):
         return attend_packed(query, key, value, plans, order if cp_size > 1 else None, causal, self.softmax_scale,
                              dropout_p, cache=None if attention_mask is None else attention_mask._attention_plans,
                              plan_key=(causal, cp_size, cp_rank, seq))
-
-    def _attend_after_prompt(self, query, key, value, cache: PromptCache):
-        """One decoding step with a prompt cache: ``query [1, b, hq, d]`` of the rows ``cache.rows``,
-        ``key/value [t, b, hk, d]`` of their responses so far (the new token's last) -> ``[1, b, hq * d]``:
-        each row attends to its prompt's unpadded keys and to all of its response's, one softmax."""
-        sq, b, hq, d = query.shape
-        if sq != 1 or cache.rows is None or cache.rows.numel() != b:
-            raise ValueError(f"a prompt cache decodes one token for each of its rows: got {sq} queries for "
-                             f"{b} rows ({None if cache.rows is None else cache.rows.numel()} set)")
-        prompt_keys, prompt_values = cache.keys[self.layer_number], cache.values[self.layer_number]
-        prompts, hk, s = prompt_keys.shape[:3]
-        g, rep = cache.group_size, hq // hk
-        rows = cache.rows.to(query.device)
-        q = query[0].reshape(b, hk, rep, d)  # query head j uses key head j // rep (grouped-query attention)
-
-        def to_prompts(x):  # [b, hk, rep, n] rows -> [P, hk, G * rep, n], absent rows 0
-            grid = x.new_zeros(prompts * g, *x.shape[1:])
-            grid[rows] = x
-            return grid.view(prompts, g, hk, rep, -1).transpose(1, 2).reshape(prompts, hk, g * rep, -1)
-
-        def to_rows(x):  # [P, hk, G * rep, n] -> [b, hk, rep, n]
-            return x.view(prompts, hk, g, rep, -1).transpose(1, 2).reshape(prompts * g, hk, rep, -1)[rows]
-
-        # In float32 throughout (scores rounded to bf16, or probabilities, would make the rollouts' log-probs
-        # coarser than the training forward's, whose kernels accumulate in fp32: a rollout-vs-train gap;
-        # measured on CPU in bf16, mean |sampled - scored log-prob| 3.7e-4 so, 5.5e-4 with bf16 probabilities).
-        q = q.float()
-        scores = torch.cat([to_rows(torch.matmul(to_prompts(q), prompt_keys.float().transpose(-1, -2))),
-                            torch.matmul(q, key.float().permute(1, 2, 3, 0))], dim=-1) * self.softmax_scale
-        hidden = cache.padding.to(query.device)[rows // g]  # [b, s]
-        scores[..., :s] = scores[..., :s].masked_fill(hidden[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out = to_rows(torch.matmul(to_prompts(probs[..., :s]), prompt_values.float()))  # [b, hk, rep, d]
-        out = out + torch.matmul(probs[..., s:], value.float().permute(1, 2, 0, 3))
-        return out.to(query.dtype).reshape(1, b, hq * d)
-
-    def _attend_cached(self, query, key, value, segment_ids):
-        """Queries for the last ``sq`` of ``S`` positions, keys/values of all ``S`` from a KV cache
-        (see the module docstring): ``query [sq, b, hq, d]``, ``key/value [S, b, hk, d]``, segment ids
-        ``[b, S]`` or None -> ``[sq, b, hq * d]``."""
-        if self.config.context_parallel_size > 1:
-            raise ValueError("DocumentAttention with a KV cache runs with context parallelism 1")
-        sq, batch = query.shape[:2]
-        seq = key.shape[0]
-        if seq < sq:
-            raise ValueError(f"{sq} queries but only {seq} keys: keys longer than queries come from a KV cache")
-        q_pos = torch.arange(seq - sq, seq, device=query.device)
-        visible = torch.ones(batch, sq, seq, dtype=torch.bool, device=query.device)
-        if self.attn_mask_type == AttnMaskType.causal:
-            visible = visible & (torch.arange(seq, device=query.device)[None, :] <= q_pos[:, None])
-        if segment_ids is not None:
-            if tuple(segment_ids.shape) != (batch, seq):
-                raise ValueError(f"segment ids must be [batch, cached + new tokens] = [{batch}, {seq}], "
-                                 f"got {tuple(segment_ids.shape)}")
-            visible = visible & (segment_ids[:, None, :] == segment_ids[:, seq - sq:, None])
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None], scale=self.softmax_scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
-        return out.permute(2, 0, 1, 3).reshape(sq, batch, -1)

@@ -58,14 +58,13 @@ Post-training stages add terms and moments:
   rows of one prompt share one ViT pass: :attr:`Workload.vision_rows`), and its loss keeps the
   response tokens' logits in fp32 (the gathered logits, their tempered copy, the cross entropy's
   softmax) on top of the bf16 logits of the whole row. Three more moments: the rollout's *prefill* (the
-  prompts' forward without gradient, and the P prompts' keys and values in the prompt cache, plus the
-  last layer's in Megatron's static cache of its attention call), the rollout's
-  *decoding* (the **KV cache**: the prompt cache, ``[P, kv heads / tp, prompt, head_dim]`` keys and
-  values per layer of the stage, once per prompt for its G rows, and Megatron's static cache of all
-  P x G rows' responses, ``[max_new_tokens, rows, kv heads / tp, head_dim]``; plus one decoding step: the
-  rotary embedding of the responses, which Megatron applies again to a layer's cached keys at every
-  step, the attention's scores over prompt and response, the sampling's fp32/fp64 copies of the rows'
-  logits), and the *old-policy log-probs* (a micro-batch's forward without gradient, its logits and the
+  prompts' forward without gradient, and the P prompts' keys and values in the KV cache), the rollout's
+  *decoding* (the **KV cache**, :class:`model.kv_cache.KVCache`: the prompts'
+  ``[P, kv heads / tp, prompt, head_dim]`` keys and values per layer of the stage, once per prompt for its
+  G rows, and all P x G rows' responses, ``[rows, kv heads / tp, max_new_tokens, head_dim]``; plus one
+  decoding step: the attention's fp32 copies of a layer's cached keys and values and its scores over
+  prompt and response, the sampling's fp32/fp64 copies of the rows' logits), and the *old-policy
+  log-probs* (a micro-batch's forward without gradient, its logits and the
   entropy's fp32 temporaries);
 * a **frozen model** (:class:`FrozenModel`: an RL reference policy, GRPO's KL, or a distillation
   teacher) adds its weights in the job's layout, no gradients, no optimizer state; a *teacher* runs
@@ -553,26 +552,22 @@ def forward_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, toke
 
 
 def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rollout: Rollout, a: int) -> float:
-    """Bytes of one decoding step of all the rollout's rows beside the KV cache: the fp32 rotary angles of
-    the ``[max_new_tokens, rows]`` responses; then, in a layer, the larger of Megatron's rotary embedding of the
-    layer's cached response keys (applied again to all of them at every step: the cosine and sine products, the
-    rotated half, their sum: four copies of the keys) and the attention (:class:`model.attention.PromptCache`:
-    the rotated keys, the keys and values in the matmuls' layout, below fp32 an fp32 copy of the layer's prompt
-    and response keys and values, the fp32 scores over prompt and response of every query head: their
-    matmul outputs, the prompts' grid and the rows' gather, scaled, masked and their softmax, and the
-    probabilities' prompts' grid); on the last stage, after the layers, the sampling's copies of
-    the rows' gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64
-    sort order, the fp64 probabilities and their cumulative sum)."""
+    """Bytes of one decoding step of all the rollout's rows beside the KV cache: in a layer, the attention
+    (:meth:`model.kv_cache.KVCache.attend`: below fp32 an fp32 copy of the layer's cached prompt and
+    response keys and values, the fp32 scores over prompt and response of every query head: their matmul
+    outputs, the prompts' grid and the rows' gather, scaled, masked and their softmax, and the
+    probabilities' prompts' grid); on the last stage, after the layers, the sampling's copies of the rows'
+    gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64 sort
+    order, the fp64 probabilities and their cumulative sum). The new tokens' own tensors are negligible."""
     t = cfg.text
     rows, new, prompt = rollout.rows, rollout.max_new_tokens, rollout.prompt_tokens
     groups = max(1, t.num_key_value_heads // parallel.tp)
     heads = t.num_attention_heads // parallel.tp
-    keys = new * rows * groups * t.head_dim * a  # one layer's cached response keys
     upcast = 2 * 4 * (new * rows + prompt * rollout.prompts) * groups * t.head_dim if a != 4 else 0
     scores = rows * heads * (prompt + new)
-    layer = max(4 * keys, 3 * keys + upcast + scores * (4 * 4 + 16))
+    layer = upcast + scores * (4 * 4 + 16)
     sampling = rows * t.vocab_size * (a + 4 + 4 + 4 + 8 + 8 + 8) if stage == parallel.pp - 1 else 0.0
-    return 4 * t.head_dim * rows * new + max(layer, sampling)
+    return max(layer, sampling)
 
 
 def loss_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload) -> float:
@@ -755,8 +750,8 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
                     stage: int) -> dict[str, dict[str, float]]:
     """The moments of an RL step outside the policy update (beside the weights, gradients, optimizer
     state and a reference policy's weights, which stay): the rollout's prefill (the prompts' keys and
-    values, a layer's twice, their forward), its decoding (the prompt cache and every row's response cache, the
-    prefill's inputs or one step),
+    values, their forward), its decoding (the prompts' and every row's response keys and values in the KV
+    cache, the prefill's inputs or one step),
     the old-policy log-probs of one micro-batch (its forward, then its logits; a reference policy's
     log-probs take the same pass without the entropy, less)."""
     a, last = work.act_bytes, stage == parallel.pp - 1
@@ -768,8 +763,7 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
     logprobs = _logprob_bytes(cfg, parallel, work) if last else 0.0
     return {
         "rollout prefill": {
-            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)
-            * (1 + 1 / len(_layers_of_stage(cfg, parallel, stage))),
+            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a),
             "working memory": prefill},
         "rollout decoding": {
             KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)

@@ -28,15 +28,14 @@ Inputs always hold the full sequence ``s``. On a pipeline stage other than the l
 states to send on. Parallel layouts: tensor (``tp``), pipeline (``pp``, with the vision encoder on the
 first stage), expert (``ep``/``etp``), sequence parallelism and context parallelism (``cp``).
 
-Generation with a KV cache (``inference_context=``, a Megatron-Core ``StaticInferenceContext``, in
-``eval()`` mode): ``input_ids`` [b, s] are only the new tokens, the ones after the context's
-``sequence_len_offset`` cached ones; ``position_ids`` [3, b, offset + s] and ``document_ids``
-[b, offset + s] cover the whole sequence so far (the rotary angles of the cached keys come from them);
-images and videos come with the tokens that hold their pad tokens (the prefill). Each layer's
-``SelfAttention`` appends the new keys and values to the context's cache; the caller advances
-``sequence_len_offset``. Logits are returned for the last token only ([b, 1, vocab]). This path needs
-the ``document`` attention backend, no sequence parallelism and cp = 1 (see
-``pretrain.posttrain.rollout``, which arranges that for the length of a generation).
+Generation with a KV cache (``kv_cache=``, a :class:`model.kv_cache.KVCache`, in ``eval()`` mode): the
+model hands the cache to its decoder layers' attention for the length of the forward. The prefill runs the
+prompts (one row each, the cache's ``decoding`` False) and every layer stores their keys and values; a
+decoding step feeds one new token per held row (``input_ids`` [b, 1], ``position_ids`` [3, b, 1] of the
+new tokens only: cached keys are stored rotated; no ``document_ids``) and each layer attends over the row's
+prompt and response in the cache. Logits are returned for the last token only ([b, 1, vocab]); the caller
+advances the cache. This path needs the ``document`` attention backend, no sequence parallelism and
+cp = 1 (see ``pretrain.posttrain.rollout``, which arranges that for the length of a generation).
 
 Context parallelism: the CP ranks share the vision encoder's work (each image and video frame is
 encoded by one rank, the features all-gathered) and every rank embeds the whole sequence; then the
@@ -55,8 +54,9 @@ therefore legal; the cost is the extra activation traffic when a DeepStack layer
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +72,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from model.config import ConfigError, Qwen3VLConfig
 from model.text_config import runtime_settings
 from model.context_parallel import cp_size_and_rank, encode_over_cp, split_sequence
+from model.kv_cache import KVCache
 from model.layer_specs import qwen3vl_decoder_block_spec, resolve_attention_backend
 from model.moe_padding import register_padding_spread
 from model.rope import InterleavedMRoPE
@@ -330,12 +331,12 @@ class Qwen3VLModel(LanguageModule):
             attention_mask = dense_document_mask(document_ids)
         return attention_mask
 
-    def _check_cache_path(self, inference_context, labels, cp_size: int) -> int:
-        """One-line errors for what the KV-cache path does not do; the number of cached tokens."""
+    def _check_cache_path(self, labels, cp_size: int) -> None:
+        """One-line errors for what the KV-cache path does not do."""
         if self.training:
-            raise ValueError("the KV-cache path (inference_context) is for generation: call model.eval() first")
+            raise ValueError("the KV-cache path (kv_cache) is for generation: call model.eval() first")
         if labels is not None:
-            raise ValueError("inference_context (KV cache) and labels do not go together: the cache path "
+            raise ValueError("kv_cache and labels do not go together: the cache path "
                              "returns the last token's logits")
         if self.attention != "document":
             raise ValueError(f"the KV-cache path runs on the 'document' attention backend, this model uses "
@@ -345,7 +346,18 @@ class Qwen3VLModel(LanguageModule):
                              "cannot be split over the tensor-parallel ranks): turn it off for generation")
         if cp_size > 1:
             raise ValueError(f"the KV-cache path runs with context parallelism 1, not cp={cp_size}")
-        return int(inference_context.sequence_len_offset)
+
+    @contextmanager
+    def _attention_with(self, kv_cache: KVCache | None) -> Iterator[None]:
+        """The decoder layers' core attention uses ``kv_cache`` for the length of the block."""
+        attentions = [layer.self_attention.core_attention for layer in self.decoder.layers] if kv_cache else []
+        for attention in attentions:
+            attention.kv_cache = kv_cache
+        try:
+            yield
+        finally:
+            for attention in attentions:
+                attention.kv_cache = None
 
     def _router_padding(self, padding_mask, document_ids, b: int, s: int, cp_size: int, cp_rank: int):
         """The padding mask as the MoE routers take it: bool [b, tokens of this rank] (after the CP cut
@@ -372,7 +384,7 @@ class Qwen3VLModel(LanguageModule):
         packed_seq_params: PackedSeqParams | None = None,
         runtime_gather_output: bool | None = None,
         document_ids: torch.Tensor | None = None,
-        inference_context=None,
+        kv_cache: KVCache | None = None,
         image_index: torch.Tensor | None = None,
         video_index: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
@@ -382,19 +394,20 @@ class Qwen3VLModel(LanguageModule):
         if cp_size > 1 and s % (2 * cp_size):
             raise ValueError(f"sequence length {s} is not divisible by 2*cp = {2 * cp_size} "
                              "(context parallelism cuts each sequence into 2*cp equal chunks)")
-        # With a KV cache, positions and documents cover the cached tokens too (see the module docstring).
-        total = s if inference_context is None else self._check_cache_path(inference_context, labels, cp_size) + s
+        if kv_cache is not None:
+            self._check_cache_path(labels, cp_size)
         if position_ids is None:
             if pixel_values is not None or pixel_values_videos is not None:
                 raise ValueError("position_ids [3, b, s] are required with images or videos "
                                  "(common.tokens.positions.mrope_position_ids)")
-            position_ids = torch.arange(total, device=input_ids.device).expand(b, total)
+            if kv_cache is not None and kv_cache.decoding:
+                raise ValueError("a decoding step with a KV cache needs the new tokens' position_ids [3, b, 1]")
+            position_ids = torch.arange(s, device=input_ids.device).expand(b, s)
         rotary = self.rotary_pos_emb(position_ids.to(input_ids.device))
-        if rotary.shape[0] != total or rotary.shape[1] != b:
-            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}"
-                             + (f" after {total - s} cached tokens" if total != s else ""))
+        if rotary.shape[0] != s or rotary.shape[1] != b:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}")
         rotary = split_sequence(rotary, 0, cp_size, cp_rank, document_ids, batch_dim=1)
-        attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, total)
+        attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, s)
         router_padding = self._router_padding(padding_mask, document_ids, b, s, cp_size, cp_rank)
 
         decoder_input, context = None, None
@@ -422,12 +435,13 @@ class Qwen3VLModel(LanguageModule):
                     context = tensor_parallel.scatter_to_sequence_parallel_region(
                         context.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
 
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_input, context=context,
-                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
-                              inference_context=inference_context, padding_mask=router_padding)
+        with self._attention_with(kv_cache):
+            hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_input, context=context,
+                                  rotary_pos_emb=rotary, packed_seq_params=packed_seq_params,
+                                  padding_mask=router_padding)
         if not self.post_process:
             return hidden
-        if inference_context is not None and inference_context.materialize_only_last_token_logits:
+        if kv_cache is not None:
             hidden = hidden[-1:]  # generation needs the next token's logits only
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None

@@ -278,18 +278,19 @@ def test_planned_memory_matches_two_rank_layouts():
 
 # A tiny RL step (tiny_dense, fp32, 1 rank): 4 prompts of 32 text tokens and an image of 64 patches, G = 16
 # responses of 256 tokens each, micro-batches of 4 rows, 2 updates. The three moments of the plan each
-# peak in their own range of the step: the rollout (the prompt cache of 4 prompts, the response cache of 64
-# rows), the old-policy log-probs (the entropy's fp32 copies of the response logits), the policy update
-# (activations and loss of 4 rows of 304 tokens). Measured (2026-12-01, 2 CPU cores): rollout 38.8 MB
-# planned / 40.4 MB measured (45.3 MB while each row cached its own copy of its prompt), old-policy
-# log-probs 74.1 / 74.9 MB, update 82.7 / 84.1 MB (0.96-0.99).
+# peak in their own range of the step: the rollout (the KV cache of 4 prompts and of 64 rows' responses),
+# the old-policy log-probs (the entropy's fp32 copies of the response logits), the policy update
+# (activations and loss of 4 rows of 304 tokens). Measured (2026-12-01, 2 CPU cores): rollout 33.9 MB
+# planned / 31.2 MB measured (45.3 MB while each row cached its own copy of its prompt, 40.4 MB while
+# Megatron's static cache held the responses and rotated all their keys again at every step), old-policy
+# log-probs 74.1 / 74.9 MB, update 82.7 / 84.1 MB.
 RL_TEXT, RL_PATCHES = 32, 64
 RL_OVERRIDES = ["model=tiny_dense", "stage=rl_sapo", "train.precision=fp32", "train.micro_batch_size=4",
                 "stage.rl.prompts_per_step=4", "stage.rl.group_size=16", "stage.rl.max_new_tokens=256",
                 "stage.rl.updates_per_step=2"]
 # Long prompts (1,024 text tokens and the image), short responses (G = 2 x 16 tokens): the rollout's peak is
-# the prefill's (the prompt cache, the prompts' forward), and the rows' logits outweigh the response
-# tokens'. Measured (2026-12-01): rollout 32.7 MB planned / 35.3 MB measured, old-policy log-probs 49.6 /
+# the prefill's (the prompts' KV cache, their forward), and the rows' logits outweigh the response
+# tokens'. Measured (2026-12-01): rollout 31.6 MB planned / 35.3 MB measured, old-policy log-probs 49.6 /
 # 51.8 MB, update 167.4 / 164.8 MB (80.9 and 200.4 MB planned while the plan copied the packed rows' logits).
 RL_LONG_PROMPTS = (1024, ["stage.rl.group_size=2", "stage.rl.max_new_tokens=16", "stage.rl.updates_per_step=1"])
 RL_MOMENTS = {"rollout": ("rollout prefill", "rollout decoding"), "old_logp": ("old-policy log-probs",),
@@ -506,8 +507,8 @@ def test_rl_plan_counts_the_rollouts_kv_cache_and_fits_a_2b_job_on_80gb(capsys):
     assert main(["stage=rl_sapo", "model=qwen3vl_2b", "cluster=example_h100", "cluster.nodes=1"]) == 0
     out = capsys.readouterr().out
     rows = _table(out)
-    # K and V x 28 layers x (the prompt cache: 8 prompts x 576 positions; Megatron's static cache of the
-    # responses: 128 rows x 1,024 positions) x 8 KV heads x 128 x bf16
+    # K and V x 28 layers x (the prompts: 8 prompts x 576 positions; the responses: 128 rows x 1,024
+    # positions) x 8 KV heads x 128 x bf16
     assert rows["KV cache"] == round(2 * 28 * (8 * 576 + 128 * 1024) * 8 * 128 * 2 / 1e9, 1) == 15.6
     assert "peak at: rollout decoding" in out and "largest term: KV cache" in out
     assert "of 80 GB (cluster.gpu_memory_gb of example_h100): fits" in out

@@ -20,16 +20,15 @@ How the batch runs (all prompts x G responses in one batch):
   no real token ever attends to it, and positions are the prompt's own: a left-padded row computes
   what the prompt alone would (right padding would need a different write column per row).
 * **Prefill once per prompt.** The P prompts (with their images and videos: the ViT runs once per
-  prompt, not G times) fill the prompt cache (:class:`model.attention.PromptCache`: every decoder
-  layer's keys and values of the P prompts, kept once for the G rows of each), and the first tokens of
-  the G responses are sampled from the same logits.
-* **KV cache.** The responses' keys and values go to Megatron-Core's ``StaticInferenceContext``
-  (``[max_new_tokens, B, ...]`` per layer): each layer's ``SelfAttention`` appends the new ones, and
-  :class:`model.attention.DocumentAttention` attends over the row's prompt in the prompt cache and
-  its response so far, so a token costs one token's forward, and a prompt's keys are held (and read)
-  once, not G times: P x prompt + B x response positions, where a cache of whole rows holds
-  B x (prompt + response). ``use_cache=False`` recomputes the whole sequence at every step instead
-  (correct and slow; the reference the cache is tested against).
+  prompt, not G times) fill the KV cache (:class:`model.kv_cache.KVCache`: every decoder layer's keys
+  and values of the P prompts, kept once for the G rows of each), and the first tokens of the G
+  responses are sampled from the same logits.
+* **Decoding.** Each step feeds one token per row; every layer appends its (rotated) key and value to
+  the row's response in the cache (``[B, kv heads, max_new_tokens, head_dim]`` per layer) and attends
+  over the row's prompt and its response so far, so a token costs one token's forward, and a prompt's
+  keys are held (and read) once, not G times: P x prompt + B x response positions, where a cache of
+  whole rows holds B x (prompt + response). ``use_cache=False`` recomputes the whole sequence at every
+  step instead (correct and slow; the reference the cache is tested against).
 * **Finished rows** keep their place until at most 3/4 of the batch is still running; then the cache
   is compacted to the running rows (a handful of copies per rollout, not one per finished row).
 
@@ -353,81 +352,51 @@ def _model_dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-class _UnkeptBuffers(dict):
-    """A ``key_value_memory_dict`` that keeps nothing: Megatron's attention allocates a layer's cache
-    buffers when the dict lacks them, stores them in it and uses them for the call that allocated them;
-    not stored, they are freed when the call ends (the prefill, whose keys the prompt cache keeps)."""
-
-    def __setitem__(self, key, value) -> None:
-        pass
-
-
 class _CachedDecoder:
-    """Prefill once per prompt, then one token per row and step with Megatron's static KV cache for the
-    responses and a :class:`model.attention.PromptCache` for the prompts: the G rows of a prompt share
-    its keys and values (see :mod:`model.attention`)."""
+    """Prefill once per prompt, then one token per row and step with a :class:`model.kv_cache.KVCache`:
+    the G rows of a prompt share its keys and values, each row's response keys follow."""
 
     def __init__(self, model, batch: _Batch):
-        from model.attention import PromptCache
+        from model.kv_cache import KVCache
 
         self.model, self.batch = model, batch
         s, firsts = batch.prompt_len, torch.arange(0, batch.ids.shape[0], batch.group_size)
-        # Response positions and documents of every row, the prompts' padding, on the model's device once.
-        self.grid = to_device({"position_ids": batch.positions[:, :, s:], "document_ids": batch.documents[:, s:],
+        # Response positions of every row and the prompts' padding, on the model's device once.
+        self.grid = to_device({"position_ids": batch.positions[:, :, s:],
                                "padding": padding_mask(batch.documents[firsts, :s])})
-        self.prompt_cache = PromptCache(self.grid["padding"], batch.group_size)
-        self.attention = [layer.self_attention.core_attention for layer in model.decoder.layers]
-        for attention in self.attention:
-            attention.prompt_cache = self.prompt_cache
-        self.context = None
+        self.cache = KVCache(self.grid["padding"], batch.group_size, batch.ids.shape[1] - s)
         self.rows = torch.arange(batch.ids.shape[0])  # the batch rows held in the cache, in cache order
 
     def close(self) -> None:
-        for attention in self.attention:
-            attention.prompt_cache = None
+        self.cache.release()
 
     def prefill(self) -> torch.Tensor:
         """Logits [B, V] of every row's first response token."""
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         b, g, s = self.batch, self.batch.group_size, self.batch.prompt_len
         firsts = torch.arange(0, b.ids.shape[0], g)  # one row per prompt
         documents = b.documents[firsts, :s]
         inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
                             "document_ids": documents, "padding_mask": padding_mask(documents),
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
-        # The prompt cache keeps the prompts' keys and values; Megatron's cache of the prefill is not kept,
-        # not even until the prefill ends (each layer's buffers are used within its attention call only).
-        prefill = StaticInferenceContext(max_batch_size=len(b.prompts), max_sequence_length=s)
-        prefill.key_value_memory_dict = _UnkeptBuffers()
         logits = stage_forward(self.model, lambda: self.model(
-            inputs.pop("input_ids"), inputs.pop("position_ids"), inference_context=prefill,
+            inputs.pop("input_ids"), inputs.pop("position_ids"), kv_cache=self.cache,
             runtime_gather_output=True, **inputs))
-        del prefill
-        self.prompt_cache.capturing = False
-        self.prompt_cache.rows = self.rows.to(self.grid["padding"].device)  # on the device, once per change
-        self.context = StaticInferenceContext(max_batch_size=b.ids.shape[0],
-                                              max_sequence_length=b.ids.shape[1] - s)
-        self.context.enable_decode_mode()
+        self.cache.start_decoding()
         return None if logits is None else logits[:, -1].repeat_interleave(g, 0)
 
     def step(self, rows: torch.Tensor) -> torch.Tensor:
         """Feed the last written token of ``rows`` (a subset of the cached rows, in their order);
         logits [len(rows), V] of the token after it."""
         if not torch.equal(rows, self.rows):
-            memory = self.context.key_value_memory_dict
-            for layer, (keys, values) in memory.items():
-                i = torch.searchsorted(self.rows, rows).to(keys.device)
-                memory[layer] = (keys.index_select(1, i), values.index_select(1, i))
-            self.rows, self.prompt_cache.rows = rows, rows.to(self.grid["padding"].device)
-        t = self.context.sequence_len_offset  # the response column of the token fed now
+            self.cache.keep_rows(torch.searchsorted(self.rows, rows))
+            self.rows = rows
+        t = self.cache.length  # the response column of the token fed now
         col = self.batch.prompt_len + t
         ids = to_device({"input_ids": self.batch.ids[rows, col:col + 1]})["input_ids"]
-        index = rows.to(ids.device)
-        logits = stage_forward(self.model, lambda: self.model(
-            ids, self.grid["position_ids"][:, index, :t + 1], inference_context=self.context,
-            document_ids=self.grid["document_ids"][index, :t + 1], runtime_gather_output=True))
-        self.context.sequence_len_offset = t + 1
+        positions = self.grid["position_ids"][:, rows.to(ids.device), t:t + 1]
+        logits = stage_forward(self.model, lambda: self.model(ids, positions, kv_cache=self.cache,
+                                                              runtime_gather_output=True))
+        self.cache.advance()
         return None if logits is None else logits[:, -1]
 
 
@@ -615,7 +584,7 @@ def generate_rollouts(
                 logits = decoder.step(rows)
                 forwards += 1
         finally:
-            decoder.close()  # the model's attention modules let go of the prompt cache
+            decoder.close()  # the KV cache's buffers are freed
     _synchronize()
     end = time.perf_counter()
 
