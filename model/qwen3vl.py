@@ -350,7 +350,8 @@ class Qwen3VLModel(LanguageModule):
     @contextmanager
     def _attention_with(self, kv_cache: KVCache | None) -> Iterator[None]:
         """The decoder layers' core attention uses ``kv_cache`` for the length of the block."""
-        attentions = [layer.self_attention.core_attention for layer in self.decoder.layers] if kv_cache else []
+        layers = self.decoder.layers if kv_cache is not None else []
+        attentions = [layer.self_attention.core_attention for layer in layers]
         for attention in attentions:
             attention.kv_cache = kv_cache
         try:
