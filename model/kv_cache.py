@@ -4,9 +4,11 @@ A generation (:mod:`pretrain.posttrain.rollout`) answers P prompts with G respon
 ``r`` answers prompt ``r // G``. The model (:class:`model.qwen3vl.Qwen3VLModel`, ``kv_cache=``) hands this
 cache to its decoder layers' :class:`model.attention.DocumentAttention` for the length of a forward.
 
-* **Prefill** (``decoding`` False): the P prompts, one row each, left-padded to the longest (``padding``
-  ``[P, S]`` True at the padding). Every layer stores its keys and values ``[P, hk, S, d]`` (after the
-  rotary embedding) and attends as it would without a cache.
+* **Prefill** (``decoding`` False): the P prompts packed into one row, ``[1, L]`` (their unpadded tokens
+  back to back, in order; ``padding`` ``[P, S]`` says which of the S columns of the left-padded cache each
+  prompt fills). Every layer stores its keys and values as ``[P, hk, S, d]`` (after the rotary
+  embedding) and attends as it would without a cache; the model keeps each prompt's last token
+  (:meth:`last_tokens`).
 * **Decoding** (after :meth:`start_decoding`): one new token for each held row (``rows``, batch rows in
   cache order). A layer writes the token's key and value at response column ``length`` of its buffers
   ``[rows, hk, max_new_tokens, d]`` (allocated at the first step, in the keys' dtype and on their device)
@@ -34,6 +36,8 @@ class KVCache:
     def __init__(self, padding: torch.Tensor, group_size: int, max_new_tokens: int):
         self.padding, self.group_size, self.max_new_tokens = padding, group_size, max_new_tokens
         self.rows = torch.arange(padding.shape[0] * group_size, device=padding.device)
+        self.lengths = (~padding).sum(dim=1)  # tokens of each prompt
+        self._columns = (~padding).flatten().nonzero()[:, 0]  # packed token i -> its place in [P * S]
         self.prompt_keys: dict[int, torch.Tensor] = {}  # per layer number: [P, hk, S, d]
         self.prompt_values: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}  # per layer number: [rows, hk, max_new_tokens, d]
@@ -42,11 +46,28 @@ class KVCache:
         self.length = 0  # response tokens cached (the column the next decoding step writes)
 
     def store_prompts(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
-        """The prefill's keys and values of decoder layer ``layer``: ``[S, P, hk, d]``."""
+        """The prefill's keys and values of decoder layer ``layer``: ``[L, 1, hk, d]``, the prompts packed."""
         if self.decoding:
             raise RuntimeError("the prompts' keys and values are stored in the prefill, before decoding")
-        self.prompt_keys[layer] = key.permute(1, 2, 0, 3).contiguous()
-        self.prompt_values[layer] = value.permute(1, 2, 0, 3).contiguous()
+        prompts, s = self.padding.shape
+        if key.shape[:2] != (self._columns.numel(), 1):
+            raise ValueError(f"the prefill packs the {prompts} prompts' {self._columns.numel()} tokens into one "
+                             f"row: got keys {tuple(key.shape)}")
+        index = self._columns.to(key.device)
+
+        def left_padded(x):  # [L, 1, hk, d] -> [P, hk, S, d], zeros at the padding (which no query sees)
+            grid = x.new_zeros(prompts * s, *x.shape[2:])
+            grid[index] = x[:, 0]
+            return grid.view(prompts, s, *x.shape[2:]).transpose(1, 2).contiguous()
+
+        self.prompt_keys[layer], self.prompt_values[layer] = left_padded(key), left_padded(value)
+
+    def last_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states whose logits the step needs, ``[1, b, h]`` from ``[s, b, h]``: in the prefill
+        each prompt's last token (``b`` = P), in a decoding step the new token of each row."""
+        if self.decoding:
+            return hidden[-1:]
+        return hidden[(self.lengths.cumsum(0) - 1).to(hidden.device), 0][None]
 
     def start_decoding(self) -> None:
         """The prefill is done: forwards from here on feed one token per held row."""

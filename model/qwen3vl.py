@@ -30,12 +30,14 @@ first stage), expert (``ep``/``etp``), sequence parallelism and context parallel
 
 Generation with a KV cache (``kv_cache=``, a :class:`model.kv_cache.KVCache`, in ``eval()`` mode): the
 model hands the cache to its decoder layers' attention for the length of the forward. The prefill runs the
-prompts (one row each, the cache's ``decoding`` False) and every layer stores their keys and values; a
-decoding step feeds one new token per held row (``input_ids`` [b, 1], ``position_ids`` [3, b, 1] of the
-new tokens only: cached keys are stored rotated; no ``document_ids``) and each layer attends over the row's
-prompt and response in the cache. Logits are returned for the last token only ([b, 1, vocab]); the caller
-advances the cache. This path needs the ``document`` attention backend, no sequence parallelism and
-cp = 1 (see ``pretrain.posttrain.rollout``, which arranges that for the length of a generation).
+prompts packed into one row (``input_ids`` [1, L], ``document_ids`` numbering the prompts, each prompt's
+own positions; the cache's ``decoding`` False) and every layer stores their keys and values; it returns
+each prompt's last-token logits ([P, 1, vocab]). A decoding step feeds one new token per held row
+(``input_ids`` [b, 1], ``position_ids`` [3, b, 1] of the new tokens only: cached keys are stored rotated;
+no ``document_ids``) and each layer attends over the row's prompt and response in the cache; it returns
+[b, 1, vocab]. The caller advances the cache. This path needs the ``document`` attention backend, no
+sequence parallelism and cp = 1 (see ``pretrain.posttrain.rollout``, which arranges that for the length
+of a generation).
 
 Context parallelism: the CP ranks share the vision encoder's work (each image and video frame is
 encoded by one rank, the features all-gathered) and every rank embeds the whole sequence; then the
@@ -443,7 +445,7 @@ class Qwen3VLModel(LanguageModule):
         if not self.post_process:
             return hidden
         if kv_cache is not None:
-            hidden = hidden[-1:]  # generation needs the next token's logits only
+            hidden = kv_cache.last_tokens(hidden)  # generation needs the next tokens' logits only
 
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         if labels is not None:

@@ -19,10 +19,11 @@ How the batch runs (all prompts x G responses in one batch):
   the ``document_ids`` (id -1, as a pack's padding: the MoE routers leave it out, ``padding_mask``), so
   no real token ever attends to it, and positions are the prompt's own: a left-padded row computes
   what the prompt alone would (right padding would need a different write column per row).
-* **Prefill once per prompt.** The P prompts (with their images and videos: the ViT runs once per
-  prompt, not G times) fill the KV cache (:class:`model.kv_cache.KVCache`: every decoder layer's keys
-  and values of the P prompts, kept once for the G rows of each), and the first tokens of the G
-  responses are sampled from the same logits.
+* **Prefill once per prompt.** The P prompts, packed into one row without their left padding (with
+  their images and videos: the ViT runs once per prompt, not G times), fill the KV cache
+  (:class:`model.kv_cache.KVCache`: every decoder layer's keys and values of the P prompts, kept once
+  for the G rows of each, left-padded there), and the first tokens of the G responses are sampled from
+  the same logits.
 * **Decoding.** Each step feeds one token per row; every layer appends its (rotated) key and value to
   the row's response in the cache (``[B, kv heads, max_new_tokens, head_dim]`` per layer) and attends
   over the row's prompt and its response so far, so a token costs one token's forward, and a prompt's
@@ -371,12 +372,16 @@ class _CachedDecoder:
         self.cache.release()
 
     def prefill(self) -> torch.Tensor:
-        """Logits [B, V] of every row's first response token."""
+        """Logits [B, V] of every row's first response token. The prompts run packed into one row (their
+        left padding left out: a video prompt beside text prompts would otherwise pad them all to its
+        length, in every layer and expert)."""
         b, g, s = self.batch, self.batch.group_size, self.batch.prompt_len
         firsts = torch.arange(0, b.ids.shape[0], g)  # one row per prompt
-        documents = b.documents[firsts, :s]
-        inputs = to_device({"input_ids": b.ids[firsts, :s], "position_ids": b.positions[:, firsts, :s],
-                            "document_ids": documents, "padding_mask": padding_mask(documents),
+        tokens = ~padding_mask(b.documents[firsts, :s])  # [P, s]
+        prompt_of = torch.arange(len(b.prompts))[:, None].expand(-1, s)
+        inputs = to_device({"input_ids": b.ids[firsts, :s][tokens][None],
+                            "position_ids": b.positions[:, firsts, :s][:, tokens][:, None],
+                            "document_ids": prompt_of[tokens][None],
                             **_media(b.prompts, range(len(b.prompts)), _model_dtype(self.model))})
         logits = stage_forward(self.model, lambda: self.model(
             inputs.pop("input_ids"), inputs.pop("position_ids"), kv_cache=self.cache,

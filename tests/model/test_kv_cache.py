@@ -22,8 +22,14 @@ def test_decoding_attends_to_the_unpadded_prompt_and_the_rows_response():
     lengths = [7, 3, 5]  # left-padded to 7
     padding = torch.tensor([[i < s - n for i in range(s)] for n in lengths])
     cache = KVCache(padding, g, new)
-    prompt_k, prompt_v = torch.randn(s, prompts, hk, d), torch.randn(s, prompts, hk, d)
-    cache.store_prompts(layer, prompt_k, prompt_v)
+    prompt_k, prompt_v = torch.randn(s, prompts, hk, d), torch.randn(s, prompts, hk, d)  # left-padded
+
+    def packed(x):  # the prefill's layout: the prompts' tokens back to back in one row
+        return torch.cat([x[s - n:, p] for p, n in enumerate(lengths)])[:, None]
+
+    cache.store_prompts(layer, packed(prompt_k), packed(prompt_v))
+    hidden = packed(torch.randn(s, prompts, 16))
+    torch.testing.assert_close(cache.last_tokens(hidden)[0], hidden[[6, 9, 14], 0])  # each prompt's last token
     cache.start_decoding()
     rows = torch.arange(prompts * g)
     response_k, response_v = torch.randn(prompts * g, new, hk, d), torch.randn(prompts * g, new, hk, d)
@@ -43,8 +49,10 @@ def test_decoding_attends_to_the_unpadded_prompt_and_the_rows_response():
             torch.testing.assert_close(out[0, i].view(hq, d), expected[0], rtol=1e-5, atol=1e-6)
 
 
-def test_decoding_refuses_the_wrong_rows_and_an_overfull_cache():
+def test_the_cache_refuses_wrong_shapes_and_an_overfull_cache():
     cache = KVCache(torch.zeros(1, 3, dtype=torch.bool), 2, 1)
+    with pytest.raises(ValueError, match="packs the 1 prompts' 3 tokens into one row"):
+        cache.store_prompts(0, torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4))
     cache.store_prompts(0, torch.randn(3, 1, 1, 4), torch.randn(3, 1, 1, 4))
     cache.start_decoding()
     with pytest.raises(ValueError, match="one token for each of the 2 held rows"):
