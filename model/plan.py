@@ -750,7 +750,7 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
                     stage: int) -> dict[str, dict[str, float]]:
     """The moments of an RL step outside the policy update (beside the weights, gradients, optimizer
     state and a reference policy's weights, which stay): the rollout's prefill (the prompts' keys and
-    values, their forward), its decoding (the prompts' and every row's response keys and values in the KV
+    values, a layer's twice, their forward), its decoding (the prompts' and every row's response keys and values in the KV
     cache, the prefill's inputs or one step),
     the old-policy log-probs of one micro-batch (its forward, then its logits; a reference policy's
     log-probs take the same pass without the entropy, less)."""
@@ -763,7 +763,9 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
     logprobs = _logprob_bytes(cfg, parallel, work) if last else 0.0
     return {
         "rollout prefill": {
-            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a),
+            # a layer's keys and values twice while they are placed (model.kv_cache.KVCache.store_prompts)
+            KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)
+            * (1 + 1 / len(_layers_of_stage(cfg, parallel, stage))),
             "working memory": prefill},
         "rollout decoding": {
             KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)

@@ -290,7 +290,7 @@ RL_OVERRIDES = ["model=tiny_dense", "stage=rl_sapo", "train.precision=fp32", "tr
                 "stage.rl.updates_per_step=2"]
 # Long prompts (1,024 text tokens and the image), short responses (G = 2 x 16 tokens): the rollout's peak is
 # the prefill's (the prompts' KV cache, their forward), and the rows' logits outweigh the response
-# tokens'. Measured (2026-12-01): rollout 31.6 MB planned / 35.3 MB measured, old-policy log-probs 49.6 /
+# tokens'. Measured (2026-12-01): rollout 32.7 MB planned / 35.4 MB measured, old-policy log-probs 49.6 /
 # 51.8 MB, update 167.4 / 164.8 MB (80.9 and 200.4 MB planned while the plan copied the packed rows' logits).
 RL_LONG_PROMPTS = (1024, ["stage.rl.group_size=2", "stage.rl.max_new_tokens=16", "stage.rl.updates_per_step=1"])
 RL_MOMENTS = {"rollout": ("rollout prefill", "rollout decoding"), "old_logp": ("old-policy log-probs",),
