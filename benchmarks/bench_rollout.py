@@ -7,10 +7,11 @@ One process, the trainer's model of ``stage=rl_sapo`` (random weights), the prom
 ``benchmarks/bench_rl_update.py`` (in turn a text, an image and a 16-frame video prompt), every response
 sampled to ``--max-new-tokens`` tokens (no stop token). Times ``generate_rollouts`` with the KV cache
 (each prompt's keys and values shared by its G rows, then each row's response; after a warm-up, the
-median of ``--repeats``) and, as the reference in the same process, once without a cache
-(every step recomputes every row); the two sample the same tokens up to near ties (rows may part where two
-tokens of equal probability swap places under rounding: checked in float32, counted in bf16 on CUDA). Prints the cache's positions against those of a cache where every row holds its own copy of
-its (left-padded) prompt, the time of each, and on CUDA the peak memory of each.
+median of ``--repeats``) and, as the reference in the same process, once without a cache (every step
+recomputes every row); the two sample the same tokens up to near ties (rows may part where two tokens of
+equal probability swap places under rounding: checked in float32, counted in bf16 on CUDA). Prints the
+cache's positions against those of a cache where every row holds its own copy of its (left-padded)
+prompt, the time of each, and on CUDA the peak memory of each.
 """
 
 from __future__ import annotations

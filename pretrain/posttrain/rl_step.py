@@ -241,11 +241,12 @@ class PolicyLossStep:
 
 
 def policy_update(model: list, optimizer, rows: RLRows, loss_step: PolicyLossStep, micro_batch_size: int,
-                  dtype: torch.dtype) -> StepResult:
+                  dtype: torch.dtype, cuts: list[int] | None = None) -> StepResult:
     """One optimizer step on ``rows`` (this rank's share of the mini-batch; the same row count on every
-    data-parallel rank). ``StepResult.loss`` is the policy loss of the global mini-batch."""
+    data-parallel rank). ``StepResult.loss`` is the policy loss of the global mini-batch. ``cuts``: its
+    micro-batches' cut when the caller has it (:func:`mini_batches`), else computed."""
     sp = model[0].config.sequence_parallel
     multiple = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple, same_length=pipelined)
+    batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple, same_length=pipelined, cuts=cuts)
     return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)  # [1, L_k] each

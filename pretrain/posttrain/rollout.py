@@ -362,9 +362,10 @@ class _CachedDecoder:
 
         self.model, self.batch = model, batch
         s, firsts = batch.prompt_len, torch.arange(0, batch.ids.shape[0], batch.group_size)
+        self.firsts = firsts  # one row per prompt
+        self.padding = padding_mask(batch.documents[firsts, :s])  # [P, s]: the prompts' left padding
         # Response positions of every row and the prompts' padding, on the model's device once.
-        self.grid = to_device({"position_ids": batch.positions[:, :, s:],
-                               "padding": padding_mask(batch.documents[firsts, :s])})
+        self.grid = to_device({"position_ids": batch.positions[:, :, s:], "padding": self.padding})
         self.cache = KVCache(self.grid["padding"], batch.group_size, batch.ids.shape[1] - s)
         self.rows = torch.arange(batch.ids.shape[0])  # the batch rows held in the cache, in cache order
 
@@ -375,9 +376,8 @@ class _CachedDecoder:
         """Logits [B, V] of every row's first response token. The prompts run packed into one row (their
         left padding left out: a video prompt beside text prompts would otherwise pad them all to its
         length, in every layer and expert)."""
-        b, g, s = self.batch, self.batch.group_size, self.batch.prompt_len
-        firsts = torch.arange(0, b.ids.shape[0], g)  # one row per prompt
-        tokens = ~padding_mask(b.documents[firsts, :s])  # [P, s]
+        b, g, s, firsts = self.batch, self.batch.group_size, self.batch.prompt_len, self.firsts
+        tokens = ~self.padding
         prompt_of = torch.arange(len(b.prompts))[:, None].expand(-1, s)
         inputs = to_device({"input_ids": b.ids[firsts, :s][tokens][None],
                             "position_ids": b.positions[:, firsts, :s][:, tokens][:, None],

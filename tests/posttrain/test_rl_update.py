@@ -202,7 +202,7 @@ def test_split_rows_finds_the_shortest_longest_micro_batch():
 def _scored_and_updated_shapes(rank, overrides, prompts, batch, ckpt, vocab):
     from common.distributed.parallel import initialize_distributed
     from pretrain.cli import load_job
-    from pretrain.posttrain.rl_step import RLRows, mini_batches, rl_micro_batches
+    from pretrain.posttrain.rl_step import RLRows, micro_batch_cuts, mini_batches, rl_micro_batches
     from pretrain.posttrain.rollout import sequence_logprobs
     from pretrain.trainer import build_training
 
@@ -220,7 +220,10 @@ def _scored_and_updated_shapes(rank, overrides, prompts, batch, ckpt, vocab):
     hook.remove()
     updated = [tuple(b["input_ids"].shape) for part in parts
                for b in rl_micro_batches(rows.select(part), 2, torch.float32)[0]]
-    return [len(rows.select(p)) for p in parts], cuts, scored, updated
+    # the RL stage hands each update its span of the step's cut: the cut each update's rows alone get
+    spans = [[c - p.start for c in cuts if p.start <= c <= p.stop] for p in parts]
+    own = [micro_batch_cuts(rows.select(p), 2) for p in parts]
+    return [len(rows.select(p)) for p in parts], cuts, scored, updated, spans, own
 
 
 def test_old_policy_log_probs_run_the_updates_micro_batches(setup):
@@ -228,7 +231,9 @@ def test_old_policy_log_probs_run_the_updates_micro_batches(setup):
     optimizer steps run, mini-batch by mini-batch: each row is scored in the packed sequence it is
     trained in (on a GPU, other shapes round differently and the first update's ratios would leave 1)."""
     overrides, prompts, batch, ckpt, vocab = setup
-    sizes, cuts, scored, updated = run_ranks(_scored_and_updated_shapes, 1, overrides, prompts, batch, ckpt, vocab)[0]
+    sizes, cuts, scored, updated, spans, own = run_ranks(_scored_and_updated_shapes, 1, overrides, prompts, batch,
+                                                         ckpt, vocab)[0]
     assert sizes == [4, 4] and cuts[0] == 0 and cuts[-1] == 8 and 4 in cuts  # no micro-batch spans two updates
     assert cuts != [0, 2, 4, 6, 8]  # not every 2 rows: the long prompt's rows are cut apart
     assert len(cuts) - 1 == 4 == len(scored) and scored == updated, (cuts, scored, updated)
+    assert spans == own, (spans, own)
