@@ -84,8 +84,12 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _entry(fn: Callable, rank: int, world_size: int, port: int, threads: int, args: tuple, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+def _entry(fn: Callable, rank: int, world_size: int, port: int, threads: int, args: tuple, results,
+           environ: dict[str, str]) -> None:
+    # The caller's environment as it is now: a forkserver's children would otherwise inherit the one the
+    # server started with.
+    os.environ.clear()
+    os.environ.update(environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
         import torch
@@ -107,18 +111,21 @@ def _entry(fn: Callable, rank: int, world_size: int, port: int, threads: int, ar
 
 
 def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 3600,
-                threads_per_rank: int | None = None) -> list[Any]:
+                threads_per_rank: int | None = None, context: mp.context.BaseContext | None = None) -> list[Any]:
     """Call ``fn(rank, *args)`` in ``world_size`` spawned processes; return the results by rank.
 
     ``fn`` must be importable (a module-level function). ``threads_per_rank`` defaults to the CPU
-    cores shared evenly (at least one). Raises :class:`RankError` for the first rank that fails, and
-    ``TimeoutError`` when no rank reports within ``timeout`` seconds.
+    cores shared evenly (at least one). ``context``: the multiprocessing start method, "spawn" by
+    default (a fresh interpreter per rank); a caller that starts ranks many times (the test suite) may
+    pass a forkserver context that has imported torch and Megatron-Core once. Raises
+    :class:`RankError` for the first rank that fails, and ``TimeoutError`` when no rank reports within
+    ``timeout`` seconds.
     """
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = context or mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, threads, args, results))
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, threads, args, results, dict(os.environ)))
              for r in range(world_size)]
     for p in procs:
         p.start()
