@@ -18,10 +18,17 @@ _context: mp.context.BaseContext | None = None
 
 
 def _rank_context() -> mp.context.BaseContext:
+    """The forkserver on CPU; on a CUDA machine a fresh interpreter per rank ("spawn"), as there a
+    preloaded module that touched the CUDA driver would leave every forked rank unable to use it."""
     global _context
     if _context is None:
-        _context = mp.get_context("forkserver")
-        _context.set_forkserver_preload(_PRELOAD)
+        import torch
+
+        if torch.cuda.is_available():
+            _context = mp.get_context("spawn")
+        else:
+            _context = mp.get_context("forkserver")
+            _context.set_forkserver_preload(_PRELOAD)
     return _context
 
 
