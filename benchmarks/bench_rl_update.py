@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def rollout_rows(tokenizer, cfg, groups: int, g: int, max_new_tokens: int, side: int, frames: int, seed: int = 0):
     """An :class:`pretrain.posttrain.rl_step.RLRows` of ``groups`` prompt groups (text, image, video in turn;
     images and frames of ``side`` x ``side`` pixels, ``frames`` frames at 2 fps) of ``g`` responses with
-    random lengths in [8, max_new_tokens], random advantages, old log-probs 0."""
+    random lengths in [min(8, max_new_tokens), max_new_tokens], random advantages, old log-probs 0."""
     import numpy as np
     import PIL.Image
 
@@ -58,7 +58,7 @@ def rollout_rows(tokenizer, cfg, groups: int, g: int, max_new_tokens: int, side:
                                                    np.arange(frames) / 2.0)}, question]]
     prompts = [encode_prompt_messages(encoder, [{"role": "user", "content": kinds[i % 3]}]) for i in range(groups)]
     rows = groups * g
-    lengths = torch.as_tensor(rng.integers(8, max_new_tokens + 1, rows))
+    lengths = torch.as_tensor(rng.integers(min(8, max_new_tokens), max_new_tokens + 1, rows))
     ids = torch.as_tensor(rng.integers(0, tokenizer.vocab_size, (rows, max_new_tokens)))
     ids = ids.masked_fill(torch.isin(ids, torch.tensor([cfg.image_token_id, cfg.video_token_id])), 0)
     mask = torch.arange(max_new_tokens)[None, :] < lengths[:, None]
@@ -111,6 +111,7 @@ def bench_rank(rank: int, job, tokenizer, rows, g: int, steps: int) -> dict:
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     """The options of :func:`rollout_rows`' prompts and the model, shared with bench_rollout.py."""
     p.add_argument("--model", default="tiny_moe", help="a conf/model name (default tiny_moe)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     p.add_argument("--groups", type=int, default=3, help="prompt groups (text, image, video in turn; default 3)")
     p.add_argument("--side", type=int, default=224, help="image and frame side in pixels (default 224)")
     p.add_argument("--frames", type=int, default=16, help="frames of the video prompt (default 16)")
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # lr 1e-12: far below a float32 weight's ulp, the updates leave the weights as they are, so that both
     # layouts run the same model.
-    job = compose_job(args.model, "single", stage="rl_sapo", micro_batch_size=args.group_size,
+    job = compose_job(args.model, "single", stage="rl_sapo", micro_batch_size=args.group_size, layers=args.layers,
                       overrides=["stage.optimizer.lr=1e-12", "stage.optimizer.min_lr=1e-12"])
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = bench_tokenizer(tmp)

@@ -1,6 +1,6 @@
 """Rollout time and KV-cache size: groups of text, image and video prompts, G responses each.
 
-    python benchmarks/bench_rollout.py [--model tiny_moe] [--groups 3] [--group-size 8]
+    python benchmarks/bench_rollout.py [--model tiny_moe] [--layers N] [--groups 3] [--group-size 8]
         [--max-new-tokens 64] [--side 224] [--frames 16] [--repeats 3]
 
 One process, the trainer's model of ``stage=rl_sapo`` (random weights), the prompts of
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.bench_step import bench_tokenizer, compose_job, fit_model_to_tokenizer
     from common.distributed.spawn import spawn_ranks
 
-    job = compose_job(args.model, "single", stage="rl_sapo", micro_batch_size=args.group_size)
+    job = compose_job(args.model, "single", stage="rl_sapo", micro_batch_size=args.group_size, layers=args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = bench_tokenizer(tmp)
     cfg = fit_model_to_tokenizer(job, tokenizer)
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = [int(q["input_ids"].numel()) for q in prompts]
     rows, longest, new = len(prompts) * args.group_size, max(lengths), args.max_new_tokens
     shared, copied = len(prompts) * longest + rows * new, rows * (longest + new)
-    print(f"bench_rollout: {args.model}, {len(prompts)} prompts of {', '.join(map(str, lengths))} tokens x "
+    layers = f" ({args.layers} decoder layers)" if args.layers else ""
+    print(f"bench_rollout: {args.model}{layers}, {len(prompts)} prompts of {', '.join(map(str, lengths))} tokens x "
           f"G={args.group_size}, {new} new tokens per response")
     print(f"KV cache positions: {shared:,} (prompts once: {len(prompts)} x {longest} + {rows} rows x {new}); "
           f"a copy of the prompt per row: {copied:,} ({copied / shared:.2f}x)")

@@ -20,6 +20,9 @@
 #                   varlen flash call vs one SDPA per document, bf16, up to 32K), then the document backend's
 #                   peak memory and time on CUDA against the dense mask where it fits (CP rows need 2
 #                   GPUs: skipped on one)
+#   7. rollout      benchmarks/bench_rollout.py at Qwen3-VL-2B widths (4 decoder layers): a text, an image and a
+#                   video prompt, 8 responses each, with the KV cache against recomputation (time, tokens/s,
+#                   peak memory, tokens that agree); last, as it only informs the next decoding work
 # Everything goes to $OUT/gpu_check.log (OUT: set by the device runner; default ./gpu_check_out) and to
 # the console. Exit status 0 when every part passed, 1 otherwise.
 set -euo pipefail
@@ -36,6 +39,7 @@ export SITE=${GPU_SITE:-${TMPDIR:-/tmp}/qwen3vl_gpu_site}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 BENCH_ARGS=${GPU_BENCH_ARGS:---model qwen3vl_2b --layers 4 --seq-length 8192 --steps 10 --warmup 3}
 ATTENTION_ARGS=${GPU_ATTENTION_ARGS:---lengths 4096 16384 32768 131072 --dense-limit-gb 24 --images 256}
+ROLLOUT_ARGS=${GPU_ROLLOUT_ARGS:---model qwen3vl_2b --layers 4 --repeats 2}
 # Nothing may try the network (an air-gapped node would wait for a timeout); one thread pool per rank.
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -170,9 +174,11 @@ part benchmark 180 "$PYTHON" benchmarks/bench_step.py $BENCH_ARGS
 part tests 270 "$PYTHON" -m pytest -m gpu tests/test_gpu.py -s -rA -p no:cacheprovider --timeout 240
 # shellcheck disable=SC2086
 part attention 120 "$PYTHON" benchmarks/bench_attention.py $ATTENTION_ARGS
+# shellcheck disable=SC2086
+part rollout 90 "$PYTHON" benchmarks/bench_rollout.py $ROLLOUT_ARGS
 
 # The figures, gathered from the log before the summary is appended to it.
-figures=$(grep -E '^(=+ .* in [0-9.]+s|bench_step: |global batch per step: |megatron \(|MFU: |document backend peak|images. share|kernels |attention kernels)' "$LOG" || true)
+figures=$(grep -E '^(=+ .* in [0-9.]+s|bench_step: |global batch per step: |megatron \(|MFU: |document backend peak|images. share|kernels |attention kernels|bench_rollout: |with the KV cache|recomputed (\(no cache\)|/cached)|tokens equal)' "$LOG" || true)
 log ""
 log "=== summary: $(($(date +%s) - START)) s in all, log $LOG"
 for line in "${SUMMARY[@]}"; do log "$line"; done
