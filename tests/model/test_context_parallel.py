@@ -107,7 +107,6 @@ def test_cp2_equals_cp1(single):
     _compare(reference, result, layout)
 
 
-@pytest.mark.slow
 def test_cp2_tp2_sequence_parallel_equals_cp1(single):
     model_name, ckpt, reference = single
     layout = {"cp": 2, "tp": 2, "sequence_parallel": True}

@@ -99,7 +99,6 @@ def test_moe_parity_in_ep2_tp2_ep2_sp_pp2_with_gradients(moe_dir):
     assert "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight" in grads
 
 
-@pytest.mark.slow
 def test_uneven_moe_with_expert_tensor_parallelism_matches_and_trains_alike(tmp_path):
     """6 experts top-3 with etp=2: the expert-tensor-parallel ranks exchange different token counts
     (uneven all-gather / reduce-scatter, which gloo needs the CPU runtime for); TP2xEP2 (SP, 38-token
