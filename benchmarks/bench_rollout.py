@@ -10,8 +10,8 @@ sampled to ``--max-new-tokens`` tokens (no stop token). Times ``generate_rollout
 median of ``--repeats``) and, as the reference in the same process, once without a cache (every step
 recomputes every row); the two sample the same tokens up to near ties (rows may part where two tokens of
 equal probability swap places under rounding: checked in float32, counted in bf16 on CUDA). Prints the
-cache's positions against those of a cache where every row holds its own copy of its (left-padded)
-prompt, the time of each, and on CUDA the peak memory of each.
+cache's positions against those of a cache of left-padded prompts and of one where every row holds its
+own copy of its (left-padded) prompt, the time of each, and on CUDA the peak memory of each.
 """
 
 from __future__ import annotations
@@ -105,12 +105,13 @@ def main(argv: list[str] | None = None) -> int:
                          f"with log-probs {gap:.2g} apart: not a near tie")
     lengths = [int(q["input_ids"].numel()) for q in prompts]
     rows, longest, new = len(prompts) * args.group_size, max(lengths), args.max_new_tokens
-    shared, copied = len(prompts) * longest + rows * new, rows * (longest + new)
+    shared, padded, copied = sum(lengths) + rows * new, len(prompts) * longest + rows * new, rows * (longest + new)
     layers = f" ({args.layers} decoder layers)" if args.layers else ""
     print(f"bench_rollout: {args.model}{layers}, {len(prompts)} prompts of {', '.join(map(str, lengths))} tokens x "
           f"G={args.group_size}, {new} new tokens per response")
-    print(f"KV cache positions: {shared:,} (prompts once: {len(prompts)} x {longest} + {rows} rows x {new}); "
-          f"a copy of the prompt per row: {copied:,} ({copied / shared:.2f}x)")
+    print(f"KV cache positions: {shared:,} (prompts once, unpadded: {sum(lengths)} + {rows} rows x {new}); prompts "
+          f"left-padded: {padded:,} ({padded / shared:.2f}x); a copy of the prompt per row: {copied:,} "
+          f"({copied / shared:.2f}x)")
     for use_cache, name in ((True, "with the KV cache"), (False, "recomputed (no cache)")):
         r = out[use_cache]
         peak = f", peak {r['peak'] / 2**30:.2f} GiB" if r["peak"] is not None else ""

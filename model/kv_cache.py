@@ -5,18 +5,21 @@ A generation (:mod:`pretrain.posttrain.rollout`) answers P prompts with G respon
 cache to its decoder layers' :class:`model.attention.DocumentAttention` for the length of a forward.
 
 * **Prefill** (``decoding`` False): the P prompts packed into one row, ``[1, L]`` (their unpadded tokens
-  back to back, in order; ``padding`` ``[P, S]`` says which of the S columns of the left-padded cache each
-  prompt fills). Every layer stores its keys and values as ``[P, hk, S, d]`` (after the rotary
-  embedding) and attends as it would without a cache; the model keeps each prompt's last token
+  back to back, in order; ``padding`` ``[P, S]`` describes them left-padded to the longest, S: True where a
+  prompt is shorter). Every layer stores its keys and values as they come, ``[L, hk, d]`` (after the
+  rotary embedding), and attends as it would without a cache; the model keeps each prompt's last token
   (:meth:`last_tokens`).
 * **Decoding** (after :meth:`start_decoding`): one new token for each held row (``rows``, batch rows in
   cache order). A layer writes the token's key and value at response column ``length`` of its buffers
   ``[rows, hk, max_new_tokens, d]`` (allocated at the first step, in the keys' dtype and on their device)
-  and attends to its prompt's unpadded keys and to its response so far, one softmax over both; the caller
-  calls :meth:`advance` after the step.
+  and attends to its prompt's keys and to its response so far, one softmax over both; the caller calls
+  :meth:`advance` after the step.
 
-The G rows of a prompt share its keys and values: P x S + B x max_new_tokens positions, where a cache of
-whole rows holds B x (S + max_new_tokens). Keys are stored rotated, so a decoding step rotates its new
+The G rows of a prompt share its keys and values: L + B x max_new_tokens positions, where a cache of
+whole left-padded rows holds B x (S + max_new_tokens), and one of left-padded prompts P x S + B x
+max_new_tokens (with a video prompt among text prompts, P x S is several times L). Only a decoding step
+lays one layer's prompts out left-padded, for its batched matmuls, in the fp32 copy that its attention
+computes in anyway. Keys are stored rotated, so a decoding step rotates its new
 token only (Megatron-Core's static inference cache keeps keys unrotated and applies the rotary embedding
 again to all of a layer's cached keys at every step), and the caller passes the new tokens' positions only.
 Finished rows are dropped with :meth:`keep_rows` (a copy of every layer's buffers: the caller does it when
@@ -30,15 +33,18 @@ import torch
 
 class KVCache:
     """Keys and values of a generation's P prompts (once each) and of the responses of the P * G rows
-    that answer them; see the module docstring. ``padding`` bool ``[P, S]`` (True: the prompt's left
-    padding, which no query sees), ``group_size`` G, ``max_new_tokens`` the response columns."""
+    that answer them; see the module docstring. ``padding`` bool ``[P, S]`` (the prompts left-padded to the
+    longest: True at the padding), ``group_size`` G, ``max_new_tokens`` the response columns."""
 
     def __init__(self, padding: torch.Tensor, group_size: int, max_new_tokens: int):
         self.padding, self.group_size, self.max_new_tokens = padding, group_size, max_new_tokens
         self.rows = torch.arange(padding.shape[0] * group_size, device=padding.device)
         self.lengths = (~padding).sum(dim=1)  # tokens of each prompt
-        self._columns = (~padding).flatten().nonzero()[:, 0]  # packed token i -> its place in [P * S]
-        self.prompt_keys: dict[int, torch.Tensor] = {}  # per layer number: [P, hk, S, d]
+        self.tokens = int(self.lengths.sum())  # L, the prompts' tokens
+        # left-padded slot j of [P * S] -> the packed token it holds (padding: token 0, which no query sees)
+        self._slots = torch.zeros(padding.numel(), dtype=torch.long, device=padding.device)
+        self._slots[(~padding).flatten()] = torch.arange(self.tokens, device=padding.device)
+        self.prompt_keys: dict[int, torch.Tensor] = {}  # per layer number: [L, hk, d]
         self.prompt_values: dict[int, torch.Tensor] = {}
         self.keys: dict[int, torch.Tensor] = {}  # per layer number: [rows, hk, max_new_tokens, d]
         self.values: dict[int, torch.Tensor] = {}
@@ -49,18 +55,13 @@ class KVCache:
         """The prefill's keys and values of decoder layer ``layer``: ``[L, 1, hk, d]``, the prompts packed."""
         if self.decoding:
             raise RuntimeError("the prompts' keys and values are stored in the prefill, before decoding")
-        prompts, s = self.padding.shape
-        if key.shape[:2] != (self._columns.numel(), 1):
-            raise ValueError(f"the prefill packs the {prompts} prompts' {self._columns.numel()} tokens into one "
-                             f"row: got keys {tuple(key.shape)}")
-        index = self._columns.to(key.device)
-
-        def left_padded(x):  # [L, 1, hk, d] -> [P, hk, S, d], zeros at the padding (which no query sees)
-            grid = x.new_zeros(prompts * s, *x.shape[2:])
-            grid[index] = x[:, 0]
-            return grid.view(prompts, s, *x.shape[2:]).transpose(1, 2).contiguous()
-
-        self.prompt_keys[layer], self.prompt_values[layer] = left_padded(key), left_padded(value)
+        if key.shape[:2] != (self.tokens, 1):
+            raise ValueError(f"the prefill packs the {self.padding.shape[0]} prompts' {self.tokens} tokens into "
+                             f"one row: got keys {tuple(key.shape)}")
+        # Copies: the attention's value (and key) may be a view of its fused qkv projection, which it would
+        # keep alive.
+        self.prompt_keys[layer] = key[:, 0].clone(memory_format=torch.contiguous_format)
+        self.prompt_values[layer] = value[:, 0].clone(memory_format=torch.contiguous_format)
 
     def last_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """The hidden states whose logits the step needs, ``[1, b, h]`` from ``[s, b, h]``: in the prefill
@@ -112,9 +113,15 @@ class KVCache:
             raise ValueError(f"the KV cache holds {self.max_new_tokens} response tokens per row, all written")
         keys, values = self._buffers(layer, key)
         keys[:, :, t], values[:, :, t] = key[0], value[0]
-        prompt_keys, prompt_values = self.prompt_keys[layer], self.prompt_values[layer]
-        prompts, hk, s = prompt_keys.shape[:3]
+        prompts, s = self.padding.shape
+        hk = key.shape[2]
         g, rep = self.group_size, hq // hk
+        slots = self._slots.to(key.device)
+
+        def left_padded(x):  # the prompts' [L, hk, d] -> [P, hk, S, d] in float32
+            grid = torch.empty((prompts, hk, s, d), dtype=torch.float32, device=x.device)
+            return grid.copy_(x.index_select(0, slots).view(prompts, s, hk, d).transpose(1, 2))
+
         rows = self.rows
         q = query[0].reshape(b, hk, rep, d)  # query head j uses key head j // rep (grouped-query attention)
 
@@ -132,11 +139,13 @@ class KVCache:
         # The prompt is read once for its G rows: they are extra query heads of one matmul per prompt.
         q = q.float()
         response_keys, response_values = keys[:, :, :t + 1].float(), values[:, :, :t + 1].float()
-        scores = torch.cat([to_rows(torch.matmul(to_prompts(q), prompt_keys.float().transpose(-1, -2))),
+        prompt_keys = left_padded(self.prompt_keys[layer])
+        scores = torch.cat([to_rows(torch.matmul(to_prompts(q), prompt_keys.transpose(-1, -2))),
                             torch.matmul(q, response_keys.transpose(-1, -2))], dim=-1) * scale
+        del prompt_keys  # before the values' copy
         hidden = self.padding[rows // g]  # [b, s]
         scores[..., :s] = scores[..., :s].masked_fill(hidden[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out = to_rows(torch.matmul(to_prompts(probs[..., :s]), prompt_values.float()))  # [b, hk, rep, d]
+        out = to_rows(torch.matmul(to_prompts(probs[..., :s]), left_padded(self.prompt_values[layer])))
         out = out + torch.matmul(probs[..., s:], response_values)
         return out.to(query.dtype).reshape(1, b, hq * d)

@@ -59,11 +59,11 @@ Post-training stages add terms and moments:
   response tokens' logits in fp32 (the gathered logits, their tempered copy, the cross entropy's
   softmax) on top of the bf16 logits of the whole row. Three more moments: the rollout's *prefill* (the
   prompts' forward without gradient, and the P prompts' keys and values in the KV cache), the rollout's
-  *decoding* (the **KV cache**, :class:`model.kv_cache.KVCache`: the prompts'
-  ``[P, kv heads / tp, prompt, head_dim]`` keys and values per layer of the stage, once per prompt for its
-  G rows, and all P x G rows' responses, ``[rows, kv heads / tp, max_new_tokens, head_dim]``; plus one
-  decoding step: the attention's fp32 copies of a layer's cached keys and values and its scores over
-  prompt and response, the sampling's fp32/fp64 copies of the rows' logits), and the *old-policy
+  *decoding* (the **KV cache**, :class:`model.kv_cache.KVCache`: the prompts' keys and values per layer
+  of the stage, ``[P x prompt, kv heads / tp, head_dim]``, once per prompt for its G rows, and all P x G
+  rows' responses, ``[rows, kv heads / tp, max_new_tokens, head_dim]``; plus one decoding step: the
+  attention's left-padded fp32 copies of a layer's cached keys and values and its scores over prompt and
+  response, the sampling's fp32/fp64 copies of the rows' logits), and the *old-policy
   log-probs* (a micro-batch's forward without gradient, its logits and the
   entropy's fp32 temporaries);
 * a **frozen model** (:class:`FrozenModel`: an RL reference policy, GRPO's KL, or a distillation
@@ -266,8 +266,9 @@ class Rollout:
     """The rollouts of an RL step on one data-parallel rank (:mod:`pretrain.posttrain.rollout`): the
     rank's ``prompts`` prompts in one batch, ``group_size`` responses each, up to ``max_new_tokens``
     tokens; ``prompt_tokens``: the longest prompt's tokens, its visual tokens included (every prompt is
-    left-padded to it); ``visual_patches``: ViT patches per prompt (the prefill encodes every prompt's
-    images once)."""
+    counted at that length: the KV cache holds prompts unpadded, a decoding step's attention lays them
+    out left-padded to it); ``visual_patches``: ViT patches per prompt (the prefill encodes every
+    prompt's images once)."""
 
     prompts: int
     group_size: int
@@ -553,17 +554,18 @@ def forward_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, toke
 
 def _decoding_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rollout: Rollout, a: int) -> float:
     """Bytes of one decoding step of all the rollout's rows beside the KV cache: in a layer, the attention
-    (:meth:`model.kv_cache.KVCache.attend`: below fp32 an fp32 copy of the layer's cached prompt and
-    response keys and values, the fp32 scores over prompt and response of every query head: their matmul
-    outputs, the prompts' grid and the rows' gather, scaled, masked and their softmax, and the
-    probabilities' prompts' grid); on the last stage, after the layers, the sampling's copies of the rows'
+    (:meth:`model.kv_cache.KVCache.attend`: the prompts' keys, then values, gathered left-padded and
+    their fp32 copy; below fp32 an fp32 copy of the rows' response keys and values; the fp32 scores over
+    prompt and response of every query head: their matmul outputs, the prompts' grid and the rows'
+    gather, scaled, masked and their softmax, and the probabilities' prompts' grid); on the last stage,
+    after the layers, the sampling's copies of the rows'
     gathered logits (the logits, an fp32 copy, the fp32 log-softmax and its sorted copy, the int64 sort
     order, the fp64 probabilities and their cumulative sum). The new tokens' own tensors are negligible."""
     t = cfg.text
     rows, new, prompt = rollout.rows, rollout.max_new_tokens, rollout.prompt_tokens
     groups = max(1, t.num_key_value_heads // parallel.tp)
     heads = t.num_attention_heads // parallel.tp
-    upcast = 2 * 4 * (new * rows + prompt * rollout.prompts) * groups * t.head_dim if a != 4 else 0
+    upcast = ((2 * 4 * new * rows if a != 4 else 0) + (a + 4) * prompt * rollout.prompts) * groups * t.head_dim
     scores = rows * heads * (prompt + new)
     layer = upcast + scores * (4 * 4 + 16)
     sampling = rows * t.vocab_size * (a + 4 + 4 + 4 + 8 + 8 + 8) if stage == parallel.pp - 1 else 0.0
@@ -763,7 +765,7 @@ def _rollout_phases(cfg: Qwen3VLConfig, parallel: ParallelConfig, work: Workload
     logprobs = _logprob_bytes(cfg, parallel, work) if last else 0.0
     return {
         "rollout prefill": {
-            # a layer's keys and values twice while they are placed (model.kv_cache.KVCache.store_prompts)
+            # a layer's keys and values twice while they are copied (model.kv_cache.KVCache.store_prompts)
             KV_CACHE: kv_cache_bytes(cfg, parallel, stage, prompts, rollout.prompt_tokens, a)
             * (1 + 1 / len(_layers_of_stage(cfg, parallel, stage))),
             "working memory": prefill},

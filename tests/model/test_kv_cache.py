@@ -49,6 +49,19 @@ def test_decoding_attends_to_the_unpadded_prompt_and_the_rows_response():
             torch.testing.assert_close(out[0, i].view(hq, d), expected[0], rtol=1e-5, atol=1e-6)
 
 
+def test_prompts_are_held_unpadded_apart_from_the_attentions_fused_projection():
+    """A 2-token and a 9-token prompt: 11 positions per layer (left-padded: 18), in tensors of their own
+    (the attention's keys and values are views of its fused qkv output, 3x their size here)."""
+    lengths, hk, d = (2, 9), 2, 4
+    padding = torch.tensor([[i < 9 - n for i in range(9)] for n in lengths])
+    cache = KVCache(padding, group_size=4, max_new_tokens=3)
+    qkv = torch.randn(11, 1, 3 * hk, d)  # [L, 1, q | k | v heads, d]
+    cache.store_prompts(0, qkv[:, :, hk:2 * hk], qkv[:, :, 2 * hk:])
+    for stored in (cache.prompt_keys[0], cache.prompt_values[0]):
+        assert stored.shape == (11, hk, d)
+        assert stored.untyped_storage().nbytes() == 11 * hk * d * 4
+
+
 def test_the_cache_refuses_wrong_shapes_and_an_overfull_cache():
     cache = KVCache(torch.zeros(1, 3, dtype=torch.bool), 2, 1)
     with pytest.raises(ValueError, match="packs the 1 prompts' 3 tokens into one row"):
