@@ -22,13 +22,13 @@ How the batch runs (all prompts x G responses in one batch):
 * **Prefill once per prompt.** The P prompts, packed into one row without their left padding (with
   their images and videos: the ViT runs once per prompt, not G times), fill the KV cache
   (:class:`model.kv_cache.KVCache`: every decoder layer's keys and values of the P prompts, kept once
-  for the G rows of each, left-padded there), and the first tokens of the G responses are sampled from
+  for the G rows of each, unpadded there too), and the first tokens of the G responses are sampled from
   the same logits.
 * **Decoding.** Each step feeds one token per row; every layer appends its (rotated) key and value to
   the row's response in the cache (``[B, kv heads, max_new_tokens, head_dim]`` per layer) and attends
   over the row's prompt and its response so far, so a token costs one token's forward, and a prompt's
-  keys are held (and read) once, not G times: P x prompt + B x response positions, where a cache of
-  whole rows holds B x (prompt + response). ``use_cache=False`` recomputes the whole sequence at every
+  keys are held (and read) once, not G times: the prompts' tokens + B x response positions, where a
+  cache of whole left-padded rows holds B x (longest prompt + response). ``use_cache=False`` recomputes the whole sequence at every
   step instead (correct and slow; the reference the cache is tested against).
 * **Finished rows** keep their place until at most 3/4 of the batch is still running; then the cache
   is compacted to the running rows (a handful of copies per rollout, not one per finished row).
