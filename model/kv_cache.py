@@ -5,10 +5,10 @@ A generation (:mod:`pretrain.posttrain.rollout`) answers P prompts with G respon
 cache to its decoder layers' :class:`model.attention.DocumentAttention` for the length of a forward.
 
 * **Prefill** (``decoding`` False): the P prompts packed into one row, ``[1, L]`` (their unpadded tokens
-  back to back, in order; ``padding`` ``[P, S]`` describes them left-padded to the longest, S: True where a
-  prompt is shorter). Every layer stores its keys and values as they come, ``[L, hk, d]`` (after the
-  rotary embedding), and attends as it would without a cache; the model keeps each prompt's last token
-  (:meth:`last_tokens`).
+  back to back, in order; ``padding`` ``[P, S]`` describes them left-padded to the longest, of S tokens:
+  True at a shorter prompt's padding). Every layer stores its keys and values as they come,
+  ``[L, hk, d]`` (after the rotary embedding), and attends as it would without a cache; the model keeps
+  each prompt's last token (:meth:`last_tokens`).
 * **Decoding** (after :meth:`start_decoding`): one new token for each held row (``rows``, batch rows in
   cache order). A layer writes the token's key and value at response column ``length`` of its buffers
   ``[rows, hk, max_new_tokens, d]`` (allocated at the first step, in the keys' dtype and on their device)

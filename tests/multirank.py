@@ -9,9 +9,9 @@ from common.distributed.spawn import RankError, spawn_ranks
 
 # Ranks are forked from one server process that imported these once per test session (importing
 # torch and Megatron-Core takes ~5 s per process on the 2-core CI machine, and the suite starts ranks
-# about a hundred times). The server imports nothing else, so each rank still starts with the state a
+# about a hundred times). Of ours the server imports only `common` (first: it installs the warning
+# filters every process of the project has before Megatron), so each rank still starts with the state a
 # fresh interpreter would have: no process group, no parallel state, no test's module globals.
-# `common` comes first: it installs the warning filters the project's processes have before Megatron.
 _PRELOAD = ["common", "torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt",
             "megatron.core.optimizer", "megatron.core.dist_checkpointing", "transformers"]
 _context: mp.context.BaseContext | None = None
