@@ -183,11 +183,20 @@ def test_next_stage_starts_from_the_previous_checkpoint_in_another_layout(synth_
 
 
 def test_bad_inputs_are_one_line_errors(synth_data, tmp_path):
-    missing = _train(_stage_args(synth_data, tmp_path, f"stage.init_from={tmp_path}/nothing"))
+    from common.distributed.spawn import free_port
+
+    cases = {"missing": [f"stage.init_from={tmp_path}/nothing"], "layout": ["parallel.ep=1", "parallel.tp=4"],
+             "tokenizer": ["model.image_token_id=3"]}
+    # The three jobs at once (each its own run folder and rendezvous port): most of their time is starting up.
+    running = {name: subprocess.Popen([TORCHRUN[0], "--master-port", str(free_port()), *TORCHRUN[1:],
+                                       *_stage_args(synth_data, tmp_path / name, *extra)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+               for name, extra in cases.items()}
+    outputs = {name: proc.communicate(timeout=600) for name, proc in running.items()}
+    missing, layout, tokenizer = (subprocess.CompletedProcess(running[n].args, running[n].returncode, *outputs[n])
+                                  for n in cases)
     assert missing.returncode != 0 and "init_from=" in missing.stderr and "no checkpoint there" in missing.stderr
-    layout = _train(_stage_args(synth_data, tmp_path, "parallel.ep=1", "parallel.tp=4"))
     assert layout.returncode != 0 and "world size 2 is not divisible by tp*pp*cp = 4*1*1 = 4" in layout.stderr
-    tokenizer = _train(_stage_args(synth_data, tmp_path, "model.image_token_id=3"))
     assert tokenizer.returncode != 0 and "model.image_token_id=3 but the tokenizer has" in tokenizer.stderr
     for done in (missing, layout, tokenizer):
         # torchrun reports the failed ranks with its own traceback; the ranks themselves print none.
