@@ -176,8 +176,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                         vocab_size=rollouts.vocab_size, cuts=cuts, prompt_index=rows.prompt_index).cpu()
             for chunk in model:
                 chunk.train()
-            for part in update_rows:  # each update's micro-batches: its span of the step's cut
-                part_cuts = [c - part.start for c in cuts if part.start <= c <= part.stop]
+            for part, part_cuts in update_rows:
                 result = policy_update(model, run.optimizer, rows.select(part), loss_step, mbs, run.dtype,
                                        cuts=part_cuts)
                 results.append(result)

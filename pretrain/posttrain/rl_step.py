@@ -130,22 +130,24 @@ def micro_batch_cuts(rows: RLRows, micro_batch_size: int) -> list[int]:
                       micro_batch_size * int(rows.response_ids.shape[1]))
 
 
-def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[list[slice], list[int]]:
-    """The rows (slices) of an RL step's ``updates`` optimizer steps (successive runs of
-    ``ceil(len(rows) / updates)`` rows; the last may be smaller, and with few rows there may be fewer of them, never an
-    empty one), and the cut of all the step's rows into those steps' micro-batches (the first row of
-    each, then len(rows)): the old-policy and reference log-prob passes run the micro-batches the
-    updates run, so that each row is scored in the packed sequence it is trained in (on a GPU, other
-    shapes round differently and move the first update's ratios off 1; under pipeline parallelism the
-    updates' padding still differs)."""
+def mini_batches(rows: RLRows, micro_batch_size: int, updates: int) -> tuple[list[tuple[slice, list[int]]], list[int]]:
+    """An RL step's ``updates`` optimizer steps, each as (its rows, a slice: successive runs of
+    ``ceil(len(rows) / updates)`` rows; the last may be smaller, and with few rows there may be fewer of
+    them, never an empty one; and the cut of those rows into its micro-batches, :func:`micro_batch_cuts`,
+    for :func:`policy_update`), and the cut of all the step's rows into the same micro-batches (the
+    first row of each, then len(rows)): the old-policy and reference log-prob passes run the
+    micro-batches the updates run, so that each row is scored in the packed sequence it is trained in (on
+    a GPU, other shapes round differently and move the first update's ratios off 1; under pipeline
+    parallelism the updates' padding still differs)."""
     if not len(rows):
         return [], [0]
     per_update = -(-len(rows) // updates)
     parts, cuts = [], [0]
     for start in range(0, len(rows), per_update):
         part = slice(start, min(start + per_update, len(rows)))
-        parts.append(part)
-        cuts += [start + c for c in micro_batch_cuts(rows.select(part), micro_batch_size)[1:]]
+        own = micro_batch_cuts(rows.select(part), micro_batch_size)
+        parts.append((part, own))
+        cuts += [start + c for c in own[1:]]
     return parts, cuts
 
 

@@ -28,8 +28,8 @@ How the batch runs (all prompts x G responses in one batch):
   the row's response in the cache (``[B, kv heads, max_new_tokens, head_dim]`` per layer) and attends
   over the row's prompt and its response so far, so a token costs one token's forward, and a prompt's
   keys are held (and read) once, not G times: the prompts' tokens + B x response positions, where a
-  cache of whole left-padded rows holds B x (longest prompt + response). ``use_cache=False`` recomputes the whole sequence at every
-  step instead (correct and slow; the reference the cache is tested against).
+  cache of whole left-padded rows holds B x (longest prompt + response). ``use_cache=False`` recomputes
+  the whole sequence at every step instead (correct and slow; the reference the cache is tested against).
 * **Finished rows** keep their place until at most 3/4 of the batch is still running; then the cache
   is compacted to the running rows (a handful of copies per rollout, not one per finished row).
 

@@ -211,17 +211,19 @@ def _scored_and_updated_shapes(rank, overrides, prompts, batch, ckpt, vocab):
     chunks, _, _ = build_training(job, torch.float32)
     long = {"input_ids": prompts[1]["input_ids"].repeat(6)}  # rows of very different lengths
     rows = RLRows([*prompts, long], **{**batch, "prompt_index": torch.tensor([0, 0, 1, 1, 4, 4, 2, 3])})
-    parts, cuts = mini_batches(rows, 2, 2)
+    updates, cuts = mini_batches(rows, 2, 2)
+    parts = [part for part, _ in updates]
     scored = []
     hook = chunks[0].register_forward_pre_hook(lambda module, args: scored.append(tuple(args[0].shape)))
     with torch.no_grad():
         sequence_logprobs(chunks[0], rows.prompts, rows.response_ids, rows.response_mask, cuts=cuts,
                           prompt_index=rows.prompt_index, vocab_size=vocab)
     hook.remove()
-    updated = [tuple(b["input_ids"].shape) for part in parts
-               for b in rl_micro_batches(rows.select(part), 2, torch.float32)[0]]
-    # the RL stage hands each update its span of the step's cut: the cut each update's rows alone get
-    spans = [[c - p.start for c in cuts if p.start <= c <= p.stop] for p in parts]
+    # each update's micro-batches as the RL stage builds them (policy_update with the update's cut)
+    updated = [tuple(b["input_ids"].shape) for part, part_cuts in updates
+               for b in rl_micro_batches(rows.select(part), 2, torch.float32, cuts=part_cuts)[0]]
+    # the cut handed to each update is the one its rows alone get (policy_update's own, without cuts=)
+    spans = [part_cuts for _, part_cuts in updates]
     own = [micro_batch_cuts(rows.select(p), 2) for p in parts]
     return [len(rows.select(p)) for p in parts], cuts, scored, updated, spans, own
 
