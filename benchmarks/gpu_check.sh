@@ -25,6 +25,16 @@
 #                   peak memory, tokens that agree); last, as it only informs the next decoding work
 # Everything goes to $OUT/gpu_check.log (OUT: set by the device runner; default ./gpu_check_out) and to
 # the console. Exit status 0 when every part passed, 1 otherwise.
+#
+# Rehearsal on a machine without a GPU (the GPU run is often one shot): the node's Python and torch in a
+# venv, the wheels as the node gets them, the GPU tests' bodies on the CPU, small sizes (the environment
+# part fails there: no CUDA; the benchmark and rollout parts may time out at 2B widths on a CPU):
+#   python3.12 -m venv /tmp/node && /tmp/node/bin/pip install torch==2.11.0 numpy transformers==5.17.0 pytest
+#   PYTHON=/tmp/node/bin/python GPU_TESTS_ON_CPU=1 GPU_BENCH_ARGS="--model tiny_moe --steps 2 --warmup 1" \
+#     GPU_ATTENTION_ARGS="--lengths 2048 --images 8" GPU_ROLLOUT_ARGS="--model tiny_moe --repeats 1" \
+#     GPU_CHECK_BUDGET_S=900 bash benchmarks/gpu_check.sh
+# (2026-12-02, Python 3.12.1, torch 2.11.0+cu130 on the CPU, numpy 2.5.2: every part but the environment
+# passed, 13 GPU tests on the CPU, 3 skipped: CUDA kernels.)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

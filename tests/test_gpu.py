@@ -1,6 +1,8 @@
 """The GPU path (pytest marker ``gpu``): what the CPU suite cannot run — CUDA kernels, bf16 under Megatron's
 ``Float16Module``, NCCL (one rank). Every test skips with the reason 'needs CUDA' without a GPU; on a GPU node
-``benchmarks/gpu_check.sh`` runs them (``python -m pytest -m gpu tests/test_gpu.py``).
+``benchmarks/gpu_check.sh`` runs them (``python -m pytest -m gpu tests/test_gpu.py``). With
+``GPU_TESTS_ON_CPU=1`` and no GPU the rank bodies run on the CPU (a rehearsal of their logic; the tests of
+CUDA kernels still skip).
 
 * parity with transformers on CUDA (tiny dense and MoE references of ``tests/model/tiny_hf.py``), float32
   with TF32 off and bf16: our model as built on the GPU (every parameter there), then its logits against
@@ -47,7 +49,14 @@ import torch
 
 from tests.multirank import run_ranks
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+# GPU_TESTS_ON_CPU=1, without a GPU: the rank bodies run on the CPU, a rehearsal of their logic with the GPU
+# node's Python and packages before its one run (benchmarks/gpu_check.sh, "Rehearsal"); the tests of CUDA
+# kernels and of the GPU benchmark still skip, and the tests expect the CPU where they check the device.
+ON_CPU = not torch.cuda.is_available() and os.environ.get("GPU_TESTS_ON_CPU") == "1"
+DEVICE = "cpu" if ON_CPU else "cuda"
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason="needs CUDA")]
+cuda_kernels = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (its kernels)")
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32_TOL = 1e-4  # max |logit diff| (and token losses), float32 with TF32 off; CPU tests: 1e-5
@@ -270,6 +279,7 @@ def test_document_attention_follows_dense_mask_bf16(document_attention):
     assert long["loss_diff"] <= 0.1 and long["mean_diff"] <= 0.01, long
 
 
+@cuda_kernels
 def test_queries_inside_a_document_on_cuda():
     """Context parallelism's runs of queries that start inside a document (a lower-right causal mask,
     model.attention._attend): PyTorch's ``causal_lower_right`` bias on CUDA equals the explicit-mask
@@ -321,6 +331,7 @@ def test_queries_inside_a_document_on_cuda():
     assert extra < queries * (offset + queries) * 2, f"{extra / 2**20:.0f} MB: a mask was built"
 
 
+@cuda_kernels
 def test_varlen_attention_on_cuda_equals_the_per_piece_path():
     """On CUDA in bf16 the packed attention runs as one varlen flash call (model.attention.attend_packed):
     the installed torch's kernel passes the check made before its first use, and on packed documents
@@ -427,7 +438,7 @@ def train_resume(tmp_path_factory):
 
 def test_bf16_training_step_on_cuda(train_resume):
     r = train_resume
-    assert r["float16_module"] and r["dtypes"] == ["torch.bfloat16"] and r["devices"] == ["cuda"], r
+    assert r["float16_module"] and r["dtypes"] == ["torch.bfloat16"] and r["devices"] == [DEVICE], r
     assert r["main_dtypes"] == ["torch.float32"], r  # the optimizer steps fp32 main weights
     # Every fp32 main weight moves; a bf16 copy may not (a norm weight of 1.0 moves by less than its
     # half-ulp, 2**-9, in three steps of lr 1e-3), but most do.
@@ -567,7 +578,7 @@ def rl_step(tmp_path_factory):
 
 def test_rollouts_with_the_kv_cache_on_cuda(rl_step):
     r = rl_step
-    assert r["devices"] == ["cuda"], r["devices"]
+    assert r["devices"] == [DEVICE], r["devices"]
     # float32: the cached decode is the full recomputation, a sample is reproducible from its seed, and
     # the sampler's log-probs are the teacher-forced packed forward's (the RL loss's old policy).
     assert r["greedy_ids_equal"] and r["greedy_logp"][0] <= FP32_TOL, r["greedy_logp"]
@@ -674,6 +685,7 @@ def test_distillation_step_on_cuda(distill_steps):
 # The step benchmark on the GPU
 
 
+@cuda_kernels
 def test_bench_step_prints_mfu_on_gpu():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--model", "tiny_moe",
