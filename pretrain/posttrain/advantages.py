@@ -51,8 +51,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
     mean = grouped.mean(dim=1, keepdim=True)
     std = grouped.std(dim=1, keepdim=True, correction=1 if unbiased_std else 0)
     centred = grouped - mean
-    # An all-equal group: centred is exactly 0, so A = 0 even with eps = 0 (no 0/0).
-    adv = torch.where(centred == 0, torch.zeros_like(centred), centred / (std + eps))
+    # An all-equal group gets A = 0, also with eps = 0 (no 0/0). Asked of the rewards themselves: the
+    # float32 mean of G equal rewards is often not that reward (G = 6 rewards of 1.2 miss it by ~1e-7),
+    # and that residue over a std of its own size (or over eps) would be one large common advantage.
+    equal = (grouped == grouped[:, :1]).all(dim=1, keepdim=True)
+    adv = torch.where(equal, torch.zeros_like(centred), centred / (std + eps))
     return adv.reshape(-1)
 
 

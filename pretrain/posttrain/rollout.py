@@ -831,6 +831,8 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, r
         with torch.no_grad():
             entropy = _unflatten(vocab_parallel_entropy(z), keep)
     logp = _unflatten(-tensor_parallel.vocab_parallel_cross_entropy(z, tokens), keep)
+    # In the order the earlier stages receive them (above): log-probs, then entropy.
+    logp = from_last_stage(logp, (n, width), torch.float32, logp.device)
     if with_entropy:
         entropy = from_last_stage(entropy, (n, width), torch.float32, logp.device)
-    return from_last_stage(logp, (n, width), torch.float32, logp.device), entropy
+    return logp, entropy

@@ -29,6 +29,15 @@ def test_advantages_are_normalised_within_each_group():
 def test_an_all_equal_group_gets_zero_advantage_even_without_eps():
     adv = group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), group_size=2, eps=0.0)
     assert adv.tolist() == [0.0, 0.0, 0.0, 0.0]
+    # Rewards whose float32 mean is not themselves (1.2 = exact match + 0.2 format, six of them: the mean
+    # misses by ~1e-7), for every group size up to 32; next to a group that does differ.
+    for group_size in range(2, 33):
+        for value in (0.1, 0.2, 0.3, 1 / 3, 0.6, 0.7, 0.9, 1.1, 1.2):
+            rewards = torch.cat([torch.full((group_size,), value), torch.arange(group_size, dtype=torch.float32)])
+            for eps in (1e-6, 0.0):
+                adv = group_advantages(rewards, group_size, eps=eps)
+                assert adv[:group_size].abs().max().item() == 0, (group_size, value, eps, adv[:group_size])
+                assert adv[group_size:].abs().max().item() > 0.5  # the other group keeps its advantages
 
 
 def test_filtering_drops_all_failed_and_nearly_all_succeeded_groups():

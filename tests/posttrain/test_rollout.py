@@ -122,6 +122,7 @@ def _single(rank, cfg, tokenizer, prompts, ckpt):
 
     with torch.no_grad():
         out["logprobs"] = sequence_logprobs(model, prompts, out["sampled"])
+        out["entropy"] = sequence_logprobs(model, prompts, out["sampled"], with_entropy=True)[1]
         out["logprobs_warm"] = sequence_logprobs(model, prompts, out["warm"], micro_batch_size=3)
         out["logprobs_greedy"] = sequence_logprobs(model, prompts, out["greedy"])
         # The image matters: the same responses after another image are less or more likely.
@@ -219,6 +220,7 @@ def _multi(rank, cfg, tokenizer, prompts, ckpt, stop_token):
     out["pp2_stopped"] = generate_rollouts(model, prompts, stopping, tokenizer)
     with torch.no_grad():
         out["pp2_logprobs"] = sequence_logprobs(model, prompts, out["pp2_sampled"])
+        out["pp2_with_entropy"] = sequence_logprobs(model, prompts, out["pp2_sampled"], with_entropy=True)
     try:
         sequence_logprobs(model, prompts, out["pp2_sampled"])
     except ValueError as exc:
@@ -374,6 +376,10 @@ def test_pp2_samples_what_one_rank_samples(multi, single):
         _same_responses(got["pp2_sampled"], single["sampled"])
         _same_responses(got["pp2_stopped"], single["stopped"])
         assert (got["pp2_logprobs"] - single["logprobs"]).abs().max().item() <= TOL
+        # Both come from the last stage, each in its place (the RL stage logs rank 0's entropy).
+        logp, entropy = got["pp2_with_entropy"]
+        assert (logp - single["logprobs"]).abs().max().item() <= TOL
+        assert (entropy - single["entropy"]).abs().max().item() <= TOL
         assert "runs without gradients" in got["pp2_grad_error"]
 
 
