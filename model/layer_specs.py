@@ -86,10 +86,18 @@ def qwen3_layer_spec(num_experts: int | None = None, moe_grouped_gemm: bool = Fa
     )
     layer = spec.submodules
     attention = layer.self_attention.submodules
+    # Checkpoint names as Megatron's TE spec writes them, so that a checkpoint of either backend loads on
+    # the other (a `te` S1 run, then S3 on the `document` backend for cp > 1): TE folds the norms into the
+    # linear layer that follows, and the local spec's map files them under those names, except an MoE
+    # layer's pre-MLP norm, which TE keeps as its own module (the experts have no fused fc1 to take it).
+    keys_map = dict(layer.sharded_state_dict_keys_map)
+    if num_experts:
+        keys_map.pop("pre_mlp_layernorm.")
     return dataclasses.replace(
         spec,
         submodules=dataclasses.replace(
             layer,
+            sharded_state_dict_keys_map=keys_map,
             input_layernorm=RMSNorm,
             pre_mlp_layernorm=RMSNorm,
             self_attention=dataclasses.replace(

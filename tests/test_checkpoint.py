@@ -193,3 +193,36 @@ def test_optimizer_state_placeholders_only_for_torch_adam(monkeypatch):
         adam = torch.optim.Adam([param])
         _materialize_optimizer_state(SimpleNamespace(optimizer=adam))
         assert set(adam.state[param]) == expected, fused
+
+
+def _decoder_norm_keys_body(rank):
+    from common.distributed.parallel import initialize_distributed
+    from model.config import Qwen3VLConfig
+    from model.qwen3vl import build_qwen3vl
+    from tests.model import tiny_hf
+
+    initialize_distributed({})
+    cfg = Qwen3VLConfig.from_hf(dict(tiny_hf.MOE, model_type="qwen3_vl_moe"))  # layer 1 dense, 0/2/3 MoE
+    model = build_qwen3vl(cfg, attention="document")
+    keys = {}
+    for name, sharded in model.sharded_state_dict().items():
+        if name.startswith("decoder.layers.") and "layernorm" in name and "self_attention.q_" not in name \
+                and "self_attention.k_" not in name:
+            keys[name] = sharded.key
+    return keys
+
+
+def test_decoder_norms_are_saved_under_the_te_specs_names():
+    """A checkpoint names each decoder norm as Megatron's TE spec does, so one written on the `document`
+    backend (CPU, cp > 1) loads on `te` (a GPU with transformer-engine) and back: TE fuses the input norm
+    into linear_qkv and a dense layer's pre-MLP norm into linear_fc1, and keeps an MoE layer's pre-MLP norm
+    as its own module (its keys map has no entry for it). The local spec's map had filed the MoE norm
+    under the fused name: an S1 checkpoint trained with TE did not load into S3 at cp > 1."""
+    keys, = run_ranks(_decoder_norm_keys_body, 1)
+    assert keys == {
+        **{f"decoder.layers.{i}.input_layernorm.weight":
+           f"decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight" for i in range(4)},
+        "decoder.layers.1.pre_mlp_layernorm.weight": "decoder.layers.1.mlp.linear_fc1.layer_norm_weight",
+        **{f"decoder.layers.{i}.pre_mlp_layernorm.weight": f"decoder.layers.{i}.pre_mlp_layernorm.weight"
+           for i in (0, 2, 3)},
+    }, keys
