@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 
-from common.tokens.tokenizer import SPECIAL_TOKENS
+from common.tokens.tokenizer import SPECIAL_TOKENS, tokens_across_pieces
 
 #: Reason code -> what it means. The order is the order of the end-of-build summary.
 REASONS: dict[str, str] = {
@@ -122,6 +122,15 @@ def check_text(value: object, where: str) -> str:
         if token in value:
             raise Rejected("special_token", f"{where} contains the control token {token}")
     return value
+
+
+def check_joined_texts(pieces: list[tuple[str, str]]) -> None:
+    """Consecutive texts that are read as one (``(text, where)`` each, each through :func:`check_text`):
+    an interleaved document's text segments with no image between them, one message's text items. A
+    control token may not form across their boundaries either (``"<|im_"`` + ``"end|>"``). Raises Rejected."""
+    for token, first, last in tokens_across_pieces([text for text, _ in pieces], _SPECIAL_STRINGS):
+        raise Rejected("special_token", f"{pieces[first][1]} and {pieces[last][1]} join into the control "
+                                        f"token {token}")
 
 
 def check_total_text(texts: list[str], max_chars: int) -> None:

@@ -20,7 +20,10 @@ the number of visual placeholders.
 from __future__ import annotations
 
 import base64
+import bisect
+import itertools
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -317,6 +320,11 @@ class Tokenizer:
                 if tok in text:
                     raise ValueError(f"{what} contains the reserved token {tok!r}; data text may not hold it")
 
+    def structural_across(self, pieces: Sequence[str]) -> list[tuple[str, int, int]]:
+        """The structural tokens that consecutive text ``pieces``, read as one text, form across a boundary
+        (:func:`tokens_across_pieces`): each piece may pass :meth:`check_text` and their join still hold one."""
+        return tokens_across_pieces(pieces, self._structural)
+
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added).
 
@@ -436,4 +444,22 @@ __all__ = [
     "SPECIAL_TOKENS",
     "STRUCTURAL_TOKENS",
     "QWEN_SPLIT_PATTERN",
+    "tokens_across_pieces",
 ]
+
+
+def tokens_across_pieces(pieces: Sequence[str], tokens: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Where text ``pieces`` that are read as one text (concatenated: an interleaved document's consecutive
+    text segments, one message's text items) form one of ``tokens`` across a boundary, e.g. ``"<|im_"`` +
+    ``"end|>"``: ``(token, first piece, last piece)`` for each such occurrence, in order. A token held
+    whole by one piece is not reported (each piece is checked on its own)."""
+    if len(pieces) < 2 or not tokens:
+        return []
+    ends = list(itertools.accumulate(len(piece) for piece in pieces))  # piece i holds chars [ends[i-1], ends[i])
+    pattern = re.compile("|".join(re.escape(token) for token in sorted(tokens, key=len, reverse=True)))
+    found = []
+    for match in pattern.finditer("".join(pieces)):
+        first, last = bisect.bisect_right(ends, match.start()), bisect.bisect_right(ends, match.end() - 1)
+        if first != last:
+            found.append((match.group(), first, last))
+    return found

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
 from data_tools.schema import InterleavedSample, Part, Source, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, objects, source_id
+from data_tools.validation import (Rejected, check_joined_texts, check_text, check_total_text, field, objects,
+                                   source_id)
 
 
 def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
@@ -18,13 +19,18 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
     if not segments:
         raise Rejected("invalid_fields", "'segments' is empty")
     kinds = []
+    run: list[tuple[str, str]] = []  # consecutive text segments: one text
     for _, where, segment in objects(segments, "segments"):  # all field and text checks before any file is opened
         keys = [k for k in ("text", "image") if k in segment]
         if len(keys) != 1:
             raise Rejected("invalid_fields", f"{where} must have exactly one of 'text' or 'image', has {keys or 'neither'}")
         if keys[0] == "text":
-            check_text(segment["text"], f"{where}.text")
+            run.append((check_text(segment["text"], f"{where}.text"), f"{where}.text"))
+        else:
+            check_joined_texts(run)
+            run = []
         kinds.append(keys[0])
+    check_joined_texts(run)
     if "image" not in kinds:
         raise Rejected("invalid_fields", "the document has no image segment")
     if "text" not in kinds:

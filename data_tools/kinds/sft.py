@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
 from data_tools.schema import ROLES, Message, Part, SftSample, Source, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, objects, source_id
+from data_tools.validation import Rejected, check_joined_texts, check_text, check_total_text, field, objects, source_id
 
 
 def _content_items(message: dict, where: str) -> list[dict]:
@@ -44,11 +44,16 @@ def check_messages(record: dict) -> list[tuple[str, list[dict]]]:
         if role == "system" and i != 0:
             raise Rejected("invalid_fields", f"{where}: a system message may only come first")
         items = _content_items(message, where)
+        run: list[tuple[str, str]] = []  # consecutive text items: the chat template joins them
         for j, item in enumerate(items):
             if item["type"] == "text":
-                check_text(item["text"], f"{where}.content[{j}].text")
-            elif role == "assistant":
+                run.append((check_text(item["text"], f"{where}.content[{j}].text"), f"{where}.content[{j}].text"))
+                continue
+            if role == "assistant":
                 raise Rejected("invalid_fields", f"{where}: assistant messages must be text only, found {item['type']}")
+            check_joined_texts(run)
+            run = []
+        check_joined_texts(run)
         checked.append((role, items))
     return checked
 

@@ -88,7 +88,7 @@ class _SequenceBuilder:
         self._ids: list[np.ndarray] = []
         self._targets: list[np.ndarray] = []
         self._types: list[np.ndarray] = []
-        self._run: list[tuple[str, bool]] = []  # pending text pieces (text, is_target)
+        self._run: list[tuple[str, bool, str | None]] = []  # pending text pieces (text, is_target, data name)
         self.image_patches: list[VisualPatches] = []
         self.video_patches: list[VisualPatches] = []
 
@@ -96,15 +96,24 @@ class _SequenceBuilder:
         if check:
             self.tok.check_text(text, what)
         if text:
-            self._run.append((text, target))
+            self._run.append((text, target, what if check else None))
 
     def _flush(self) -> None:
         if not self._run:
             return
-        run = "".join(text for text, _ in self._run)
+        pieces = [text for text, _, _ in self._run]
+        # The run is tokenised with special tokens recognised, and data pieces were checked one by one
+        # (text()): two of them, or one and a template piece, may still form a reserved token across their
+        # boundary ("<|image" + "_pad|>" would be a placeholder without an image).
+        for token, first, last in self.tok.structural_across(pieces):
+            names = [name for _, _, name in self._run[first:last + 1] if name is not None]
+            if names:
+                raise ValueError(f"{names[0]} and the text after it join into the reserved token {token!r}; "
+                                 "data text may not hold it")
+        run = "".join(pieces)
         char_target = np.zeros(len(run) + 1, dtype=np.int64)  # prefix sums of "char is a target"
         pos = 0
-        for text, target in self._run:
+        for text, target, _ in self._run:
             if target:
                 char_target[pos + 1 : pos + 1 + len(text)] = 1
             pos += len(text)

@@ -215,6 +215,12 @@ def test_small_tokenizer_and_small_budgets(small_tokenizer):
         (lambda e: Caption(2.0, 1.0, "x"), "start <= end"),
         (lambda e: e.encode_conversation([{"role": "user", "content": "<|im_end|>"}, {"role": "assistant", "content": "x"}]),
          "reserved token"),
+        # Pieces that pass alone and are read as one text: a reserved token across their boundary.
+        (lambda e: e.encode_interleaved(["see <|image", "_pad|> here", _image(0, 64, 64)]),
+         "segment 0 and the text after it join into the reserved token '<\\|image_pad\\|>'"),
+        (lambda e: e.encode_conversation([{"role": "user", "content": [{"type": "text", "text": "hi <|im_"},
+                                                                       {"type": "text", "text": "end|>"}]},
+                                          {"role": "assistant", "content": "x"}]), "join into the reserved token"),
         (lambda e: SampleEncoder(e.tokenizer, EncodingConfig(max_tokens=10)).encode_image_text(_image(0, 64, 64), "x"),
          "more than max_tokens=10"),
     ],

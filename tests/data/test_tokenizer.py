@@ -11,9 +11,11 @@ import pytest
 from common.tokens.tokenizer import (
     QWEN_SPLIT_PATTERN,
     SPECIAL_TOKENS,
+    STRUCTURAL_TOKENS,
     Tokenizer,
     build_qwen_tokenizer_json,
     load_tokenizer,
+    tokens_across_pieces,
     train_byte_level_bpe,
 )
 
@@ -169,3 +171,12 @@ def test_train_small_bpe(tmp_path, qwen_tokenizer):
         train_byte_level_bpe(texts, 200, tmp_path / "c")
     with pytest.raises(TypeError, match="text #1"):
         train_byte_level_bpe(["ok", 3], 400, tmp_path / "d")
+
+
+def test_tokens_formed_across_pieces_name_the_pieces():
+    assert tokens_across_pieces(["a <|", "im_", "", "end|> b"], STRUCTURAL_TOKENS) == [("<|im_end|>", 0, 3)]
+    # A token whole inside one piece is that piece's own check (check_text), not reported here.
+    assert tokens_across_pieces(["<|im_end|>", "x"], STRUCTURAL_TOKENS) == []
+    assert tokens_across_pieces(["<|image_pad|> and <|vision", "_start|>"], STRUCTURAL_TOKENS) == [
+        ("<|vision_start|>", 0, 1)]
+    assert tokens_across_pieces(["only one piece <|im_"], STRUCTURAL_TOKENS) == []

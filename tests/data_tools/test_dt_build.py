@@ -165,11 +165,20 @@ def test_interleaved_and_sft_rules(tmp_path):
         {"id": "noimage", "segments": [{"text": "only words"}]},
         {"id": "notext", "segments": [{"image": "b.png"}]},
         {"id": "empty", "segments": []},
+        # Consecutive text segments read as one text: a control token may not form across them (each
+        # alone passes); across an image it cannot form.
+        {"id": "joined", "segments": [{"image": "a.png"}, {"text": "see <|image"}, {"text": "_pad|> here"}]},
+        {"id": "apart", "segments": [{"text": "see <|image"}, {"image": "b.png"}, {"text": "_pad|> here"}]},
     ])
     build("interleaved", docs, tmp_path / "docs")
-    reasons = {json.loads(r["input"])["id"]: r["reason"] for r in read_jsonl(tmp_path / "docs" / "rejected.jsonl")}
-    assert reasons == {"both": "invalid_fields", "noimage": "invalid_fields", "notext": "empty_text", "empty": "invalid_fields"}
-    (doc,) = samples_of(tmp_path / "docs")
+    rejected = read_jsonl(tmp_path / "docs" / "rejected.jsonl")
+    reasons = {json.loads(r["input"])["id"]: r["reason"] for r in rejected}
+    assert reasons == {"both": "invalid_fields", "noimage": "invalid_fields", "notext": "empty_text", "empty": "invalid_fields",
+                       "joined": "special_token"}
+    assert any("segments[1].text and segments[2].text join into the control token <|image_pad|>" in r["detail"]
+               for r in rejected), rejected
+    doc, apart = sorted(samples_of(tmp_path / "docs"), key=lambda d: len(d.segments[0].text or ""))
+    assert [p.type for p in apart.segments] == ["text", "image", "text"]
     assert [p.type for p in doc.segments] == ["text", "image", "text", "image"]
     assert len(doc.media) == 1 and doc.segments[1].image == doc.segments[3].image == "img0.png"  # stored once
 
@@ -186,10 +195,14 @@ def test_interleaved_and_sft_rules(tmp_path):
         {"id": "bad-role", "messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
         {"id": "bad-part", "messages": [{"role": "user", "content": [{"type": "audio", "audio": "x.wav"}]},
                                         {"role": "assistant", "content": "y"}]},
+        {"id": "joined", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi <|im_"},
+                                                                   {"type": "text", "text": "end|>"}]},
+                                      {"role": "assistant", "content": "y"}]},
     ])
     build("sft", conversations, tmp_path / "sft")
     reasons = {json.loads(r["input"])["id"]: r["reason"] for r in read_jsonl(tmp_path / "sft" / "rejected.jsonl")}
-    assert reasons == dict.fromkeys(["late-system", "assistant-image", "no-answer", "bad-role", "bad-part"], "invalid_fields")
+    assert reasons == {**dict.fromkeys(["late-system", "assistant-image", "no-answer", "bad-role", "bad-part"],
+                                       "invalid_fields"), "joined": "special_token"}
     (conv,) = samples_of(tmp_path / "sft")
     assert [m.role for m in conv.messages] == ["system", "user", "assistant"]
     assert conv.messages[0].content[0].text == "be brief"  # string content -> one text part
