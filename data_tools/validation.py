@@ -22,7 +22,7 @@ REASONS: dict[str, str] = {
     "placeholder_mismatch": "the <image>/<video> placeholders in the text do not match the listed media one to one",
     "empty_text": "a text is empty or only whitespace",
     "text_too_long": "the sample's text is longer than --max-text-chars",
-    "special_token": "a text contains a chat/vision control token such as <|im_start|>",
+    "special_token": "a text contains a chat/vision control token such as <|im_start|> (or texts read as one form one)",
     "missing_file": "a media file does not exist",
     "unreadable_file": "a media file cannot be read",
     "image_decode_error": "an image cannot be decoded completely",
