@@ -261,6 +261,9 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
     _one_of("stage.loss_normalization", stage.loss_normalization, LOSS_NORMALIZATIONS)
     _one_of("stage.optimizer.schedule", stage.optimizer.schedule, LR_SCHEDULES)
     _positive("stage.optimizer.lr", stage.optimizer.lr)
+    if not 0.0 <= stage.optimizer.min_lr <= stage.optimizer.lr:  # Megatron's scheduler would assert
+        raise ConfigError(f"stage.optimizer.min_lr={stage.optimizer.min_lr}: must be in [0, stage.optimizer.lr="
+                          f"{stage.optimizer.lr}]")
     if not 0.0 <= stage.optimizer.decay_fraction <= 1.0:
         raise ConfigError(f"stage.optimizer.decay_fraction={stage.optimizer.decay_fraction}: must be in [0, 1]")
     _one_of("train.precision", train.precision, PRECISIONS)

@@ -323,6 +323,9 @@ def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_ya
         origin = f"resumed from {latest} (step {state.step})"
     elif job.stage.init_from:
         origin = f"weights from {load_weights(job.stage.init_from, model)}"
+        # A bf16/fp16 optimizer copied the random initialisation into its fp32 main weights when it was
+        # built; without this its first step would write them back over the loaded ones.
+        optimizer.reload_model_params()
     else:
         origin = "random initialisation"
 

@@ -69,3 +69,53 @@ def test_bf16_logits_follow_fp32(bf16_run):
         assert diff <= 0.05 * scale, f"{name}: max |bf16 - fp32| {diff:.3e} vs max |logit| {scale:.3e}"
         agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
         assert agree >= 0.9, f"{name}: greedy tokens agree on {agree:.0%}"
+
+
+def _init_from_body(rank, job, root: str) -> dict:
+    from benchmarks.bench_step import synthetic_global_batch, training_step
+    from model.checkpoint_io import save_weights
+    from pretrain.trainer import build_training, open_stage, start_distributed
+
+    info, dp_size = start_distributed(job)
+
+    def params(chunks):
+        return [p.detach().float().clone() for c in chunks for p in c.parameters()]
+
+    # The previous stage's weights: this initialisation moved well away (bf16 weights, fp32 main copies).
+    chunks, previous, _ = build_training(job, torch.bfloat16)
+    with torch.no_grad():
+        for chunk in chunks:
+            for p in chunk.parameters():
+                p.add_(torch.randn_like(p, dtype=torch.float32).to(p.dtype) * 0.05)
+    save_weights(f"{root}/previous", previous)
+    loaded = params(chunks)
+
+    job.stage.init_from = f"{root}/previous"
+    run = open_stage(job, info, dp_size, total_steps=1)
+    out = {"origin": run.origin, "equal_after_load": all(torch.equal(a, b) for a, b in zip(loaded, params(run.chunks)))}
+    batches = synthetic_global_batch(run.tokenizer, 256, 1, 1, image_side=64)
+    training_step(run.model, run.optimizer, batches)
+    after = params(run.chunks)
+    out["moved_from_loaded"] = max((a - b).abs().max().item() for a, b in zip(after, loaded))
+    out["loaded_from_fresh"] = max((a - b).abs().max().item() for a, b in zip(loaded, params(build_training(
+        job, torch.bfloat16)[0])))
+    return out
+
+
+def test_a_stage_in_bf16_trains_on_from_its_init_from_weights(tmp_path):
+    """stage.init_from loads weights into a model whose bf16 optimizer already holds fp32 main copies of
+    the random initialisation: they must be refreshed, or the first step writes the initialisation back
+    (every GPU stage hand-over: S0 -> S1 -> ... -> SFT -> RL)."""
+    from benchmarks.bench_step import bench_tokenizer, compose_job, fit_model_to_tokenizer
+
+    tokenizer = bench_tokenizer(tmp_path / "tokenizer")
+    job = compose_job("tiny_dense", "single", seq_length=256, overrides=[
+        "train.precision=bf16", "stage.optimizer.lr=1e-5", "stage.optimizer.min_lr=1e-5",
+        "stage.optimizer.warmup_steps=0",
+        f"data.tokenizer={tmp_path / 'tokenizer'}", f"train.run_root={tmp_path}"])
+    fit_model_to_tokenizer(job, tokenizer)
+    out = run_ranks(_init_from_body, 1, job, str(tmp_path))[0]
+    assert out["origin"] == f"weights from {tmp_path}/previous" and out["equal_after_load"], out
+    # One step of lr 1e-5 moves a weight by about 1e-5 (bf16 rounding: a few 1e-3 at most); going back to
+    # the initialisation moves some by whole units (measured without the refresh: 5.4).
+    assert out["loaded_from_fresh"] > 0.1 and out["moved_from_loaded"] < 0.01, out

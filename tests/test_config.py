@@ -81,6 +81,7 @@ def test_overrides_and_interpolation():
     (["parallel=cp2", "parallel.tp=3", "parallel.sequence_parallel=true"],
      "stage.seq_length=8192 is not divisible by 2*cp*tp = 12"),
     (["stage.recompute.granularity=most"], "stage.recompute.granularity='most': must be one of"),
+    (["stage.optimizer.lr=1e-5"], "stage.optimizer.min_lr=2e-05: must be in [0, stage.optimizer.lr=1e-05]"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
