@@ -24,6 +24,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.router import Router
 
 from common.distributed.comm import all_reduce_values
 
@@ -46,10 +47,16 @@ def wrap_with_ddp(
     """Wrap each model chunk (one per virtual pipeline stage) in Megatron's DDP.
 
     Switches the chunks' configs to per-token losses first: DDP fixes its gradient scaling from
-    ``calculate_per_token_loss`` when it is built (no 1/dp pre-scaling; the token count divides).
+    ``calculate_per_token_loss`` when it is built (no 1/dp pre-scaling; the token count divides). MoE
+    routers copied the flag when the model was built; they get it too, as they scale their load-balancing
+    loss by the micro-batch's tokens with it (without it the token count would divide that loss's
+    gradient too: ~8,000 times too small at S1's 8K tokens per micro-batch).
     """
     for chunk in model_chunks:
         chunk.config.calculate_per_token_loss = True
+        for module in chunk.modules():
+            if isinstance(module, Router):
+                module.calculate_per_token_loss = True
     return [
         DistributedDataParallel(config=chunk.config, ddp_config=ddp_config, module=chunk,
                                 disable_bucketing=i > 0)
