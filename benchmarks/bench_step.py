@@ -60,12 +60,12 @@ WORDS = ("red green blue yellow purple orange pink white black gray circle squar
          "left right up down slowly quickly on a the in of background there is which way does and then "
          "small large bright dark picture video frame shows").split()
 FLOPS_NOTE = ("model FLOPs = pretrain.metrics.qwen3vl_train_flops (the trainer's MFU): 3 x forward (backward "
-              "= 2 x forward), 2 FLOPs per multiply-add of the decoder (the experts a token is routed to, "
-              "attention projections, MLP, LM head) on real (non-padding) tokens and of the ViT layers and "
-              "patch embedding on every patch, plus attention scores and values over the causal pairs of "
-              "each packed document (not a row's padding tail) and the ViT's pairs inside "
-              "each image or video frame group; the patch mergers, norms and activation recomputation "
-              "are not counted")
+              "= 2 x forward; a frozen part's weight gradients, and any gradient before the first trained "
+              "part, not counted), 2 FLOPs per multiply-add of the decoder (the experts a token is routed "
+              "to, attention projections, MLP, LM head) on real (non-padding) tokens and of the ViT layers, "
+              "patch embedding and patch mergers on every patch, plus attention scores and values over the "
+              "causal pairs of each packed document (not a row's padding tail) and the ViT's pairs inside "
+              "each image or video frame group; norms and activation recomputation are not counted")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{counts['tokens'] / step_s:,.0f} tokens/s real ({rows_tokens(micro_batches) / step_s:,.0f} with "
           f"padding), loss {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}, peak memory rank 0 "
           f"{ours['peak_mb']:,.0f} MB, {ours['local_params']:,} parameters on rank 0")
-    flops = qwen3vl_train_flops(cfg, counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"])
+    flops = qwen3vl_train_flops(cfg, counts["tokens"], counts["pairs"], counts["patches"], counts["vision_pairs"],
+                                job.stage.trainable)
     peak = peak_flops_per_gpu()
     if peak is not None:
         # Three significant digits, not a fixed decimal: a tiny model's MFU (0.01 %) must not print as 0.0 %.

@@ -48,9 +48,32 @@ def causal_pairs(document_ids: torch.Tensor) -> int:
     return pairs
 
 
+# The model's parts in the order the forward runs them (the stage's ``trainable`` names them).
+MODEL_PARTS = ("vision", "merger", "language")
+
+
+def pass_factors(trainable) -> dict[str, tuple[int, int]]:
+    """Per part, how many forward-sized passes a training step makes of its (linear layers, attention):
+    the forward, the activation gradients where a gradient passes through (the part or one before it
+    trains), the weight gradients where the part trains (attention has no weights; its backward is two
+    forwards). Everything trained: (3, 3) each; S0 (the merger only): the ViT (1, 1), the merger (3, 3),
+    the frozen LLM (2, 3)."""
+    unknown = set(trainable) - set(MODEL_PARTS)
+    if unknown:
+        raise ValueError(f"trainable parts {sorted(unknown)}: the parts are {list(MODEL_PARTS)}")
+    factors, upstream = {}, False
+    for part in MODEL_PARTS:
+        trains = part in trainable
+        through = upstream or trains
+        factors[part] = (1 + through + trains, 1 + 2 * through)
+        upstream = through
+    return factors
+
+
 def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visual_patches: int,
-                        vision_attention_pairs: int) -> float:
-    """Model FLOPs of one training step (forward + backward = 3x forward), as MFU counts them.
+                        vision_attention_pairs: int, trainable=MODEL_PARTS) -> float:
+    """Model FLOPs of one training step, as MFU counts them: 3x the forward when everything trains
+    (backward = 2x forward), less for frozen parts (:func:`pass_factors` of ``trainable``).
 
     ``cfg`` is a ``model.config.Qwen3VLConfig``. Matmul FLOPs only: 2 per multiply-add (the ViT's
     layers, patch embedding, patch merger and DeepStack mergers; the LLM's
@@ -71,11 +94,14 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
     merged = v.hidden_size * v.spatial_merge_size**2  # one merger input: a merge x merge block of patches
     mergers_per_patch = (1 + cfg.num_deepstack) * (merged * merged + merged * v.out_hidden_size) \
         / v.spatial_merge_size**2
-    vision_per_patch = v.depth * vision_layer + v.patch_dim * v.hidden_size + mergers_per_patch
-    forward = 2 * (llm_per_token * real_tokens + vision_per_patch * visual_patches)
-    forward += 4 * q * t.num_hidden_layers * attention_token_pairs
-    forward += 4 * v.hidden_size * v.depth * vision_attention_pairs
-    return 3.0 * forward
+    factors = pass_factors(trainable)
+    vit, merger, llm = factors["vision"], factors["merger"], factors["language"]
+    flops = 2 * visual_patches * (vit[0] * (v.depth * vision_layer + v.patch_dim * v.hidden_size)
+                                  + merger[0] * mergers_per_patch)
+    flops += 2 * llm[0] * llm_per_token * real_tokens
+    flops += llm[1] * 4 * q * t.num_hidden_layers * attention_token_pairs
+    flops += vit[1] * 4 * v.hidden_size * v.depth * vision_attention_pairs
+    return float(flops)
 
 
 class ExpertLoadTracker:

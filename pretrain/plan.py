@@ -139,10 +139,11 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
     sequences = job.train.global_batch_size
     pairs = sequences * (s // doc) * doc * (doc + 1) // 2 + sequences * (s % doc) * (s % doc + 1) // 2
     frame = min(FRAME_PATCHES, patches) if patches else 0
-    flops = qwen3vl_train_flops(cfg, sequences * s, pairs, sequences * patches, sequences * patches * frame)
-    if frozen is not None:  # the teacher's forward over the same sequences: a third of its training FLOPs
+    flops = qwen3vl_train_flops(cfg, sequences * s, pairs, sequences * patches, sequences * patches * frame,
+                                job.stage.trainable)
+    if frozen is not None:  # the teacher's forward over the same sequences (nothing of it trains)
         flops += qwen3vl_train_flops(frozen.cfg, sequences * s, pairs, sequences * patches,
-                                     sequences * patches * frame) / 3
+                                     sequences * patches * frame, trainable=())
     return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, doc, flops, frozen=frozen,
                    uncounted=uncounted)
 
@@ -218,8 +219,9 @@ def _plan_rl(job: JobConfig, cfg: Qwen3VLConfig, world: int, dp: int, visual_pat
     passes = dp * rl.updates_per_step * work.micro_batches
     vision = passes * images * patches
     frame = min(FRAME_PATCHES, patches) if patches else 0
-    train = qwen3vl_train_flops(cfg, rows * length, rows * length * (length + 1) // 2, vision, vision * frame)
-    flops = train * (1 + (1 + (reference is not None)) / 3)
+    counts = (cfg, rows * length, rows * length * (length + 1) // 2, vision, vision * frame)
+    forward = qwen3vl_train_flops(*counts, trainable=())
+    flops = qwen3vl_train_flops(*counts, job.stage.trainable) + forward * (1 + (reference is not None))
     return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, length, flops, rollout=rollout,
                    frozen=reference, prompt_text_tokens=text)
 

@@ -417,7 +417,8 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if data_warning and state.step == start_step + 1:
             metrics["data_resume"] = data_warning
         if peak is not None:
-            flops = qwen3vl_train_flops(model_cfg, int(tokens), int(pairs), int(patches), int(vision_pairs))
+            flops = qwen3vl_train_flops(model_cfg, int(tokens), int(pairs), int(patches), int(vision_pairs),
+                                        job.stage.trainable)
             metrics["mfu"] = flops / elapsed / (peak * info.world_size)
         if moe_pattern is not None:
             aux: dict = {}

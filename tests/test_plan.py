@@ -469,6 +469,32 @@ def test_plan_step_time_uses_the_trainers_flops():
     assert plan.step_seconds(0.4, "H100") == pytest.approx(flops / (0.4 * PEAK_BF16_FLOPS["H100"] * 16))
 
 
+def test_mfu_counts_the_passes_each_part_makes():
+    """3x the forward when everything trains; a frozen part makes no weight gradients, and no gradient
+    passes before the first trained part: S0 (the merger) ViT 1x, merger 3x, frozen LLM 2x (its
+    attention 3x: its backward is two forwards, weights or not)."""
+    from model.registry import get_config
+    from pretrain.metrics import pass_factors, qwen3vl_train_flops
+
+    assert pass_factors(("vision", "merger", "language")) == dict.fromkeys(("vision", "merger", "language"), (3, 3))
+    assert pass_factors(["merger"]) == {"vision": (1, 1), "merger": (3, 3), "language": (2, 3)}
+    assert pass_factors(["language"]) == {"vision": (1, 1), "merger": (1, 1), "language": (3, 3)}
+    assert pass_factors(()) == dict.fromkeys(("vision", "merger", "language"), (1, 1))
+    with pytest.raises(ValueError, match="trainable parts \\['llm'\\]"):
+        pass_factors(["llm"])
+    cfg = get_config("qwen3vl_2b")
+    counts = (cfg, 8192, 8192 * 8193 // 2, 4096, 4096 * 1024)
+    forward = qwen3vl_train_flops(*counts, trainable=())
+    assert qwen3vl_train_flops(*counts) == pytest.approx(3 * forward)
+    s0 = qwen3vl_train_flops(*counts, trainable=["merger"])
+    assert forward < s0 < 3 * forward
+    only_text = (cfg, 8192, 8192 * 8193 // 2, 0, 0)  # no images: the LLM alone, frozen, attention 3x
+    t = cfg.text
+    attention = 4 * t.num_attention_heads * t.head_dim * t.num_hidden_layers * only_text[2]
+    assert qwen3vl_train_flops(*only_text, trainable=["merger"]) == pytest.approx(
+        2 * (qwen3vl_train_flops(*only_text, trainable=()) - attention) + 3 * attention)
+
+
 def test_mfu_counts_the_causal_pairs_of_documents_not_of_padding():
     """The trainer's attention work (MFU): each document's causal pairs, a row's padding tail none (its
     tokens count for none in the linear layers either), documents of different rows apart."""
