@@ -1,6 +1,6 @@
-"""Fixes for Megatron-Core 0.16.1 bugs on its local path (no transformer-engine, no apex).
+"""Fixes for Megatron-Core 0.16.1 bugs (the optimizer's on its local path: no transformer-engine, no apex).
 
-These are not about the CPU: they bite on a GPU without TE/apex too. Each fix is a no-op where the bug
+These are not about the CPU: they bite on a GPU too. Each fix is a no-op where the bug
 cannot occur, and names the Megatron function it corrects.
 """
 
@@ -55,10 +55,44 @@ def fix_torch_adam_shared_step_after_load() -> None:
     dopt.DistributedOptimizer.load_state_dict = load_state_dict
 
 
+def fix_per_token_load_balancing_loss_scale() -> None:
+    """``TopKRouter.attach_and_log_load_balancing_loss`` with per-token losses scales a rank's load-balancing
+    loss by the rank's own tokens, so that ``finalize_model_grads`` (which divides by the global token
+    count) leaves it at the unsplit layer's scale. Under sequence or context parallelism a rank's loss is
+    its share of the group's (global expert counts, its own tokens' probabilities) and the shares'
+    gradients add up over the group: the total came out 1/(tp*cp) of the unsplit layer's (measured: 0.5
+    with tp=2 and sequence parallelism). Scale each share by the tokens of the whole group instead, as the
+    unsplit layer does (a sum over the group where padding makes the counts differ). The non-per-token
+    path scales by ``cp`` in the schedule itself; a reduce group with data-parallel ranks (global
+    auxiliary loss) is left alone.
+    """
+    import torch
+    import torch.distributed as dist
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    original = TopKRouter.attach_and_log_load_balancing_loss
+
+    def attach(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+               reduce_group_has_dp=False, valid_token_count=None):
+        if self.calculate_per_token_loss and not reduce_group_has_dp and reduce_group.size() > 1:
+            if valid_token_count is None:
+                valid_token_count = activation.shape[0]
+            if torch.is_tensor(valid_token_count):
+                valid_token_count = valid_token_count.detach().clone()
+                dist.all_reduce(valid_token_count, group=reduce_group)
+            else:  # no padding mask: the group's ranks hold equal shares of the tokens
+                valid_token_count = valid_token_count * reduce_group.size()
+        return original(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+                        reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
+
+    TopKRouter.attach_and_log_load_balancing_loss = attach
+
+
 def apply_megatron_fixes() -> None:
     """Apply every fix once per process."""
     global _APPLIED
     if not _APPLIED:
         fix_torch_adam_fully_reshardable_load()
         fix_torch_adam_shared_step_after_load()
+        fix_per_token_load_balancing_loss_scale()
         _APPLIED = True

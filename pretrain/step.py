@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.router import Router
 
 from common.distributed.comm import all_reduce_values
+from pretrain.megatron_fixes import apply_megatron_fixes
 
 LOSS_KEY = "lm loss"
 
@@ -52,6 +53,7 @@ def wrap_with_ddp(
     loss by the micro-batch's tokens with it (without it the token count would divide that loss's
     gradient too: ~8,000 times too small at S1's 8K tokens per micro-batch).
     """
+    apply_megatron_fixes()  # among them the load-balancing loss's scale under per-token losses
     for chunk in model_chunks:
         chunk.config.calculate_per_token_loss = True
         for module in chunk.modules():

@@ -153,3 +153,53 @@ def test_moe_training_same_with_ep2_and_tp2_ep2_sequence_parallel(tmp_path):
     layouts = [{"tp": 1}, {"ep": 2}, {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}]
     results = run_ranks(_train_layouts, 2, "TINY_MOE", layouts, 8, tmp_path / "ckpt")
     _assert_same_training_in_every_layout(results, layouts)
+
+
+def _load_balancing_grads(rank, layouts, ckpt_dir):
+    """The routers' gradients from the load-balancing loss alone (the language-model loss times 0) of the
+    same weights and global batch (4 sequences over the data-parallel ranks) in each layout."""
+    from functools import partial
+
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from pretrain.step import setup_optimizer, token_loss, wrap_with_ddp
+    from tests import tiny_gpt
+
+    sequences = tiny_gpt.fixed_batch(batch=4, seed=3)
+    grads = []
+    for i, layout in enumerate(layouts):
+        _reinit(layout)
+        module = tiny_gpt.build(tiny_gpt.TINY_MOE, sequence_parallel=layout.get("sequence_parallel", False),
+                                for_training=True)
+        (_save if i == 0 else _load)(module, ckpt_dir)
+        model = wrap_with_ddp([module], DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+        setup_optimizer(model, OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0))
+        per_rank = 4 // parallel_state.get_data_parallel_world_size()
+        first = parallel_state.get_data_parallel_rank() * per_rank
+        micro_batches = [{k: v[j:j + 1] for k, v in sequences.items()} for j in range(first, first + per_rank)]
+
+        def forward_step(data_iterator, m):
+            batch = next(data_iterator)
+            losses = m(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+            return losses * 0.0, partial(token_loss, batch["loss_mask"])
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                                    model=model, num_microbatches=per_rank, seq_length=tiny_gpt.SEQ,
+                                    micro_batch_size=1, forward_only=False)
+        grads.append([m.weight.main_grad.clone() for n, m in module.named_modules() if n.endswith("mlp.router")])
+    return grads
+
+
+def test_moe_load_balancing_gradient_is_the_same_in_every_layout(tmp_path):
+    """Under sequence parallelism each rank's load-balancing loss is its tokens' share and the shares'
+    gradients add up over the TP group: with per-token losses Megatron scaled each share by the rank's own
+    tokens, and the total came out 1/tp of the unsplit one (0.5 here; pretrain.megatron_fixes)."""
+    layouts = [{"tp": 1}, {"ep": 2}, {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}]
+    for reference, *others in run_ranks(_load_balancing_grads, 2, layouts, tmp_path / "ckpt"):
+        assert all(g.abs().max() > 0 for g in reference)
+        for layout, grads in zip(layouts[1:], others):
+            for got, want in zip(grads, reference):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9, msg=lambda m: f"{layout}: {m}")
