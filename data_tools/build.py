@@ -283,28 +283,36 @@ def ordered_results(
     pending: deque = deque()  # (chunk, future)
     try:
         while True:
+            broken = False
             while len(pending) < window:
                 chunk = list(itertools.islice(tasks, sizer.size()))
                 if not chunk:
                     break
-                pending.append((chunk, pool.submit(run_chunk, fn, chunk)))
+                try:
+                    pending.append((chunk, pool.submit(run_chunk, fn, chunk)))
+                except BrokenProcessPool:  # a worker died while the caller was busy (writing a shard)
+                    pending.append((chunk, None))
+                    broken = True
+                    break
             if not pending:
                 return
-            chunk, future = pending.popleft()
-            try:
-                results, seconds = future.result()
-            except BrokenProcessPool:
-                results = None
-            if results is not None:
-                sizer.record(results, seconds)
-                yield from zip(chunk, results)
-                continue
+            if not broken:
+                chunk, future = pending[0]
+                try:
+                    results, seconds = future.result()
+                except BrokenProcessPool:
+                    broken = True
+                else:
+                    pending.popleft()
+                    sizer.record(results, seconds)
+                    yield from zip(chunk, results)
+                    continue
             # A worker died. Keep the results that arrived; re-run the other lines alone to find the culprit.
-            in_flight = [(chunk, future), *pending]
+            in_flight = list(pending)
             pending.clear()
             pool.shutdown(wait=True, cancel_futures=True)
             for c, f in in_flight:
-                if f.done() and not f.cancelled() and f.exception() is None:
+                if f is not None and f.done() and not f.cancelled() and f.exception() is None:
                     yield from zip(c, f.result()[0])
                 else:
                     yield from _run_alone(c, config, fn)

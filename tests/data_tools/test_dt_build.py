@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tarfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -303,12 +304,18 @@ def crash_on_line_30(task):
     return LineResult(line)
 
 
-def test_a_worker_that_dies_rejects_only_its_line(tmp_path):
-    # Line 30 comes in a chunk of many lines (they are quick): only it is rejected, every other line has its result.
+@pytest.mark.parametrize("consumer_seconds", [0.0, 0.05])
+def test_a_worker_that_dies_rejects_only_its_line(tmp_path, consumer_seconds):
+    # Line 30 comes in a chunk of many lines (they are quick): only it is rejected, every other line has its
+    # result. A slow consumer (the build writes shards between results) finds the pool already broken when
+    # it hands out the next chunk, not when it collects one.
     config = BuildConfig(kind="image_text", manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), workers=1)
-    tasks = iter([(line, b"{}") for line in range(1, 41)])
-    results = [result for _, result in ordered_results(tasks, config, fn=crash_on_line_30)]
-    assert [r.line for r in results] == list(range(1, 41))
+    tasks = iter([(line, b"{}") for line in range(1, 81)])
+    results = []
+    for _, result in ordered_results(tasks, config, fn=crash_on_line_30):
+        results.append(result)
+        time.sleep(consumer_seconds)
+    assert [r.line for r in results] == list(range(1, 81))
     assert {r.line: r.reason for r in results if r.reason} == {30: "worker_crash"}
 
 
