@@ -9,6 +9,7 @@ keeps its configured ``init_from`` unless a ``<first stage>:stage.init_from=...`
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,6 +31,24 @@ class StageJob:
 def override_key(override: str) -> str:
     """The config key an override sets: ``+train.x=1`` -> ``train.x``, ``stage=sft`` -> ``stage``."""
     return override.split("=", 1)[0].lstrip("+~").strip()
+
+
+def path_override(key: str, path: str) -> str:
+    """``key=path`` as Hydra's override grammar reads it back exactly, whatever the path holds: as it is
+    where Hydra reads it so (``runs/exp/sft``), else quoted (``(``, ``,``, ``=``, ``'``, spaces:
+    unquoted, Hydra fails on them or sweeps over a comma), its quotes and the backslashes before a quote
+    or at the end escaped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = f"{key}={path}"
+    if re.fullmatch(r"[\w/.\-+@%~]+", path):
+        try:
+            if OverridesParser.create().parse_overrides([plain])[0].value() == path:
+                return plain
+        except Exception:  # noqa: BLE001 - Hydra's parse errors: quote it
+            pass
+    escaped = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), path)
+    return f"{key}='{escaped}'"
 
 
 def split_stage_overrides(stages: Sequence[str], overrides: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
@@ -78,9 +97,9 @@ def chain_stage_jobs(stages: Sequence[str], overrides: Sequence[str]) -> list[St
         base = [*shared, f"stage={name}", *per_stage[name]]
         _, draft = load_job(base)
         run_dir = f"{draft.train.run_root.rstrip('/')}/{name}"
-        final = [*base, f"train.run_dir={run_dir}"]
+        final = [*base, path_override("train.run_dir", run_dir)]
         if previous_run_dir is not None:
-            final.append(f"stage.init_from={previous_run_dir}/checkpoints")
+            final.append(path_override("stage.init_from", f"{previous_run_dir}/checkpoints"))
         _, job = load_job(final)
         result.append(StageJob(name, final, job))
         previous_run_dir = run_dir

@@ -238,8 +238,9 @@ def render_sbatch_script(job: JobConfig, overrides: Sequence[str], *, workdir: s
         f'LATEST_STEP="${{LATEST_STEP##*{STEP_DIR_PREFIX}}}"',
         'if [[ "$LATEST_STEP" =~ ^[0-9]+$ ]]; then LATEST_STEP=$((10#$LATEST_STEP)); else LATEST_STEP=none; fi',
         f'if [[ "$LATEST_STEP" == none ]] || (( LATEST_STEP < {steps} )); then',
+        # The run folder outside the double quotes: it is shell-quoted on its own (a " or $ in it).
         f'  echo "[slurm.submit] stage {job.stage.name} stopped at step $LATEST_STEP of {steps} '
-        f'(checkpoints in {run_dir}); not complete" >&2',
+        f'(checkpoints in "{run_dir}"); not complete" >&2',
         "  exit 1",
         "fi",
         f'echo "[slurm.submit] stage {job.stage.name} complete: step {steps} of {steps}, $(date -Is)"',

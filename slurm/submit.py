@@ -68,7 +68,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def _stage_jobs(args: argparse.Namespace):
     from pretrain.cli import load_job
-    from slurm.chain import StageJob, chain_stage_jobs
+    from slurm.chain import StageJob, chain_stage_jobs, path_override
     from slurm.sweep import sweep_combinations
 
     if args.sweep:
@@ -82,7 +82,7 @@ def _stage_jobs(args: argparse.Namespace):
                 raise ConfigError(f"sweep {combination.label}: {exc}") from None
             # Its own run folder (no other config value refers to train.run_dir: no need to compose again).
             job.train.run_dir = f"{job.train.run_dir.rstrip('/')}/{combination.label}"
-            overrides = [*args.overrides, *combination.overrides, f"train.run_dir={job.train.run_dir}"]
+            overrides = [*args.overrides, *combination.overrides, path_override("train.run_dir", job.train.run_dir)]
             jobs.append(StageJob(job.stage.name, overrides, job, label=combination.label))
         return jobs
     if args.chain:

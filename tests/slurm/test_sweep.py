@@ -32,7 +32,7 @@ def test_dry_run_renders_one_script_per_combination(tmp_path, capsys):
         train = script[script.index(" -m pretrain.train "):].splitlines()[0].split()[2:]
         run_dir = f"runs/s1_pretrain/{label}"
         assert train == [*FIXED, f"stage.optimizer.lr={lr}", f"model={model}", f"train.run_dir={run_dir}"]
-        assert "(( LATEST_STEP < " in script and f"checkpoints in {run_dir})" in script
+        assert "(( LATEST_STEP < " in script and f'checkpoints in "{run_dir}")' in script
         assert "--dependency" not in script.splitlines()[1]  # the jobs of a sweep do not wait for each other
         run_dirs.append(run_dir)
     assert len(set(run_dirs)) == 4
@@ -77,3 +77,43 @@ def test_sweep_values_and_refusals():
         from slurm.submit import _stage_jobs, parse_args
 
         _stage_jobs(parse_args(["--chain", "s0_align,s1_pretrain", "cluster=local_slurm", "--sweep", "train.seed=1,2"]))
+
+
+def _rank_arguments(script: str) -> list[str]:
+    """What ``python -m pretrain.train`` receives from the script's srun line, as bash splits it."""
+    import shlex
+
+    srun = script[script.index("\nsrun "):].split("\n\n")[0].replace("\\\n", " ")
+    words = shlex.split(srun)
+    return words[words.index("pretrain.train") + 1:]
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_run_folders_with_any_characters_reach_the_ranks_intact(tmp_path, capsys, chain):
+    """A run root the user quoted for Hydra (parentheses, a comma, quotes, $, spaces): each job's
+    generated train.run_dir (and a chain's stage.init_from) reaches its ranks as that path, and the
+    script is valid bash. Written unquoted, the ranks failed to parse their own command line (a comma
+    would make Hydra sweep)."""
+    import subprocess
+
+    from pretrain.cli import load_job
+    from slurm.chain import path_override
+
+    root = str(tmp_path / "exp(1), it's \"odd\" $HOME")
+    common = ["--dry-run", "--workdir", str(tmp_path), "model=tiny_moe", "parallel=ep2", "cluster=local_slurm",
+              path_override("train.run_root", root)]
+    if chain:
+        args, expected = [*common, "--chain", "s0_align,s1_pretrain"], [("s0_align", None), ("s1_pretrain", None)]
+    else:
+        args = [*common, "stage=s1_pretrain", "--sweep", "train.seed=1,2"]
+        expected = [("s1_pretrain", "seed-1"), ("s1_pretrain", "seed-2")]
+    assert submit_main(args) == 0, capsys.readouterr().err
+    scripts = capsys.readouterr().out.split("\n# ===== ")[1:]
+    assert len(scripts) == 2
+    for i, (script, (stage, label)) in enumerate(zip(scripts, expected)):
+        _, job = load_job(_rank_arguments(script))
+        assert job.train.run_dir == f"{root}/{stage}" + (f"/{label}" if label else "")
+        if chain and i == 1:
+            assert job.stage.init_from == f"{root}/s0_align/checkpoints"
+        text = script[script.index("#!/bin/bash"):]
+        assert subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True).returncode == 0
