@@ -71,6 +71,7 @@ from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.transformer_block import TransformerBlock, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from common.megatron_fixes import apply_megatron_fixes
 from model.config import ConfigError, Qwen3VLConfig
 from model.text_config import runtime_settings
 from model.context_parallel import cp_size_and_rank, encode_over_cp, split_sequence
@@ -487,6 +488,7 @@ def build_qwen3vl(
     ``attention``: a backend of :data:`model.layer_specs.ATTENTION_BACKENDS`; default ``te`` when CUDA
     and transformer-engine are present and cp = 1, else ``document``.
     """
+    apply_megatron_fixes()  # e.g. MoE routing without transformer-engine
     ps = parallel_state
     # Before Megatron's configs, whose own checks would say less.
     cfg.check_layout(ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
@@ -517,5 +519,9 @@ def build_qwen3vl(
         vision_config = vision_transformer_config(cfg, params_dtype=params_dtype, **recompute)
     model = Qwen3VLModel(cfg, config, vision_config, pre_process=pre_process, post_process=post_process,
                          parallel_output=parallel_output, vp_stage=vp_stage, attention=attention)
+    if torch.cuda.is_available() and not config.use_cpu_initialization:
+        # As Megatron-LM's get_model: its MoE router builds its weight on the CPU (router.py, moved only in
+        # the first forward), where a frozen model or a non-distributed bf16 optimizer would meet it.
+        model.cuda(torch.cuda.current_device())
     model.freeze(freeze)
     return model

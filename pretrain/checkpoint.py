@@ -44,7 +44,7 @@ from model.checkpoint_io import (
     model_sharded_state,
     resolve_checkpoint,
 )
-from pretrain.megatron_fixes import apply_megatron_fixes
+from common.megatron_fixes import apply_megatron_fixes
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}

@@ -27,7 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.router import Router
 
 from common.distributed.comm import all_reduce_values
-from pretrain.megatron_fixes import apply_megatron_fixes
+from common.megatron_fixes import apply_megatron_fixes
 
 LOSS_KEY = "lm loss"
 

@@ -195,11 +195,41 @@ def _load_balancing_grads(rank, layouts, ckpt_dir):
 
 def test_moe_load_balancing_gradient_is_the_same_in_every_layout(tmp_path):
     """Under sequence parallelism each rank's load-balancing loss is its tokens' share and the shares'
-    gradients add up over the TP group: with per-token losses Megatron scaled each share by the rank's own
-    tokens, and the total came out 1/tp of the unsplit one (0.5 here; pretrain.megatron_fixes)."""
+    gradients add up over the TP group: with per-token losses and no router padding mask (as here)
+    Megatron scaled each share by the rank's own tokens, and the total came out 1/tp of the unsplit one
+    (0.5 here; common.megatron_fixes). The Qwen3-VL model's masked path: tests/test_layouts_train_same.py."""
     layouts = [{"tp": 1}, {"ep": 2}, {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True}]
     for reference, *others in run_ranks(_load_balancing_grads, 2, layouts, tmp_path / "ckpt"):
         assert all(g.abs().max() > 0 for g in reference)
         for layout, grads in zip(layouts[1:], others):
             for got, want in zip(grads, reference):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9, msg=lambda m: f"{layout}: {m}")
+
+
+def test_moe_routing_runs_without_transformer_engine_where_the_cpu_runtime_is_not_installed():
+    """On a GPU without transformer-engine (no CPU runtime there) Megatron's router gating asked for a
+    name only TE's import defines: every MoE forward raised NameError. A fresh process without the CPU
+    runtime shows the bug, then routes after the fixes (which the model's build applies)."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from megatron.core.transformer.moe import moe_utils
+from common.distributed.cpu_runtime import cpu_runtime_active
+from common.megatron_fixes import apply_megatron_fixes
+assert not cpu_runtime_active()
+x, w = torch.randn(5, 8), torch.randn(4, 8)
+try:
+    moe_utils.router_gating_linear(x, w, None, torch.float32)
+    print("routed before the fixes")
+except NameError as exc:
+    print("NameError:", exc)
+apply_megatron_fixes()
+out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+print("routed after the fixes:", torch.allclose(out, x @ w.t()))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["NameError: name 'te_general_gemm' is not defined",
+                                        "routed after the fixes: True"], done.stdout

@@ -47,6 +47,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from common.megatron_fixes import apply_megatron_fixes
+
 __all__ = ["install_cpu_runtime", "cpu_runtime_active", "CudaToCpuMode"]
 
 _CPU = torch.device("cpu")
@@ -231,8 +233,7 @@ def _patch_megatron() -> None:
                       lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state))
     logging.getLogger(mrandom.__name__).addFilter(_DropForkWarning())
 
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    apply_megatron_fixes()  # the bugs of Megatron's path without transformer-engine, as on a GPU
     _replace_function(moe_utils, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)
 
 

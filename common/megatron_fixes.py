@@ -1,7 +1,9 @@
-"""Fixes for Megatron-Core 0.16.1 bugs (the optimizer's on its local path: no transformer-engine, no apex).
+"""Fixes for Megatron-Core 0.16.1 bugs, most of them on its path without transformer-engine or apex.
 
-These are not about the CPU: they bite on a GPU too. Each fix is a no-op where the bug
-cannot occur, and names the Megatron function it corrects.
+These are not about the CPU: they bite on a GPU too (the CPU redirection, :mod:`common.distributed.
+cpu_runtime`, applies them as well). Each fix is a no-op where the bug cannot occur, and names the
+Megatron function it corrects. The model's build (``model.qwen3vl.build_qwen3vl``), the trainer's DDP
+wrapping and checkpoint loading apply them (:func:`apply_megatron_fixes`, once per process).
 """
 
 from __future__ import annotations
@@ -56,42 +58,49 @@ def fix_torch_adam_shared_step_after_load() -> None:
 
 
 def fix_per_token_load_balancing_loss_scale() -> None:
-    """``TopKRouter.attach_and_log_load_balancing_loss`` with per-token losses scales a rank's load-balancing
-    loss by the rank's own tokens, so that ``finalize_model_grads`` (which divides by the global token
-    count) leaves it at the unsplit layer's scale. Under sequence or context parallelism a rank's loss is
-    its share of the group's (global expert counts, its own tokens' probabilities) and the shares'
-    gradients add up over the group: the total came out 1/(tp*cp) of the unsplit layer's (measured: 0.5
-    with tp=2 and sequence parallelism). Scale each share by the tokens of the whole group instead, as the
-    unsplit layer does (a sum over the group where padding makes the counts differ). The non-per-token
-    path scales by ``cp`` in the schedule itself; a reduce group with data-parallel ranks (global
-    auxiliary loss) is left alone.
+    """``TopKRouter.attach_and_log_load_balancing_loss`` with per-token losses scales a rank's
+    load-balancing loss by a token count, so that ``finalize_model_grads`` (which divides by the global
+    token count) leaves it at the unsplit layer's scale. Under sequence or context parallelism a rank's
+    loss is its share of the group's (global expert counts, its own tokens' probabilities) and the shares'
+    gradients add up over the group, so the count must be the group's. With a router ``padding_mask`` it
+    is (``get_tokens_per_expert_and_token_count`` sums the local counts after reducing them in place);
+    without one it is the rank's own ``routing_map.shape[0]``, and the total came out 1/(tp*cp) of the
+    unsplit layer's (measured: 0.5 with tp=2 and sequence parallelism). This project's model always
+    passes a mask; a model without one gets the group's count here (the ranks of the group hold equal
+    shares of the tokens then). A reduce group with data-parallel ranks (global auxiliary loss) is left
+    alone.
     """
-    import torch
-    import torch.distributed as dist
     from megatron.core.transformer.moe.router import TopKRouter
 
     original = TopKRouter.attach_and_log_load_balancing_loss
 
     def attach(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
                reduce_group_has_dp=False, valid_token_count=None):
-        if self.calculate_per_token_loss and not reduce_group_has_dp and reduce_group.size() > 1:
-            if valid_token_count is None:
-                valid_token_count = activation.shape[0]
-            if torch.is_tensor(valid_token_count):
-                valid_token_count = valid_token_count.detach().clone()
-                dist.all_reduce(valid_token_count, group=reduce_group)
-            else:  # no padding mask: the group's ranks hold equal shares of the tokens
-                valid_token_count = valid_token_count * reduce_group.size()
+        if (self.calculate_per_token_loss and not reduce_group_has_dp and reduce_group.size() > 1
+                and (valid_token_count is None or isinstance(valid_token_count, int))):
+            own = activation.shape[0] if valid_token_count is None else valid_token_count
+            valid_token_count = own * reduce_group.size()
         return original(self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
                         reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count)
 
     TopKRouter.attach_and_log_load_balancing_loss = attach
 
 
+def fix_router_gating_without_te() -> None:
+    """``moe_utils.RouterGatingLinearFunction`` (every MoE router's gating) tests ``te_general_gemm is not
+    None``, a name that only transformer-engine's import defines: without TE every MoE forward raised
+    ``NameError``. Define it as absent."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply_megatron_fixes() -> None:
     """Apply every fix once per process."""
     global _APPLIED
     if not _APPLIED:
+        fix_router_gating_without_te()
         fix_torch_adam_fully_reshardable_load()
         fix_torch_adam_shared_step_after_load()
         fix_per_token_load_balancing_loss_scale()
