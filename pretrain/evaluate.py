@@ -44,8 +44,12 @@ def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None
     """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit={limit} must be >= 1 (or none: every question)")
     eval_file = Path(eval_file)
     items = [json.loads(line) for line in eval_file.read_text().splitlines() if line.strip()][:limit]
+    if not items:
+        raise ValueError(f"{eval_file}: no questions")
     hits: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for first in range(0, len(items), batch_size):
         batch = items[first:first + batch_size]

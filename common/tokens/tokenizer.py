@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import hashlib
 import itertools
 import os
 import re
@@ -268,6 +269,7 @@ class Tokenizer:
         self._special_ids = {tok: vocab[tok] for tok, _ in SPECIAL_TOKENS if tok in vocab}
         self._structural = tuple(tok for tok in STRUCTURAL_TOKENS if tok in vocab)
         self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -373,6 +375,14 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of the SHA-256 of the whole ``tokenizer.json`` (vocabulary, merges, normaliser,
+        special tokens): equal for the same tokenizer wherever it was loaded from."""
+        if self._fingerprint is None:
+            self._fingerprint = hashlib.sha256(self._backend.to_str().encode()).hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def special_token_ids(self) -> dict[str, int]:

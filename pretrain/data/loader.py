@@ -33,7 +33,8 @@ num_streams=None) -> TrainLoader``
   energon's ``save_state_rank``/``restore_state_rank`` per stream (shard positions and shuffle RNG per
   worker, the shuffle and packing buffers as restore keys) plus our counters and a fingerprint of the
   settings that must not change across a resume (sequence length, batch size, number of streams,
-  workers, seed, blend). Save only between global batches.
+  workers, seed, blend, how samples are encoded: pixel bounds, frame rate, the tokenizer). Save only
+  between global batches.
 * ``TrainLoader.skip(micro_batches)`` fast-forwards each hosted stream (draws and drops: it takes as
   long as producing them), for a resume that has no stream states to continue from
   (see :func:`plan_data_resume`).
@@ -58,6 +59,8 @@ counted, and skipped.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import time
 import warnings
@@ -99,6 +102,9 @@ def encoding_config_from_data(data_cfg: Any) -> EncodingConfig:
     return EncodingConfig(vision=vision, frames=frames)
 
 
+_ADDED_LATER = frozenset({"encoding", "tokenizer"})
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """Everything that determines the data streams of a stage (compared on restore)."""
@@ -115,10 +121,16 @@ class PipelineSettings:
     overlong: str
     loss_normalization: str
     blend: tuple[tuple[str, float, str], ...]  # (name, weight, kind); paths may move between machines
+    # What each sample's tokens and patches are (pixel bounds, frame rate, ...: the restored packing
+    # buffers' plans hold the sizes they gave), JSON; and the tokenizer (Tokenizer.fingerprint).
+    encoding: str = ""
+    tokenizer: str = ""
 
     def differences(self, other: Mapping[str, Any]) -> list[str]:
         mine = self.as_dict()
-        return [f"{k}: saved {other.get(k)!r}, now {mine[k]!r}" for k in mine if other.get(k) != mine[k]]
+        # A state saved before a field existed says nothing about it (encoding, tokenizer).
+        return [f"{k}: saved {other.get(k)!r}, now {mine[k]!r}" for k in mine
+                if other.get(k) != mine[k] and (k in other or k not in _ADDED_LATER)]
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -492,6 +504,8 @@ def build_train_loader(
     _quiet_loader_warnings()
     sources = resolve_blend(_field(data_cfg, "sources", []), _field(stage_cfg, "data_weights", {}) or {})
     workers = int(_field(data_cfg, "num_workers", 0) if num_workers is None else num_workers)
+    tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
+    encoding_cfg = encoding_cfg or encoding_config_from_data(data_cfg)
     settings = PipelineSettings(
         seq_length=int(seq_length),
         micro_batch_size=int(micro_batch_size),
@@ -505,6 +519,8 @@ def build_train_loader(
         overlong=str(_field(data_cfg, "overlong", "truncate")),
         loss_normalization=str(_field(stage_cfg, "loss_normalization", "token")),
         blend=tuple((s.name, s.weight, s.kind) for s in sources),
+        encoding=json.dumps(dataclasses.asdict(encoding_cfg), sort_keys=True),
+        tokenizer=tokenizer.fingerprint,
     )
     if settings.micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
@@ -516,7 +532,6 @@ def build_train_loader(
     plan = StreamPlan.of(dp_rank=int(dp_rank), dp_size=int(dp_size), num_streams=settings.num_streams,
                          micro_batches_per_step=None if global_batch_size is None
                          else global_batch_size // settings.micro_batch_size)
-    encoding_cfg = encoding_cfg or encoding_config_from_data(data_cfg)
     packing = PackingConfig(
         seq_length=settings.seq_length,
         max_visual_patches=settings.max_visual_patches,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickle
@@ -11,6 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
+from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
 from pretrain.data.blend import BlendError
 from pretrain.data.loader import build_eval_loader, build_train_loader
 from pretrain.data.packing import first_fit_decreasing
@@ -68,7 +70,7 @@ def test_micro_batches_follow_the_contract(shard_sets, tokenizer):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_yields_exactly_the_uninterrupted_batches(shard_sets, tokenizer, workers):
+def test_resume_yields_exactly_the_uninterrupted_batches(shard_sets, tokenizer, workers, tmp_path):
     sets = {k: shard_sets[k] for k in ("image_text", "interleaved")}
     total, first = 7, 3
     with _loader(sets, tokenizer, num_workers=workers) as reference:
@@ -94,6 +96,17 @@ def test_resume_yields_exactly_the_uninterrupted_batches(shard_sets, tokenizer, 
 
     with pytest.raises(ValueError, match="seq_length: saved 256, now 128"):
         _loader(sets, tokenizer, num_workers=workers, seq_length=128).restore_state(state)
+    # How samples are encoded decides their sizes, which the restored packing buffers' plans hold.
+    with pytest.raises(ValueError, match='encoding: saved .*"image_min_pixels": 4096.*"image_min_pixels": 8192'):
+        _loader(sets, tokenizer, num_workers=workers, image_min_pixels=8192).restore_state(state)
+    other = Tokenizer.from_file(train_byte_level_bpe(["another corpus of words"] * 50, 300, tmp_path / "other"))
+    with pytest.raises(ValueError, match=f"tokenizer: saved '{tokenizer.fingerprint}', now '{other.fingerprint}'"):
+        _loader(sets, other, num_workers=workers).restore_state(state)
+    # A state saved before these were recorded restores.
+    old = copy.deepcopy(state)
+    for stream in old.values():
+        del stream["settings"]["encoding"], stream["settings"]["tokenizer"]
+    _loader(sets, tokenizer, num_workers=workers).restore_state(old)
 
 
 def test_blend_proportions_match_the_weights(shard_sets, tokenizer):

@@ -73,3 +73,32 @@ def test_sizes_names_an_unknown_config():
     proc = _run("model.sizes", "no_such_model", "--no-reference")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: no model config named 'no_such_model'"), proc.stderr
+
+
+def test_parity_fails_on_nan_logits(tmp_path, monkeypatch, capsys):
+    """A NaN difference (weights never loaded, a broken kernel) is a failure, not a pass: max() and <=
+    had let it through with exit 0."""
+    from common.distributed import spawn
+    from model import check_parity
+
+    (tmp_path / "config.json").write_text("{}")
+    report = {"text": {"tokens": 24, "max_abs_diff": float("nan")}, "one_image": {"tokens": 40, "max_abs_diff": 2e-6}}
+    monkeypatch.setattr(spawn, "call_reporting_user_errors", lambda *args: report)
+    assert check_parity.main(["--hf", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "nan  FAIL" in out and "worst nan" in out
+    report["text"]["max_abs_diff"] = 3e-6
+    assert check_parity.main(["--hf", str(tmp_path)]) == 0
+
+
+def test_evaluate_refuses_a_limit_below_one_and_an_empty_question_file(tmp_path):
+    from pretrain.evaluate import evaluate
+
+    questions = tmp_path / "eval.jsonl"
+    questions.write_text('{"media": "a.png", "media_type": "image", "question": "q", "choices": ["a"], "answer": "a"}\n')
+    for limit in (0, -1):
+        with pytest.raises(ValueError, match=f"limit={limit} must be >= 1"):
+            evaluate(None, questions, limit=limit)
+    questions.write_text("\n")
+    with pytest.raises(ValueError, match="eval.jsonl: no questions"):
+        evaluate(None, questions)
