@@ -174,8 +174,8 @@ def test_interleaved_and_sft_rules(tmp_path):
     build("interleaved", docs, tmp_path / "docs")
     rejected = read_jsonl(tmp_path / "docs" / "rejected.jsonl")
     reasons = {json.loads(r["input"])["id"]: r["reason"] for r in rejected}
-    assert reasons == {"both": "invalid_fields", "noimage": "invalid_fields", "notext": "empty_text", "empty": "invalid_fields",
-                       "joined": "special_token"}
+    assert reasons == {"both": "invalid_fields", "noimage": "invalid_fields", "notext": "empty_text",
+                       "empty": "invalid_fields", "joined": "special_token"}
     assert any("segments[1].text and segments[2].text join into the control token <|image_pad|>" in r["detail"]
                for r in rejected), rejected
     doc, apart = sorted(samples_of(tmp_path / "docs"), key=lambda d: len(d.segments[0].text or ""))

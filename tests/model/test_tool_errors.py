@@ -95,7 +95,8 @@ def test_evaluate_refuses_a_limit_below_one_and_an_empty_question_file(tmp_path)
     from pretrain.evaluate import evaluate
 
     questions = tmp_path / "eval.jsonl"
-    questions.write_text('{"media": "a.png", "media_type": "image", "question": "q", "choices": ["a"], "answer": "a"}\n')
+    questions.write_text(json.dumps({"media": "a.png", "media_type": "image", "question": "q", "choices": ["a"],
+                                     "answer": "a"}) + "\n")
     for limit in (0, -1):
         with pytest.raises(ValueError, match=f"limit={limit} must be >= 1"):
             evaluate(None, questions, limit=limit)
