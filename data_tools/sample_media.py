@@ -33,7 +33,7 @@ from common.media.decode import (
     probe_video,
     read_video_frames,
 )
-from common.media.resize import FACTOR, MAX_ASPECT_RATIO, smart_resize
+from common.media.resize import FACTOR, MAX_ASPECT_RATIO, TEMPORAL_PATCH_SIZE, smart_resize
 
 #: PIL format -> file extension of stored images.
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -81,6 +81,9 @@ def validate_video(data: bytes, where: str, given: str, sample_fps: float) -> Vi
         indices = frame_indices_at_fps(info.num_frames, info.fps, sample_fps)
         if not indices:
             raise Rejected("no_usable_frames", f"{where} {given!r}: no frame when sampled at {sample_fps} fps")
+        if info.num_frames < TEMPORAL_PATCH_SIZE:  # the model's smallest video: one temporal patch of frames
+            raise Rejected("no_usable_frames", f"{where} {given!r}: {info.num_frames} frame, a video needs at "
+                                               f"least {TEMPORAL_PATCH_SIZE}")
         if max(info.width, info.height) / max(1, min(info.width, info.height)) > MAX_ASPECT_RATIO:
             raise Rejected("aspect_ratio", f"{where} {given!r}: {info.width}x{info.height} pixels, aspect ratio above {MAX_ASPECT_RATIO}")
         # The probe decoded frame 0; the middle and the last sampled frames catch truncated files.

@@ -153,10 +153,19 @@ def probe_image(src: MediaSource) -> ImageInfo:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB copy of ``im``; transparent pixels are composited onto white (not black, as convert() does)."""
-    if im.mode == "RGB":
+    """RGB copy of ``im``; transparent pixels (an alpha band, or a palette's or a colour key's ``tRNS``)
+    are composited onto white (not black, as convert() does); 16-bit and 32-bit integer greys are scaled
+    to 8 bits (convert() clips them: mid-grey came out white), as are float greys in [0, 1]."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        grey = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16") or (im.mode == "I" and grey.max(initial=0) > 255):
+            grey = grey / 257.0  # 0..65535 -> 0..255 (32-bit integer greys above 255: taken as 16-bit)
+        elif im.mode == "F" and grey.max(initial=0) <= 1.0:
+            grey = grey * 255.0
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L").convert("RGB")
+    has_alpha = "A" in im.getbands() or im.info.get("transparency") is not None
+    if im.mode == "RGB" and not has_alpha:
         return im
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
     if has_alpha:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -23,6 +23,7 @@ from data_tools.schema import Caption, Clip, Source, VideoSample, sample_key
 from data_tools.validation import Rejected, check_text, check_total_text, field, number, objects, source_id
 from common.media.decode import MediaError, VideoInfo, iter_video_frames
 from common.media.encode import encode_video
+from common.media.resize import TEMPORAL_PATCH_SIZE
 
 
 def _parse_captions(record: dict) -> list[Caption]:
@@ -52,12 +53,16 @@ def _fit_captions(captions: list[Caption], info: VideoInfo) -> list[Caption]:
 
 
 def clip_frame_ranges(num_frames: int, fps: float, max_seconds: float) -> list[tuple[int, int]]:
-    """Frame ranges ``[lo, hi)`` of consecutive clips of at most ``max_seconds`` (at least one frame each)."""
+    """Frame ranges ``[lo, hi)`` of consecutive clips of at most ``max_seconds``, each of at least one
+    temporal patch of frames (``TEMPORAL_PATCH_SIZE``: the model takes no shorter video); a shorter last
+    piece joins the clip before it (that clip is then up to a frame longer than ``max_seconds``)."""
     ranges, lo, k = [], 0, 1
     while lo < num_frames:
-        hi = min(num_frames, max(lo + 1, math.floor(k * max_seconds * fps + 1e-6)))
+        hi = min(num_frames, max(lo + TEMPORAL_PATCH_SIZE, math.floor(k * max_seconds * fps + 1e-6)))
         ranges.append((lo, hi))
         lo, k = hi, k + 1
+    if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < TEMPORAL_PATCH_SIZE:
+        ranges[-2:] = [(ranges[-2][0], ranges[-1][1])]
     return ranges
 
 

@@ -214,6 +214,7 @@ def test_video_validation_and_caption_checks(tmp_path):
     (tmp_path / "v.mp4").write_bytes(encode_video(moving_frames(16), fps=8))  # 2.0 s
     (tmp_path / "w.mp4").write_bytes(encode_video(moving_frames(12), fps=8))
     (tmp_path / "bad.mp4").write_bytes(b"\x00" * 2048)
+    (tmp_path / "still.mp4").write_bytes(encode_video(moving_frames(1), fps=8))  # the model needs 2 frames
     manifest = write_manifest(tmp_path / "v.jsonl", [
         {"id": "ok", "video": "v.mp4", "captions": [{"start": 0, "end": 2.1, "text": "moves"}]},  # 0.1 s late: clamped
         {"id": "late", "video": "w.mp4", "captions": [{"start": 0.5, "end": 2.5, "text": "too long"}]},
@@ -221,16 +222,27 @@ def test_video_validation_and_caption_checks(tmp_path):
         {"id": "untitled", "video": "w.mp4"},
         {"id": "corrupt", "video": "bad.mp4", "text": "noise"},
         {"id": "nan", "video": "w.mp4", "captions": [{"start": float("nan"), "end": 1, "text": "x"}]},
+        {"id": "still", "video": "still.mp4", "text": "one frame"},
     ])
     build("video", manifest, tmp_path / "out")
     reasons = {json.loads(r["input"])["id"]: r["reason"] for r in read_jsonl(tmp_path / "out" / "rejected.jsonl")}
     assert reasons == {"late": "caption_out_of_range", "reversed": "caption_out_of_range", "untitled": "empty_text",
-                       "corrupt": "video_decode_error", "nan": "invalid_fields"}
+                       "corrupt": "video_decode_error", "nan": "invalid_fields", "still": "no_usable_frames"}
     (sample,) = samples_of(tmp_path / "out")
     assert sample.captions[0].end == 2.0 and sample.clip is None
     m = sample.media[0]
     assert (m.num_frames, m.fps, m.duration, m.backend) == (16, 8.0, 2.0, "decord")
     assert m.sha256 == hashlib.sha256((tmp_path / "v.mp4").read_bytes()).hexdigest()  # original bytes kept
+
+
+def test_clips_hold_at_least_one_temporal_patch_of_frames():
+    from data_tools.kinds.video import clip_frame_ranges
+
+    assert clip_frame_ranges(24, 4, 2.5) == [(0, 10), (10, 20), (20, 24)]
+    # A 1-frame rest (5.125 s at 8 fps, cut at 5 s) joins the clip before it: the model needs 2 frames.
+    assert clip_frame_ranges(41, 8, 5.0) == [(0, 41)]
+    assert clip_frame_ranges(81, 8, 5.0) == [(0, 40), (40, 81)]
+    assert clip_frame_ranges(5, 10, 0.1) == [(0, 2), (2, 5)]  # no clip of fewer than 2 frames
 
 
 def test_long_videos_are_cut_into_clips_with_retimed_captions(tmp_path):

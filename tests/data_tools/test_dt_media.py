@@ -50,6 +50,27 @@ def test_load_image_rgb_and_alpha_on_white(tmp_path):
     assert media.load_image(str(path)).size == (50, 30)
 
 
+def _saved(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=options.pop("format", "PNG"), **options)
+    return out.getvalue()
+
+
+def test_load_image_scales_deep_greys_and_honours_colour_key_transparency():
+    # 16-bit (and 32-bit integer) greys: mid-grey stays mid-grey (convert("RGB") clipped it to white).
+    grey16 = Image.fromarray(np.full((32, 32), 32768, np.uint16))
+    assert grey16.mode.startswith("I;16")
+    assert media.load_image(_saved(grey16)).getpixel((3, 3)) == (128, 128, 128)
+    grey32 = Image.fromarray(np.full((32, 32), 32768, np.int32))
+    assert media.load_image(_saved(grey32, format="TIFF")).getpixel((3, 3)) == (128, 128, 128)
+    # A tRNS colour key on an RGB or grey PNG is transparency: white, as with an alpha band.
+    for mode, key, fill in (("RGB", (0, 0, 0), (0, 0, 0)), ("L", 0, 0)):
+        image = Image.new(mode, (32, 32), fill)
+        image.putpixel((0, 0), (9, 9, 9) if mode == "RGB" else 9)
+        loaded = media.load_image(_saved(image, transparency=key))
+        assert loaded.getpixel((3, 3)) == (255, 255, 255) and loaded.getpixel((0, 0)) == (9, 9, 9), mode
+
+
 def test_load_image_applies_exif_orientation():
     buffer = io.BytesIO()
     exif = Image.Exif()
