@@ -57,12 +57,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import divide
 
 from model.context_parallel import document_bounds, gathered_order, layout
 from model.kv_cache import KVCache
+from model.segments import segment_boundaries
 
 # CPU, queries that start inside a document: rows x keys of one masked block, at most (a bool mask and the
 # kernel's float copy: 5 bytes each, transient), and its rows at most / at least.
@@ -77,6 +79,22 @@ SMALL_MASK = 1 << 16
 PADDING_BLOCK = 128
 # CUDA, half precision: one variable-length flash attention call per layer (see the module docstring).
 USE_VARLEN = True
+
+
+def thd_packed_seq_params(document_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                          max_seqlen: int | None = None) -> PackedSeqParams:
+    """Megatron's THD parameters (transformer-engine's packed attention) of a pack's ``document_ids``
+    [1, s]: one segment per document (and per run of padding). ``cu_seqlens`` / ``max_seqlen``, when the
+    data loader computed them already (:func:`segment_boundaries`), are used as they are."""
+    if document_ids.dim() != 2 or document_ids.shape[0] != 1:
+        # Megatron's THD layout is one row of concatenated documents; a pack already holds many.
+        raise ValueError(f"document_ids {tuple(document_ids.shape)}: the transformer-engine packed (THD) "
+                         "path takes one row (train.micro_batch_size=1); pack longer sequences instead")
+    if cu_seqlens is None:
+        cu_seqlens, max_seqlen = segment_boundaries(document_ids)
+    cu = cu_seqlens.to(device=document_ids.device, dtype=torch.int32, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=int(max_seqlen), max_seqlen_kv=int(max_seqlen))
 
 
 def padding_mask(document_ids: torch.Tensor) -> torch.Tensor:

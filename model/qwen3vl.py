@@ -75,6 +75,7 @@ from common.megatron_fixes import apply_megatron_fixes
 from model.config import ConfigError, Qwen3VLConfig
 from model.text_config import runtime_settings
 from model.context_parallel import cp_size_and_rank, encode_over_cp, split_sequence
+from model.attention import thd_packed_seq_params
 from model.kv_cache import KVCache
 from model.layer_specs import qwen3vl_decoder_block_spec, resolve_attention_backend
 from model.moe_padding import register_padding_spread
@@ -411,6 +412,10 @@ class Qwen3VLModel(LanguageModule):
         if rotary.shape[0] != s or rotary.shape[1] != b:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match input_ids {(b, s)}")
         rotary = split_sequence(rotary, 0, cp_size, cp_rank, document_ids, batch_dim=1)
+        if self.attention == "te" and packed_seq_params is None and document_ids is not None:
+            # transformer-engine's attention sees documents only through THD parameters: without them a
+            # pack would be one causal sequence (every row attending to the rows before it).
+            packed_seq_params = thd_packed_seq_params(document_ids)
         attention_input = self._attention_input(document_ids, attention_mask, packed_seq_params, b, s)
         router_padding = self._router_padding(padding_mask, document_ids, b, s, cp_size, cp_rank)
 

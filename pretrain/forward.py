@@ -14,7 +14,7 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from model.attention import padding_mask
+from model.attention import padding_mask, thd_packed_seq_params
 from model.context_parallel import split_on_this_rank
 from pretrain.step import LOSS_KEY
 
@@ -32,17 +32,12 @@ def weighted_token_loss(loss_weights: torch.Tensor, loss_mask: torch.Tensor, out
 
 
 def packed_seq_params(batch: dict) -> PackedSeqParams | None:
-    """THD layout for transformer-engine attention on GPU (b == 1): document boundaries of the pack."""
+    """THD layout for transformer-engine attention on GPU (b == 1): the document boundaries of the pack,
+    as the loader computed them (``cu_seqlens``, ``max_seqlen``)."""
     if "cu_seqlens" not in batch or not torch.cuda.is_available():
         return None
-    if batch["tokens"].shape[0] != 1:
-        # Megatron's THD layout is one row of concatenated documents; the packs already hold many.
-        raise ValueError(f"train.micro_batch_size={batch['tokens'].shape[0]}: the transformer-engine packed "
-                         "(THD) path takes micro_batch_size=1; pack longer sequences instead")
-    cu = batch["cu_seqlens"].to(torch.int32).cuda(non_blocking=True)
-    max_len = int(batch["max_seqlen"])
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    return thd_packed_seq_params(batch["document_ids"].cuda(non_blocking=True), batch["cu_seqlens"],
+                                 batch["max_seqlen"])
 
 
 def to_device(batch: dict) -> dict:

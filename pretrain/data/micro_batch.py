@@ -38,18 +38,8 @@ from typing import Any
 
 import torch
 
+from model.segments import segment_boundaries
 from pretrain.data.packing import PackedSequence
-
-
-def segment_boundaries(document_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens int32, max_seqlen) of the flattened micro-batch: a segment starts at every change of
-    document id and at every row start, so documents and each row's padding are separate segments."""
-    b, s = document_ids.shape
-    starts = torch.ones_like(document_ids, dtype=torch.bool)
-    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    positions = torch.nonzero(starts.flatten()).flatten()
-    cu = torch.cat([positions, torch.tensor([b * s])]).to(torch.int32)
-    return cu, int((cu[1:] - cu[:-1]).max())
 
 
 def collate_micro_batch(

@@ -8,7 +8,10 @@ or of ``{name, weight}`` (weight 1.0 when omitted)::
     rewards: [exact_match, format]
     rewards: [{name: exact_match, weight: 1.0}, {name: format, weight: 0.2}]
 
-The total reward of a response is sum_k weight_k * reward_k. Responses are decoded *with* their special
+The total reward of a response is sum_k weight_k * reward_k over the rewards that score its prompt: an RL
+prompt's record names its own reward (``reward``, default ``exact_match``); a selected reward that some
+record names scores only the prompts that name it, one that no record names (``format``) scores all, so
+one prompt set can mix tasks. Responses are decoded *with* their special
 tokens (``skip_special_tokens=False``): ``format`` checks the end-of-turn marker.
 
 Built in:
@@ -119,7 +122,8 @@ def normalize_answer(text: str) -> str:
     Unicode NFKC and lower case; thousands separators dropped (``1,000`` -> ``1000``); apostrophes
     dropped (``don't`` -> ``dont``); every other punctuation or symbol character becomes a space,
     except a ``.`` or ``/`` between digits (``3.5``, ``1/2``) and a minus sign before a number (``-3``
-    stays different from ``3``); the articles a / an / the removed; whitespace collapsed. No numeric
+    stays different from ``3``); the articles a / an / the removed unless nothing else is left (``A.``
+    -> ``a``: a multiple-choice letter); whitespace collapsed. No numeric
     equivalence: ``3.50`` and ``3.5`` differ.
     """
     text = unicodedata.normalize("NFKC", text).lower()
@@ -130,8 +134,10 @@ def normalize_answer(text: str) -> str:
         ch if i in keep or not unicodedata.category(ch).startswith(("P", "S")) else " "
         for i, ch in enumerate(text)
     )
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    # An answer that is nothing but an article keeps it: "A" is the first choice of a multiple-choice
+    # question, not an empty answer (which never matches).
+    without_articles = _ARTICLES.sub(" ", text)
+    return " ".join((without_articles if without_articles.split() else text).split())
 
 
 @register_reward("exact_match", needs_reference=True)
@@ -220,46 +226,73 @@ def _missing(reference: str | None) -> bool:
 class RewardSet:
     """The selected rewards: validate the setup once, then score each rollout batch."""
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, task_rewards: Sequence[str] = ()):
+        """``spec``: the stage's ``rewards``. ``task_rewards``: the rewards the prompt set's records name
+        (each record's ``reward``). A selected reward that a record names scores only the prompts that name
+        it; one that no record names (e.g. ``format``) scores every prompt. So a set that mixes tasks
+        (exact-match questions beside prompts of another reward) is scored by each prompt's own reward."""
         self.rewards = parse_reward_specs(spec)
+        self.task_rewards = frozenset(task_rewards)
+
+    def applies(self, name: str, prompt_reward: str | None) -> bool:
+        """Whether reward ``name`` scores a prompt whose record names ``prompt_reward`` (None: unknown,
+        every selected reward scores it)."""
+        return prompt_reward is None or name == prompt_reward or name not in self.task_rewards
 
     @property
     def needing_reference(self) -> list[str]:
         return [r.name for r in self.rewards if _REWARDS[r.name].needs_reference]
 
-    def validate(self, group_size: int, references: Sequence[str | None] | None = None) -> None:
-        """One-line ValueError for G < 2, or an answer-based reward with prompts lacking a reference.
+    def validate(self, group_size: int, references: Sequence[str | None] | None = None,
+                 prompt_rewards: Sequence[str] | None = None) -> None:
+        """One-line ValueError for G < 2, or a prompt lacking the reference answer one of its rewards needs.
 
         ``references``: one per prompt (None / blank = no reference); None = the prompts have none.
+        ``prompt_rewards``: each prompt's own reward (its record's), see :meth:`applies`; None = all apply.
         """
         check_group_size(group_size)
         needing = self.needing_reference
         if not needing:
             return
-        if references is None:
+        if references is None and prompt_rewards is None:
             raise ValueError(f"reward(s) {needing} need a reference answer per prompt, but the prompts have none")
-        missing = [i for i, ref in enumerate(references) if _missing(ref)]
+        count = len(references) if references is not None else len(prompt_rewards)
+        refs = list(references) if references is not None else [None] * count
+        own = list(prompt_rewards) if prompt_rewards is not None else [None] * count
+        missing = [i for i in range(count)
+                   if _missing(refs[i]) and any(self.applies(name, own[i]) for name in needing)]
         if missing:
             raise ValueError(
                 f"reward(s) {needing} need a reference answer per prompt, but {len(missing)} of "
-                f"{len(references)} prompts have none (first: prompt {missing[0]})"
+                f"{count} prompts have none (first: prompt {missing[0]})"
             )
 
-    def score(self, responses: Sequence[str], references: Sequence[str | None] | None,
-              group_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(total [B], {name: unweighted reward [B]}) for B = P * G responses; ``references`` has P entries."""
+    def score(self, responses: Sequence[str], references: Sequence[str | None] | None, group_size: int,
+              prompt_rewards: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total [B], {name: unweighted reward [B]}) for B = P * G responses; ``references`` and
+        ``prompt_rewards`` (each prompt's own reward, see :meth:`applies`) have P entries. A reward that
+        does not score a prompt adds nothing to its total and is NaN in its part."""
         check_group_size(group_size, len(responses))
         prompts = len(responses) // group_size
-        if references is not None and len(references) != prompts:
-            raise ValueError(
-                f"{len(references)} references for {prompts} prompts ({len(responses)} responses, G={group_size})"
-            )
-        self.validate(group_size, references)
+        for name, given in (("references", references), ("prompt rewards", prompt_rewards)):
+            if given is not None and len(given) != prompts:
+                raise ValueError(
+                    f"{len(given)} {name} for {prompts} prompts ({len(responses)} responses, G={group_size})"
+                )
+        self.validate(group_size, references, prompt_rewards)
         refs = [None] * prompts if references is None else list(references)
+        own = [None] * prompts if prompt_rewards is None else list(prompt_rewards)
         parts = {}
+        total = torch.zeros(len(responses), dtype=torch.float32)
         for r in self.rewards:
             fn = _REWARDS[r.name].fn
-            scores = [float(fn(resp, refs[i // group_size])) for i, resp in enumerate(responses)]
-            parts[r.name] = torch.tensor(scores, dtype=torch.float32)
-        total = sum(r.weight * parts[r.name] for r in self.rewards)
+            scored = torch.tensor([self.applies(r.name, own[i // group_size]) for i in range(len(responses))])
+            parts[r.name] = torch.tensor([float(fn(resp, refs[i // group_size])) if scored[i] else math.nan
+                                          for i, resp in enumerate(responses)], dtype=torch.float32)
+            bad = (scored & ~parts[r.name].isfinite()).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise ValueError(f"reward {r.name!r} gave {parts[r.name][i].item()} for response {i} (prompt "
+                                 f"{i // group_size}): a reward must be a finite number")
+            total += torch.where(scored, r.weight * parts[r.name], 0.0)
         return total, parts

@@ -48,17 +48,20 @@ class RLSetupError(ValueError):
     """An RL stage that cannot start (prompt set, rewards, layout); raised before any rollout."""
 
 
-def _check_prompt_set(records, rewards: RewardSet, group_size: int, path: str) -> None:
-    """Every prompt's reward is selected by the stage, and answer-based rewards have answers."""
+def _prompt_rewards(records, spec, group_size: int, path: str) -> RewardSet:
+    """The stage's rewards routed by the records' own (:class:`RewardSet`); every prompt's reward is selected
+    by the stage, and a prompt has the reference answer its rewards need."""
+    rewards = RewardSet(spec, task_rewards={r.reward for r in records})
     selected = {r.name for r in rewards.rewards}
     for record in records:
         if record.reward not in selected:
             raise RLSetupError(f"RL prompt {record.id} ({record.source}) asks for reward {record.reward!r}, which "
                                f"stage.rewards does not select ({sorted(selected)})")
     try:
-        rewards.validate(group_size, [r.answer for r in records])
+        rewards.validate(group_size, [r.answer for r in records], [r.reward for r in records])
     except ValueError as exc:
         raise RLSetupError(f"{path}: {exc}") from None
+    return rewards
 
 
 def _reference_model(job: JobConfig, dtype: torch.dtype):
@@ -99,7 +102,6 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     from pretrain.posttrain.prompt_set import PromptSetError, PromptStream, encode_rl_prompt, load_prompt_set
 
     rl = job.stage.rl
-    rewards = RewardSet(job.stage.rewards)
     loss_options = dict(job.stage.loss)
     aggregation = loss_options.pop("aggregation", AGGREGATIONS[0])
     loss_cfg = policy_loss_config_from_mapping(loss_options)
@@ -107,7 +109,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         records = load_prompt_set(rl.prompts)
     except PromptSetError as exc:
         raise RLSetupError(str(exc)) from None
-    _check_prompt_set(records, rewards, rl.group_size, rl.prompts)
+    rewards = _prompt_rewards(records, job.stage.rewards, rl.group_size, rl.prompts)
 
     info, dp_size = start_distributed(job)
     if rl.prompts_per_step % dp_size:
@@ -146,7 +148,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        reward, parts = rewards.score(rollouts.texts, [r.answer for r in batch.records], g)
+        reward, parts = rewards.score(rollouts.texts, [r.answer for r in batch.records], g,
+                                      [r.reward for r in batch.records])
         kept = filter_groups(reward, g, prompt_filter) if rl.filter.enabled else \
             GroupFilterResult(torch.ones(len(batch.records), dtype=torch.bool), 0, 0, g)
         advantages = group_advantages(reward, g)
@@ -198,7 +201,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         sums = all_reduce_values([
             float(reward.sum()), float(success.sum()), reward.numel(), kept.all_failed + kept.too_easy,
             kept.keep.numel(), float(rollouts.lengths.sum()), entropy_sum, kept_tokens,
-            *[float(v.sum()) for v in parts.values()]], group=group)
+            *[float(v.nansum()) for v in parts.values()], *[float(v.isfinite().sum()) for v in parts.values()]],
+            group=group)
         responses = sums[2]
         metrics = {
             "loss": results[-1].loss if results else float("nan"),
@@ -209,7 +213,9 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
             "entropy": sums[6] / sums[7] if sums[7] else None, "updates": len(stepped),
             "rollout_s": t_rollout, "train_s": t_train, "step_seconds": time.perf_counter() - t0,
             "tokens_per_s": sums[5] / max(t_rollout, 1e-9), "skipped_steps": state.skipped_steps, "mfu": None,
-            **{f"reward_{name}": value / responses for name, value in zip(parts, sums[8:])},
+            # each reward's mean over the responses it scored (a prompt's own reward, or one for all)
+            **{f"reward_{name}": value / scored if scored else None
+               for name, value, scored in zip(parts, sums[8:8 + len(parts)], sums[8 + len(parts):])},
         }
         if results:
             metrics.update(loss_step.metrics.reduce(loss_step.present))

@@ -31,6 +31,9 @@ END = "<|im_end|>"
     ("don't", "dont"),
     ("ＡＢＣ", "abc"),  # full-width letters (NFKC)
     ("New-York", "new york"),
+    ("A.", "a"),  # a multiple-choice letter, not an article
+    ("(a)", "a"),
+    ("The A", "the a"),
 ])
 def test_normalize_answer(text, normal):
     assert normalize_answer(text) == normal
@@ -53,7 +56,13 @@ def test_exact_match():
     assert exact_match_reward("Working...\nAnswer: The Eiffel Tower." + END, "eiffel tower") == 1.0
     assert exact_match_reward("Answer: -3" + END, "3") == 0.0
     assert exact_match_reward("Answer: 3.50", "3.5") == 0.0  # no numeric equivalence
-    assert exact_match_reward("Answer: the", "a") == 0.0  # nothing left after normalisation never matches
+    assert exact_match_reward("Answer: the", "a") == 0.0
+    assert exact_match_reward("Answer: ", "") == 0.0  # an empty answer never matches
+    # Multiple choice: every letter can be rewarded, A included (articles are only dropped beside words).
+    for letter in "ABCD":
+        assert exact_match_reward(f"Answer: {letter}." + END, letter) == 1.0
+        assert exact_match_reward(f"Answer: ({letter.lower()})" + END, letter) == 1.0
+    assert exact_match_reward("Answer: B" + END, "A") == 0.0
 
 
 @pytest.mark.parametrize("response, ok", [
@@ -117,3 +126,30 @@ def test_set_up_errors_are_one_line(call, message):
 def test_format_alone_needs_no_references():
     total, _ = RewardSet(["format"]).score(["a" + END, "b"], None, group_size=2)
     assert total.tolist() == [1.0, 0.0]
+
+
+def test_each_prompt_is_scored_by_its_own_reward_and_the_shared_ones():
+    """A prompt set mixing tasks: exact-match questions (with answers) beside open prompts of another reward
+    (without): each prompt is scored by its record's reward, ``format`` (no record names it) by all."""
+    from tests.posttrain import toy_rewards  # noqa: F401  (registers vowel_share)
+
+    rewards = RewardSet(["exact_match", "vowel_share", {"name": "format", "weight": 0.5}],
+                        task_rewards={"exact_match", "vowel_share"})
+    rewards.validate(2, ["4", None], ["exact_match", "vowel_share"])  # the open prompt needs no answer
+    responses = ["Answer: 4" + END, "Answer: 5" + END, "aaa" + END, "xyz"]
+    total, parts = rewards.score(responses, ["4", None], 2, prompt_rewards=["exact_match", "vowel_share"])
+    assert parts["exact_match"][:2].tolist() == [1.0, 0.0] and parts["exact_match"][2:].isnan().all()
+    vowels = [toy_rewards.vowel_share(r) for r in responses[2:]]  # 0.625 ("aaa" and the end marker's), 0
+    assert parts["vowel_share"][:2].isnan().all() and parts["vowel_share"][2:].tolist() == vowels
+    assert parts["format"].tolist() == [1.0, 1.0, 1.0, 0.0]
+    torch.testing.assert_close(total, torch.tensor([1.5, 0.5, vowels[0] + 0.5, vowels[1]]))
+    with pytest.raises(ValueError, match=r"1 of 2 prompts have none \(first: prompt 0\)"):
+        rewards.validate(2, [None, None], ["exact_match", "vowel_share"])
+
+
+def test_a_reward_that_is_not_a_number_is_named():
+    from pretrain.posttrain.rewards import register_reward
+
+    register_reward("test_nan_reward")(lambda response, reference=None: float("nan"))
+    with pytest.raises(ValueError, match=r"reward 'test_nan_reward' gave nan for response 0 \(prompt 0\)"):
+        RewardSet(["test_nan_reward"]).score(["a", "b"], None, group_size=2)

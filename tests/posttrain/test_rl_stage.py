@@ -126,3 +126,24 @@ def test_answer_based_reward_on_prompts_without_answers_is_refused(synth_data, t
     assert len(lines) == 1 and "need a reference answer per prompt" in lines[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "rl_sapo" / "rollouts").exists()
+
+
+def test_a_mixed_prompt_set_routes_each_prompt_to_its_own_reward():
+    """Records naming different rewards: answers are needed only where the prompt's reward needs one, and a
+    record naming a reward the stage does not select is refused with its id."""
+    from data_tools.schema import Message
+    from pretrain.posttrain.prompt_set import PromptRecord
+    from pretrain.posttrain.rl_stage import RLSetupError, _prompt_rewards
+    from tests.posttrain import toy_rewards  # noqa: F401  (registers vowel_share)
+
+    def record(i, answer, reward):
+        return PromptRecord(id=f"p{i}", messages=(Message("user", "q"),), answer=answer, reward=reward,
+                            media={}, key=f"k{i}", source=f"m.jsonl:{i}")
+
+    records = [record(0, "4", "exact_match"), record(1, None, "vowel_share")]
+    rewards = _prompt_rewards(records, ["exact_match", "vowel_share", "format"], 2, "set")
+    assert rewards.task_rewards == {"exact_match", "vowel_share"}
+    with pytest.raises(RLSetupError, match="1 of 2 prompts have none"):
+        _prompt_rewards([record(0, None, "exact_match"), records[1]], ["exact_match", "vowel_share"], 2, "set")
+    with pytest.raises(RLSetupError, match=r"RL prompt p1 \(m.jsonl:1\) asks for reward 'vowel_share'"):
+        _prompt_rewards(records, ["exact_match"], 2, "set")
