@@ -29,7 +29,7 @@ def verify(directory: str | os.PathLike, *, decode: bool = False, progress: bool
 
     from data_tools.schema import SchemaError, sample_from_json
     from data_tools.shards import iter_shard, sha256_file
-    from common.media.decode import MediaError, load_image, probe_video
+    from common.media.decode import MediaError, load_image, probe_video, recorded_max_pixels
 
     root = Path(directory)
     problems: list[str] = []
@@ -97,7 +97,7 @@ def verify(directory: str | os.PathLike, *, decode: bool = False, progress: bool
                     if decode:
                         try:
                             if m.type == "image":
-                                image = load_image(data)
+                                image = load_image(data, max_pixels=recorded_max_pixels(m.width, m.height))
                                 if image.size != (m.width, m.height):
                                     problems.append(f"{where}: {m.name} decodes to {image.size}, JSON says {(m.width, m.height)}")
                             else:

@@ -104,6 +104,13 @@ class ImageInfo:
     height: int
 
 
+def recorded_max_pixels(width: int, height: int) -> int:
+    """The decompression-bomb limit for decoding an image a shard set recorded as ``width`` x ``height``
+    pixels: the default, or the image's own size where the build allowed more (``--max-pixels``). The
+    build checked the image and its sha256 pins the bytes: a reader must not reject what it accepted."""
+    return max(DEFAULT_MAX_PIXELS, int(width) * int(height))
+
+
 def check_image_size(width: int, height: int, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "image") -> None:
     """Raise MediaError unless ``width`` x ``height`` pixels is an acceptable image size.
 

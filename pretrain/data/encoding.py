@@ -363,16 +363,19 @@ class SampleEncodingError(ValueError):
 class _MediaDecoder:
     """Decodes a sample's media members once each (a member referenced twice is decoded once).
 
-    ``sizes`` (the sample's ``data_tools.schema.Media`` records by part name) instead of None: the media
-    are not decoded, only sized, by their records (what ``data_tools`` measured when it built the shard,
+    ``records``: the sample's ``data_tools.schema.Media`` records by part name (None: media outside a shard
+    set); an image is decoded under the pixel limit its shard set was built with. ``decode=False``: the
+    media are not decoded, only sized, by their records (what ``data_tools`` measured when it built the shard,
     with the loaders used here): an image by its width and height (after EXIF rotation, by
     ``load_image``), a video by its frame count, frame rate and size (``probe_video``), from which
     :func:`video_clip_size` gives the frames :func:`load_video_clip` samples. Nothing is opened.
     """
 
     def __init__(self, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str,
-                 sizes: Mapping[str, Any] | None = None):
-        self.media, self.frames, self.key, self.sizes = media, frames, sample_key, sizes
+                 records: Mapping[str, Any] | None = None, decode: bool = True):
+        if not decode and records is None:
+            raise ValueError(f"sample {sample_key}: sizing media without decoding needs their records")
+        self.media, self.frames, self.key, self.records, self.decode = media, frames, sample_key, records, decode
         self._cache: dict[str, Any] = {}
 
     def _bytes(self, name: str) -> bytes:
@@ -384,11 +387,12 @@ class _MediaDecoder:
         from common.media import decode as media
 
         if name not in self._cache:
-            if self.sizes is None:
-                self._cache[name] = media.load_image(self._bytes(name))
+            record = self.records.get(name) if self.records is not None else None
+            if self.decode:
+                limit = media.recorded_max_pixels(record.width, record.height) if record else media.DEFAULT_MAX_PIXELS
+                self._cache[name] = media.load_image(self._bytes(name), max_pixels=limit)
             else:
                 self._bytes(name)  # a missing member is the same error as when decoding
-                record = self.sizes[name]
                 self._cache[name] = ImageInfo(format=record.format, width=record.width, height=record.height)
         return self._cache[name]
 
@@ -396,11 +400,11 @@ class _MediaDecoder:
         from common.media.frame_sampling import load_video_clip, video_clip_size
 
         if name not in self._cache:
-            if self.sizes is None:
+            if self.decode:
                 self._cache[name] = load_video_clip(self._bytes(name), self.frames)
             else:
                 self._bytes(name)  # a missing member is the same error as when decoding
-                self._cache[name] = video_clip_size(self.sizes[name], self.frames)
+                self._cache[name] = video_clip_size(self.records[name], self.frames)
         return self._cache[name]
 
     def part(self, part) -> Any:
@@ -432,8 +436,8 @@ def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, byt
     """
     from data_tools import schema
 
-    sizes = None if decode_media else {m.name: m for m in sample.media}
-    decode = _MediaDecoder(media, encoder.config.frames, sample.key, sizes)
+    decode = _MediaDecoder(media, encoder.config.frames, sample.key, {m.name: m for m in sample.media},
+                           decode=decode_media)
     sample_id = sample.source.id or sample.key
     try:
         if isinstance(sample, schema.ImageTextSample):
