@@ -25,7 +25,9 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -261,17 +263,19 @@ class StageRun:
         return self.manager.save(self.model, self.optimizer, self.state, {"rng": collect_rng_state()},
                                  describe=self.describe, data_states=data_states)
 
-    def end_step(self, total_steps: int, consecutive_skips: int, data_states: dict | None = None) -> tuple[str | None, bool, bool]:
+    def end_step(self, total_steps: int, consecutive_skips: int,
+                 data_states: Callable[[], dict] | None = None) -> tuple[str | None, bool, bool]:
         """After a step: checkpoint every ``train.save_interval`` steps, at the end, on SIGUSR1/SIGTERM and
         before giving up after ``train.max_consecutive_skips`` skipped steps in a row (then raise
-        :class:`TrainingStopped`). Returns (the checkpoint saved now or None, stopped by a signal,
-        requeued)."""
+        :class:`TrainingStopped`). ``data_states``: called when saving, the data positions to save (asking
+        the loader's workers for them is a round trip to each: not at every step). Returns (the checkpoint
+        saved now or None, stopped by a signal, requeued)."""
         train, step = self.job.train, self.state.step
         stop = self.watcher.stop_requested()
         too_many_skips = consecutive_skips >= train.max_consecutive_skips
         checkpoint = None
         if step % train.save_interval == 0 or step == total_steps or stop or too_many_skips:
-            checkpoint = str(self.save(data_states))
+            checkpoint = str(self.save(data_states() if data_states is not None else None))
         if too_many_skips:
             raise TrainingStopped(f"{consecutive_skips} steps in a row without a finite update at step {step} "
                                   f"(train.max_consecutive_skips={train.max_consecutive_skips}); saved {checkpoint}")
@@ -438,7 +442,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if not result.skipped:
             last_loss = result.loss
 
-        saved, preempted, requeued = run.end_step(total_steps, consecutive_skips, _data_states(loader))
+        saved, preempted, requeued = run.end_step(total_steps, consecutive_skips, partial(_data_states, loader))
         checkpoint = saved or checkpoint
         if preempted:
             break
