@@ -181,7 +181,7 @@ def check_layout(cfg: Qwen3VLConfig, layout: dict) -> None:
     from common.distributed.parallel import ParallelConfig
 
     ParallelConfig(**layout).validate()
-    cfg.check_layout(layout["tp"], layout["ep"], layout["etp"])
+    cfg.check_layout(layout["tp"], layout["ep"], layout["etp"], layout["pp"])
 
 
 def run_ours(hf_dir: str, layout: dict, inputs: list[ParityInput]) -> dict[str, torch.Tensor] | None:

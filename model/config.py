@@ -159,13 +159,15 @@ class Qwen3VLConfig:
                 f"{len(ds)} DeepStack features need at least as many decoder layers, got {t.num_hidden_layers}"
             )
 
-    def check_layout(self, tp: int = 1, ep: int = 1, etp: int | None = None) -> None:
+    def check_layout(self, tp: int = 1, ep: int = 1, etp: int | None = None, pp: int = 1,
+                     vpp: int | None = None) -> None:
         """Raise :class:`ConfigError` when the architecture cannot be split over tensor parallel size
-        ``tp``, expert parallel size ``ep`` and expert tensor parallel size ``etp`` (None: ``tp``).
+        ``tp``, expert parallel size ``ep``, expert tensor parallel size ``etp`` (None: ``tp``) and
+        ``pp`` pipeline stages of ``vpp`` virtual stages each (None: one).
 
         Checked before any rank starts (the tools) and when a model is built: attention heads, KV heads
         (a multiple or a divisor of tp), vocabulary and dense SwiGLU width over tp, ViT heads and MLP
-        width over tp, experts over ep and the expert width over etp.
+        width over tp, experts over ep, the expert width over etp, decoder layers over pp * vpp.
         """
         t, v = self.text, self.vision
         etp = tp if etp is None else etp
@@ -186,6 +188,11 @@ class Qwen3VLConfig:
         for field_name, value, (what, size) in splits:
             if value % size:
                 raise ConfigError(f"{field_name} {value} is not divisible by the {what} {size}")
+        chunks = pp * (vpp or 1)
+        if t.num_hidden_layers % chunks:
+            where = f"pp * vpp = {pp} * {vpp}" if vpp else f"pp = {pp}"
+            raise ConfigError(f"text.num_hidden_layers {t.num_hidden_layers} do not split evenly over {where} "
+                              "pipeline stages")
         if t.num_key_value_heads % tp and tp % t.num_key_value_heads:
             raise ConfigError(f"text.num_key_value_heads {t.num_key_value_heads} is neither a multiple nor a "
                               f"divisor of the tensor parallel size {tp}")

@@ -91,7 +91,7 @@ def checked_layout(cfg: Qwen3VLConfig, tp: int, pp: int, ep: int, etp: int | Non
 
     layout = {"tp": tp, "pp": pp, "ep": ep, "etp": etp, "sequence_parallel": tp > 1 and ep > 1}
     ParallelConfig(**layout).validate()
-    cfg.check_layout(tp, ep, etp)
+    cfg.check_layout(tp, ep, etp, pp)
     return layout
 
 

@@ -497,7 +497,8 @@ def build_qwen3vl(
     ps = parallel_state
     # Before Megatron's configs, whose own checks would say less.
     cfg.check_layout(ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
-                     ps.get_expert_tensor_parallel_world_size())
+                     ps.get_expert_tensor_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                     ps.get_virtual_pipeline_model_parallel_world_size())
     try:
         attention = resolve_attention_backend(attention, ps.get_context_parallel_world_size())
     except ValueError as exc:

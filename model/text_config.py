@@ -86,6 +86,9 @@ class Qwen3TextConfig:
             **runtime_settings(params_dtype),
             tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
             pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+            # Megatron places a chunk's layers by vp_stage only when the config knows the virtual size
+            # (without it every virtual stage of a rank built the same layers: a model twice as deep).
+            virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
             expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
             expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
             context_parallel_size=ps.get_context_parallel_world_size(),

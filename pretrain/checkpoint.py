@@ -147,11 +147,10 @@ def _sharded_state(model: list, optimizer, is_loading: bool = False) -> dict:
     state = dict(model_state)
     if optimizer is not None:
         _materialize_optimizer_state(optimizer)
-        flat_model_state = {}
-        for sub in model_state.values():
-            flat_model_state.update(sub)
+        # Nested by chunk, as Megatron reads it (any structure): merged into one dict, the local names of
+        # virtual pipeline chunks ("decoder.layers.0...") would overwrite each other.
         state["optimizer"] = optimizer.sharded_state_dict(
-            flat_model_state, is_loading=is_loading, metadata=dict(OPTIMIZER_SHARDING))
+            model_state, is_loading=is_loading, metadata=dict(OPTIMIZER_SHARDING))
     return state
 
 

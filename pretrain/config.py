@@ -371,12 +371,21 @@ def stage_total_steps(job: JobConfig) -> int:
     return max(1, math.ceil(job.stage.train_tokens / tokens_per_step))
 
 
-def check_batch_layout(train: TrainSchema, data_parallel_size: int) -> int:
-    """Number of micro-batches per step; the global batch must split evenly over data-parallel ranks."""
+def check_batch_layout(train: TrainSchema, data_parallel_size: int, pp: int = 1, vpp: int | None = None) -> int:
+    """Number of micro-batches per step; the global batch must split evenly over data-parallel ranks,
+    and with the interleaved pipeline schedule (``vpp``) into whole groups of ``pp`` micro-batches
+    (Megatron's schedule runs each virtual stage on ``pp`` consecutive micro-batches)."""
     per_step = train.micro_batch_size * data_parallel_size
     if train.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={train.global_batch_size} is not divisible by "
             f"train.micro_batch_size*data_parallel_size = {train.micro_batch_size}*{data_parallel_size}"
         )
-    return train.global_batch_size // per_step
+    micro_batches = train.global_batch_size // per_step
+    if vpp and micro_batches % pp:
+        raise ConfigError(
+            f"parallel.vpp={vpp}: the interleaved pipeline schedule takes a multiple of parallel.pp={pp} "
+            f"micro-batches per step, and train.global_batch_size={train.global_batch_size} gives "
+            f"{micro_batches} (micro_batch_size {train.micro_batch_size} x data-parallel size {data_parallel_size})"
+        )
+    return micro_batches

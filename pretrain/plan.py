@@ -119,7 +119,7 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
         raise ConfigError(f"{world} ranks do not fit the parallel layout: {exc}") from None
     if job.stage.kind == "rl":
         return _plan_rl(job, cfg, world, dp, visual_patches, prompt_tokens)
-    micro_batches = check_batch_layout(job.train, dp)
+    micro_batches = check_batch_layout(job.train, dp, job.parallel.pp, job.parallel.vpp)
     s = job.stage.seq_length
     most = s * cfg.vision.spatial_merge_size ** 2  # a sequence of visual tokens only
     if visual_patches is not None:

@@ -356,7 +356,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     from megatron.core.transformer.moe.moe_utils import track_moe_metrics
 
     info, dp_size = start_distributed(job)
-    num_micro = check_batch_layout(job.train, dp_size)
+    num_micro = check_batch_layout(job.train, dp_size, job.parallel.pp, job.parallel.vpp)
     total_steps = stage_total_steps(job)
     seq_length = job.stage.seq_length
     run = open_stage(job, info, dp_size, total_steps, composed_yaml)

@@ -112,7 +112,7 @@ def check_job_layout(job: JobConfig) -> JobLayout:
         raise ConfigError(f"{cluster.nodes} node(s) x {tasks} task(s) per node = {world} ranks do not fit "
                           f"the parallel layout: {exc} (smallest world size: {job.parallel.min_world_size()})"
                           ) from None
-    micro = check_batch_layout(job.train, dp)
+    micro = check_batch_layout(job.train, dp, job.parallel.pp, job.parallel.vpp)
     return JobLayout(cluster.nodes, tasks, cluster.gpus_per_node, dp, micro)
 
 

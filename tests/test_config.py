@@ -93,6 +93,10 @@ def test_batch_layout():
     assert check_batch_layout(job.train, data_parallel_size=3) == 2
     with pytest.raises(ConfigError, match="not divisible by train.micro_batch_size"):
         check_batch_layout(job.train, data_parallel_size=4)
+    # The interleaved pipeline schedule runs whole groups of pp micro-batches.
+    assert check_batch_layout(job.train, data_parallel_size=3, pp=2, vpp=2) == 2
+    with pytest.raises(ConfigError, match="parallel.vpp=2: .* a multiple of parallel.pp=2 micro-batches per step"):
+        check_batch_layout(job.train, data_parallel_size=6, pp=2, vpp=2)
 
 
 def test_long_context_stages_default_to_context_parallel_and_recompute():

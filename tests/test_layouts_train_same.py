@@ -49,13 +49,14 @@ LAYOUTS = {
     "dp2": {},
     "tp2_sp": {"tp": 2, "sequence_parallel": True},
     "pp2": {"pp": 2},
+    "pp2_vpp2": {"pp": 2, "vpp": 2},  # the interleaved schedule: each rank holds layers 1 and 3, or 2 and 4
     "ep2": {"ep": 2},
     "tp2_ep2_sp": {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True},
     "cp2": {"cp": 2},
     "cp2_ep2": {"cp": 2, "ep": 2},
 }
 DENSE_LAYOUTS = ("dp2", "tp2_sp", "pp2", "cp2")
-MOE_LAYOUTS = ("dp2", "tp2_sp", "pp2", "ep2", "tp2_ep2_sp", "cp2_ep2")
+MOE_LAYOUTS = ("dp2", "tp2_sp", "pp2", "pp2_vpp2", "ep2", "tp2_ep2_sp", "cp2_ep2")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,8 +82,10 @@ def _train(rank, cfg, layout: dict, global_batch: list[dict], weights_dir: str, 
     from pretrain.trainer import normalize_loss_weights
 
     initialize_distributed(layout)
-    module = build_qwen3vl(cfg, sequence_parallel=layout.get("sequence_parallel", False))
-    model = wrap_with_ddp([module], DistributedDataParallelConfig(
+    vpp = layout.get("vpp")
+    chunks = [build_qwen3vl(cfg, sequence_parallel=layout.get("sequence_parallel", False),
+                            vp_stage=stage if vpp else None) for stage in range(vpp or 1)]
+    model = wrap_with_ddp(chunks, DistributedDataParallelConfig(
         use_distributed_optimizer=True, grad_reduce_in_fp32=True))
     optimizer = setup_optimizer(model, OptimizerConfig(
         optimizer="adam", lr=3e-3, weight_decay=0.01, clip_grad=1.0,
@@ -103,10 +106,13 @@ def _train(rank, cfg, layout: dict, global_batch: list[dict], weights_dir: str, 
     for _ in range(STEPS):
         micro_batches = [dict(b) for b in mine]
         normalize_loss_weights(micro_batches)
-        r = train_step(model, optimizer, forward_step, iter(micro_batches), num_microbatches=per_rank,
+        data = [iter(micro_batches) for _ in chunks] if vpp else iter(micro_batches)  # one per model chunk
+        r = train_step(model, optimizer, forward_step, data, num_microbatches=per_rank,
                        seq_length=seq_length, micro_batch_size=MICRO_BATCH_SIZE)
         steps.append((r.loss, r.grad_norm, r.skipped, r.num_tokens))
-    return {"steps": steps, "local_params": sum(p.numel() for p in module.parameters())}
+    layers = [layer.layer_number for chunk in chunks for layer in chunk.decoder.layers]
+    return {"steps": steps, "local_params": sum(p.numel() for chunk in chunks for p in chunk.parameters()),
+            "layers": layers}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,6 +155,8 @@ def _assert_trains_like_one_process(kind: str, layout_name: str, reference, glob
         # The layout is real: any model parallelism leaves each rank a part of the model.
         model_parallel = any(layout.get(k, 1) > 1 for k in ("tp", "pp", "ep"))
         assert (result["local_params"] < ref["local_params"]) == model_parallel, where
+        if layout.get("vpp"):  # chunk c of rank r holds block c * pp + r of the decoder's layers
+            assert result["layers"] == [1 + rank, 3 + rank], where
         steps = result["steps"]
         assert [(s, n) for _, _, s, n in steps] == [(s, n) for _, _, s, n in ref_steps], where
         assert [loss for loss, *_ in steps] == pytest.approx([loss for loss, *_ in ref_steps],

@@ -13,6 +13,7 @@ from common.distributed.parallel import ParallelConfig, ParallelConfigError, pro
     ({"tp": 2, "ep": 2}, 4, "parallel.ep=2 with parallel.tp=2 needs parallel.sequence_parallel=true"),
     ({"sequence_parallel": True}, 2, "needs parallel.tp >= 2"),
     ({"vpp": 2}, 2, "parallel.vpp=2 needs parallel.pp >= 2"),
+    ({"pp": 2, "vpp": 1}, 2, "parallel.vpp=1 must be an integer >= 2"),
     ({"tp": 0}, 2, "parallel.tp=0 must be a positive integer"),
 ])
 def test_bad_layouts_name_the_values(layout, world, message):

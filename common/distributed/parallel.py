@@ -65,9 +65,11 @@ class ParallelConfig:
         if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
             raise ParallelConfigError(f"parallel.etp={self.etp!r} must be a positive integer or null")
         if self.vpp is not None:
-            if not isinstance(self.vpp, int) or self.vpp < 1:
-                raise ParallelConfigError(f"parallel.vpp={self.vpp!r} must be a positive integer or null")
-            if self.vpp > 1 and self.pp < 2:
+            if not isinstance(self.vpp, int) or self.vpp < 2:
+                # vpp=1 would select Megatron's interleaved schedule for one chunk per rank.
+                raise ParallelConfigError(f"parallel.vpp={self.vpp!r} must be an integer >= 2 (virtual "
+                                          "pipeline stages per pipeline rank) or null (no interleaving)")
+            if self.pp < 2:
                 raise ParallelConfigError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2, got pp={self.pp}")
         if self.sequence_parallel and self.tp < 2:
             raise ParallelConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2, got tp=1")

@@ -5,6 +5,7 @@ rank (here a checkpoint whose tensors do not match its config) comes back as tha
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,14 +45,16 @@ def _edited_checkpoint(path: Path, text: dict | None = None, vision: dict | None
     ({"tp": 3}, "text.num_key_value_heads 2 is neither a multiple nor a divisor of the tensor parallel size 3"),
     ({"ep": 4}, "text.num_experts 6 is not divisible by the expert parallel size 4"),
     ({"ep": 2, "etp": 5}, "text.moe_intermediate_size 48 is not divisible by the expert tensor parallel size 5"),
+    ({"pp": 3}, "text.num_hidden_layers 4 do not split evenly over pp = 3 pipeline stages"),
+    ({"pp": 2, "vpp": 4}, "text.num_hidden_layers 4 do not split evenly over pp * vpp = 2 * 4 pipeline stages"),
 ])
 def test_layouts_the_architecture_cannot_be_split_over_are_named(layout, message):
     text = dict(tiny_hf.MOE_UNEVEN["text_config"], num_attention_heads=6, vocab_size=768)
     vision = dict(tiny_hf.MOE_UNEVEN["vision_config"], hidden_size=48, num_heads=3, intermediate_size=96)
     cfg = Qwen3VLConfig.from_hf(dict(tiny_hf.MOE_UNEVEN, model_type="qwen3_vl_moe", text_config=text,
                                      vision_config=vision))
-    cfg.check_layout(tp=1, ep=2, etp=1)  # a layout that fits
-    with pytest.raises(ConfigError, match=message):
+    cfg.check_layout(tp=1, ep=2, etp=1, pp=2, vpp=2)  # a layout that fits
+    with pytest.raises(ConfigError, match=re.escape(message)):
         cfg.check_layout(**layout)
 
 
