@@ -69,6 +69,7 @@ class Qwen3TextConfig:
     ) -> TransformerConfig:
         """Megatron-Core config for this architecture in the initialised parallel state."""
         ps = parallel_state
+        vpp = ps.get_virtual_pipeline_model_parallel_world_size()
         kwargs = dict(
             num_layers=self.num_hidden_layers,
             hidden_size=self.hidden_size,
@@ -88,7 +89,12 @@ class Qwen3TextConfig:
             pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
             # Megatron places a chunk's layers by vp_stage only when the config knows the virtual size
             # (without it every virtual stage of a rank built the same layers: a model twice as deep).
-            virtual_pipeline_model_parallel_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+            virtual_pipeline_model_parallel_size=vpp,
+            # The interleaved schedule sends activations and gradients to the same peer in one exchange
+            # when pp = 2; Megatron's batched exchange posts the gradient's send first and the peer
+            # receives in the other order (the activation received as the gradient, silently: same
+            # shape). Its unbatched exchange orders the pair; Megatron-LM's defaults for vpp.
+            **(dict(overlap_p2p_comm=True, batch_p2p_comm=False) if vpp else {}),
             expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
             expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size(),
             context_parallel_size=ps.get_context_parallel_world_size(),

@@ -55,3 +55,12 @@ def layout_batch(layout_tokenizer) -> list[dict]:
     from tests.multimodal_packs import global_batch
 
     return global_batch(layout_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def layout_batch_of_ones(layout_tokenizer) -> list[dict]:
+    """The same global batch in micro-batches of one pack each (4: the interleaved pipeline schedule's
+    steady state needs more micro-batches than pipeline stages)."""
+    from tests.multimodal_packs import global_batch
+
+    return global_batch(layout_tokenizer, micro_batch_size=1)

@@ -67,7 +67,7 @@ def packs(tokenizer) -> list:
     return [pack_documents(row, seq_length, tokenizer.pad_id) for row in rows]
 
 
-def global_batch(tokenizer) -> list[dict]:
+def global_batch(tokenizer, micro_batch_size: int = MICRO_BATCH_SIZE) -> list[dict]:
     """The micro-batches of one step's global batch, as the task encoder emits them (un-normalised
     square-root loss weights)."""
     from pretrain.data.loss_weights import token_loss_weights
@@ -75,12 +75,12 @@ def global_batch(tokenizer) -> list[dict]:
 
     rows = packs(tokenizer)
     micro_batches = []
-    for i in range(0, len(rows), MICRO_BATCH_SIZE):
-        batch = collate_micro_batch(rows[i:i + MICRO_BATCH_SIZE])
+    for i in range(0, len(rows), micro_batch_size):
+        batch = collate_micro_batch(rows[i:i + micro_batch_size])
         batch["loss_weights"] = token_loss_weights(batch["loss_mask"], batch["document_ids"], "square_root")
         micro_batches.append(batch)
-    # Not vacuous: every micro-batch has several documents, images, a video and padding.
-    for batch in micro_batches:
+    # Not vacuous: every micro-batch of two packs has several documents, images, a video and padding.
+    for batch in micro_batches if micro_batch_size == MICRO_BATCH_SIZE else ():
         assert batch["num_documents"] >= 6
         assert batch["image_grid_thw"].shape[0] >= 2 and batch["video_grid_thw"].shape[0] == 2
         assert batch["num_real_tokens"] < batch["tokens"].numel()

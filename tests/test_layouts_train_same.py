@@ -49,13 +49,15 @@ LAYOUTS = {
     "dp2": {},
     "tp2_sp": {"tp": 2, "sequence_parallel": True},
     "pp2": {"pp": 2},
-    "pp2_vpp2": {"pp": 2, "vpp": 2},  # the interleaved schedule: each rank holds layers 1 and 3, or 2 and 4
+    # The interleaved schedule: each rank holds layers 1 and 3, or 2 and 4; 4 micro-batches of one pack
+    # (its steady state, where activations and gradients cross in one exchange).
+    "pp2_vpp2": {"pp": 2, "vpp": 2},
     "ep2": {"ep": 2},
     "tp2_ep2_sp": {"tp": 2, "ep": 2, "etp": 1, "sequence_parallel": True},
     "cp2": {"cp": 2},
     "cp2_ep2": {"cp": 2, "ep": 2},
 }
-DENSE_LAYOUTS = ("dp2", "tp2_sp", "pp2", "cp2")
+DENSE_LAYOUTS = ("dp2", "tp2_sp", "pp2", "pp2_vpp2", "cp2")
 MOE_LAYOUTS = ("dp2", "tp2_sp", "pp2", "pp2_vpp2", "ep2", "tp2_ep2_sp", "cp2_ep2")
 
 
@@ -108,7 +110,7 @@ def _train(rank, cfg, layout: dict, global_batch: list[dict], weights_dir: str, 
         normalize_loss_weights(micro_batches)
         data = [iter(micro_batches) for _ in chunks] if vpp else iter(micro_batches)  # one per model chunk
         r = train_step(model, optimizer, forward_step, data, num_microbatches=per_rank,
-                       seq_length=seq_length, micro_batch_size=MICRO_BATCH_SIZE)
+                       seq_length=seq_length, micro_batch_size=int(mine[0]["tokens"].shape[0]))
         steps.append((r.loss, r.grad_norm, r.skipped, r.num_tokens))
     layers = [layer.layer_number for chunk in chunks for layer in chunk.decoder.layers]
     return {"steps": steps, "local_params": sum(p.numel() for chunk in chunks for p in chunk.parameters()),
@@ -124,14 +126,18 @@ def reference(tmp_path_factory, layout_tokenizer, layout_batch):
     """``reference(kind)`` -> (config, initial weights dir, result of the one-process run), run once."""
     runs = {}
 
-    def get(kind: str):
-        if kind not in runs:
+    def get(kind: str, global_batch: list[dict] | None = None):
+        """The one-process run of ``global_batch`` (default: the micro-batches of two packs). Another split
+        into micro-batches is a run of its own for MoE: the load-balancing loss is a micro-batch's."""
+        global_batch = layout_batch if global_batch is None else global_batch
+        key = (kind, len(global_batch))
+        if key not in runs:
             cfg = tiny_config(kind, layout_tokenizer)
             weights = tmp_path_factory.mktemp(f"layouts_{kind}") / "initial"
-            result = run_ranks(_train, 1, cfg, {}, layout_batch, str(weights), True)[0]
-            _check_reference(result["steps"], layout_batch)
-            runs[kind] = (cfg, str(weights), result)
-        return runs[kind]
+            result = run_ranks(_train, 1, cfg, {}, global_batch, str(weights), True)[0]
+            _check_reference(result["steps"], global_batch)
+            runs[key] = (cfg, str(weights), result)
+        return runs[key]
 
     return get
 
@@ -145,9 +151,11 @@ def _check_reference(steps, global_batch):
     assert all(b < a - 0.01 for a, b in zip(losses, losses[1:])), losses
 
 
-def _assert_trains_like_one_process(kind: str, layout_name: str, reference, global_batch):
-    cfg, weights, ref = reference(kind)
+def _assert_trains_like_one_process(kind: str, layout_name: str, reference, global_batch, batch_of_ones):
     layout = LAYOUTS[layout_name]
+    if layout.get("vpp"):
+        global_batch = batch_of_ones
+    cfg, weights, ref = reference(kind, global_batch)
     results = run_ranks(_train, 2, cfg, layout, global_batch, weights, False)
     ref_steps = ref["steps"]
     for rank, result in enumerate(results):
@@ -166,10 +174,10 @@ def _assert_trains_like_one_process(kind: str, layout_name: str, reference, glob
 
 
 @pytest.mark.parametrize("layout_name", DENSE_LAYOUTS)
-def test_dense_layout_trains_like_one_process(layout_name, reference, layout_batch):
-    _assert_trains_like_one_process("dense", layout_name, reference, layout_batch)
+def test_dense_layout_trains_like_one_process(layout_name, reference, layout_batch, layout_batch_of_ones):
+    _assert_trains_like_one_process("dense", layout_name, reference, layout_batch, layout_batch_of_ones)
 
 
 @pytest.mark.parametrize("layout_name", MOE_LAYOUTS)
-def test_moe_layout_trains_like_one_process(layout_name, reference, layout_batch):
-    _assert_trains_like_one_process("moe", layout_name, reference, layout_batch)
+def test_moe_layout_trains_like_one_process(layout_name, reference, layout_batch, layout_batch_of_ones):
+    _assert_trains_like_one_process("moe", layout_name, reference, layout_batch, layout_batch_of_ones)

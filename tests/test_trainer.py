@@ -171,6 +171,29 @@ def test_a_resume_without_stream_positions_warns_and_records_it(synth_data, tmp_
 
 
 @pytest.mark.slow
+def test_interleaved_pipeline_checkpoint_resumes_without_interleaving(synth_data, tmp_path):
+    """pp2 with two virtual stages per rank (the interleaved schedule; tests/test_layouts_train_same.py
+    shows it trains like one process): its checkpoint (two model chunks per rank, with the distributed
+    optimizer's state) resumes in plain pp2 with the interleaved run's losses."""
+    interleaved = tmp_path / "interleaved"
+    done = _train(_stage_args(synth_data, interleaved, "parallel.vpp=2", parallel="pp2"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    losses = dict(_losses(interleaved))
+
+    resumed = tmp_path / "resumed"
+    checkpoints = resumed / "s1_pretrain" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(interleaved / "s1_pretrain/checkpoints/step_00000004", checkpoints / "step_00000004")
+    (checkpoints / "latest").write_text("step_00000004\n")
+    done = _train(_stage_args(synth_data, resumed, parallel="pp2"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "resumed from" in done.stdout
+    assert [step for step, _ in _losses(resumed)] == [5, 6]
+    for step, loss in _losses(resumed):
+        assert step in (5, 6) and loss == pytest.approx(losses[step], rel=1e-5), step
+
+
+@pytest.mark.slow
 def test_next_stage_starts_from_the_previous_checkpoint_in_another_layout(synth_data, tmp_path):
     first = _train(_stage_args(synth_data, tmp_path, "stage.train_steps=2"))
     assert first.returncode == 0, first.stderr[-3000:]
