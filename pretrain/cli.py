@@ -9,16 +9,49 @@ never as a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
+import typing
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.config import CONF_DIR, ConfigError, JobConfig, validate_job_config
+from pretrain.config import CONF_DIR, SECTION_SCHEMAS, ConfigError, JobConfig, validate_job_config
+
+
+_PLAIN_OVERRIDE = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)=(.*)$", re.DOTALL)
+
+
+def _schema_field(path: str) -> bool:
+    """Whether ``path`` (``stage.optimizer.weight_decay``) names a field of the typed config sections
+    (``pretrain.config.SECTION_SCHEMAS``), walking nested dataclasses."""
+    section, *names = path.split(".")
+    schema = SECTION_SCHEMAS.get(section)
+    for name in names:
+        if schema is None or not dataclasses.is_dataclass(schema):
+            return False
+        hints = typing.get_type_hints(schema)
+        if name not in hints:
+            return False
+        schema = hints[name]
+    return True
+
+
+def schema_overrides(overrides: Sequence[str]) -> list[str]:
+    """``key=value`` overrides of schema fields that no YAML of the tree sets (``stage.optimizer.clip_grad``,
+    ``cluster.max_requeues``) as ``++key=value``: Hydra refuses a plain override of a key the composed YAML
+    lacks, though the schema has it and gives it a default. Other overrides are left as they are."""
+    out = []
+    for override in overrides:
+        match = _PLAIN_OVERRIDE.match(override)
+        out.append(f"++{override}" if match and _schema_field(match.group(1)) else override)
+    return out
 
 
 def compose(overrides: Sequence[str]) -> DictConfig:
-    """Compose ``conf/config.yaml`` with Hydra overrides (``stage=s1_pretrain``, ``train.seed=3``)."""
+    """Compose ``conf/config.yaml`` with Hydra overrides (``stage=s1_pretrain``, ``train.seed=3``); a
+    plain override of any schema field works, whether or not a YAML of the tree sets it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -28,7 +61,7 @@ def compose(overrides: Sequence[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=schema_overrides(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         message = " ".join(str(exc).split())
         # Hydra appends its search path to "not found" errors: noise for a user.

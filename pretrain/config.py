@@ -223,6 +223,38 @@ def _positive(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r}: must be positive")
 
 
+def _not_negative(key: str, value: Any) -> None:
+    if value is None or value < 0:
+        raise ConfigError(f"{key}={value!r}: must be 0 or more")
+
+
+def check_recompute(job: "JobConfig") -> None:
+    """``stage.recompute`` against Megatron's recompute loops and the model: ``uniform`` recomputes the
+    decoder layers of each pipeline (virtual) stage in groups of ``num_layers``, which must divide the
+    stage's layers (Megatron indexes past the last one otherwise: an IndexError in the first step);
+    ``block`` calls the layers it does not recompute without the MoE routers' padding mask (padding
+    would be routed and counted as tokens), so an MoE model takes ``uniform``."""
+    recompute = job.stage.recompute
+    _one_of("stage.recompute.granularity", recompute.granularity, RECOMPUTE_GRANULARITIES)
+    _one_of("stage.recompute.method", recompute.method, RECOMPUTE_METHODS)
+    _positive("stage.recompute.num_layers", recompute.num_layers)
+    if recompute.granularity != "full":
+        return
+    text = job.model.get("text", {}) if isinstance(job.model, dict) else {}
+    layers = text.get("num_hidden_layers")
+    parallel = job.parallel
+    chunks = parallel.pp * (parallel.vpp or 1)
+    if recompute.method == "uniform" and isinstance(layers, int) and layers % chunks == 0:
+        per_stage = layers // chunks
+        if per_stage % recompute.num_layers:
+            raise ConfigError(f"stage.recompute.num_layers={recompute.num_layers}: with method uniform it must divide "
+                              f"the {per_stage} decoder layers of each pipeline stage ({layers} layers over pp * vpp "
+                              f"= {chunks})")
+    if recompute.method == "block" and text.get("num_experts"):
+        raise ConfigError("stage.recompute.method=block with an MoE model: Megatron's block recompute runs the "
+                          "layers it does not recompute without the routers' padding mask; use method uniform")
+
+
 @dataclass
 class JobConfig:
     """The validated job: typed sections, plus the model section as composed (checked by model/)."""
@@ -267,21 +299,23 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
     if not 0.0 <= stage.optimizer.decay_fraction <= 1.0:
         raise ConfigError(f"stage.optimizer.decay_fraction={stage.optimizer.decay_fraction}: must be in [0, 1]")
     _one_of("train.precision", train.precision, PRECISIONS)
-    for key in ("micro_batch_size", "global_batch_size", "log_interval", "save_interval", "keep_last"):
+    for key in ("micro_batch_size", "global_batch_size", "log_interval", "save_interval", "keep_last",
+                "max_consecutive_skips"):
         _positive(f"train.{key}", getattr(train, key))
+    _not_negative("stage.optimizer.warmup_steps", stage.optimizer.warmup_steps)
+    _not_negative("data.num_workers", job.data.num_workers)
     for source in job.data.sources:
         _positive(f"data.sources[{source.name}].weight", source.weight)
     names = [s.name for s in job.data.sources]
-    for name in stage.data_weights:
+    for name, weight in stage.data_weights.items():
         if name not in names:
             raise ConfigError(f"stage.data_weights.{name}: no data source named {name!r} (have {names})")
-    _one_of("stage.recompute.granularity", stage.recompute.granularity, RECOMPUTE_GRANULARITIES)
-    _one_of("stage.recompute.method", stage.recompute.method, RECOMPUTE_METHODS)
-    _positive("stage.recompute.num_layers", stage.recompute.num_layers)
+        _not_negative(f"stage.data_weights.{name}", weight)
     try:
         job.parallel.validate()  # the world size is checked at launch, before any work
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    check_recompute(job)
     check_sequence_layout(stage.seq_length, job.parallel)
     _one_of("stage.kind", stage.kind, STAGE_KINDS)
     if stage.kind == "distill":

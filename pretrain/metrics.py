@@ -85,11 +85,13 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
     t, v = cfg.text, cfg.vision
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     attn_weights = t.hidden_size * (q + 2 * kv) + q * t.hidden_size
-    if t.is_moe:
-        mlp = 3 * t.hidden_size * t.moe_intermediate_size * t.num_experts_per_tok + t.hidden_size * t.num_experts
-    else:
-        mlp = 3 * t.hidden_size * t.intermediate_size
-    llm_per_token = t.num_hidden_layers * (attn_weights + mlp) + t.hidden_size * t.vocab_size
+    dense_mlp = 3 * t.hidden_size * t.intermediate_size
+    moe_mlp = (3 * t.hidden_size * t.moe_intermediate_size * t.num_experts_per_tok + t.hidden_size * t.num_experts
+               if t.is_moe else 0)
+    # Layer by layer: an MoE model may keep dense MLPs in some layers (mlp_only_layers, decoder_sparse_step).
+    mlps = sum(moe_mlp if sparse else dense_mlp for sparse in t.moe_layer_pattern()) if t.is_moe \
+        else t.num_hidden_layers * dense_mlp
+    llm_per_token = t.num_hidden_layers * attn_weights + mlps + t.hidden_size * t.vocab_size
     vision_layer = 4 * v.hidden_size * v.hidden_size + 2 * v.hidden_size * v.intermediate_size
     merged = v.hidden_size * v.spatial_merge_size**2  # one merger input: a merge x merge block of patches
     mergers_per_patch = (1 + cfg.num_deepstack) * (merged * merged + merged * v.out_hidden_size) \
@@ -218,6 +220,15 @@ class MetricsLogger:
             table.add_column(key)
         table.add_row(*[_fmt(v) for v in summary.values()])
         Console().print(table)
+
+
+def close_progress_bars() -> None:
+    """End the open progress bars' lines (a stage stopped by an error did not close its logger), so that
+    the error printed next starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _fmt(value: Any) -> str:

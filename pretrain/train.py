@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "Train one stage of a Qwen3-VL model.")
     from model.config import ConfigError as ModelConfigError
     from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+    from pretrain.data.blend import BlendError
     from common.distributed.parallel import ParallelConfigError, destroy_distributed
     from pretrain.posttrain.rl_stage import RLSetupError, run_rl_stage
     from pretrain.trainer import TrainingStopped, run_stage
@@ -30,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     run = run_rl_stage if job.stage.kind == "rl" else run_stage
     try:
         result = run(job, OmegaConf.to_yaml(cfg, resolve=True))
-    except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError, RLSetupError) as exc:
+    except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError, RLSetupError, ConfigError,
+            BlendError) as exc:  # what a job's settings or files can get wrong: one line, no traceback
+        from pretrain.metrics import close_progress_bars
+
+        close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

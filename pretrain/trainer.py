@@ -281,6 +281,12 @@ class StageRun:
                                   f"(train.max_consecutive_skips={train.max_consecutive_skips}); saved {checkpoint}")
         if not stop:
             return checkpoint, False, False
+        if step >= total_steps:
+            # The stage is done and saved: a requeue or "stopped early" would restart a finished stage
+            # (and make a job chain cancel the next one).
+            self.logger.message(f"signal {self.watcher.received} received at the last step: stage finished, "
+                                f"saved {checkpoint}")
+            return checkpoint, False, False
         self.logger.message(f"signal {self.watcher.received} received: saved {checkpoint} at step {step}")
         return checkpoint, True, self.handle_stop()
 

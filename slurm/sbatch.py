@@ -151,6 +151,15 @@ def _sbatch_options(job: JobConfig, layout: JobLayout, output_dir: Path, workdir
     return options
 
 
+def _directive_value(key: str, value: str) -> str:
+    """An ``#SBATCH`` option's value as sbatch reads it: in double quotes when it holds a space (sbatch splits
+    an unquoted directive at white space: a working directory with a space was refused)."""
+    if any(ch in value for ch in '"\n\r'):
+        raise ValueError(f"sbatch option --{key}={value!r}: a double quote or line break cannot be written "
+                         "into an #SBATCH line")
+    return f'"{value}"' if any(ch.isspace() for ch in value) else value
+
+
 def render_sbatch_script(job: JobConfig, overrides: Sequence[str], *, workdir: str | Path,
                          layout: JobLayout | None = None) -> str:
     """The sbatch script that trains ``job`` (see the module docstring).
@@ -173,7 +182,7 @@ def render_sbatch_script(job: JobConfig, overrides: Sequence[str], *, workdir: s
         f"stage {job.stage.name} on cluster {cluster.name}.",
     ]
     for key, value in _sbatch_options(job, layout, output_dir, workdir).items():
-        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={value}")
+        lines.append(f"#SBATCH --{key}" if value is None else f"#SBATCH --{key}={_directive_value(key, value)}")
     lines += [
         "set -euo pipefail",
         "",

@@ -82,6 +82,18 @@ def test_overrides_and_interpolation():
      "stage.seq_length=8192 is not divisible by 2*cp*tp = 12"),
     (["stage.recompute.granularity=most"], "stage.recompute.granularity='most': must be one of"),
     (["stage.optimizer.lr=1e-5"], "stage.optimizer.min_lr=2e-05: must be in [0, stage.optimizer.lr=1e-05]"),
+    (["train.max_consecutive_skips=0"], "train.max_consecutive_skips=0: must be positive"),
+    (["stage.optimizer.warmup_steps=-1"], "stage.optimizer.warmup_steps=-1: must be 0 or more"),
+    (["data.num_workers=-2"], "data.num_workers=-2: must be 0 or more"),
+    (["stage.data_weights.image_text=-1"], "stage.data_weights.image_text=-1.0: must be 0 or more"),
+    # Megatron's uniform recompute would index past a stage's last layer; its block recompute drops the
+    # MoE routers' padding mask.
+    (["model=qwen3vl_30b_a3b", "stage.recompute.granularity=full", "stage.recompute.num_layers=5"],
+     "stage.recompute.num_layers=5: with method uniform it must divide the 48 decoder layers"),
+    (["model=qwen3vl_30b_a3b", "parallel=pp2", "stage.recompute.granularity=full", "stage.recompute.num_layers=16"],
+     "it must divide the 24 decoder layers of each pipeline stage (48 layers over pp * vpp = 2)"),
+    (["model=qwen3vl_30b_a3b", "stage.recompute.granularity=full", "stage.recompute.method=block"],
+     "stage.recompute.method=block with an MoE model"),
 ])
 def test_bad_config_is_a_clear_error(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
@@ -115,3 +127,16 @@ def test_long_context_stages_default_to_context_parallel_and_recompute():
     assert job.parallel.cp == 1 and recompute_overrides(job.stage.recompute) == {}
     _, job = load_job(["stage.recompute.granularity=selective"])
     assert recompute_overrides(job.stage.recompute) == {"recompute_granularity": "selective"}
+
+
+def test_schema_fields_no_yaml_sets_take_plain_overrides():
+    """Hydra refuses ``key=value`` for a key the composed YAML lacks; a field of the schema takes it anyway
+    (it has a default, and --help/README name these keys), an unknown key is still an error."""
+    _, job = load_job(["stage.optimizer.weight_decay=0.05", "stage.optimizer.clip_grad=0.5",
+                       "stage.optimizer.adam_beta2=0.95", "cluster.max_requeues=5", "stage.kind=lm"])
+    assert (job.stage.optimizer.weight_decay, job.stage.optimizer.clip_grad, job.stage.optimizer.adam_beta2,
+            job.cluster.max_requeues) == (0.05, 0.5, 0.95, 5)
+    _, job = load_job(["cluster=local_slurm", "cluster.gpu_memory_gb=40"])
+    assert job.cluster.gpu_memory_gb == 40
+    with pytest.raises(ConfigError, match=re.escape("Could not override 'stage.optimizer.weight_dekay'")):
+        load_job(["stage.optimizer.weight_dekay=0.05"])

@@ -495,6 +495,25 @@ def test_mfu_counts_the_passes_each_part_makes():
         2 * (qwen3vl_train_flops(*only_text, trainable=()) - attention) + 3 * attention)
 
 
+def test_mfu_counts_dense_mlp_layers_of_an_moe_model_as_dense():
+    """An MoE model with dense MLPs in some layers (mlp_only_layers): those layers count the dense width."""
+    import dataclasses
+
+    from model.registry import get_config
+    from pretrain.metrics import qwen3vl_train_flops
+
+    cfg = get_config("tiny_moe")
+    t = cfg.text
+    wider = dataclasses.replace(t, intermediate_size=t.intermediate_size + 64)
+    mixed = dataclasses.replace(cfg, text=dataclasses.replace(wider, mlp_only_layers=(1,)))
+    all_moe = dataclasses.replace(cfg, text=wider)
+    tokens = 1000
+    dense, sparse = 3 * t.hidden_size * wider.intermediate_size, \
+        3 * t.hidden_size * t.moe_intermediate_size * t.num_experts_per_tok + t.hidden_size * t.num_experts
+    difference = qwen3vl_train_flops(mixed, tokens, 0, 0, 0) - qwen3vl_train_flops(all_moe, tokens, 0, 0, 0)
+    assert difference == pytest.approx(3 * 2 * tokens * (dense - sparse))
+
+
 def test_mfu_counts_the_causal_pairs_of_documents_not_of_padding():
     """The trainer's attention work (MFU): each document's causal pairs, a row's padding tail none (its
     tokens count for none in the linear layers either), documents of different rows apart."""

@@ -264,3 +264,49 @@ def test_final_checkpoint_exports_to_a_transformers_model(synth_data, tmp_path):
     ((name, diff),) = run_ranks(_hf_parity_body, 1, str(tmp_path / "sft" / "checkpoints"), str(hf_dir), str(image))
     assert name == "Qwen3VLMoeForConditionalGeneration"
     assert diff < 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    (["data.root=/nonexistent/shards"], "/nonexistent/shards/image_text does not exist"),
+    (["train.global_batch_size=3", "train.micro_batch_size=2"], "train.global_batch_size=3 is not divisible"),
+])
+def test_a_bad_setting_found_at_start_up_is_one_line(synth_data, tmp_path, change, message):
+    """Errors only the run can find (the data folders, the batch over the data-parallel ranks): one line
+    naming the setting, exit status 1, no traceback."""
+    args = [a for a in _stage_args(synth_data, tmp_path, parallel="single") if not a.startswith("data.root=")]
+    args = [*args, *(a for a in [f"data.root={synth_data.shards}"] if not change[0].startswith("data.root="))]
+    done = subprocess.run([sys.executable, "-m", "pretrain.train", *args, *change], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+
+
+_SIGNAL_AT_LAST_STEP = """
+import os, signal, sys
+import pretrain.trainer as trainer
+from pretrain.train import main
+
+original, calls = trainer.train_step, []
+
+def train_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # during the last step of the 2-step stage: SLURM's warning before the time limit
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return original(*args, **kwargs)
+
+trainer.train_step = train_step
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_the_last_step_finishes_the_stage(synth_data, tmp_path):
+    """SIGUSR1 in the last step: the final checkpoint is saved and the stage ends as finished (exit 0), not
+    as stopped early (exit 3, which makes a job chain cancel the next stage) nor requeued."""
+    args = [*_stage_args(synth_data, tmp_path, "stage.train_steps=2", parallel="single")]
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AT_LAST_STEP, *args], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "received at the last step: stage finished" in done.stdout + done.stderr
+    assert (tmp_path / "s1_pretrain/checkpoints/latest").read_text().strip() == "step_00000002"

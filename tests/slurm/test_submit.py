@@ -293,3 +293,20 @@ def test_the_readme_submissions_pass_the_submit_time_checks(tmp_path, capsys):
         code, out, err = dry_run(args, tmp_path, capsys)
         assert code == 0, f"{' '.join(args)}: {err.strip()}"
         assert "does NOT fit" not in out
+
+
+def test_directive_values_with_spaces_are_quoted(tmp_path):
+    """sbatch splits an unquoted #SBATCH value at white space (a working directory with a space was
+    refused: "Invalid directive"); in double quotes it is one value (checked on a real SLURM 2026-12-02)."""
+    workdir = tmp_path / "work dir"
+    workdir.mkdir()
+    overrides = ["model=tiny_moe", "parallel=ep2", "cluster=example_h100", "cluster.container_image=null",
+                 "+cluster.extra_sbatch.comment=two words"]
+    _, job = load_job(overrides)
+    lines = render_sbatch_script(job, overrides, workdir=workdir).splitlines()
+    assert f'#SBATCH --chdir="{workdir}"' in lines
+    assert '#SBATCH --comment="two words"' in lines
+    assert "#SBATCH --requeue" in lines and "#SBATCH --open-mode=append" in lines  # the others unquoted
+    _, job = load_job([*overrides[:-1], "+cluster.extra_sbatch.comment='say \"hi\"'"])
+    with pytest.raises(ValueError, match="sbatch option --comment='say \"hi\"': a double quote"):
+        render_sbatch_script(job, overrides, workdir=workdir)
