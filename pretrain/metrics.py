@@ -21,7 +21,10 @@ from model.attention import padding_mask
 from model.moe_padding import router_padding_mask
 
 # Dense bf16 tensor-core peak per GPU (FLOP/s), by device-name fragment, for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+# Dense bf16 peaks (NVIDIA's data sheets), matched as substrings of the device name in this order: the
+# PCIe and NVL variants before the SXM parts' plain names ("NVIDIA H100 80GB HBM3" is an SXM H100).
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H200": 989e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
 def peak_flops_per_gpu() -> float | None:

@@ -618,3 +618,16 @@ def test_distill_plan_without_a_teacher_checkpoint_says_what_it_does_not_count()
     assert "not counted: the frozen teacher's weights and activations (stage.distill.teacher " \
            "runs_big/sft/checkpoints: no checkpoint there" in out
     assert "teacher weights" not in out
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)])
+def test_mfu_peak_follows_the_gpu_variant(monkeypatch, name, peak):
+    import torch
+
+    from pretrain.metrics import peak_flops_per_gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert peak_flops_per_gpu() == peak
