@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import zlib
 from collections.abc import Callable
@@ -173,15 +174,26 @@ def step_counts(micro_batches: list[dict]) -> dict[str, float]:
             "fingerprint": fingerprint}
 
 
-def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stage: str):
+def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stage: str,
+                           carried_from: Path | None = None):
     """Files that make a training checkpoint convertible as it is (``python -m model.convert
-    mcore-to-hf --ckpt <checkpoints>``): the HF config, the dtype, and the tokenizer."""
+    mcore-to-hf --ckpt <checkpoints>``): the HF config, the dtype, the tokenizer, and the other HF files
+    (processor and generation configs, chat template) of the checkpoint the stage started from
+    (``carried_from``: its ``hf_extra/``, e.g. from ``model.convert hf-to-mcore``), so that the exported
+    folder loads with ``AutoProcessor`` as the original did. The tokenizer is the stage's own."""
     from model.convert import CONFIG_FILE, EXTRA_DIR, META_FILE
+    from common.tokens.tokenizer import TOKENIZER_FILE
+
+    carried = sorted(p for p in (carried_from / EXTRA_DIR).iterdir() if p.is_file() and p.name != TOKENIZER_FILE) \
+        if carried_from is not None and (carried_from / EXTRA_DIR).is_dir() else []
 
     def describe(folder: Path) -> None:
         (folder / CONFIG_FILE).write_text(json.dumps(model_cfg.to_hf(), indent=2) + "\n")
         dtype = "bfloat16" if params_dtype == torch.bfloat16 else "float32"
         (folder / META_FILE).write_text(json.dumps({"dtype": dtype, "source": f"pretrain.train stage {stage}"}) + "\n")
+        (folder / EXTRA_DIR).mkdir(parents=True, exist_ok=True)
+        for file in carried:
+            shutil.copyfile(file, folder / EXTRA_DIR / file.name)
         tokenizer.save(folder / EXTRA_DIR)
 
     return describe
@@ -327,12 +339,14 @@ def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_ya
     manager = CheckpointManager(run_dir, keep_last=job.train.keep_last)
     state, rank_state = TrainerState(stage=job.stage.name), None
     latest = manager.latest()
+    started_from = latest
     if latest is not None:
         state, rank_state = manager.load(latest, model, optimizer)
         scheduler.load_state_dict(state.scheduler)
         origin = f"resumed from {latest} (step {state.step})"
     elif job.stage.init_from:
-        origin = f"weights from {load_weights(job.stage.init_from, model)}"
+        started_from = load_weights(job.stage.init_from, model)
+        origin = f"weights from {started_from}"
         # A bf16/fp16 optimizer copied the random initialisation into its fp32 main weights when it was
         # built; without this its first step would write them back over the loaded ones.
         optimizer.reload_model_params()
@@ -350,7 +364,7 @@ def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_ya
     return StageRun(job=job, info=info, dp_size=dp_size, dtype=dtype, model_cfg=model_cfg, chunks=chunks,
                     model=model, optimizer=optimizer, scheduler=scheduler, manager=manager, state=state,
                     rank_state=rank_state, latest=latest, origin=origin, tokenizer=tokenizer,
-                    describe=checkpoint_description(model_cfg, dtype, tokenizer, job.stage.name),
+                    describe=checkpoint_description(model_cfg, dtype, tokenizer, job.stage.name, started_from),
                     watcher=PreemptionWatcher().install(), logger=logger)
 
 

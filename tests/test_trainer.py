@@ -310,3 +310,27 @@ def test_a_signal_during_the_last_step_finishes_the_stage(synth_data, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "received at the last step: stage finished" in done.stdout + done.stderr
     assert (tmp_path / "s1_pretrain/checkpoints/latest").read_text().strip() == "step_00000002"
+
+
+def test_checkpoints_carry_the_starting_checkpoints_hf_files(synth_data, tmp_path):
+    """A stage started from a converted HF checkpoint writes its processor and generation configs into
+    every checkpoint (mcore-to-hf then gives a folder AutoProcessor loads); the tokenizer is the stage's."""
+    import torch
+
+    from common.tokens.tokenizer import Tokenizer
+    from model.config import Qwen3VLConfig
+    from pretrain.cli import load_job
+    from pretrain.trainer import checkpoint_description
+
+    start = tmp_path / "converted"
+    (start / "hf_extra").mkdir(parents=True)
+    (start / "hf_extra" / "preprocessor_config.json").write_text('{"patch_size": 16}')
+    (start / "hf_extra" / "tokenizer.json").write_text("{}")  # not the stage's tokenizer: not carried
+    tokenizer = Tokenizer.from_dir(synth_data.tokenizer)
+    _, job = load_job(list(synth_data.overrides))
+    describe = checkpoint_description(Qwen3VLConfig.from_mapping(job.model), torch.float32, tokenizer, "sft", start)
+    (tmp_path / "step").mkdir()
+    describe(tmp_path / "step")
+    extra = tmp_path / "step" / "hf_extra"
+    assert (extra / "preprocessor_config.json").read_text() == '{"patch_size": 16}'
+    assert Tokenizer.from_dir(extra).vocab_size == tokenizer.vocab_size
