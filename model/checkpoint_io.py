@@ -4,14 +4,27 @@ A weights checkpoint is a ``dist_checkpointing`` folder holding one sharded stat
 (``model``, or ``model0``, ``model1``, ... with virtual pipeline stages). ``pretrain.checkpoint`` writes
 training checkpoints in the same layout plus optimizer and trainer state, so both load here. Collective
 functions must be called by every rank of the initialised parallel state.
+
+Every checkpoint of a Qwen3-VL model carries the model's Hugging Face config, ``qwen3vl_config.json``
+(:func:`save_weights`, ``model.convert``, ``pretrain.checkpoint``); loading one into a model of another
+architecture is refused (:func:`check_model_config`) rather than left to the shapes: a smaller vocabulary
+or fewer ViT layers and DeepStack mergers would load silently, truncated or partly.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import fields
 from pathlib import Path
 
 LATEST = "latest"  # text file in a checkpoints folder naming its newest complete step directory
+CONFIG_FILE = "qwen3vl_config.json"  # the model's HF config.json, next to the weights
+
+# Config fields that do not change what the weights compute, so a checkpoint loads into a model that
+# differs in them: the position limit (MRoPE has no position table) and the weight of the MoE
+# load-balancing loss (a training objective, not part of the function).
+_FREE_FIELDS = {"text.max_position_embeddings", "text.router_aux_loss_coef"}
 
 
 class CheckpointError(RuntimeError):
@@ -49,11 +62,16 @@ def model_sharded_state(model: list) -> dict:
 
 def save_weights(path: str | os.PathLike, model: list) -> None:
     """Save only the model weights as a distributed checkpoint, in the training checkpoints' layout
-    (so ``stage.init_from`` and ``load_weights`` read it); collective over all ranks."""
+    (so ``stage.init_from`` and ``load_weights`` read it), with the model's config
+    (:data:`CONFIG_FILE`, written by rank 0, for a Qwen3-VL model); collective over all ranks."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     Path(path).mkdir(parents=True, exist_ok=True)  # Megatron wants an existing, empty folder
     dist_checkpointing.save(model_sharded_state(model), str(path))
+    cfg = model_config(model)
+    if cfg is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        (Path(path) / CONFIG_FILE).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
 
 
 def load_weights(path: str | os.PathLike, model: list) -> Path:
@@ -63,6 +81,7 @@ def load_weights(path: str | os.PathLike, model: list) -> Path:
     resolved = resolve_checkpoint(path)
     if resolved is None:
         raise CheckpointError(f"init_from={path}: no checkpoint there (no 'latest' file or trainer.json)")
+    check_model_config(resolved, model)
     loaded = dist_checkpointing.load(model_sharded_state(model), str(resolved))
     load_model_state(model, loaded)
     return resolved
@@ -73,3 +92,54 @@ def load_model_state(model: list, loaded: dict) -> None:
 
     for i, chunk in enumerate(unwrap_model(model)):
         chunk.load_state_dict(loaded[model_key(i, len(model))])
+
+
+def model_config(model: list):
+    """The :class:`model.config.Qwen3VLConfig` of ``model``'s chunks; None for another kind of model."""
+    from megatron.core.utils import unwrap_model
+
+    from model.config import Qwen3VLConfig
+
+    cfg = getattr(unwrap_model(model)[0], "cfg", None)
+    return cfg if isinstance(cfg, Qwen3VLConfig) else None
+
+
+def config_differences(saved, current) -> list[str]:
+    """``"section.field saved vs current"`` for each architecture field in which two
+    :class:`model.config.Qwen3VLConfig` differ (:data:`_FREE_FIELDS` aside)."""
+    out = []
+    for section, a, b in (("text", saved.text, current.text), ("vision", saved.vision, current.vision),
+                          ("", saved, current)):
+        for f in fields(a):
+            name = f"{section}.{f.name}" if section else f.name
+            if not f.compare or f.name in ("text", "vision") or name in _FREE_FIELDS:
+                continue
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if x != y:
+                out.append(f"{name} {_show(x)} vs {_show(y)}")
+    return out
+
+
+def _show(value) -> str:
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def check_model_config(path: str | os.PathLike, model: list) -> None:
+    """Raise :class:`CheckpointError` when checkpoint ``path`` (a step or weights folder) was written for a
+    model whose architecture differs from ``model``'s, naming the differing fields (the checkpoint's value
+    first). Nothing is checked for a checkpoint without :data:`CONFIG_FILE` (written before it was
+    recorded) or for a model that is not Qwen3-VL."""
+    from model.config import Qwen3VLConfig
+
+    file = Path(path) / CONFIG_FILE
+    current = model_config(model)
+    if current is None or not file.is_file():
+        return
+    try:
+        saved = Qwen3VLConfig.from_hf(json.loads(file.read_text()))
+    except (OSError, ValueError) as exc:  # ConfigError is a ValueError, as is a JSON error
+        raise CheckpointError(f"{file}: unreadable model config ({exc})") from None
+    differences = config_differences(saved, current)
+    if differences:
+        raise CheckpointError(f"checkpoint {path} was written for a different model (checkpoint vs this "
+                              f"model): {', '.join(differences)}")

@@ -7,7 +7,9 @@
 ``hf-to-mcore`` builds our model in the given layout (it starts ``lcm(tp*pp, etp*ep*pp)`` ranks itself,
 one process each, so every rank reads and holds only its shard), copies the HF tensors into it exactly
 (:mod:`model.hf_adapter`) and saves a Megatron-Core distributed checkpoint (``torch_dist``), which any
-other layout can load. The checkpoint keeps the parameters' dtype of the HF checkpoint. Next to it:
+other layout can load. Every HF tensor must have its place in the model ``config.json`` describes (a tied
+model's ``lm_head.weight`` aside): one that has none (a config edited to fewer layers) is an error, not
+a tensor dropped. The checkpoint keeps the parameters' dtype of the HF checkpoint. Next to it:
 ``qwen3vl_config.json`` (the HF config, unchanged), ``qwen3vl_convert.json`` (dtype, source) and
 ``hf_extra/`` (the source's other files: tokenizer, processor and generation configs).
 
@@ -32,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from model.checkpoint_io import CONFIG_FILE
 from model.config import Qwen3VLConfig
 
-CONFIG_FILE = "qwen3vl_config.json"
 META_FILE = "qwen3vl_convert.json"
 EXTRA_DIR = "hf_extra"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "config.json")
@@ -51,7 +53,7 @@ def _hf_to_mcore_rank(rank: int, tmp_out: str, hf_dir: str, layout: dict, dtype:
 
     from common.distributed.parallel import initialize_distributed
     from model.checkpoint_io import save_weights
-    from model.hf_adapter import HFCheckpointReader, load_hf_weights
+    from model.hf_adapter import HFCheckpointReader, load_hf_weights, refuse_unused_tensors
     from model.qwen3vl import build_qwen3vl
 
     initialize_distributed(layout)
@@ -59,6 +61,7 @@ def _hf_to_mcore_rank(rank: int, tmp_out: str, hf_dir: str, layout: dict, dtype:
     cfg = Qwen3VLConfig.from_hf(reader.config_dict)
     model = build_qwen3vl(cfg, params_dtype=_DTYPES[dtype], sequence_parallel=layout["sequence_parallel"])
     load_hf_weights(model, reader, progress=rank == 0)
+    refuse_unused_tensors(reader, cfg)  # before anything is saved
     save_weights(tmp_out, [model])
     dist.barrier()
 

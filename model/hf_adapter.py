@@ -61,7 +61,8 @@ class HFCheckpointReader:
     """Lazy access to the tensors of an HF checkpoint directory (``model.safetensors`` or an index).
 
     ``get(name)`` returns the tensor as stored; recently used tensors are kept (MoE expert tensors are
-    read once per layer, not once per expert).
+    read once per layer, not once per expert). ``read``: the names asked for so far
+    (:func:`refuse_unused_tensors` checks that the model used them all).
     """
 
     def __init__(self, path: str | os.PathLike, cache_size: int = 4):
@@ -81,6 +82,7 @@ class HFCheckpointReader:
         self._open = safe_open
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
+        self.read: set[str] = set()
         config = self.path / "config.json"
         if not config.is_file():
             raise FileNotFoundError(f"{self.path}: no config.json")
@@ -98,6 +100,7 @@ class HFCheckpointReader:
             return self._cache[name]
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.path}")
+        self.read.add(name)
         with self._open(str(self.path / self.weight_map[name]), "pt") as f:
             tensor = f.get_tensor(name)
         self._cache[name] = tensor
@@ -262,9 +265,30 @@ def _expert_param(name: str) -> bool:
     return ".mlp.experts." in name
 
 
+def _split_dim(full_shape: tuple[int, ...], param: torch.Tensor, size: int) -> int | None:
+    """The dimension along which a tensor of ``full_shape`` is split over ``size`` ranks to give
+    ``param``: the one dimension where ``param`` holds ``1/size`` of it; None when ``param`` has the
+    full shape (nothing to split). Only when the shapes cannot tell (another rank count, several
+    candidate dimensions) does ``param.partition_dim`` decide.
+
+    The shapes decide first because ``partition_dim`` is not always right: transformer-engine marks
+    every weight of a grouped expert linear with ``partition_dim = 0`` when Megatron passes it
+    ``parallel_mode=None`` (explicit expert communication), although ``linear_fc2`` is split along its
+    input, dim 1.
+    """
+    full_shape = tuple(full_shape)
+    if full_shape == tuple(param.shape):
+        return None
+    if len(full_shape) == param.dim():
+        split = [d for d, (f, p) in enumerate(zip(full_shape, param.shape)) if f != p]
+        if len(split) == 1 and full_shape[split[0]] == param.shape[split[0]] * size:
+            return split[0]
+    return param.partition_dim
+
+
 def local_shard(name: str, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """This rank's part of canonical tensor ``full`` for parameter ``param`` (tensor-parallel slicing;
-    expert parameters use the expert-tensor-parallel group)."""
+    expert parameters use the expert-tensor-parallel group; the dimension: :func:`_split_dim`)."""
     if not getattr(param, "tensor_model_parallel", False):
         return full
     if _expert_param(name):
@@ -275,8 +299,10 @@ def local_shard(name: str, full: torch.Tensor, param: torch.Tensor) -> torch.Ten
         rank = parallel_state.get_tensor_model_parallel_rank()
     if size == 1:
         return full
-    dim = param.partition_dim
-    if _is_swiglu_fc1(name):
+    dim = _split_dim(full.shape, param, size)
+    if dim is None:
+        return full
+    if _is_swiglu_fc1(name):  # [gate; up], each split over the ranks (Megatron's SwiGLU sharding)
         gate, up = full.chunk(2, dim=0)
         return torch.cat([gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]], dim=0)
     return full.chunk(size, dim=dim)[rank]
@@ -328,6 +354,28 @@ def load_hf_weights(model, reader: HFCheckpointReader, progress: bool = False) -
         param.copy_(shard)
         count += 1
     return count
+
+
+def refuse_unused_tensors(reader: HFCheckpointReader, cfg: Qwen3VLConfig) -> None:
+    """Raise ``ValueError`` (on every rank) when a tensor of ``reader``'s checkpoint was read by no rank:
+    its ``config.json`` then describes a smaller model (e.g. fewer layers) and the conversion would drop
+    weights silently. ``lm_head.weight`` may be left when the embeddings are tied (the output layer is the
+    embedding). Collective over all ranks, after each has loaded its part (:func:`load_hf_weights`).
+    """
+    import torch.distributed as dist
+
+    read = set(reader.read)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        # Each rank reads only its stage's and its experts' tensors; together they must cover all.
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(read))
+        read = read.union(*gathered)
+    allowed = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unused = sorted(set(reader.keys()) - read - allowed)
+    if unused:
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise ValueError(f"{reader.path}: {len(unused)} tensor(s) have no place in the model its config.json "
+                         f"describes: {', '.join(unused[:3])}{more}; does config.json belong to these weights?")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,11 @@ Layout of ``<run_dir>/checkpoints``::
         data/stream_00001.pt  the position of data stream 1 (pretrain/data/loader.py), written once
     latest                    text file naming the newest complete step directory
 
+After each save, older step directories beyond ``keep_last`` are removed, and so is debris: step
+directories newer than the one ``latest`` names (left by a kill between a save's rename and its rewrite of
+``latest``: nothing names them, and the resumed run went on from an earlier step) and the
+``step_*.tmp`` folders of crashed saves. The step ``latest`` names is never removed.
+
 A checkpoint is written to ``step_00000100.tmp`` by all ranks, then rank 0 renames it to its final
 name and only after that rewrites ``latest`` (write-then-rename): a crash or kill at any point leaves
 the previous checkpoint and ``latest`` intact, and a half-written directory is never under a final
@@ -16,6 +21,11 @@ name. Model and optimizer shards use Megatron's ``fully_reshardable`` optimizer 
 checkpoint loads in another tensor/pipeline/expert/data-parallel layout. The data streams are the
 stage's, not a rank's, so their positions load in any layout too
 (:meth:`CheckpointManager.load_data_states`).
+A resume is refused (:class:`CheckpointError`, before anything loads) when the checkpoint was written for
+another model architecture (its ``qwen3vl_config.json``: :func:`model.checkpoint_io.check_model_config`),
+or with the other kind of optimizer: Megatron's distributed optimizer and the plain one (as with EP=1
+and EP>1 for MoE) keep their state in forms that do not map to each other; ``stage.init_from`` loads
+the weights alone.
 The per-rank RNG states are restored only when the layout and world size are unchanged: in another
 layout every rank goes on with the RNG that ``initialize_distributed`` seeded from ``train.seed`` at
 start-up. Training draws no random numbers as configured (the model configs set dropout to
@@ -40,6 +50,7 @@ import torch.distributed as dist
 from model.checkpoint_io import (
     LATEST,
     CheckpointError,
+    check_model_config,
     load_model_state,
     model_sharded_state,
     resolve_checkpoint,
@@ -47,6 +58,7 @@ from model.checkpoint_io import (
 from common.megatron_fixes import apply_megatron_fixes
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_TMP_STEP_DIR = re.compile(r"^step_(\d{8})\.tmp$")
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -62,6 +74,8 @@ class TrainerState:
     layout: dict = field(default_factory=dict)  # world size and parallel sizes at save time
     stage: str = ""
     num_optimizers: int = 1  # Megatron's chained optimizers: 2 for MoE with EP>1 (dense + experts)
+    # train.use_distributed_optimizer at save time; None: not recorded (a checkpoint written before it was)
+    use_distributed_optimizer: bool | None = None
     data_streams: int = 0  # the stage's data streams (its first data-parallel size); 0: none saved
     # Resumes whose data could not continue the saved streams (pretrain.data.loader.plan_data_resume):
     # {"step": ..., "warning": ...}, oldest first.
@@ -142,6 +156,15 @@ def _num_optimizers(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def _is_distributed_optimizer(optimizer) -> bool | None:
+    """Whether ``optimizer`` is (or chains) Megatron's distributed optimizer; None without an optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if optimizer is None:
+        return None
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def _sharded_state(model: list, optimizer, is_loading: bool = False) -> dict:
     model_state = model_sharded_state(model)
     state = dict(model_state)
@@ -214,6 +237,7 @@ class CheckpointManager:
         if _rank() == 0:
             state.layout = current_layout()
             state.num_optimizers = _num_optimizers(optimizer)
+            state.use_distributed_optimizer = _is_distributed_optimizer(optimizer)
             if describe is not None:
                 describe(tmp)
             _write_atomic(tmp / "trainer.json", json.dumps(asdict(state), indent=2))
@@ -221,13 +245,20 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_atomic(self.root / LATEST, final.name + "\n")
-            self._prune()
+            self._prune(final)
         _barrier()
         return final
 
-    def _prune(self) -> None:
+    def _prune(self, current: Path) -> None:
+        """Keep ``current`` (the step just saved, which ``latest`` names) and the ``keep_last - 1`` newest
+        steps before it; remove older steps, steps newer than ``current`` (orphans, see the module
+        docstring) and the ``.tmp`` folders of crashed saves. Rank 0, after ``latest`` was rewritten."""
         steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name))
-        for old in steps[: max(0, len(steps) - self.keep_last)]:
+        orphans = [p for p in steps if p.name > current.name]
+        earlier = [p for p in steps if p.name < current.name]
+        older = earlier[: max(0, len(earlier) - (self.keep_last - 1))]
+        crashed = [p for p in self.root.iterdir() if _TMP_STEP_DIR.match(p.name)]
+        for old in orphans + older + crashed:
             shutil.rmtree(old, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
@@ -242,15 +273,8 @@ class CheckpointManager:
 
         state = _read_trainer_state(path)
         apply_megatron_fixes()
-        if optimizer is not None and state.num_optimizers != _num_optimizers(optimizer):
-            # Megatron keeps expert parameters in their own optimizer only when EP>1; its
-            # non-tensor optimizer state (param groups, step) does not map between the two forms.
-            raise CheckpointError(
-                f"{path}: its optimizer state was saved as {state.num_optimizers} Megatron optimizer(s) "
-                f"(layout {state.layout}); this layout {current_layout()} has {_num_optimizers(optimizer)}. "
-                "MoE optimizer state moves between layouts with the same kind of expert parallelism "
-                "(EP=1 or EP>1); load the weights alone with stage.init_from instead."
-            )
+        check_model_config(path, model)
+        _check_optimizer_kind(path, state, optimizer)
         loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
         load_model_state(model, loaded)
         if optimizer is not None:
@@ -267,6 +291,32 @@ class CheckpointManager:
         if missing:
             raise CheckpointError(f"{path}: no saved position of data stream(s) {missing} (data/stream_*.pt)")
         return {stream: torch.load(file, weights_only=False) for stream, file in files.items()}
+
+
+def _check_optimizer_kind(path: Path, state: TrainerState, optimizer) -> None:
+    """Raise :class:`CheckpointError` when checkpoint ``path``'s optimizer state (``state``) was saved in
+    a form ``optimizer`` cannot load: another number of chained optimizers (MoE with EP=1 vs EP>1) or
+    the other kind (distributed or not; not checked when the checkpoint did not record it)."""
+    if optimizer is None:
+        return
+    if state.num_optimizers != _num_optimizers(optimizer):
+        # Megatron keeps expert parameters in their own optimizer only when EP>1; its
+        # non-tensor optimizer state (param groups, step) does not map between the two forms.
+        raise CheckpointError(
+            f"{path}: its optimizer state was saved as {state.num_optimizers} Megatron optimizer(s) "
+            f"(layout {state.layout}); this layout {current_layout()} has {_num_optimizers(optimizer)}. "
+            "MoE optimizer state moves between layouts with the same kind of expert parallelism "
+            "(EP=1 or EP>1); load the weights alone with stage.init_from instead."
+        )
+    distributed = _is_distributed_optimizer(optimizer)
+    if state.use_distributed_optimizer is not None and state.use_distributed_optimizer != distributed:
+        # The distributed optimizer saves its state sharded by parameter ranges (fully_reshardable),
+        # the plain one per parameter: neither loader reads the other's.
+        raise CheckpointError(
+            f"{path}: its optimizer state was saved with train.use_distributed_optimizer="
+            f"{str(state.use_distributed_optimizer).lower()}, this run has {str(distributed).lower()}; resume "
+            "with the setting it was saved with, or load the weights alone with stage.init_from instead."
+        )
 
 
 def _read_trainer_state(path: Path) -> TrainerState:

@@ -11,7 +11,7 @@ import torch
 from tests.multirank import run_ranks
 
 
-def _setup(layout, seed=7, cfg_name="TINY_MOE"):
+def _setup(layout, seed=7, cfg_name="TINY_MOE", dist_opt=True):
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
@@ -25,9 +25,9 @@ def _setup(layout, seed=7, cfg_name="TINY_MOE"):
     initialize_distributed(layout)
     module = tiny_gpt.build(getattr(tiny_gpt, cfg_name), sequence_parallel=layout.get("sequence_parallel", False),
                             seed=seed, for_training=True)
-    model = wrap_with_ddp([module], DistributedDataParallelConfig(use_distributed_optimizer=True))
+    model = wrap_with_ddp([module], DistributedDataParallelConfig(use_distributed_optimizer=dist_opt))
     optimizer = setup_optimizer(model, OptimizerConfig(
-        optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=True,
+        optimizer="adam", lr=3e-3, weight_decay=0.0, clip_grad=1.0, use_distributed_optimizer=dist_opt,
         params_dtype=torch.float32))
     return model, optimizer
 
@@ -174,6 +174,116 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
     assert crashed and latest == "step_00000001"
     names = sorted(os.listdir(tmp_path / "run/checkpoints"))
     assert names == ["latest", "step_00000001", "step_00000002.tmp"]
+
+
+def _switch_optimizer_kind_body(rank, run_dir, saved_dist_opt):
+    import json
+
+    from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState
+
+    manager = CheckpointManager(run_dir)
+    model, optimizer = _setup({"tp": 1}, cfg_name="TINY_DENSE", dist_opt=saved_dist_opt)
+    manager.save(model, optimizer, TrainerState(step=1), {})
+    model, optimizer = _setup({"tp": 1}, seed=5, cfg_name="TINY_DENSE", dist_opt=not saved_dist_opt)
+    try:
+        manager.load(manager.latest(), model, optimizer)
+        message = None
+    except CheckpointError as exc:
+        message = str(exc)
+    meta = manager.latest() / "trainer.json"
+    state = json.loads(meta.read_text())
+    recorded = state.pop("use_distributed_optimizer")
+    if saved_dist_opt:  # (the plain optimizer's own resume is another matter)
+        # A checkpoint written before the setting was recorded resumes unchecked.
+        meta.write_text(json.dumps(state))
+        model, optimizer = _setup({"tp": 1}, seed=5, cfg_name="TINY_DENSE", dist_opt=True)
+        manager.load(manager.latest(), model, optimizer)
+    return message, recorded
+
+
+@pytest.mark.parametrize("saved_dist_opt", [True, False])
+def test_switching_the_distributed_optimizer_at_resume_is_a_clear_error(tmp_path, saved_dist_opt):
+    """Resuming after changing train.use_distributed_optimizer failed in Megatron's loader with a
+    KeyError or a CheckpointingException that did not say why."""
+    (message, recorded), = run_ranks(_switch_optimizer_kind_body, 1, tmp_path / "run", saved_dist_opt)
+    saved, now = str(saved_dist_opt).lower(), str(not saved_dist_opt).lower()
+    assert recorded is saved_dist_opt
+    assert message == (f"{tmp_path / 'run/checkpoints/step_00000001'}: its optimizer state was saved with "
+                       f"train.use_distributed_optimizer={saved}, this run has {now}; resume with the setting it "
+                       "was saved with, or load the weights alone with stage.init_from instead.")
+
+
+def _orphan_body(rank, run_dir):
+    """keep_last=1. A save killed between renaming step_200 into place and rewriting 'latest' leaves
+    step_200 complete but unnamed; a save killed earlier leaves step_130.tmp. The resumed run (from step
+    100) saves step 150."""
+    from pretrain import checkpoint as ck
+
+    model, optimizer = _setup({"tp": 1}, cfg_name="TINY_DENSE")
+    manager = ck.CheckpointManager(run_dir, keep_last=1)
+    manager.save(model, optimizer, ck.TrainerState(step=100), {})
+    original = ck._write_atomic
+    for step, killed_at in ((200, ck.LATEST), (130, "trainer.json")):
+        def killed(path, text, killed_at=killed_at):
+            if path.name == killed_at:
+                raise KeyboardInterrupt(f"killed before writing {killed_at}")
+            original(path, text)
+
+        ck._write_atomic = killed
+        try:
+            manager.save(model, optimizer, ck.TrainerState(step=step), {})
+        except KeyboardInterrupt:
+            pass
+        ck._write_atomic = original
+    resumed_from = manager.latest().name
+    listing = sorted(os.listdir(manager.root))
+    manager.save(model, optimizer, ck.TrainerState(step=150), {})
+    return resumed_from, listing, sorted(os.listdir(manager.root)), manager.latest().name
+
+
+def test_pruning_keeps_the_latest_step_and_removes_orphans_and_crashed_saves(tmp_path):
+    """Pruning by name kept the orphan step_200 and removed step_150 right after 'latest' named it: the
+    next resume found no checkpoint."""
+    resumed_from, before, after, latest = run_ranks(_orphan_body, 1, tmp_path / "run")[0]
+    assert resumed_from == "step_00000100"
+    assert before == ["latest", "step_00000100", "step_00000130.tmp", "step_00000200"]
+    assert after == ["latest", "step_00000150"] and latest == "step_00000150"
+
+
+def _config_change_body(rank, ckpt_root):
+    import json
+
+    from common.distributed.parallel import initialize_distributed
+    from model.checkpoint_io import CONFIG_FILE
+    from model.config import Qwen3VLConfig
+    from model.qwen3vl import build_qwen3vl
+    from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState
+    from tests.model import tiny_hf
+
+    initialize_distributed({})
+    hf = dict(tiny_hf.MOE, model_type="qwen3_vl_moe")
+    cfg = Qwen3VLConfig.from_hf(hf)
+    manager = CheckpointManager(ckpt_root)
+
+    def describe(folder):  # as pretrain.trainer.checkpoint_description writes it
+        (folder / CONFIG_FILE).write_text(json.dumps(cfg.to_hf()))
+
+    manager.save([build_qwen3vl(cfg)], None, TrainerState(step=1), {}, describe=describe)
+    other = Qwen3VLConfig.from_hf(dict(hf, text_config=dict(hf["text_config"], num_experts_per_tok=3)))
+    try:
+        manager.load(manager.latest(), [build_qwen3vl(other)], None)
+        message = None
+    except CheckpointError as exc:
+        message = str(exc)
+    manager.load(manager.latest(), [build_qwen3vl(cfg)], None)  # the same architecture resumes
+    return message
+
+
+def test_resume_into_another_architecture_is_refused(tmp_path):
+    """Routing to 3 of 4 experts instead of 2 changes no shape: the resume loaded without a word."""
+    message, = run_ranks(_config_change_body, 1, tmp_path / "run")
+    assert message == (f"checkpoint {tmp_path / 'run/checkpoints/step_00000001'} was written for a different "
+                       "model (checkpoint vs this model): text.num_experts_per_tok 2 vs 3")
 
 
 def test_optimizer_state_placeholders_only_for_torch_adam(monkeypatch):

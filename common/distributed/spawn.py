@@ -4,10 +4,11 @@ Used by the tools that start their own ranks (``model.convert``, ``model.check_p
 multi-rank tests. Each rank gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
 ``MASTER_PORT`` in its environment, then calls ``fn(rank, *args)``; whatever it returns comes back to
 the caller (it must be picklable). A rank that raises fails the whole call with a :class:`RankError`
-carrying that rank's exception and traceback; the other ranks are stopped (they would otherwise wait
-in a collective for the failed one). Ranks print no traceback themselves: the caller decides, e.g. one
-line for a user error (:func:`user_error_message`), the rank's traceback (chained as the RankError's
-cause) for anything else.
+carrying that rank's exception and traceback, a rank whose process ends without a result (killed by
+the out-of-memory killer, say) with a :class:`RankDied` within seconds; the other ranks are stopped
+(they would otherwise wait in a collective for the failed one). Ranks print no traceback themselves:
+the caller decides, e.g. one line for a user error (:func:`user_error_message`), the rank's traceback
+(chained as the RankError's cause) for anything else.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_module
+import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -35,6 +38,19 @@ class RankError(RuntimeError):
     def __init__(self, rank: int, error: BaseException, rank_traceback: str):
         super().__init__(f"rank {rank} failed: {type(error).__name__}: {error}")
         self.rank, self.error, self.rank_traceback = rank, error, rank_traceback
+
+
+class RankDied(RuntimeError):
+    """A spawned rank's process ended without reporting a result: ``exitcode`` is its exit status
+    (negative: the signal that killed it)."""
+
+    def __init__(self, rank: int, exitcode: int):
+        if exitcode < 0:
+            how = f"died (signal {-exitcode}{', e.g. out of memory' if -exitcode == signal.SIGKILL else ''})"
+        else:
+            how = f"exited with status {exitcode}"
+        super().__init__(f"rank {rank} {how} without reporting a result")
+        self.rank, self.exitcode = rank, exitcode
 
 
 class _RankTraceback(Exception):
@@ -118,8 +134,9 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     cores shared evenly (at least one). ``context``: the multiprocessing start method, "spawn" by
     default (a fresh interpreter per rank); a caller that starts ranks many times (the test suite) may
     pass a forkserver context that has imported torch and Megatron-Core once. Raises
-    :class:`RankError` for the first rank that fails, and ``TimeoutError`` when no rank reports within
-    ``timeout`` seconds.
+    :class:`RankError` for the first rank that fails, :class:`RankDied` within seconds when a rank's
+    process ends without reporting (killed, e.g. by the out-of-memory killer), and ``TimeoutError`` when
+    no rank reports within ``timeout`` seconds.
     """
     threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
     ctx = context or mp.get_context("spawn")
@@ -130,26 +147,53 @@ def spawn_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     for p in procs:
         p.start()
     out: dict[int, Any] = {}
-    failure: RankError | None = None
+    failure: BaseException | None = None
     try:
-        for _ in range(world_size):
-            try:
-                rank, ok, payload, text = results.get(timeout=timeout)
-            except queue_module.Empty:
-                raise TimeoutError(f"no rank of {world_size} reported within {timeout:.0f} s") from None
-            if not ok:
-                failure = RankError(rank, payload, text)
-                break
-            out[rank] = pickle.loads(payload)
+        out = _collect(results, procs, timeout)
+    except (RankError, RankDied) as exc:
+        failure = exc
     finally:
+        # Every rank reported: let them finish (tear down their process groups). Otherwise the others
+        # may wait in a collective for the failed one: stopped after a short while.
         for p in procs:
-            p.join(timeout=5 if failure else timeout)
+            p.join(timeout=timeout if len(out) == world_size else 5)
             if p.is_alive():
                 p.kill()
                 p.join()
-    if failure is not None:
+    if isinstance(failure, RankError):
         raise failure from _RankTraceback(failure.rank_traceback)
-    dead = [r for r, p in enumerate(procs) if p.exitcode not in (0, None) and r not in out]
-    if dead:
-        raise RuntimeError(f"rank(s) {dead} exited without a result (exit codes {[procs[r].exitcode for r in dead]})")
+    if failure is not None:
+        raise failure
     return [out[r] for r in range(world_size)]
+
+
+# How often the waiting parent looks for ranks that died, and how long it gives a dead rank's result,
+# already on its way through the queue's pipe, to arrive (a rank that exits normally has flushed it).
+_POLL_S = 0.5
+_GRACE_S = 2.0
+
+
+def _collect(results, procs: list, timeout: float) -> dict[int, Any]:
+    """The ranks' results by rank, read from ``results`` while watching ``procs``: raises the first
+    failed rank's :class:`RankError`, :class:`RankDied` for a process that ended without a result, and
+    ``TimeoutError`` when no rank reports for ``timeout`` seconds."""
+    out: dict[int, Any] = {}
+    silent_since = time.monotonic()  # the last report
+    ended_at: dict[int, float] = {}  # rank -> when its process was first seen ended without a result
+    while len(out) < len(procs):
+        try:
+            rank, ok, payload, text = results.get(timeout=_POLL_S)
+        except queue_module.Empty:
+            now = time.monotonic()
+            for r, p in enumerate(procs):
+                if r not in out and p.exitcode is not None:
+                    if now - ended_at.setdefault(r, now) >= _GRACE_S:
+                        raise RankDied(r, p.exitcode) from None
+            if now - silent_since >= timeout:
+                raise TimeoutError(f"no rank of {len(procs)} reported within {timeout:.0f} s") from None
+            continue
+        if not ok:
+            raise RankError(rank, payload, text)
+        out[rank] = pickle.loads(payload)
+        silent_since = time.monotonic()
+    return out
