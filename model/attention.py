@@ -177,6 +177,13 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal_offset: in
     """q ``[hq, lq, d]``, k/v ``[hk, lk, d]`` -> ``[hq, lq, d]``; with ``causal_offset`` (0 <= offset,
     ``lk = offset + lq``) query ``i`` sees keys ``0 .. offset + i``."""
     gqa = q.shape[0] != k.shape[0]
+    if gqa and q.is_cuda and q.dtype == torch.float32:
+        # CUDA float32 (generation, evaluation, parity): flash takes grouped heads but not float32, the
+        # memory-efficient kernel float32 but not grouped heads (torch 2.11), so SDPA would fall back to its
+        # math kernel and build the [hq, lq, lk] scores. Repeated heads (what enable_gqa means) let the
+        # memory-efficient kernel run, in memory linear in the length.
+        group = q.shape[0] // k.shape[0]
+        k, v, gqa = k.repeat_interleave(group, dim=0), v.repeat_interleave(group, dim=0), False
     q, k, v = q[None], k[None], v[None]
     if causal_offset is None or (causal_offset == 0 and q.shape[2] == k.shape[2]):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal_offset == 0, scale=scale,
@@ -211,10 +218,14 @@ def _masked_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset: int
                                           enable_gqa=gqa)
 
 
-def _varlen_call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float) -> torch.Tensor:
+def _varlen_call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scale: float,
+                 repeat_kv: bool = False) -> torch.Tensor:
     """``torch.nn.attention.varlen.varlen_attn`` on ``q [Tq, hq, d]``, ``k/v [Tk, hk, d]`` (pieces back to back,
     ``cu_*`` int32 offsets), asked for a lower-right causal mask, the scale and grouped-query heads in the
-    words of the installed torch (2.9: ``is_causal``; 2.10+: ``window_size``, ``scale``; 2.12+: ``enable_gqa``)."""
+    words of the installed torch (2.9: ``is_causal``; 2.10+: ``window_size``, ``scale``; 2.12+: ``enable_gqa``).
+    Before 2.12 the flash kernel takes fewer key/value heads as they are (it has no flag for it); only
+    ``repeat_kv`` (a build that refuses them, see :func:`varlen_mode`) repeats them to the query heads, at the
+    cost of K/V copies the backward keeps (``hq / hk`` times their size)."""
     varlen_attn, params = _varlen_kernel()
     kwargs = {}
     if "window_size" in params:
@@ -228,7 +239,7 @@ def _varlen_call(q, k, v, cu_q, cu_k, max_q: int, max_k: int, causal: bool, scal
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:  # query head i uses key head i // group, as scaled_dot_product_attention's enable_gqa
+        elif repeat_kv:  # query head i uses key head i // group, as scaled_dot_product_attention's enable_gqa
             group = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
@@ -242,42 +253,64 @@ def _varlen_kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-_VARLEN_CHECKED: dict[tuple, bool] = {}
+_VARLEN_CHECKED: dict[tuple, str | None] = {}
 
 
 def varlen_ready(device: torch.device, dtype: torch.dtype, head_dim: int, hq: int, hk: int, scale: float) -> bool:
-    """Whether the varlen kernel serves this device, dtype and head layout, and agrees with the per-piece
-    path (checked once per process and key, on two documents and a lower-right piece; see the module
-    docstring)."""
+    """Whether the varlen kernel serves this device, dtype and head layout (:func:`varlen_mode`)."""
+    return varlen_mode(device, dtype, head_dim, hq, hk, scale) is not None
+
+
+def varlen_mode(device: torch.device, dtype: torch.dtype, head_dim: int, hq: int, hk: int, scale: float) -> str | None:
+    """How the varlen kernel serves this device, dtype and head layout, checked once per process and key
+    against the per-piece path on two documents and a lower-right piece, forward and backward (see the
+    module docstring): ``"heads"`` (grouped-query key/value heads passed as they are), ``"repeat"`` (this
+    build refuses or miscomputes them: repeated to the query heads), None (unusable: per-piece path)."""
     key = (str(device), dtype, head_dim, hq, hk, scale)
-    if key in _VARLEN_CHECKED:
-        return _VARLEN_CHECKED[key]
-    ok = False
+    if key not in _VARLEN_CHECKED:
+        modes = ("heads", "repeat") if hq != hk else ("heads",)
+        problems = []
+        _VARLEN_CHECKED[key] = None
+        for mode in modes:
+            problem = _varlen_problem(device, dtype, head_dim, hq, hk, scale, repeat_kv=mode == "repeat")
+            if problem is None:
+                _VARLEN_CHECKED[key] = mode
+                break
+            problems.append(problem)
+        if _VARLEN_CHECKED[key] != modes[0]:
+            warnings.warn(f"torch {torch.__version__}'s varlen attention {'; '.join(problems)}; "
+                          + ("repeating key/value heads" if _VARLEN_CHECKED[key] else "using per-document attention"))
+    return _VARLEN_CHECKED[key]
+
+
+def _varlen_problem(device, dtype, head_dim: int, hq: int, hk: int, scale: float, repeat_kv: bool) -> str | None:
+    """What is wrong with the varlen kernel on a small case (None: nothing)."""
     try:
         g = torch.Generator(device=device).manual_seed(0)
         lengths_q, lengths_k, offsets = [5, 11, 3], [5, 11, 9], [0, 0, 6]  # the last: 3 queries after 6 keys
         tq, tk = sum(lengths_q), sum(lengths_k)
-        q = torch.randn(tq, hq, head_dim, device=device, dtype=dtype, generator=g)
-        k, v = (torch.randn(tk, hk, head_dim, device=device, dtype=dtype, generator=g) for _ in range(2))
+        q = torch.randn(tq, hq, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+        k, v = (torch.randn(tk, hk, head_dim, device=device, dtype=dtype, generator=g).requires_grad_()
+                for _ in range(2))
         cu_q = torch.tensor([0, 5, 16, 19], dtype=torch.int32, device=device)
         cu_k = torch.tensor([0, 5, 16, 25], dtype=torch.int32, device=device)
-        got = _varlen_call(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), True, scale)
-        want = []
-        for i, off in enumerate(offsets):
-            qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
-            want.append(_attend(q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1), off, scale,
-                                0.0).transpose(0, 1))
-        error = float((got.float() - torch.cat(want).float()).abs().max())
-        ok = error < 0.05  # bf16 rounding is ~1e-2 here; a wrong mask is off by ~0.5
-        if not ok:
-            warnings.warn(f"torch {torch.__version__}'s varlen attention disagrees with per-document attention "
-                          f"(max difference {error:.3f}); using per-document attention")
+        got = _varlen_call(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), True, scale, repeat_kv)
+        got.float().sum().backward()  # the backward too: a kernel may take grouped heads forward only
+        if k.grad is None or k.grad.shape != k.shape:
+            return "gives no key gradient of the keys' shape"
+        with torch.no_grad():
+            want = []
+            for i, off in enumerate(offsets):
+                qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+                want.append(_attend(q[qs].transpose(0, 1), k[ks].transpose(0, 1), v[ks].transpose(0, 1), off,
+                                    scale, 0.0).transpose(0, 1))
+            error = float((got.float() - torch.cat(want).float()).abs().max())
+        if error >= 0.05:  # bf16 rounding is ~1e-2 here; a wrong mask is off by ~0.5
+            return f"disagrees with per-document attention (max difference {error:.3f})"
     except Exception as exc:  # noqa: BLE001 - an unusable kernel (old torch, other signature, unsupported GPU)
         first_line = (str(exc).splitlines() or [""])[0][:200]  # dispatcher errors run to pages
-        warnings.warn(f"torch {torch.__version__}'s varlen attention is not usable here ({type(exc).__name__}: "
-                      f"{first_line}); using per-document attention")
-    _VARLEN_CHECKED[key] = ok
-    return ok
+        return f"is not usable ({type(exc).__name__}: {first_line})"
+    return None
 
 
 def _varlen_plan(plans, seq: int, order, device, cache: dict | None, key: tuple):
@@ -318,6 +351,7 @@ def attend_packed(query, key, value, plans, order, causal: bool, scale: float, d
                   and head_dim % 8 == 0 and head_dim <= 256 and hq % hk == 0
                   and varlen_ready(query.device, query.dtype, head_dim, hq, hk, scale))
     if varlen:
+        repeat_kv = _VARLEN_CHECKED.get((str(query.device), query.dtype, head_dim, hq, hk, scale)) == "repeat"
         seq = key.shape[0]
         cu_q, cu_k, max_q, max_k, key_index = _varlen_plan(plans, seq, order, query.device, cache,
                                                            ("varlen", *plan_key))
@@ -325,7 +359,7 @@ def attend_packed(query, key, value, plans, order, causal: bool, scale: float, d
         k, v = (t.transpose(0, 1).reshape(batch * seq, hk, head_dim) for t in (key, value))
         if key_index is not None:
             k, v = k.index_select(0, key_index), v.index_select(0, key_index)
-        out = _varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale)
+        out = _varlen_call(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, repeat_kv)
         return out.view(batch, sq, hq * head_dim).transpose(0, 1).contiguous()
     rows = []
     for b, pieces in enumerate(plans):

@@ -12,6 +12,7 @@ the same result for packed rows, the ViT's frames and both ranks of a CP2 layout
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from model.context_parallel import gathered_order, layout
 SCALE = 16 ** -0.5
 
 
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, repeat_kv=False):
     """What the flash kernel computes: for each i, queries ``cu_q[i]:cu_q[i+1]`` over keys
     ``cu_k[i]:cu_k[i+1]``, the causal mask aligned to the lower right; ``q [Tq, hq, d]``, ``k [Tk, hk, d]``."""
     out = []
@@ -116,3 +117,39 @@ def test_varlen_is_chosen_only_where_it_can_run():
     before = dict(attention._VARLEN_CHECKED)
     out = attention.attend_packed(q, k, v, plans, None, True, SCALE)
     assert out.shape == (32, 1, 64) and attention._VARLEN_CHECKED == before
+
+
+def test_grouped_key_value_heads_go_to_the_kernel_as_they_are_unless_it_refuses_them(monkeypatch):
+    """torch before 2.12 has no enable_gqa flag but its flash kernel takes fewer key/value heads: they are
+    passed as they are (repeated, the backward would keep hq/hk copies of K and V); a build that refuses
+    them, forward or backward, gets them repeated; one that cannot run at all is not used."""
+    def accepting(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, -1), scale=None):
+        return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale)
+
+    def refusing(q, k, v, *args, **kwargs):
+        if q.shape[1] != k.shape[1]:
+            raise RuntimeError("number of heads in key/value must equal the query's")
+        return accepting(q, k, v, *args, **kwargs)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    seen = []
+
+    def recording(q, k, v, *args, **kwargs):
+        seen.append((q.shape[1], k.shape[1]))
+        return accepting(q, k, v, *args, **kwargs)
+
+    for kernel, mode in ((accepting, "heads"), (refusing, "repeat"), (broken, None), (recording, "heads")):
+        monkeypatch.setattr(attention, "_varlen_kernel", lambda kernel=kernel: (kernel, frozenset({"window_size", "scale"})))
+        monkeypatch.setattr(attention, "_VARLEN_CHECKED", {})
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            assert attention.varlen_mode(torch.device("cpu"), torch.float32, 16, 4, 2, SCALE) == mode, kernel
+    # The model's call then passes the 2 key/value heads of 4 query heads as they are.
+    q, k, v = _qkv(32, 1)
+    plans = attention._plan(None, 1, 32, True, 1, 0)
+    monkeypatch.setattr(attention, "_VARLEN_CHECKED", {("cpu", torch.float32, 16, 4, 2, SCALE): "heads"})
+    seen.clear()
+    attention.attend_packed(q, k, v, plans, None, True, SCALE, varlen=True)
+    assert seen == [(4, 2)]
