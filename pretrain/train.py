@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import ConfigError
     from pretrain.data.blend import BlendError
+    from pretrain.data.encoding import SampleEncodingError
     from common.distributed.parallel import ParallelConfigError, destroy_distributed
     from pretrain.posttrain.rl_stage import RLSetupError, run_rl_stage
     from pretrain.trainer import TrainingStopped, run_stage
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(job, OmegaConf.to_yaml(cfg, resolve=True))
     except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError, RLSetupError, ConfigError,
-            BlendError) as exc:  # what a job's settings or files can get wrong: one line, no traceback
+            BlendError, SampleEncodingError) as exc:  # what a job's settings or files can get wrong: one line
+        # (SampleEncodingError: an RL prompt whose media do not decode; training data skips such samples)
         from pretrain.metrics import close_progress_bars
 
         close_progress_bars()
