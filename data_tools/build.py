@@ -20,7 +20,8 @@ build goes on past a bug so that one run shows all of them, but its summary repo
 the rejections and the command exits with status 3 (:func:`run_build_command`). Output folder::
 
     shard-000000.tar ...   WebDataset shards (data_tools.schema describes a sample)
-    index.json             shards (samples, bytes, sha256), totals (incl. failed_lines: internal errors),
+    index.json             shards (samples, bytes, sha256), totals (incl. failed_lines: internal errors;
+                           dropped_clips: clips of accepted videos left out, with no text or caption),
                            rejections by reason, config, version
     rejected.jsonl         {"line", "reason", "detail", "input"} per rejected line, in line order
     internal_errors.jsonl  {"line", "error", "traceback", "input"} per line that hit a bug (only when some did)
@@ -101,13 +102,15 @@ def tool_version() -> str:
 
 @dataclass
 class LineResult:
-    """What became of one manifest line: samples and source media digests, a rejection (``reason``,
-    ``detail``: the input is bad), or an internal error (``error``: one line naming the exception and
-    where it was raised, ``traceback``: the full one; the input may be fine, data_tools has a bug)."""
+    """What became of one manifest line: samples, source media digests and the clips left out
+    (data_tools.sample_media.LineSamples), a rejection (``reason``, ``detail``: the input is bad), or an
+    internal error (``error``: one line naming the exception and where it was raised, ``traceback``: the
+    full one; the input may be fine, data_tools has a bug)."""
 
     line: int
     samples: list[PreparedSample] = field(default_factory=list)
     digests: list[str] = field(default_factory=list)
+    dropped_clips: int = 0
     reason: str | None = None
     detail: str | None = None
     error: str | None = None
@@ -152,8 +155,8 @@ def _make_samples(line: int, prepare) -> LineResult:
     stop the build nor pass for bad input)."""
     try:
         record, ctx = prepare()
-        samples, digests = _WORKER["make"](record, ctx)
-        return LineResult(line, samples=samples, digests=digests)
+        made = _WORKER["make"](record, ctx)
+        return LineResult(line, samples=made.samples, digests=made.digests, dropped_clips=made.dropped_clips)
     except Rejected as r:
         return LineResult(line, reason=r.reason, detail=r.detail)
     except Exception as e:
@@ -532,6 +535,7 @@ class BuildSummary:
     rejected_by_reason: dict[str, int]
     seconds: float  # this run
     samples_this_run: int = 0
+    dropped_clips: int = 0  # clips of accepted videos left out: no text or caption in their span
     failed_lines: int = 0  # lines that hit an internal error (a bug), listed in internal_errors.jsonl
     first_error: str | None = None  # the first of them: "line N: Exception: message (at file.py:line)"
 
@@ -544,6 +548,8 @@ class BuildSummary:
         ]
         if self.rejected_by_reason:
             lines.append("  rejected by reason: " + ", ".join(f"{r} {n}" for r, n in self.rejected_by_reason.items()))
+        if self.dropped_clips:
+            lines.append(f"  {self.dropped_clips} clips left out: neither the video's text nor a caption falls in their span")
         if self.failed_lines:
             lines.append(
                 f"  INTERNAL ERRORS: {self.failed_lines} lines failed on a bug in data_tools, not on bad input "
@@ -622,7 +628,7 @@ def _process(config: BuildConfig, out: Path, source: RecordSource, scan: InputSc
             yield line, raw
 
     writer: ShardWriter | None = None
-    shard = {"lines": 0, "digests": [], "last": None}
+    shard = {"lines": 0, "digests": [], "last": None, "dropped_clips": 0}
     pending_rejections: list[dict] = []
 
     def flush_rejections() -> None:
@@ -643,11 +649,12 @@ def _process(config: BuildConfig, out: Path, source: RecordSource, scan: InputSc
         record = {
             "type": "shard", "name": info.name, "samples": info.samples, "bytes": info.bytes, "sha256": info.sha256,
             "last": list(shard["last"]), "lines": shard["lines"], "digests": shard["digests"],
+            "dropped_clips": shard["dropped_clips"],
         }
         journal.append(record)
         state.add_shard(record)
         writer = None
-        shard.update(lines=0, digests=[], last=None)
+        shard.update(lines=0, digests=[], last=None, dropped_clips=0)
 
     def reject(line: int, reason: str, detail: str, text: str) -> None:
         record = {"line": line, "reason": reason, "detail": detail, "input": text}
@@ -706,9 +713,10 @@ def _process(config: BuildConfig, out: Path, source: RecordSource, scan: InputSc
                 writer.add(sample)
                 counts["written"] += 1
                 shard["last"] = (result.line, sub)
-                if sub == 0 and not resumed_mid_line:
+                if sub == 0 and not resumed_mid_line:  # a line's counts go with the shard it starts in
                     shard["lines"] += 1
                     shard["digests"].extend(new_digests)
+                    shard["dropped_clips"] += result.dropped_clips
             if config.progress and bar.n % 32 == 0:  # (a disabled bar's n stays 0)
                 bar.set_postfix(accepted=counts["accepted"], rejected=counts["rejected"], refresh=False)
         if writer is not None:
@@ -751,6 +759,8 @@ def _finalize(config: BuildConfig, out: Path, scan: InputScan, state: BuildState
         samples=sum(r["samples"] for r in state.shards), shards=len(shard_names),
         bytes=sum(r["bytes"] for r in state.shards), rejected_by_reason=by_reason, seconds=0.0,
         failed_lines=len(failed), first_error=_first_error(failed),
+        # (.get: a journal of an earlier version, resumed by this one, has no such count)
+        dropped_clips=sum(r.get("dropped_clips", 0) for r in state.shards),
     )
     index = {
         "format": FORMAT,
@@ -765,6 +775,7 @@ def _finalize(config: BuildConfig, out: Path, scan: InputScan, state: BuildState
             "accepted_lines": accepted_lines,
             "rejected_lines": len(rejected),
             "failed_lines": len(failed),
+            "dropped_clips": summary.dropped_clips,
             "samples": summary.samples,
             "shards": summary.shards,
             "bytes": summary.bytes,
@@ -799,7 +810,7 @@ def _summary_from_index(out: Path, seconds: float) -> BuildSummary:
     return BuildSummary(
         out=str(out), input_lines=t["input_lines"], accepted_lines=t["accepted_lines"], rejected_lines=t["rejected_lines"],
         samples=t["samples"], shards=t["shards"], bytes=t["bytes"], rejected_by_reason=index["rejected_by_reason"],
-        seconds=seconds, failed_lines=len(failed), first_error=_first_error(failed),
+        seconds=seconds, failed_lines=len(failed), first_error=_first_error(failed), dropped_clips=t.get("dropped_clips", 0),
     )
 
 

@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if t.get("failed_lines"):
         print(f"  {t['failed_lines']} lines failed on an internal error of data_tools (see internal_errors.jsonl)")
+    if t.get("dropped_clips"):
+        print(f"  {t['dropped_clips']} clips left out: neither the video's text nor a caption falls in their span")
     if args.rejected:
         with open(root / "rejected.jsonl") as f:
             for n, text in enumerate(f):

@@ -6,9 +6,10 @@ Line 1 is the header (tool version and the build's fingerprint). Then, in the or
 * ``{"type": "failed", "records": [{"line", "error", "traceback", "input"}]}``: a line that hit an
   internal error (a bug), recorded apart from the rejections.
 * ``{"type": "shard", "name", "samples", "bytes", "sha256", "last": [line, sub], "lines": n,
-  "digests": [[sha256, line], ...]}``: a shard renamed to its final name; ``last`` is its last sample
-  (manifest line, index of the sample within the line), ``lines`` the accepted lines that START in it,
-  ``digests`` their source media (for duplicate detection after a resume).
+  "digests": [[sha256, line], ...], "dropped_clips": n}``: a shard renamed to its final name; ``last``
+  is its last sample (manifest line, index of the sample within the line), ``lines`` the accepted
+  lines that START in it, ``digests`` their source media (for duplicate detection after a resume),
+  ``dropped_clips`` the clips those lines left out (data_tools.kinds.video).
 * ``{"type": "done"}``: every line is accounted for; only the final files remain to be written.
 
 A kill can tear the last line only (it is written in one ``write`` and fsynced); :func:`load_journal`

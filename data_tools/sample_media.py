@@ -5,7 +5,8 @@ Used by every ``data_tools.kinds`` module, so all builds check media the same wa
 * images: :func:`common.media.decode.load_image` (exists, decodes fully, bomb/size/aspect rules), then
   either the original bytes, or a ``smart_resize`` downscale when ``--downscale-pixels`` asks for it;
 * videos: :func:`common.media.decode.probe_video` (decord, PyAV fallback), at least one frame at
-  ``--video-sample-fps``, and the middle and last sampled frames must decode too.
+  ``--video-sample-fps``, frames held to the image side and aspect rules, and the middle and last
+  sampled frames and the video's last frame must decode too.
 
 Duplicates are detected on the sha256 of the SOURCE file bytes (``source_digests``); the build driver
 rejects a line whose media repeat an earlier accepted line's.
@@ -27,13 +28,14 @@ from data_tools.validation import Rejected
 from common.media.decode import (
     MediaError,
     VideoInfo,
+    check_video_frame_size,
     frame_indices_at_fps,
     load_image,
     probe_image,
     probe_video,
     read_video_frames,
 )
-from common.media.resize import FACTOR, MAX_ASPECT_RATIO, TEMPORAL_PATCH_SIZE, smart_resize
+from common.media.resize import FACTOR, TEMPORAL_PATCH_SIZE, smart_resize
 
 #: PIL format -> file extension of stored images.
 IMAGE_EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -66,6 +68,18 @@ class PreparedSample:
         return sum(len(data) for _, data in self.members)
 
 
+@dataclass
+class LineSamples:
+    """What a kind makes of one manifest line (``data_tools.kinds``): its samples, in order; the sha256
+    of every source medium (for duplicate detection); and ``dropped_clips``, the clips cut from its
+    video that were left out (with neither a text nor a caption in their span, the sample encoder
+    would skip them at every epoch), counted in the build's totals."""
+
+    samples: list[PreparedSample]
+    digests: list[str]
+    dropped_clips: int = 0
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -75,7 +89,12 @@ def _media_rejection(e: MediaError, where: str, given: str) -> Rejected:
 
 
 def validate_video(data: bytes, where: str, given: str, sample_fps: float) -> VideoInfo:
-    """Probe a video and prove it decodes at ``sample_fps``. Raises Rejected."""
+    """Probe a video and prove it decodes at ``sample_fps`` and in training. Raises Rejected.
+
+    Rules: at least one frame at ``sample_fps`` and one temporal patch of frames; frame sides and
+    aspect ratio as for images (:func:`common.media.decode.check_video_frame_size`: "image_too_small",
+    "aspect_ratio"); the frames of :func:`decode_check_frames` decode ("video_decode_error" if not).
+    """
     try:
         info = probe_video(data)
         indices = frame_indices_at_fps(info.num_frames, info.fps, sample_fps)
@@ -84,13 +103,27 @@ def validate_video(data: bytes, where: str, given: str, sample_fps: float) -> Vi
         if info.num_frames < TEMPORAL_PATCH_SIZE:  # the model's smallest video: one temporal patch of frames
             raise Rejected("no_usable_frames", f"{where} {given!r}: {info.num_frames} frame, a video needs at "
                                                f"least {TEMPORAL_PATCH_SIZE}")
-        if max(info.width, info.height) / max(1, min(info.width, info.height)) > MAX_ASPECT_RATIO:
-            raise Rejected("aspect_ratio", f"{where} {given!r}: {info.width}x{info.height} pixels, aspect ratio above {MAX_ASPECT_RATIO}")
-        # The probe decoded frame 0; the middle and the last sampled frames catch truncated files.
-        read_video_frames(data, sorted({indices[len(indices) // 2], indices[-1]}))
+        check_video_frame_size(info.width, info.height)
     except MediaError as e:
         raise _media_rejection(e, where, given) from None
+    frames = decode_check_frames(info, indices)
+    try:
+        read_video_frames(data, frames)
+    except MediaError as e:
+        # The container lists frames that do not decode: a file cut short or damaged (its index, read
+        # by the probe, survived). Training would fail on it at every epoch.
+        raise Rejected("video_decode_error", f"{where} {given!r}: the container lists {info.num_frames} frames "
+                                             f"but not all of them decode (a truncated or damaged file): {e.detail}") from None
     return info
+
+
+def decode_check_frames(info: VideoInfo, sampled: list[int]) -> list[int]:
+    """The frames (0-based indices, sorted) whose decoding proves a video usable, beyond frame 0 that
+    the probe decoded: the middle and the last of ``sampled`` (its frames at ``--video-sample-fps``),
+    and the video's last frame ``num_frames - 1``, which training's sampler always reads
+    (:func:`common.media.frame_sampling.sample_frame_indices` spans the whole video). A file whose end
+    is cut off while its index at the front survives passes the probe and fails only there."""
+    return sorted({sampled[len(sampled) // 2], sampled[-1], info.num_frames - 1})
 
 
 class SampleMedia:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -45,6 +46,19 @@ def _timestamps_text(duration: float) -> str:
 
     count = max(1, int(duration))  # one frame group per second at 2 fps
     return "".join(format_timestamp(i + 0.25) for i in range(min(count, 600)))
+
+
+def _seconds(value: object, name: str) -> float:
+    """A caption or video time as a finite float. Raises ValueError (the line is skipped and counted)
+    for anything else: a non-number, an infinity (JSON's ``1e999``) or NaN, whose timestamp text could
+    not be written (``int(inf)`` raised OverflowError, which ended the command)."""
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise ValueError(f"{name} {value!r:.40} is not a finite number of seconds") from None
+    if not math.isfinite(seconds):
+        raise ValueError(f"{name} {value!r} is not a finite number of seconds")
+    return seconds
 
 
 def _content_text(content, where: str) -> str:
@@ -87,11 +101,11 @@ def texts_of_record(record: Mapping) -> list[str]:
         end = 0.0
         for c in captions:
             if isinstance(c, Mapping) and isinstance(c.get("text"), str):
-                start, stop = float(c.get("start", 0.0)), float(c.get("end", 0.0))
+                start, stop = _seconds(c.get("start", 0.0), "caption start"), _seconds(c.get("end", 0.0), "caption end")
                 texts.append(CAPTION_FORMAT.format(start=start, end=stop, text=c["text"]))
                 end = max(end, stop)
         if "video" in record:
-            texts.append(_timestamps_text(end or float(record.get("duration", 1.0) or 1.0)))
+            texts.append(_timestamps_text(end or _seconds(record.get("duration", 1.0) or 1.0, "duration")))
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise ValueError("no text")

@@ -27,9 +27,9 @@ REASONS: dict[str, str] = {
     "unreadable_file": "a media file cannot be read",
     "image_decode_error": "an image cannot be decoded completely",
     "decompression_bomb": "an image has more pixels than --max-pixels",
-    "image_too_small": "an image side is below 28 pixels",
-    "aspect_ratio": "an image's long side is more than 200 times its short side",
-    "video_decode_error": "a video cannot be decoded (neither decord nor PyAV)",
+    "image_too_small": "an image side, or a video frame side, is below 28 pixels",
+    "aspect_ratio": "an image's or a video frame's long side is more than 200 times its short side",
+    "video_decode_error": "a video cannot be decoded (neither decord nor PyAV), or not all its frames can (a truncated file)",
     "no_usable_frames": "a video gives no frame at the sampling rate",
     "invalid_media": "a medium is unusable for another reason",
     "caption_out_of_range": "a caption's times are not inside the video",
@@ -87,6 +87,16 @@ def field(record: Mapping, name: str, types: type | tuple[type, ...], where: str
         names = " or ".join(t.__name__ for t in allowed)
         raise Rejected("invalid_fields", f"field {label!r} must be {names}, got {type(value).__name__}")
     return value
+
+
+def check_keys(record: Mapping, known: tuple[str, ...], what: str) -> None:
+    """Reject a manifest record with a top-level key outside ``known`` (``what`` names the line, as in
+    "a video line"): a misspelt optional field (``"caption"`` for ``"captions"``) would otherwise be
+    ignored and its data silently lost. Raises Rejected("invalid_fields") naming the unknown keys and
+    the known ones."""
+    unknown = sorted(set(record) - set(known))
+    if unknown:
+        raise Rejected("invalid_fields", f"unknown field(s) {unknown}; {what} has {list(known)}")
 
 
 def objects(items: list, where: str) -> Iterator[tuple[int, str, dict]]:

@@ -6,7 +6,8 @@ exactly the media members it describes, with their sizes and sha256; keys are un
 the sample, line and rejection counts add up (accepted + rejected + failed = input lines); rejected.jsonl
 is well-formed; no line failed on an internal error (a set built past a bug in data_tools lacks those
 lines: it is reported, with internal_errors.jsonl's first error); the energon metadata (.nv-meta/.info.json counts, dataset.yaml, one .tar.idx per shard)
-agrees. ``--decode`` also decodes every image and probes every video.
+agrees. ``--decode`` also decodes every image, and probes every video and decodes its last frame (the
+one training's frame sampler always reads: a file cut short behind an intact index fails only there).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def verify(directory: str | os.PathLike, *, decode: bool = False, progress: bool
 
     from data_tools.schema import SchemaError, sample_from_json
     from data_tools.shards import iter_shard, sha256_file
-    from common.media.decode import MediaError, load_image, probe_video, recorded_max_pixels
+    from common.media.decode import MediaError, load_image, probe_video, read_video_frames, recorded_max_pixels
 
     root = Path(directory)
     problems: list[str] = []
@@ -101,7 +102,7 @@ def verify(directory: str | os.PathLike, *, decode: bool = False, progress: bool
                                 if image.size != (m.width, m.height):
                                     problems.append(f"{where}: {m.name} decodes to {image.size}, JSON says {(m.width, m.height)}")
                             else:
-                                probe_video(data)
+                                read_video_frames(data, [probe_video(data).num_frames - 1])
                         except MediaError as e:
                             problems.append(f"{where}: {m.name} does not decode: {e.detail}")
         except (SchemaError, OSError, EOFError) as e:
@@ -175,7 +176,7 @@ def verify(directory: str | os.PathLike, *, decode: bool = False, progress: bool
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a folder written by a build-* command")
-    parser.add_argument("--decode", action="store_true", help="also decode every image and probe every video (slow)")
+    parser.add_argument("--decode", action="store_true", help="also decode every image, and probe every video and decode its last frame (slow)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 

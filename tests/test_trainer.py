@@ -57,6 +57,16 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(TORCHRUN + args, capture_output=True, text=True, env=_env(), timeout=600)
 
 
+def _resume_from_step_4(synth_data, run_root: Path, resumed: Path, parallel: str) -> subprocess.CompletedProcess:
+    """The 6-step stage of ``_stage_args`` in ``parallel``, resumed in ``resumed`` from a copy of
+    ``run_root``'s step-4 checkpoint."""
+    checkpoints = resumed / "s1_pretrain" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    shutil.copytree(run_root / "s1_pretrain/checkpoints/step_00000004", checkpoints / "step_00000004")
+    (checkpoints / "latest").write_text("step_00000004\n")
+    return _train(_stage_args(synth_data, resumed, parallel=parallel))
+
+
 @pytest.fixture(scope="module")
 def straight(synth_data, tmp_path_factory) -> Path:
     """The run root of one uninterrupted 6-step run (ep2, checkpoints at steps 4 and 6 kept): the
@@ -108,11 +118,7 @@ def test_resume_in_another_layout_trains_on_the_data_that_follows(synth_data, st
     reference = {r["step"]: r for r in _records(straight)}
 
     resumed = tmp_path / "resumed"
-    checkpoints = resumed / "s1_pretrain" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    shutil.copytree(straight / "s1_pretrain/checkpoints/step_00000004", checkpoints / "step_00000004")
-    (checkpoints / "latest").write_text("step_00000004\n")
-    done = _train(_stage_args(synth_data, resumed, parallel="tp2_ep2_sp"))
+    done = _resume_from_step_4(synth_data, straight, resumed, parallel="tp2_ep2_sp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from" in done.stdout and "(step 4) in another layout" in done.stdout
     records = _records(resumed)
@@ -181,11 +187,7 @@ def test_interleaved_pipeline_checkpoint_resumes_without_interleaving(synth_data
     losses = dict(_losses(interleaved))
 
     resumed = tmp_path / "resumed"
-    checkpoints = resumed / "s1_pretrain" / "checkpoints"
-    checkpoints.mkdir(parents=True)
-    shutil.copytree(interleaved / "s1_pretrain/checkpoints/step_00000004", checkpoints / "step_00000004")
-    (checkpoints / "latest").write_text("step_00000004\n")
-    done = _train(_stage_args(synth_data, resumed, parallel="pp2"))
+    done = _resume_from_step_4(synth_data, interleaved, resumed, parallel="pp2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "resumed from" in done.stdout
     assert [step for step, _ in _losses(resumed)] == [5, 6]

@@ -28,7 +28,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.media.resize import MAX_ASPECT_RATIO
 
-#: Smallest accepted image side in pixels (Qwen's processors reject images below 28 px).
+#: Smallest accepted image side in pixels (Qwen's processors reject images below 28 px); video frames
+#: are held to it too (:func:`check_video_frame_size`).
 MIN_IMAGE_SIDE = 28
 #: Default decompression-bomb limit: images with more pixels than this are rejected from the header,
 #: before any pixel is decoded. 40 megapixels covers every photo camera and most scans.
@@ -40,8 +41,8 @@ REASONS = (
     "unreadable_file",  # exists but cannot be read (directory, permissions, I/O error)
     "image_decode_error",  # not an image, truncated or corrupt pixel data
     "decompression_bomb",  # more pixels than allowed (checked before decoding)
-    "image_too_small",  # a side below MIN_IMAGE_SIDE
-    "aspect_ratio",  # long side / short side above MAX_ASPECT_RATIO
+    "image_too_small",  # an image or video frame side below MIN_IMAGE_SIDE
+    "aspect_ratio",  # long side / short side above MAX_ASPECT_RATIO (images and video frames)
     "video_decode_error",  # neither decord nor PyAV can open or decode it
     "no_usable_frames",  # opens, but has no frame (or the requested frames do not exist)
     "invalid_media",  # anything else (default of hand-made errors)
@@ -123,6 +124,19 @@ def check_image_size(width: int, height: int, *, max_pixels: int = DEFAULT_MAX_P
             "decompression_bomb",
             f"{width}x{height} = {width * height} pixels is above the limit of {max_pixels} pixels",
         )
+    _check_sides(width, height, source)
+
+
+def check_video_frame_size(width: int, height: int, *, source: str = "video") -> None:
+    """Raise MediaError unless video frames of ``width`` x ``height`` pixels are usable: the side and
+    aspect-ratio rules of :func:`check_image_size` (reasons "image_too_small", "aspect_ratio"), so that
+    a frame is held to the rules of a still image. No pixel limit: a video frame is not a
+    decompression bomb (its decoder allocates what the stream header says, frame by frame)."""
+    _check_sides(width, height, source)
+
+
+def _check_sides(width: int, height: int, source: str) -> None:
+    """Both sides at least ``MIN_IMAGE_SIDE``, long side / short side at most ``MAX_ASPECT_RATIO``."""
     if min(width, height) < MIN_IMAGE_SIDE:
         raise _fail(source, "image_too_small", f"{width}x{height} pixels has a side below {MIN_IMAGE_SIDE} px")
     if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
@@ -337,17 +351,19 @@ def _read_frames_pyav(src: MediaSource, indices: Sequence[int]) -> np.ndarray:
     wanted = set(indices)
     last = max(wanted)
     found: dict[int, np.ndarray] = {}
+    decoded = 0  # frames decoded so far: all of the file's when one is missing (the loop ran to its end)
     with _pyav_open(src) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for i, frame in enumerate(container.decode(stream)):
+            decoded = i + 1
             if i in wanted:
                 found[i] = frame.to_ndarray(format="rgb24")
             if i >= last:
                 break
     missing = sorted(wanted - found.keys())
     if missing:
-        raise IndexError(f"frame index {missing[0]} is beyond the {len(found) and max(found) + 1} decodable frames")
+        raise IndexError(f"frame index {missing[0]} is beyond the {decoded} decodable frames")
     return np.stack([found[i] for i in indices])
 
 

@@ -19,18 +19,18 @@ import importlib
 from collections.abc import Callable
 
 from data_tools.kinds import maker
-from data_tools.sample_media import LineContext, PreparedSample
+from data_tools.sample_media import LineContext, LineSamples
 
 #: importer name -> module.
 IMPORTERS = {"llava": "data_tools.importers.llava", "messages": "data_tools.importers.messages"}
 
 
-def importer_maker(name: str, kind: str) -> Callable[[dict, LineContext], tuple[list[PreparedSample], list[str]]]:
+def importer_maker(name: str, kind: str) -> Callable[[dict, LineContext], LineSamples]:
     """``make_samples`` of ``kind`` applied to the records that importer ``name`` translates."""
     translate = importlib.import_module(IMPORTERS[name]).translate
     make = maker(kind)
 
-    def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
+    def make_samples(record: dict, ctx: LineContext) -> LineSamples:
         return make(translate(record), ctx)
 
     return make_samples

@@ -48,4 +48,9 @@ def translate(record: dict) -> dict:
         content = field(message, "content", (str, list), where)
         out.append({**message, "content": _content(content, listed, used, where)})
     check_all_used(listed, used)
-    return {**record, "messages": out}
+    # Only the build-sft keys: the kind rejects any other (a native manifest's misspelt key), while an
+    # imported record's other fields (ms-swift's media lists, a dataset's own columns) are ignored.
+    translated = {"messages": out}
+    if "id" in record:
+        translated["id"] = record["id"]
+    return translated

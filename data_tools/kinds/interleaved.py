@@ -2,18 +2,23 @@
 
 Manifest line: ``{"id"?: str, "segments": [{"text": str} | {"image": path}, ...]}`` in reading order.
 A document needs at least one text and one image segment; each segment has exactly one of the keys.
+Any other top-level key is rejected.
 """
 
 from __future__ import annotations
 
-from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
+from data_tools.sample_media import LineContext, LineSamples, SampleMedia, prepare
 from data_tools.schema import InterleavedSample, Part, Source, sample_key
-from data_tools.validation import (Rejected, check_joined_texts, check_text, check_total_text, field, objects,
-                                   source_id)
+from data_tools.validation import (Rejected, check_joined_texts, check_keys, check_text, check_total_text, field,
+                                   objects, source_id)
+
+#: The keys of a manifest line.
+KEYS = ("id", "segments")
 
 
-def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
-    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
+def make_samples(record: dict, ctx: LineContext) -> LineSamples:
+    """One sample (and the sha256 of its source media). Raises Rejected."""
+    check_keys(record, KEYS, "an interleaved line")
     ident = source_id(record)
     segments = field(record, "segments", list)
     if not segments:
@@ -47,4 +52,4 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
         key=sample_key(ctx.line), source=Source(ctx.line, ctx.manifest_name, ident), media=tuple(media.infos),
         segments=tuple(parts),
     )
-    return [prepare(sample, media.members)], media.source_digests
+    return LineSamples([prepare(sample, media.members)], media.source_digests)

@@ -4,11 +4,12 @@ Manifest line: ``{"id"?: str, "messages": [{"role": "system"|"user", "content": 
 "text": str} | {"type": "image", "image": path} | {"type": "video", "video": path}]}], "answer": str |
 null, "reward"?: str}``.
 
-Rules: the messages follow data_tools.kinds.sft's rules (same checks, same reasons) but hold no
-assistant turn (the policy writes it) and end with a user turn; ``answer`` must be present, a usable
-text (not blank, no control token) or null for a prompt without a reference; ``reward`` (default
-``"exact_match"``) is the name of the reward that scores the responses, an identifier such as
-``exact_match``: data_tools stores it as given, the trainer checks that such a reward is registered.
+Rules: the messages follow data_tools.kinds.sft's rules (same checks, same reasons: images and videos
+only in user messages, a system message only first) but hold no assistant turn (the policy writes it)
+and end with a user turn; ``answer`` must be present, a usable text (not blank, no control token) or
+null for a prompt without a reference; ``reward`` (default ``"exact_match"``) is the name of the reward
+that scores the responses, an identifier such as ``exact_match``: data_tools stores it as given, the
+trainer checks that such a reward is registered.
 Any other key is rejected (a misspelt ``"answers"`` must not silently leave a prompt without its
 reference).
 """
@@ -18,9 +19,9 @@ from __future__ import annotations
 import re
 
 from data_tools.kinds.sft import check_messages, message_texts, store_messages
-from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
+from data_tools.sample_media import LineContext, LineSamples, SampleMedia, prepare
 from data_tools.schema import RlSample, Source, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, source_id
+from data_tools.validation import Rejected, check_keys, check_text, check_total_text, field, source_id
 
 DEFAULT_REWARD = "exact_match"
 KEYS = ("id", "messages", "answer", "reward")
@@ -37,11 +38,9 @@ def _reward(record: dict) -> str:
     return reward
 
 
-def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
-    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
-    unknown = sorted(set(record) - set(KEYS))
-    if unknown:
-        raise Rejected("invalid_fields", f"unknown field(s) {unknown}; an RL prompt line has {list(KEYS)}")
+def make_samples(record: dict, ctx: LineContext) -> LineSamples:
+    """One sample (and the sha256 of its source media). Raises Rejected."""
+    check_keys(record, KEYS, "an RL prompt line")
     ident = source_id(record)
     checked = check_messages(record)
     for i, (role, _) in enumerate(checked):
@@ -64,4 +63,4 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
         key=sample_key(ctx.line), source=Source(ctx.line, ctx.manifest_name, ident), media=tuple(media.infos),
         messages=messages, answer=answer, reward=reward,
     )
-    return [prepare(sample, media.members)], media.source_digests
+    return LineSamples([prepare(sample, media.members)], media.source_digests)

@@ -3,16 +3,24 @@
 Manifest line: ``{"id"?: str, "messages": [{"role": "system"|"user"|"assistant", "content": str |
 [{"type": "text", "text": str} | {"type": "image", "image": path} | {"type": "video", "video": path}]}]}``.
 
-Rules: a system message only first; at least one user and one assistant message; assistant messages
-are text only (the model does not generate media); no empty content. A string content becomes one
-text part in the stored sample.
+Rules: a system message only first; at least one user and one assistant message; images and videos
+only in user messages (the chat template places media in user turns only: the model does not generate
+media, and a system prompt is text); no empty content. A string content becomes one text part in the
+stored sample. Any top-level key other than ``id`` and ``messages`` is rejected (a misspelt key must
+not silently drop data).
 """
 
 from __future__ import annotations
 
-from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare
+from data_tools.sample_media import LineContext, LineSamples, SampleMedia, prepare
 from data_tools.schema import ROLES, Message, Part, SftSample, Source, sample_key
-from data_tools.validation import Rejected, check_joined_texts, check_text, check_total_text, field, objects, source_id
+from data_tools.validation import (Rejected, check_joined_texts, check_keys, check_text, check_total_text, field, objects,
+                                   source_id)
+
+#: The keys of a manifest line.
+KEYS = ("id", "messages")
+#: The one role whose messages may hold images and videos (common.tokens.chat_template).
+MEDIA_ROLE = "user"
 
 
 def _content_items(message: dict, where: str) -> list[dict]:
@@ -31,8 +39,9 @@ def _content_items(message: dict, where: str) -> list[dict]:
 
 def check_messages(record: dict) -> list[tuple[str, list[dict]]]:
     """The ``messages`` of a line as ``[(role, content items)]`` after every field and text check (no file
-    is opened): roles in ROLES, a system message only first, assistant messages text only, no empty
-    content or text. Shared with data_tools.kinds.rl. Raises Rejected."""
+    is opened): roles in ROLES, a system message only first, media only in user messages, no empty
+    content or text. Shared with data_tools.kinds.rl (and so with every importer: they translate into
+    these records). Raises Rejected."""
     messages = field(record, "messages", list)
     if not messages:
         raise Rejected("invalid_fields", "'messages' is empty")
@@ -49,8 +58,9 @@ def check_messages(record: dict) -> list[tuple[str, list[dict]]]:
             if item["type"] == "text":
                 run.append((check_text(item["text"], f"{where}.content[{j}].text"), f"{where}.content[{j}].text"))
                 continue
-            if role == "assistant":
-                raise Rejected("invalid_fields", f"{where}: assistant messages must be text only, found {item['type']}")
+            if role != MEDIA_ROLE:  # the chat template refuses media elsewhere: the sample would never train
+                raise Rejected("invalid_fields", f"{where} ({role}): content[{j}] is {item['type']} content, which is "
+                                                 f"only allowed in {MEDIA_ROLE} messages")
             check_joined_texts(run)
             run = []
         check_joined_texts(run)
@@ -80,8 +90,9 @@ def store_messages(checked: list[tuple[str, list[dict]]], media: SampleMedia) ->
     return tuple(out)
 
 
-def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
-    """One sample; returns (samples, sha256 of the source media). Raises Rejected."""
+def make_samples(record: dict, ctx: LineContext) -> LineSamples:
+    """One sample (and the sha256 of its source media). Raises Rejected."""
+    check_keys(record, KEYS, "an SFT line")
     ident = source_id(record)
     checked = check_messages(record)  # all field and text checks before any file is opened
     roles = {role for role, _ in checked}
@@ -94,4 +105,4 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
         key=sample_key(ctx.line), source=Source(ctx.line, ctx.manifest_name, ident), media=tuple(media.infos),
         messages=messages,
     )
-    return [prepare(sample, media.members)], media.source_digests
+    return LineSamples([prepare(sample, media.members)], media.source_digests)

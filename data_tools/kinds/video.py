@@ -10,20 +10,31 @@ end is clamped to the duration).
 With ``--max-clip-seconds L`` a video longer than ``L`` seconds is cut at frame boundaries into clips
 ``[kL, (k+1)L)`` (the last one shorter), each re-encoded to H.264 MP4 at the source frame rate and
 stored as its own sample with key ``<line>_<clip>``; captions overlapping a clip are cut to it and
-re-timed to the clip's start, and the video's ``text`` is repeated on every clip. Duplicate detection
-uses the source video's bytes.
+re-timed to the clip's start, and the video's ``text`` is repeated on every clip. A clip left with
+neither (a video without ``text`` whose captions miss its span) is not written, since the sample
+encoder would skip it at every epoch: the clips kept are numbered ``0, 1, ...`` in time order (keys
+and ``Clip.index``/``count``; ``Clip.start``/``end`` say which part of the source each one shows) and
+the build counts the ones left out (``dropped_clips`` in index.json's totals). A clip that cannot be
+re-encoded rejects the line (``invalid_media``). Duplicate detection uses the source video's bytes.
+
+Any top-level key other than ``video``, ``text``, ``captions`` and ``id`` is rejected (a misspelt
+``"caption"`` must not silently drop the captions).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from data_tools.sample_media import LineContext, PreparedSample, SampleMedia, prepare, validate_video
+from data_tools.sample_media import LineContext, LineSamples, PreparedSample, SampleMedia, prepare, validate_video
 from data_tools.schema import Caption, Clip, Source, VideoSample, sample_key
-from data_tools.validation import Rejected, check_text, check_total_text, field, number, objects, source_id
+from data_tools.validation import Rejected, check_keys, check_text, check_total_text, field, number, objects, source_id
 from common.media.decode import MediaError, VideoInfo, iter_video_frames
-from common.media.encode import encode_video
+from common.media.encode import EncodeError, encode_video
 from common.media.resize import TEMPORAL_PATCH_SIZE
+
+#: The keys of a manifest line.
+KEYS = ("id", "video", "text", "captions")
 
 
 def _parse_captions(record: dict) -> list[Caption]:
@@ -77,8 +88,43 @@ def retime_captions(captions: list[Caption], start: float, end: float) -> list[C
     return out
 
 
-def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], list[str]]:
-    """One sample, or one per clip; returns (samples, sha256 of the source video). Raises Rejected."""
+@dataclass(frozen=True)
+class ClipPlan:
+    """One clip to write: source frames ``[lo, hi)``, source seconds ``[start, end)``, its re-timed captions."""
+
+    lo: int
+    hi: int
+    start: float
+    end: float
+    captions: tuple[Caption, ...]
+
+
+def plan_clips(info: VideoInfo, max_seconds: float, text: str | None, captions: list[Caption]) -> tuple[list[ClipPlan], int]:
+    """The clips of a video cut at ``max_seconds`` (:func:`clip_frame_ranges`) that are worth writing,
+    in time order, and the number left out: without the video's ``text``, a clip whose span no caption
+    overlaps would be a sample with no text at all, which the sample encoder skips."""
+    plans = []
+    for lo, hi in clip_frame_ranges(info.num_frames, info.fps, max_seconds):
+        start, end = round(lo / info.fps, 6), round(hi / info.fps, 6)
+        plans.append(ClipPlan(lo, hi, start, end, tuple(retime_captions(captions, start, end))))
+    kept = [p for p in plans if text is not None or p.captions]
+    return kept, len(plans) - len(kept)
+
+
+def encode_clip(data: bytes, plan: ClipPlan, fps: float, label: str) -> bytes:
+    """MP4 bytes of the clip ``plan`` of the video ``data``. Raises Rejected: a frame that does not decode
+    (its MediaError reason), or frames the encoder refuses ("invalid_media")."""
+    try:
+        return encode_video(iter_video_frames(data, plan.lo, plan.hi), fps)
+    except MediaError as e:
+        raise Rejected(e.reason, f"{label}: {e.detail}") from None
+    except EncodeError as e:
+        raise Rejected("invalid_media", f"{label} cannot be re-encoded: {e}") from None
+
+
+def make_samples(record: dict, ctx: LineContext) -> LineSamples:
+    """One sample, or one per clip worth writing (with the count of the others). Raises Rejected."""
+    check_keys(record, KEYS, "a video line")
     ident = source_id(record)
     text = record.get("text")
     if text is not None:
@@ -95,21 +141,25 @@ def make_samples(record: dict, ctx: LineContext) -> tuple[list[PreparedSample], 
     if max_clip is None or info.duration <= max_clip + 1e-9:
         name = media.add_video(given, data, digest, info)
         sample = VideoSample(sample_key(ctx.line), source, tuple(media.infos), video=name, text=text, captions=tuple(captions))
-        return [prepare(sample, media.members)], [digest]
-    ranges = clip_frame_ranges(info.num_frames, info.fps, max_clip)
-    samples = []
-    for index, (lo, hi) in enumerate(ranges):
-        try:
-            clip_bytes = encode_video(iter_video_frames(data, lo, hi), info.fps)
-        except MediaError as e:
-            raise Rejected(e.reason, f"video {given!r}, clip {index} (frames {lo}-{hi - 1}): {e.detail}") from None
-        clip_info = validate_video(clip_bytes, f"video {given!r} clip", str(index), ctx.config.video_sample_fps)
-        start, end = round(lo / info.fps, 6), round(hi / info.fps, 6)
-        clip_media = SampleMedia(ctx)
-        name = clip_media.add_video(given, clip_bytes, digest, clip_info, ext="mp4")
-        sample = VideoSample(
-            sample_key(ctx.line, index), source, tuple(clip_media.infos), video=name, text=text,
-            captions=tuple(retime_captions(captions, start, end)), clip=Clip(index, len(ranges), start, end),
-        )
-        samples.append(prepare(sample, clip_media.members))
-    return samples, [digest]
+        return LineSamples([prepare(sample, media.members)], [digest])
+    plans, dropped = plan_clips(info, max_clip, text, captions)
+    if not plans:  # only when caption times round away at the video's very end: nothing would train
+        raise Rejected("empty_text", f"the video has no 'text' and no clip of {max_clip} s holds a caption")
+    samples = [_clip_sample(ctx, source, given, data, digest, info, text, plan, index, len(plans))
+               for index, plan in enumerate(plans)]
+    return LineSamples(samples, [digest], dropped_clips=dropped)
+
+
+def _clip_sample(ctx: LineContext, source: Source, given: str, data: bytes, digest: str, info: VideoInfo,
+                 text: str | None, plan: ClipPlan, index: int, count: int) -> PreparedSample:
+    """Clip ``index`` of the ``count`` kept from the video ``data``, re-encoded and validated. Raises Rejected."""
+    label = f"video {given!r}, clip {index} (frames {plan.lo}-{plan.hi - 1})"
+    clip_bytes = encode_clip(data, plan, info.fps, label)
+    clip_info = validate_video(clip_bytes, f"video {given!r} clip", str(index), ctx.config.video_sample_fps)
+    clip_media = SampleMedia(ctx)
+    name = clip_media.add_video(given, clip_bytes, digest, clip_info, ext="mp4")
+    sample = VideoSample(
+        sample_key(ctx.line, index), source, tuple(clip_media.infos), video=name, text=text,
+        captions=plan.captions, clip=Clip(index, count, plan.start, plan.end),
+    )
+    return prepare(sample, clip_media.members)

@@ -334,10 +334,10 @@ def test_a_worker_that_dies_rejects_only_its_line(tmp_path, consumer_seconds):
 def make_samples_with_a_bug(record: dict, ctx):
     """image_text's make_samples with a real bug on valid lines whose caption names a background: it
     reads an option that BuildConfig does not have (an AttributeError, as a typo would raise)."""
-    samples, digests = make_image_text_samples(record, ctx)
+    made = make_image_text_samples(record, ctx)
     if "background" in record["text"]:
         ctx.config.max_caption_chars
-    return samples, digests
+    return made
 
 
 def process_line_with_a_bug(task):
