@@ -256,6 +256,11 @@ def _varlen_kernel():
 _VARLEN_CHECKED: dict[tuple, str | None] = {}
 
 
+def _varlen_key(device, dtype, head_dim: int, hq: int, hk: int, scale: float) -> tuple:
+    """The key of :data:`_VARLEN_CHECKED`: what the kernel check depends on."""
+    return str(device), dtype, head_dim, hq, hk, scale
+
+
 def varlen_ready(device: torch.device, dtype: torch.dtype, head_dim: int, hq: int, hk: int, scale: float) -> bool:
     """Whether the varlen kernel serves this device, dtype and head layout (:func:`varlen_mode`)."""
     return varlen_mode(device, dtype, head_dim, hq, hk, scale) is not None
@@ -266,7 +271,7 @@ def varlen_mode(device: torch.device, dtype: torch.dtype, head_dim: int, hq: int
     against the per-piece path on two documents and a lower-right piece, forward and backward (see the
     module docstring): ``"heads"`` (grouped-query key/value heads passed as they are), ``"repeat"`` (this
     build refuses or miscomputes them: repeated to the query heads), None (unusable: per-piece path)."""
-    key = (str(device), dtype, head_dim, hq, hk, scale)
+    key = _varlen_key(device, dtype, head_dim, hq, hk, scale)
     if key not in _VARLEN_CHECKED:
         modes = ("heads", "repeat") if hq != hk else ("heads",)
         problems = []
@@ -351,7 +356,7 @@ def attend_packed(query, key, value, plans, order, causal: bool, scale: float, d
                   and head_dim % 8 == 0 and head_dim <= 256 and hq % hk == 0
                   and varlen_ready(query.device, query.dtype, head_dim, hq, hk, scale))
     if varlen:
-        repeat_kv = _VARLEN_CHECKED.get((str(query.device), query.dtype, head_dim, hq, hk, scale)) == "repeat"
+        repeat_kv = _VARLEN_CHECKED.get(_varlen_key(query.device, query.dtype, head_dim, hq, hk, scale)) == "repeat"
         seq = key.shape[0]
         cu_q, cu_k, max_q, max_k, key_index = _varlen_plan(plans, seq, order, query.device, cache,
                                                            ("varlen", *plan_key))

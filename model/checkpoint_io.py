@@ -60,6 +60,11 @@ def model_sharded_state(model: list) -> dict:
             for i, chunk in enumerate(unwrap_model(model))}
 
 
+def write_model_config(folder: str | os.PathLike, config: dict) -> None:
+    """Write a checkpoint's :data:`CONFIG_FILE`: the model's HF config dict (``Qwen3VLConfig.to_hf()``)."""
+    (Path(folder) / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
 def save_weights(path: str | os.PathLike, model: list) -> None:
     """Save only the model weights as a distributed checkpoint, in the training checkpoints' layout
     (so ``stage.init_from`` and ``load_weights`` read it), with the model's config
@@ -71,7 +76,7 @@ def save_weights(path: str | os.PathLike, model: list) -> None:
     dist_checkpointing.save(model_sharded_state(model), str(path))
     cfg = model_config(model)
     if cfg is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        (Path(path) / CONFIG_FILE).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
+        write_model_config(path, cfg.to_hf())
 
 
 def load_weights(path: str | os.PathLike, model: list) -> Path:

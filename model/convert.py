@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint_io import CONFIG_FILE
+from model.checkpoint_io import CONFIG_FILE, write_model_config
 from model.config import Qwen3VLConfig
 
 META_FILE = "qwen3vl_convert.json"
@@ -115,7 +115,7 @@ def write_mcore_checkpoint(out: Path, layout: dict, rank_fn, rank_args: tuple, c
     tmp.mkdir(parents=True)
     try:
         results = spawn_ranks(rank_fn, world, str(tmp), *rank_args)
-        (tmp / CONFIG_FILE).write_text(json.dumps(config_dict, indent=2) + "\n")
+        write_model_config(tmp, config_dict)
         (tmp / META_FILE).write_text(json.dumps(
             {**meta, "written_in_layout": layout, "world_size": world}, indent=2) + "\n")
         extra = tmp / EXTRA_DIR

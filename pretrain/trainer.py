@@ -181,14 +181,15 @@ def checkpoint_description(model_cfg, params_dtype: torch.dtype, tokenizer, stag
     (processor and generation configs, chat template) of the checkpoint the stage started from
     (``carried_from``: its ``hf_extra/``, e.g. from ``model.convert hf-to-mcore``), so that the exported
     folder loads with ``AutoProcessor`` as the original did. The tokenizer is the stage's own."""
-    from model.convert import CONFIG_FILE, EXTRA_DIR, META_FILE
+    from model.checkpoint_io import write_model_config
+    from model.convert import EXTRA_DIR, META_FILE
     from common.tokens.tokenizer import TOKENIZER_FILE
 
     carried = sorted(p for p in (carried_from / EXTRA_DIR).iterdir() if p.is_file() and p.name != TOKENIZER_FILE) \
         if carried_from is not None and (carried_from / EXTRA_DIR).is_dir() else []
 
     def describe(folder: Path) -> None:
-        (folder / CONFIG_FILE).write_text(json.dumps(model_cfg.to_hf(), indent=2) + "\n")
+        write_model_config(folder, model_cfg.to_hf())
         dtype = "bfloat16" if params_dtype == torch.bfloat16 else "float32"
         (folder / META_FILE).write_text(json.dumps({"dtype": dtype, "source": f"pretrain.train stage {stage}"}) + "\n")
         (folder / EXTRA_DIR).mkdir(parents=True, exist_ok=True)
