@@ -37,7 +37,8 @@ Padding (segment ids < 0) attends within blocks of :data:`PADDING_BLOCK` tokens:
 and reach no real token, and as one causal segment it would cost attention quadratic in its length.
 
 The segment ids of one forward pass are the same tensor for every layer; the document plan derived from
-them is cached on that tensor, so it is computed once per forward, not once per layer.
+them is cached with that tensor (:func:`model.segments.tensor_cache`, which activation recomputation's
+detached aliases find too), so it is computed once per forward, not once per layer.
 
 Generation (:class:`model.kv_cache.KVCache`, set as ``kv_cache`` on the decoder layers' modules by the
 model for the length of a forward): the prefill stores every layer's keys and values of the prompts, and a
@@ -64,7 +65,7 @@ from megatron.core.utils import divide
 
 from model.context_parallel import document_bounds, gathered_order, layout
 from model.kv_cache import KVCache
-from model.segments import segment_boundaries
+from model.segments import segment_boundaries, tensor_cache
 
 # CPU, queries that start inside a document: rows x keys of one masked block, at most (a bool mask and the
 # kernel's float copy: 5 bytes each, transient), and its rows at most / at least.
@@ -158,10 +159,7 @@ def _plan(segment_ids: torch.Tensor | None, batch: int, seq: int, causal: bool, 
         return layout(segment_ids, batch, seq, cp_size)[:, cp_rank]
 
     if segment_ids is not None:
-        cache = getattr(segment_ids, "_attention_plans", None)
-        if cache is None:
-            cache = {}
-            segment_ids._attention_plans = cache
+        cache = tensor_cache(segment_ids, "attention_plans")
         if key not in cache:
             if segment_ids.dim() != 2 or segment_ids.shape != (batch, seq):
                 raise ValueError(f"segment ids must be [batch, full sequence] = [{batch}, {seq}], "
@@ -426,5 +424,5 @@ class DocumentAttention(MegatronModule):
         plans = _plan(attention_mask, batch, seq, causal, cp_size, cp_rank)
         dropout_p = self.dropout if self.training else 0.0
         return attend_packed(query, key, value, plans, order if cp_size > 1 else None, causal, self.softmax_scale,
-                             dropout_p, cache=None if attention_mask is None else attention_mask._attention_plans,
+                             dropout_p, cache=None if attention_mask is None else tensor_cache(attention_mask, "attention_plans"),
                              plan_key=(causal, cp_size, cp_rank, seq))

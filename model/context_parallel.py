@@ -15,7 +15,7 @@ multiple of ``2 * cp`` (and a row without document ids) gets exactly Megatron's 
 sequence. ``S`` must be a multiple of ``2 * cp``; :func:`check_sequence_length` says so in one line.
 
 A rank's tokens stay in sequence order. The layout of a micro-batch depends on its document ids only:
-every rank computes the same one; it is cached on the document-id tensor, so the model, its attention
+every rank computes the same one; it is cached with the document-id tensor, so the model, its attention
 layers and the loss (:func:`split_on_this_rank`) cut the same way from one computation.
 
 The vision encoder runs before the cut, and its work is shared: each image and video frame of the
@@ -30,6 +30,8 @@ helpers read them from Megatron's parallel state.
 from __future__ import annotations
 
 import torch
+
+from model.segments import tensor_cache
 
 
 def check_sequence_length(seq_length: int, cp_size: int, what: str = "sequence length") -> None:
@@ -109,9 +111,7 @@ def layout(document_ids: torch.Tensor | None, batch: int, seq_length: int, cp_si
     if tuple(document_ids.shape) != (batch, seq_length):
         raise ValueError(f"document ids {tuple(document_ids.shape)} do not match the sequence "
                          f"[{batch}, {seq_length}]")
-    cache = getattr(document_ids, "_cp_layouts", None)
-    if cache is None:
-        cache = document_ids._cp_layouts = {}
+    cache = tensor_cache(document_ids, "cp_layouts")
     device = torch.device(device)
     if (cp_size, "cpu") not in cache:
         cache[cp_size, "cpu"] = torch.stack([rank_positions(row, seq_length, cp_size) for row in document_ids.cpu()])
@@ -149,7 +149,7 @@ def gathered_order(document_ids: torch.Tensor | None, batch: int, seq_length: in
     rank_major = layout(document_ids, batch, seq_length, cp_size, device).reshape(batch, seq_length)
     if document_ids is None:
         return torch.argsort(rank_major, dim=1)
-    cache = document_ids._cp_layouts
+    cache = tensor_cache(document_ids, "cp_layouts")
     key = (cp_size, str(torch.device(device)), "order")
     if key not in cache:
         cache[key] = torch.argsort(rank_major, dim=1)

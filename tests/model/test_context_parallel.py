@@ -292,3 +292,44 @@ def test_check_parity_in_context_parallel_layouts(tmp_path):
     report = check(str(moe), cp=2, ep=2)
     assert set(report) == {"text", "one_image", "two_images", "video", "interleaved"}
     assert max(r["max_abs_diff"] for r in report.values()) <= TOL
+
+
+def _plan_builds(rank, recompute: bool, cp: int):
+    """How many times one forward + backward of a packed two-document row derives attention pieces and
+    context-parallel layouts, with or without full activation recomputation."""
+    import model.attention as attention
+    import model.context_parallel as context_parallel
+    from common.distributed.parallel import initialize_distributed
+    from model.check_parity import parity_inputs
+    from model.qwen3vl import build_qwen3vl
+    from model.registry import get_config
+
+    initialize_distributed({"cp": cp})
+    counts = {"pieces": 0, "layouts": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    attention.attention_pieces = counted("pieces", attention.attention_pieces)
+    context_parallel.rank_positions = counted("layouts", context_parallel.rank_positions)
+    cfg = get_config("tiny_dense")
+    overrides = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    torch.manual_seed(0)
+    model = build_qwen3vl(cfg, config_overrides=overrides if recompute else None)
+    x = parity_inputs(cfg, seed=0, pad_multiple=PAD)[-1]  # interleaved: images, a video, text
+    docs = _documents(x.input_ids.shape[1])
+    model(x.input_ids, **x.model_kwargs(), document_ids=docs, labels=torch.roll(x.input_ids, -1, 1)).sum().backward()
+    return counts
+
+
+@pytest.mark.parametrize("cp", [1, 2])
+def test_activation_recompute_reuses_the_forwards_attention_plans(cp):
+    """Recomputation's backward gets detached aliases of the layers' inputs: the attention pieces and the
+    CP layout derived from the segment ids in the forward are found again, not rebuilt once per layer."""
+    plain = run_ranks(_plan_builds, cp, False, cp)
+    recomputed = run_ranks(_plan_builds, cp, True, cp)
+    assert plain == recomputed
+    assert plain[0]["pieces"] > 0 and (cp == 1 or plain[0]["layouts"] > 0)
