@@ -479,16 +479,37 @@ def _static_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int,
     return {"weights": weights, "gradients": gradients, "optimizer state": optimizer}
 
 
+def held_chunks(parallel: ParallelConfig, micro_batches: int, stage: int) -> tuple[int, list[int]]:
+    """The most micro-batches' chunks whose forward pass a pipeline stage has run and whose backward pass
+    it has not, at any time of a step of ``micro_batches`` (per data-parallel rank): (over all its model
+    chunks, per model chunk). Megatron's schedules:
+    1F1B runs ``pp - stage - 1`` warm-up forwards, then one forward and one backward in turn; the
+    interleaved one ``2 * (pp - stage - 1) + (vpp - 1) * pp`` warm-up forwards, forwards in the order of
+    its schedule table (groups of ``pp`` micro-batches chunk by chunk) and backwards in the same order
+    with the chunks reversed. So chunk 0 (the ViT's) holds up to ``2 pp`` micro-batches, not ``pp``."""
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+
+    pp, vpp, m = parallel.pp, parallel.vpp or 1, micro_batches
+    if vpp == 1:
+        held = min(pp - stage, m)
+        return held, [held]
+    chunks = [c for _, c in get_schedule_table(m, vpp, pp)]
+    warmup = min(2 * (pp - stage - 1) + (vpp - 1) * pp, len(chunks))
+    held, peak_total, peak = [0] * vpp, 0, [0] * vpp
+    backward = iter(vpp - 1 - c for c in chunks)
+    for k, c in enumerate(chunks):
+        held[c] += 1
+        peak_total, peak = max(peak_total, sum(held)), [max(a, b) for a, b in zip(peak, held)]
+        if k >= warmup:  # the steady state: each forward is followed by the oldest backward
+            held[next(backward)] -= 1
+    return peak_total, peak
+
+
 def _in_flight(parallel: ParallelConfig, work: Workload, stage: int) -> float:
-    """Micro-batches whose activations a stage holds at once, in units of the stage's layers:
-    1F1B holds ``pp - stage`` (at most the step's micro-batches); the interleaved schedule holds
-    ``2 * (pp - stage - 1) + (vpp - 1) * pp + 1`` model chunks of ``1 / vpp`` of the stage each."""
-    pp, m = parallel.pp, work.micro_batches
-    if not parallel.vpp or parallel.vpp == 1:
-        return min(pp - stage, m)
-    vpp = parallel.vpp
-    chunks = min(2 * (pp - stage - 1) + (vpp - 1) * pp + 1, m * vpp)
-    return chunks / vpp
+    """Micro-batches whose activations a stage holds at once, in units of the stage's layers (a model
+    chunk is ``1 / vpp`` of them): 1F1B holds ``pp - stage`` (at most the step's micro-batches); the
+    interleaved schedule ``2 * (pp - stage - 1) + (vpp - 1) * pp + 1`` chunks (:func:`held_chunks`)."""
+    return held_chunks(parallel, work.micro_batches, stage)[0] / (parallel.vpp or 1)
 
 
 def kv_cache_bytes(cfg: Qwen3VLConfig, parallel: ParallelConfig, stage: int, rows: int, positions: int,
@@ -672,7 +693,7 @@ def _plan_stage(cfg: Qwen3VLConfig, parallel: ParallelConfig, world_size: int, w
     if first and images:
         # The CP ranks share the ViT's work, frame by frame (model.context_parallel.encode_over_cp).
         patches = -(-work.visual_patches // parallel.cp)
-        vision = min(parallel.pp, work.micro_batches) * work.image_sequences * vision_bytes(
+        vision = held_chunks(parallel, work.micro_batches, 0)[1][0] * work.image_sequences * vision_bytes(
             cfg, patches, tp, a, work.recompute, work.trainable)
         if "vision" not in work.trainable:  # a frozen ViT's forward: one layer's tensors live at a time
             merge = _vision_forward_bytes(cfg, patches, tp, a) * work.image_sequences

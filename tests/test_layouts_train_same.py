@@ -32,6 +32,8 @@ from functools import partial
 import pytest
 import torch
 
+from common.distributed.parallel import ParallelConfig
+from model.plan import held_chunks
 from tests.multimodal_packs import MICRO_BATCH_SIZE, tiny_config
 from tests.multirank import run_ranks
 
@@ -104,6 +106,7 @@ def _train(rank, cfg, layout: dict, global_batch: list[dict], weights_dir: str, 
     mine = global_batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
     seq_length = int(mine[0]["tokens"].shape[1])
     forward_step = partial(qwen3vl_forward_step, use_packed_seq_params=False)
+    vision_held = _count_held_vision_forwards(chunks[0])
     steps = []
     for _ in range(STEPS):
         micro_batches = [dict(b) for b in mine]
@@ -114,7 +117,27 @@ def _train(rank, cfg, layout: dict, global_batch: list[dict], weights_dir: str, 
         steps.append((r.loss, r.grad_norm, r.skipped, r.num_tokens))
     layers = [layer.layer_number for chunk in chunks for layer in chunk.decoder.layers]
     return {"steps": steps, "local_params": sum(p.numel() for chunk in chunks for p in chunk.parameters()),
-            "layers": layers}
+            "layers": layers, "vision_held": vision_held["peak"], "micro_batches": per_rank}
+
+
+def _count_held_vision_forwards(chunk) -> dict:
+    """The most micro-batches whose forward pass through ``chunk`` (the model chunk with the ViT) has run
+    and whose backward pass has not, at any time: the micro-batches whose ViT activations the schedule
+    keeps (what the capacity planner counts), under ``peak``."""
+    count = {"now": 0, "peak": 0}
+    if getattr(chunk, "vision", None) is None:
+        return count
+
+    def released(grad):
+        count["now"] -= 1
+
+    def forward_done(module, args, output):
+        count["now"] += 1
+        count["peak"] = max(count["peak"], count["now"])
+        output.register_hook(released)
+
+    chunk.register_forward_hook(forward_done)
+    return count
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,6 +188,9 @@ def _assert_trains_like_one_process(kind: str, layout_name: str, reference, glob
         assert (result["local_params"] < ref["local_params"]) == model_parallel, where
         if layout.get("vpp"):  # chunk c of rank r holds block c * pp + r of the decoder's layers
             assert result["layers"] == [1 + rank, 3 + rank], where
+        if rank == 0:  # the ViT activations the schedule holds are the capacity planner's
+            assert result["vision_held"] == held_chunks(ParallelConfig.from_mapping(layout),
+                                                        result["micro_batches"], 0)[1][0], where
         steps = result["steps"]
         assert [(s, n) for _, _, s, n in steps] == [(s, n) for _, _, s, n in ref_steps], where
         assert [loss for loss, *_ in steps] == pytest.approx([loss for loss, *_ in ref_steps],
