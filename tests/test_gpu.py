@@ -17,7 +17,8 @@ CUDA kernels still skip).
   path (documents, ViT frames, CP2 pieces);
 * one training step of the tiny MoE model in bf16 as the trainer builds it (``Float16Module``, fp32 main
   weights, distributed optimizer) on a packed multimodal micro-batch; save, 2 more steps, then a fresh
-  model restored from the checkpoint repeats those 2 steps;
+  model restored from the checkpoint (and the rank's CUDA and tracker RNG states, as the trainer restores
+  them) repeats those 2 steps;
 * post-training as the RL stage runs it: rollouts of the tiny MoE model (text, image and video prompts)
   with the KV cache against the full recomputation and their log-probs against the teacher-forced
   packed forward (float32), then in bf16 under the trainer's wrappers, and one SAPO update from them;
@@ -382,13 +383,22 @@ def test_varlen_attention_on_cuda_equals_the_per_piece_path():
 # bf16 training step, checkpoint save and resume
 
 
+def _rng_states_equal(a: dict, b: dict) -> bool:
+    """Whether two ``pretrain.checkpoint.collect_rng_state`` results hold the same torch, CUDA (where
+    there is one) and Megatron tracker states."""
+    keys = ("torch", "cuda")
+    return (all(torch.equal(a[k], b[k]) for k in keys if k in a or k in b)
+            and a["tracker"].keys() == b["tracker"].keys()
+            and all(torch.equal(a["tracker"][k], b["tracker"][k]) for k in a["tracker"]))
+
+
 def _train_resume_body(rank, job, micro_batches: list[dict], run_dir: str) -> dict:
     from megatron.core.transformer.module import Float16Module
 
     from benchmarks.bench_step import training_step
     from pretrain.trainer import build_training
     from common.distributed.parallel import initialize_distributed
-    from pretrain.checkpoint import CheckpointManager, TrainerState, collect_rng_state
+    from pretrain.checkpoint import CheckpointManager, TrainerState, collect_rng_state, restore_rng_state
 
     initialize_distributed(job.parallel, seed=job.train.seed)
 
@@ -410,15 +420,21 @@ def _train_resume_body(rank, job, micro_batches: list[dict], run_dir: str) -> di
     out["changed_main"] = sum(not torch.equal(a, b) for a, b in zip(initial_main, main_params()))
     out["num_main"] = len(initial_main)
     manager = CheckpointManager(run_dir)
-    manager.save(model, optimizer, TrainerState(step=3), {"rng": collect_rng_state()})
+    saved_rng = collect_rng_state()
+    manager.save(model, optimizer, TrainerState(step=3), {"rng": saved_rng})
     saved = params(chunks)
     steps += [training_step(model, optimizer, micro_batches) for _ in range(2)]
     out["steps"] = [(r.loss, r.grad_norm, r.skipped) for r in steps]
 
     chunks, model, optimizer = build_training(job, torch.bfloat16)  # fresh weights and optimizer
     out["fresh_differs"] = any(not torch.equal(a, b) for a, b in zip(saved, params(chunks)))
-    state, _ = manager.load(manager.latest(), model, optimizer)
+    state, rank_state = manager.load(manager.latest(), model, optimizer)
     out["restored_step"] = state.step
+    # The RNG states as the trainer restores them on a resume in the same layout (on a GPU: the CUDA
+    # generator's and Megatron's tracker's, which the fresh model's initialisation has moved on).
+    out["rng_moved"] = not _rng_states_equal(saved_rng, collect_rng_state())
+    restore_rng_state(rank_state["rng"])
+    out["rng_restored"] = _rng_states_equal(saved_rng, collect_rng_state())
     out["restored_equal"] = all(torch.equal(a, b) for a, b in zip(saved, params(chunks)))
     out["resumed"] = [(r.loss, r.grad_norm, r.skipped) for r in
                       (training_step(model, optimizer, micro_batches) for _ in range(2))]
@@ -458,6 +474,8 @@ def test_checkpoint_resume_on_cuda(train_resume):
     r = train_resume
     assert r["fresh_differs"], "the fresh model already had the saved weights: the load would prove nothing"
     assert r["restored_step"] == 3 and r["restored_equal"], "weights differ from the saved ones after loading"
+    # Building the fresh model drew from the generators; the rank's saved RNG states are back after the restore.
+    assert r["rng_moved"] and r["rng_restored"], r
     for (loss, norm, _), (rl, rn, rs) in zip(r["steps"][3:], r["resumed"]):
         # The same kernels on the same inputs; a lost Adam state would move the loss by ~1e-2.
         assert not rs and rl == pytest.approx(loss, rel=1e-3) and rn == pytest.approx(norm, rel=1e-2), r
