@@ -4,7 +4,11 @@ Qwen3-VL samples a video uniformly at ``fps`` frames per second (default 2), cla
 ``[min_frames, max_frames]`` and to the frames the video has; pairs of consecutive sampled frames
 (the temporal patch, 2) become one frame group, announced in the text by ``<t seconds>`` where ``t`` is
 the mean time of the group's two frames. These rules mirror transformers' ``Qwen3VLVideoProcessor.
-sample_frames`` and ``Qwen3VLProcessor._calculate_timestamps``.
+sample_frames`` and ``Qwen3VLProcessor._calculate_timestamps``, which take frame ``i`` to be shown at
+``i / fps`` (``fps`` the average frame rate). A variable-frame-rate video (a phone in low light, a
+screen recording) breaks that: its frames are sampled evenly in *time* instead, and timed by their
+presentation timestamps (:func:`sample_frames`); a constant-rate video gets exactly the reference's
+frames and times.
 
 Decoding is not done here: :func:`load_video_clip` asks ``common.media.decode`` (the one media module);
 :func:`video_clip_size` gives the same clip's frame times and size from a video's probe (or its shard
@@ -45,13 +49,24 @@ class FrameSamplingConfig:
             )
 
 
+#: A video's frames count as evenly spaced (frame ``i`` at ``i / fps``) while every presentation timestamp
+#: lies within this many seconds of that grid: half the 0.1 s resolution of the ``<t seconds>`` text, so
+#: a constant-rate video's timestamp jitter (a 1/1000 s time base) never counts as variable.
+UNIFORM_TIMING_TOLERANCE_S = 0.05
+
+
 def num_sampled_frames(total_frames: int, video_fps: float, config: FrameSamplingConfig = FrameSamplingConfig()) -> int:
     """Number of frames sampled from ``total_frames`` frames recorded at ``video_fps`` frames per second."""
-    if total_frames <= 0:
-        raise ValueError(f"video has no frames (total_frames={total_frames})")
     if not video_fps > 0:
         raise ValueError(f"video frame rate must be positive, got {video_fps}")
-    wanted = int(total_frames / video_fps * config.fps)
+    return _sample_count(total_frames / video_fps, total_frames, config)
+
+
+def _sample_count(seconds: float, total_frames: int, config: FrameSamplingConfig) -> int:
+    """Frames sampled from ``seconds`` of video holding ``total_frames`` frames (the reference's rule)."""
+    if total_frames <= 0:
+        raise ValueError(f"video has no frames (total_frames={total_frames})")
+    wanted = int(seconds * config.fps)
     return min(max(wanted, config.min_frames), config.max_frames, total_frames)
 
 
@@ -159,6 +174,68 @@ def clip_frame_range(total_frames: int, video_fps: float, start: float | None, e
     return first, last
 
 
+def variable_frame_times(total_frames: int, video_fps: float, frame_times: Sequence[float] | None) -> np.ndarray | None:
+    """``frame_times`` (seconds of every frame, the first at 0: ``decode.video_frame_times``) as float64
+    when they stray from the even grid ``i / video_fps`` by more than ``UNIFORM_TIMING_TOLERANCE_S``;
+    None when the grid describes the video, or when the times are missing or do not count
+    ``total_frames`` frames (then the grid is all there is)."""
+    if frame_times is None:
+        return None
+    times = np.asarray(frame_times, dtype=np.float64)
+    if times.shape != (total_frames,):
+        return None
+    grid = np.arange(total_frames, dtype=np.float64) / video_fps
+    return times if np.abs(times - grid).max(initial=0.0) > UNIFORM_TIMING_TOLERANCE_S else None
+
+
+def _nearest_frames(times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Index of the frame whose time in ``times`` (non-decreasing) is nearest to each target (ties: earlier)."""
+    after = np.clip(np.searchsorted(times, targets, side="left"), 1, len(times) - 1)
+    before = after - 1
+    return np.where(times[after] - targets < targets - times[before], after, before).astype(np.int64)
+
+
+def sample_frames(
+    total_frames: int,
+    video_fps: float,
+    config: FrameSamplingConfig = FrameSamplingConfig(),
+    *,
+    frame_times: Sequence[float] | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The frames to decode from a video (optionally only those in ``[start, end)`` seconds) and their
+    times: (int64 indices, ascending; float64 seconds from ``start``, 0 for a whole video).
+
+    ``frame_times``: the presentation time of every frame (``decode.video_frame_times``), or None.
+    Evenly spaced frames (:func:`variable_frame_times` is None) follow the reference: indices spread
+    evenly over the frames, frame ``i`` at ``i / video_fps``. A variable frame rate is sampled evenly
+    in time: ``count`` target times from the first to the last frame in range, each taking the nearest
+    frame and its own time (a frame held longer than the sampling step may be taken twice). ``count``
+    is the reference's, from the span's seconds.
+    """
+    times = variable_frame_times(total_frames, video_fps, frame_times)
+    offset = float(start or 0.0)
+    if times is None:
+        if start is None and end is None:
+            indices = sample_frame_indices(total_frames, video_fps, config)
+        else:
+            first, last = clip_frame_range(total_frames, video_fps, start, end)
+            count = num_sampled_frames(last - first + 1, video_fps, config)
+            indices = first + np.linspace(0, last - first, count).round().astype(np.int64)
+        return indices, sampled_frame_times(indices, video_fps, offset)
+    first = 0 if start is None else int(np.searchsorted(times, start - 1e-6, side="left"))
+    stop = total_frames if end is None else int(np.searchsorted(times, end - 1e-6, side="left"))
+    if stop <= first:
+        raise ValueError(f"no frame lies in [{start}, {end}) seconds of a {total_frames}-frame video")
+    # The span lasts from its first frame to the end of its last (one average frame period).
+    seconds = times[stop - 1] - times[first] + 1.0 / video_fps
+    count = _sample_count(seconds, stop - first, config)
+    targets = np.linspace(times[first], times[stop - 1], count)
+    indices = first + _nearest_frames(times[first:stop], targets) if stop - first > 1 else np.full(count, first)
+    return indices.astype(np.int64), np.maximum(times[indices] - offset, 0.0)
+
+
 def load_video_clip(
     src: str | os.PathLike | bytes,
     config: FrameSamplingConfig = FrameSamplingConfig(),
@@ -174,21 +251,17 @@ def load_video_clip(
     from common.media import decode as media  # the one decoding module; imported here so sampling has no decoder deps
 
     info = media.probe_video(src)
-    if start is None and end is None:
-        indices = sample_frame_indices(info.num_frames, info.fps, config)
-        offset = 0.0
-    else:
-        first, last = clip_frame_range(info.num_frames, info.fps, start, end)
-        count = num_sampled_frames(last - first + 1, info.fps, config)
-        indices = first + np.linspace(0, last - first, count).round().astype(np.int64)
-        offset = float(start or 0.0)
-    frames = media.read_video_frames(src, indices.tolist())
-    return VideoClip.from_indices(frames, indices, info.fps, start=offset)
+    indices, times = sample_frames(info.num_frames, info.fps, config, frame_times=media.video_frame_times(src),
+                                   start=start, end=end)
+    return VideoClip(frames=media.read_video_frames(src, indices.tolist()), frame_times=times)
 
 
-def video_clip_size(info, config: FrameSamplingConfig = FrameSamplingConfig()) -> VideoClipSize:
-    """What :func:`load_video_clip` returns for a whole video, without opening it: the frames it samples
+def video_clip_size(info, config: FrameSamplingConfig = FrameSamplingConfig(), frame_times: Sequence[float] | None = None
+                    ) -> VideoClipSize:
+    """What :func:`load_video_clip` returns for a whole video, without decoding it: the frames it samples
     from a video described by ``info`` (anything with ``num_frames``, ``fps``, ``width`` and ``height``:
-    a probe's ``VideoInfo``, or a shard's media record, which holds the build time's probe)."""
-    indices = sample_frame_indices(info.num_frames, info.fps, config)
-    return VideoClipSize(sampled_frame_times(indices, info.fps), int(info.height), int(info.width))
+    a probe's ``VideoInfo``, or a shard's media record, which holds the build time's probe) whose frames
+    are shown at ``frame_times`` (``decode.video_frame_times`` of the same video; None: evenly spaced).
+    The same ``frame_times`` as :func:`load_video_clip` reads give the same frame times, so the same text."""
+    _, times = sample_frames(info.num_frames, info.fps, config, frame_times=frame_times)
+    return VideoClipSize(times, int(info.height), int(info.width))

@@ -367,8 +367,9 @@ class _MediaDecoder:
     set); an image is decoded under the pixel limit its shard set was built with. ``decode=False``: the
     media are not decoded, only sized, by their records (what ``data_tools`` measured when it built the shard,
     with the loaders used here): an image by its width and height (after EXIF rotation, by
-    ``load_image``), a video by its frame count, frame rate and size (``probe_video``), from which
-    :func:`video_clip_size` gives the frames :func:`load_video_clip` samples. Nothing is opened.
+    ``load_image``), a video by its frame count, frame rate and size (``probe_video``) and its frames'
+    timestamps (``video_frame_times``: the container is demuxed, nothing is decoded), from which
+    :func:`video_clip_size` gives the frames :func:`load_video_clip` samples. No image is opened.
     """
 
     def __init__(self, media: Mapping[str, bytes], frames: FrameSamplingConfig, sample_key: str,
@@ -403,8 +404,12 @@ class _MediaDecoder:
             if self.decode:
                 self._cache[name] = load_video_clip(self._bytes(name), self.frames)
             else:
-                self._bytes(name)  # a missing member is the same error as when decoding
-                self._cache[name] = video_clip_size(self.records[name], self.frames)
+                from common.media.decode import video_frame_times
+
+                # The frames' timestamps (a demux, no decoding) time a variable-frame-rate video as
+                # load_video_clip will: its "<t seconds>" text, hence its token count, is the plan's.
+                times = video_frame_times(self._bytes(name))
+                self._cache[name] = video_clip_size(self.records[name], self.frames, frame_times=times)
         return self._cache[name]
 
     def part(self, part) -> Any:

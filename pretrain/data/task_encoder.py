@@ -9,7 +9,8 @@ re-created from their restore keys, not pickled):
    as bytes (``decoder = None``: no energon decoding); kept as they are.
 2. :meth:`PackingTaskEncoder.preencode_sample` *plans* a document: it encodes the sample with its media
    only sized, not decoded (``encode_shard_parts(decode_media=False)``: JSON, tokens, positions; an
-   image's size, a video's frame count, frame rate and size from their shard records), applies the over-long policy
+   image's size, a video's frame count, frame rate and size from their shard records, its frames'
+   timestamps from a demux of its container), applies the over-long policy
    (:func:`fit_sample`), and keeps only the sizes and the raw bytes. So the packing buffer holds hundreds
    of samples at the cost of their compressed bytes, not their float32 patches (which is what makes ~99%
    packing fill affordable), and media are decoded once, when realised. A sample that fails to encode

@@ -294,3 +294,23 @@ def test_shard_schema_adapter(encoder):
         encode_shard_parts(encoder, parts(schema.ImageTextSample("000000001", src, (img_media,), "a caption", "img0.png"),
                                           **{"img0.png": png[:100]}))
     assert err.value.reason != "invalid_sample"  # the media module's reason code is kept
+
+
+def test_variable_frame_rate_shard_video_is_planned_as_decoded(encoder, vfr_mp4):
+    """A VFR video in a shard: the plan (media sized from the record and the container's timestamps, no
+    decoding) has the decoded sample's tokens, and both announce the frames' true times."""
+    from data_tools import schema
+    from common.media import decode as media_module
+    from pretrain.data.encoding import encode_shard_parts
+
+    info = media_module.probe_video(vfr_mp4)
+    record = schema.Media("vid0.mp4", "video", "mp4", "0" * 64, len(vfr_mp4), info.width, info.height, "v.mp4",
+                          num_frames=info.num_frames, fps=info.fps, duration=info.duration, backend=info.backend)
+    sample = schema.VideoSample("000000001", schema.Source(1, "m.jsonl", "vfr"), (record,), "vid0.mp4", text="dusk")
+    parts = {"json": schema.sample_to_json(sample), "__key__": sample.key, "vid0.mp4": vfr_mp4}
+    planned = encode_shard_parts(encoder, parts, decode_media=False)
+    decoded = encode_shard_parts(encoder, parts, decode_media=True)
+    assert torch.equal(planned.input_ids, decoded.input_ids) and torch.equal(planned.position_ids, decoded.position_ids)
+    text = encoder.tokenizer.decode(decoded.input_ids.tolist())
+    assert "<2.7 seconds>" in text and "<5.8 seconds>" in text  # frames at 2.4 and 3.0 s; the last one
+    assert "<1.8 seconds>" not in text  # frames 17 and 35 timed at i / average fps

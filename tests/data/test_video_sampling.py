@@ -105,3 +105,45 @@ def test_load_video_clip_from_real_mp4():
     part = load_video_clip(data, FrameSamplingConfig(fps=2.0, min_frames=2), start=1.0, end=2.0)
     assert part.frame_times[0] == 0.0 and part.frame_times[-1] <= 1.0
     np.testing.assert_allclose(part.frames[:, 32, 48, 0].astype(int), [100, 190], atol=6)
+
+
+def test_variable_frame_rate_video_is_sampled_and_timed_by_its_timestamps(vfr_mp4):
+    """A VFR video (2 s at 30 fps, then 4 s at 5 fps) is not shown at i / average fps: frames are taken
+    evenly in time and carry their presentation times; sizing it from its record and timestamps (how packs
+    are planned) gives the same times, so the same "<t seconds>" text."""
+    from types import SimpleNamespace
+
+    from common.media import decode as media
+    from common.media.frame_sampling import video_clip_size
+    from tests.data.conftest import VFR_FRAME_TIMES
+
+    info = media.probe_video(vfr_mp4)
+    assert info.num_frames == 80 and info.fps < 15  # the average rate: 30 fps and 5 fps mixed
+    np.testing.assert_allclose(media.video_frame_times(vfr_mp4), VFR_FRAME_TIMES, atol=1e-9)
+    clip = load_video_clip(vfr_mp4, FrameSamplingConfig(fps=2.0))
+    indices = np.rint(clip.frames[:, 24, 32, 0] / 3).astype(int)  # the pixels say which frame was decoded
+    np.testing.assert_allclose(clip.frame_times, np.asarray(VFR_FRAME_TIMES)[indices], atol=1e-9)
+    assert clip.num_frames == 11 and np.diff(clip.frame_times).max() < 0.7  # evenly in time: 0.58 s apart
+    # The uniform rule timed frame 60 (2.0 s) at 4.1 s and spent 8 of 11 samples on the first 2 s.
+    assert clip.frame_times[4] == pytest.approx(2.4) and clip.group_timestamps()[-1] == pytest.approx(5.8)
+    record = SimpleNamespace(num_frames=info.num_frames, fps=info.fps, width=info.width, height=info.height)
+    sized = video_clip_size(record, FrameSamplingConfig(fps=2.0), frame_times=media.video_frame_times(vfr_mp4))
+    np.testing.assert_array_equal(sized.frame_times, clip.frame_times)
+    part = load_video_clip(vfr_mp4, FrameSamplingConfig(fps=2.0, min_frames=2), start=2.0, end=4.0)
+    assert part.frame_times[0] == 0.0 and part.frame_times[-1] == pytest.approx(1.8)  # frames at 2.0 .. 3.8 s
+
+
+def test_constant_frame_rate_timestamps_keep_the_reference_rule():
+    """A constant-rate MP4's timestamps are the grid i / fps: the reference's indices and times, unchanged."""
+    from common.media import decode as media
+    from common.media.encode import encode_video
+    from common.media.frame_sampling import sample_frames, variable_frame_times
+
+    data = encode_video([np.zeros((32, 32, 3), np.uint8)] * 31, fps=30000 / 1001)
+    info = media.probe_video(data)
+    times = media.video_frame_times(data)
+    assert times.shape == (31,) and variable_frame_times(info.num_frames, info.fps, times) is None
+    indices, seconds = sample_frames(info.num_frames, info.fps, frame_times=times)
+    np.testing.assert_array_equal(indices, sample_frame_indices(info.num_frames, info.fps))
+    np.testing.assert_array_equal(seconds, indices / info.fps)
+    assert variable_frame_times(31, info.fps, times[:-1]) is None  # a count that disagrees: the grid
