@@ -64,3 +64,36 @@ def layout_batch_of_ones(layout_tokenizer) -> list[dict]:
     from tests.multimodal_packs import global_batch
 
     return global_batch(layout_tokenizer, micro_batch_size=1)
+
+
+#: Presentation times (seconds) of the frames of ``vfr_mp4``: 2 s at 30 fps, then 4 s at 5 fps, as a phone
+#: drops its frame rate when the light does (80 frames over 6 s: 14.5 fps on average).
+VFR_FRAME_TIMES = tuple([i / 30 for i in range(60)] + [2 + i / 5 for i in range(20)])
+
+
+@pytest.fixture(scope="session")
+def vfr_mp4() -> bytes:
+    """A real variable-frame-rate H.264 MP4 (B-frames on: packets reach the muxer out of presentation
+    order), written by PyAV with the irregular pts of ``VFR_FRAME_TIMES``; frame ``i``'s pixels are all
+    ``3 * i`` (64x48)."""
+    import io
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    time_base = Fraction(1, 90_000)
+    out = io.BytesIO()
+    with av.open(out, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = stream.codec_context.time_base = time_base
+        stream.options = {"threads": "1", "bf": "2"}
+        for i, seconds in enumerate(VFR_FRAME_TIMES):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i, np.uint8), format="rgb24")
+            frame.pts = round(seconds / time_base)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return out.getvalue()

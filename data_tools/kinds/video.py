@@ -9,7 +9,10 @@ end is clamped to the duration).
 
 With ``--max-clip-seconds L`` a video longer than ``L`` seconds is cut at frame boundaries into clips
 ``[kL, (k+1)L)`` (the last one shorter), each re-encoded to H.264 MP4 at the source frame rate and
-stored as its own sample with key ``<line>_<clip>``; captions overlapping a clip are cut to it and
+stored as its own sample. A variable-frame-rate source (a phone in low light, a screen recording: its
+frames' presentation times stray from ``i / fps``) is cut and timed by those times, and each clip is
+re-encoded at its average frame rate showing, at every frame time, the source frame shown then (a
+constant-rate clip: training's ``i / fps`` timing of it is its real one), with key ``<line>_<clip>``; captions overlapping a clip are cut to it and
 re-timed to the clip's start, and the video's ``text`` is repeated on every clip. A clip left with
 neither (a video without ``text`` whose captions miss its span) is not written, since the sample
 encoder would skip it at every epoch: the clips kept are numbered ``0, 1, ...`` in time order (keys
@@ -24,13 +27,17 @@ Any top-level key other than ``video``, ``text``, ``captions`` and ``id`` is rej
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from data_tools.sample_media import LineContext, LineSamples, PreparedSample, SampleMedia, prepare, validate_video
 from data_tools.schema import Caption, Clip, Source, VideoSample, sample_key
 from data_tools.validation import Rejected, check_keys, check_text, check_total_text, field, number, objects, source_id
-from common.media.decode import MediaError, VideoInfo, iter_video_frames
+from common.media.decode import MediaError, VideoInfo, iter_video_frames, video_frame_times
 from common.media.encode import EncodeError, encode_video
+from common.media.frame_sampling import variable_frame_times
 from common.media.resize import TEMPORAL_PATCH_SIZE
 
 #: The keys of a manifest line.
@@ -49,27 +56,60 @@ def _parse_captions(record: dict) -> list[Caption]:
     return captions
 
 
-def _fit_captions(captions: list[Caption], info: VideoInfo) -> list[Caption]:
+@dataclass(frozen=True)
+class SourceTiming:
+    """When a source video's frames are shown: ``frame_times`` (seconds, float64, one per frame) for a
+    variable frame rate, None when frame ``i`` is shown at ``i / fps``; ``duration`` in seconds (for a
+    variable rate the last frame's time plus its predecessor's gap: the probe's ``num_frames / fps``
+    divides by an average rate containers estimate differently)."""
+
+    num_frames: int
+    fps: float
+    duration: float
+    frame_times: np.ndarray | None = None
+
+    @staticmethod
+    def of(data: bytes, info: VideoInfo) -> "SourceTiming":
+        times = variable_frame_times(info.num_frames, info.fps, video_frame_times(data))
+        if times is None or len(times) < 2:
+            return SourceTiming(info.num_frames, info.fps, info.duration)
+        return SourceTiming(info.num_frames, info.fps, float(2 * times[-1] - times[-2]), times)
+
+    def time_of(self, frame: int) -> float:
+        """Seconds at which frame ``frame`` is first shown (``num_frames``: the end of the video)."""
+        if frame >= self.num_frames:
+            return self.duration
+        return float(self.frame_times[frame]) if self.frame_times is not None else frame / self.fps
+
+
+def _fit_captions(captions: list[Caption], timing: SourceTiming) -> list[Caption]:
     """Check caption times against the video; clamp ends within one frame period of its end."""
-    slack = 1.0 / info.fps
+    slack = 1.0 / timing.fps
     fitted = []
     for i, c in enumerate(captions):
-        if c.start >= info.duration or c.end > info.duration + slack:
+        if c.start >= timing.duration or c.end > timing.duration + slack:
             raise Rejected(
                 "caption_out_of_range",
-                f"captions[{i}] spans {c.start}-{c.end} s but the video lasts {info.duration:.3f} s",
+                f"captions[{i}] spans {c.start}-{c.end} s but the video lasts {timing.duration:.3f} s",
             )
-        fitted.append(Caption(c.start, min(c.end, info.duration), c.text))
+        fitted.append(Caption(c.start, min(c.end, timing.duration), c.text))
     return fitted
 
 
-def clip_frame_ranges(num_frames: int, fps: float, max_seconds: float) -> list[tuple[int, int]]:
+def clip_frame_ranges(num_frames: int, fps: float, max_seconds: float,
+                      frame_times: Sequence[float] | None = None) -> list[tuple[int, int]]:
     """Frame ranges ``[lo, hi)`` of consecutive clips of at most ``max_seconds``, each of at least one
     temporal patch of frames (``TEMPORAL_PATCH_SIZE``: the model takes no shorter video); a shorter last
-    piece joins the clip before it (that clip is then up to a frame longer than ``max_seconds``)."""
+    piece joins the clip before it (that clip is then up to a frame longer than ``max_seconds``).
+    ``frame_times``: the frames' presentation times (a variable frame rate), clip ``k`` holding those in
+    ``[k max_seconds, (k+1) max_seconds)``; None: frame ``i`` at ``i / fps``."""
     ranges, lo, k = [], 0, 1
     while lo < num_frames:
-        hi = min(num_frames, max(lo + TEMPORAL_PATCH_SIZE, math.floor(k * max_seconds * fps + 1e-6)))
+        if frame_times is None:
+            cut = math.floor(k * max_seconds * fps + 1e-6)
+        else:
+            cut = int(np.searchsorted(np.asarray(frame_times), k * max_seconds - 1e-6, side="left"))
+        hi = min(num_frames, max(lo + TEMPORAL_PATCH_SIZE, cut))
         ranges.append((lo, hi))
         lo, k = hi, k + 1
     if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < TEMPORAL_PATCH_SIZE:
@@ -99,23 +139,44 @@ class ClipPlan:
     captions: tuple[Caption, ...]
 
 
-def plan_clips(info: VideoInfo, max_seconds: float, text: str | None, captions: list[Caption]) -> tuple[list[ClipPlan], int]:
+def plan_clips(timing: SourceTiming, max_seconds: float, text: str | None,
+               captions: list[Caption]) -> tuple[list[ClipPlan], int]:
     """The clips of a video cut at ``max_seconds`` (:func:`clip_frame_ranges`) that are worth writing,
     in time order, and the number left out: without the video's ``text``, a clip whose span no caption
     overlaps would be a sample with no text at all, which the sample encoder skips."""
     plans = []
-    for lo, hi in clip_frame_ranges(info.num_frames, info.fps, max_seconds):
-        start, end = round(lo / info.fps, 6), round(hi / info.fps, 6)
+    for lo, hi in clip_frame_ranges(timing.num_frames, timing.fps, max_seconds, timing.frame_times):
+        start, end = round(timing.time_of(lo), 6), round(timing.time_of(hi), 6)
         plans.append(ClipPlan(lo, hi, start, end, tuple(retime_captions(captions, start, end))))
     kept = [p for p in plans if text is not None or p.captions]
     return kept, len(plans) - len(kept)
 
 
-def encode_clip(data: bytes, plan: ClipPlan, fps: float, label: str) -> bytes:
-    """MP4 bytes of the clip ``plan`` of the video ``data``. Raises Rejected: a frame that does not decode
-    (its MediaError reason), or frames the encoder refuses ("invalid_media")."""
+def frames_shown_at(frames: Iterator[np.ndarray], frame_times: Sequence[float],
+                    times: Sequence[float]) -> Iterator[np.ndarray]:
+    """For each of ``times`` (seconds, ascending), the frame of ``frames`` shown then: the last one whose
+    presentation time (``frame_times``, ascending, one per frame) is at most that time (the first frame
+    before it). Frames are consumed one at a time: a frame held longer than a step repeats, frames
+    shown between two times are skipped."""
+    current, upcoming, k = next(frames), next(frames, None), 1
+    for t in times:
+        while upcoming is not None and frame_times[k] <= t + 1e-9:
+            current, upcoming, k = upcoming, next(frames, None), k + 1
+        yield current
+
+
+def encode_clip(data: bytes, plan: ClipPlan, timing: SourceTiming, label: str) -> bytes:
+    """MP4 bytes of the clip ``plan`` of the video ``data``, at the source's (average) frame rate: its
+    frames as they are, or, for a variable frame rate, the frame shown at each ``start + j / fps``.
+    Raises Rejected: a frame that does not decode (its MediaError reason), or frames the encoder
+    refuses ("invalid_media")."""
+    frames = iter_video_frames(data, plan.lo, plan.hi)
+    if timing.frame_times is not None:
+        count = max(TEMPORAL_PATCH_SIZE, round((plan.end - plan.start) * timing.fps))
+        frames = frames_shown_at(frames, timing.frame_times[plan.lo:plan.hi],
+                                 [timing.time_of(plan.lo) + j / timing.fps for j in range(count)])
     try:
-        return encode_video(iter_video_frames(data, plan.lo, plan.hi), fps)
+        return encode_video(frames, timing.fps)
     except MediaError as e:
         raise Rejected(e.reason, f"{label}: {e.detail}") from None
     except EncodeError as e:
@@ -136,25 +197,26 @@ def make_samples(record: dict, ctx: LineContext) -> LineSamples:
     source = Source(ctx.line, ctx.manifest_name, ident)
     media = SampleMedia(ctx)
     given, data, digest, info = media.read_video(field(record, "video", str), "video")
-    captions = _fit_captions(captions, info)
     max_clip = ctx.config.max_clip_seconds
-    if max_clip is None or info.duration <= max_clip + 1e-9:
+    timing = SourceTiming.of(data, info)
+    captions = _fit_captions(captions, timing)
+    if max_clip is None or timing.duration <= max_clip + 1e-9:
         name = media.add_video(given, data, digest, info)
         sample = VideoSample(sample_key(ctx.line), source, tuple(media.infos), video=name, text=text, captions=tuple(captions))
         return LineSamples([prepare(sample, media.members)], [digest])
-    plans, dropped = plan_clips(info, max_clip, text, captions)
+    plans, dropped = plan_clips(timing, max_clip, text, captions)
     if not plans:  # only when caption times round away at the video's very end: nothing would train
         raise Rejected("empty_text", f"the video has no 'text' and no clip of {max_clip} s holds a caption")
-    samples = [_clip_sample(ctx, source, given, data, digest, info, text, plan, index, len(plans))
+    samples = [_clip_sample(ctx, source, given, data, digest, timing, text, plan, index, len(plans))
                for index, plan in enumerate(plans)]
     return LineSamples(samples, [digest], dropped_clips=dropped)
 
 
-def _clip_sample(ctx: LineContext, source: Source, given: str, data: bytes, digest: str, info: VideoInfo,
+def _clip_sample(ctx: LineContext, source: Source, given: str, data: bytes, digest: str, timing: SourceTiming,
                  text: str | None, plan: ClipPlan, index: int, count: int) -> PreparedSample:
     """Clip ``index`` of the ``count`` kept from the video ``data``, re-encoded and validated. Raises Rejected."""
     label = f"video {given!r}, clip {index} (frames {plan.lo}-{plan.hi - 1})"
-    clip_bytes = encode_clip(data, plan, info.fps, label)
+    clip_bytes = encode_clip(data, plan, timing, label)
     clip_info = validate_video(clip_bytes, f"video {given!r} clip", str(index), ctx.config.video_sample_fps)
     clip_media = SampleMedia(ctx)
     name = clip_media.add_video(given, clip_bytes, digest, clip_info, ext="mp4")

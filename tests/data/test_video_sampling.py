@@ -115,7 +115,7 @@ def test_variable_frame_rate_video_is_sampled_and_timed_by_its_timestamps(vfr_mp
 
     from common.media import decode as media
     from common.media.frame_sampling import video_clip_size
-    from tests.data.conftest import VFR_FRAME_TIMES
+    from tests.conftest import VFR_FRAME_TIMES
 
     info = media.probe_video(vfr_mp4)
     assert info.num_frames == 80 and info.fps < 15  # the average rate: 30 fps and 5 fps mixed

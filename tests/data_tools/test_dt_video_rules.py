@@ -18,7 +18,7 @@ from test_dt_resume import _crash_after, shard_bytes
 
 from data_tools.build import EXIT_INTERNAL_ERROR, run_build_command
 from data_tools.config import BuildConfig
-from data_tools.kinds.video import ClipPlan, encode_clip
+from data_tools.kinds.video import ClipPlan, SourceTiming, encode_clip
 from data_tools.sample_media import PreparedSample
 from data_tools.schema import sample_from_json, sample_to_json
 from data_tools.shards import ShardWriter, iter_shard
@@ -253,6 +253,38 @@ def test_encode_video_refuses_frames_it_cannot_encode_with_encode_error():
 def test_the_clip_writer_turns_an_encoding_error_into_a_rejection(narrow_videos):
     data = (narrow_videos.parent / "w1.mov").read_bytes()  # validate_video rejects it first in a build
     with pytest.raises(Rejected) as info:
-        encode_clip(data, ClipPlan(0, 8, 0.0, 2.0, ()), 4.0, "video 'w1.mov', clip 0 (frames 0-7)")
+        encode_clip(data, ClipPlan(0, 8, 0.0, 2.0, ()), SourceTiming(8, 4.0, 2.0), "video 'w1.mov', clip 0 (frames 0-7)")
     assert info.value.reason == "invalid_media"
     assert info.value.detail.startswith("video 'w1.mov', clip 0 (frames 0-7) cannot be re-encoded: frames of 1x100")
+
+
+def test_a_variable_frame_rate_video_is_cut_and_timed_by_its_frames_timestamps(tmp_path, vfr_mp4):
+    """A phone-like clip (2 s at 30 fps, then 4 s at 5 fps; frame i's pixels are 3 i) cut at 3 s: the
+    clips split at the frame shown at 3.0 s, not at frame 3 * the average rate (which put 1.4 s of
+    video in a clip said to last 3 s), captions keep their place, and each clip is re-encoded at
+    constant rate showing at j / fps the source frame shown then."""
+    from tests.conftest import VFR_FRAME_TIMES
+
+    (tmp_path / "phone.mp4").write_bytes(vfr_mp4)
+    manifest = tmp_path / "v.jsonl"
+    manifest.write_text(json.dumps({"video": "phone.mp4", "captions": [
+        {"start": 0.5, "end": 1.0, "text": "fast"}, {"start": 2.5, "end": 2.9, "text": "slow"},
+        {"start": 5.5, "end": 5.9, "text": "end"}]}) + "\n")
+    build("video", manifest, tmp_path / "out", max_clip_seconds=3.0, max_samples_per_shard=4)
+    clips = samples_of(tmp_path / "out")
+    assert [(c.clip.start, c.clip.end) for c in clips] == [(0.0, 3.0), (3.0, 6.0)]
+    assert [[(c.start, c.end, c.text) for c in s.captions] for s in clips] == [
+        [(0.5, 1.0, "fast"), (2.5, 2.9, "slow")], [(2.5, 2.9, "end")]]
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    members = {key: parts for s in index["shards"] for key, parts in iter_shard(tmp_path / "out" / s["name"])}
+    times = np.asarray(VFR_FRAME_TIMES)
+    for sample in clips:
+        data = members[sample.key][sample.media[0].name]
+        info = media.probe_video(data)
+        assert media.video_frame_times(data) is not None
+        assert info.num_frames == round(3.0 * info.fps)  # 3 s of video at its constant rate
+        for j in (0, info.num_frames // 2, info.num_frames - 1):
+            shown = int(np.searchsorted(times, sample.clip.start + j / info.fps + 1e-9, side="right")) - 1
+            pixel = int(media.read_video_frames(data, [j])[0].mean().round())
+            assert abs(pixel - 3 * shown) <= 2, (sample.key, j, pixel, shown)
+    assert verify(tmp_path / "out", decode=True)[0] == []
