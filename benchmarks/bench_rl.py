@@ -14,8 +14,8 @@ tiny MoE, the demo's RL settings: ``pretrain.demo.STAGES``, 32 prompts x 8 respo
 per step at temperature 0.5, 2 updates per step, lr 2e-4) from that checkpoint with the same ``train.seed``, so step 1 samples the same rollouts for every method; a stage
 folder left by an earlier run in ``<out>/runs`` is deleted first (a fresh run, not a resume). A checkpoint
 is kept every ``--eval-every`` steps and ``pretrain.evaluate`` scores it on the held-out questions, as it
-scores the SFT start (step 0): ``generated`` (the greedy answer's first word is right) and ``choice`` (the
-right answer is the most likely choice).
+scores the SFT start (step 0): ``generated`` (the greedy answer's final answer, or its first words, is
+right) and ``choice`` (the right answer is the most likely choice).
 
 Output: every command before it runs; per method a table (step, mean reward, pass rate, held-out
 accuracies at the evaluated steps); a summary line per method (reward first -> last step and mean of the

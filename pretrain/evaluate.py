@@ -5,8 +5,10 @@
 ``eval.jsonl`` lines (as ``python -m data_tools synth`` writes them): ``{"media": path (relative to the
 file), "media_type": "image" | "video", "question", "answer", "choices": [...]}``. Two scores:
 
-* ``generated``: the greedy answer's first word equals the expected answer (case and punctuation
-  ignored) — the model answers by itself;
+* ``generated``: the greedy answer's final answer (as the RL ``exact_match`` reward reads it: "The answer
+  is B.", "Answer: (B)", "**B**", a last line) equals the expected answer, or begins with its words
+  ("Red circle" for "red"); case and punctuation ignored (:func:`generated_answer_correct`) — the model
+  answers by itself;
 * ``choice``: the expected answer is the most likely of the choices (sum of token log-probabilities),
   the usual multiple-choice scoring, less noisy for small models.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -29,11 +30,23 @@ from pretrain.generate import (
     load_inference_model,
     load_media,
 )
+from pretrain.posttrain.rewards import answer_words, extract_final_answer, normalize_answer
 
 
-def _first_word(text: str) -> str:
-    words = re.findall(r"[a-z]+", text.lower())
-    return words[0] if words else ""
+MAX_ANSWER_TOKENS = 16  # room for "The answer is (B)." (4 tokens cut it to "The answer is")
+
+
+def generated_answer_correct(answer: str, expected: str) -> bool:
+    """Whether a generated ``answer`` gives the ``expected`` one: its final answer
+    (:func:`~pretrain.posttrain.rewards.extract_final_answer`) equals it after
+    :func:`~pretrain.posttrain.rewards.normalize_answer`, or the final answer's first words are its
+    words (:func:`~pretrain.posttrain.rewards.answer_words`: "(A) circle" for "A", "3 apples" for "3";
+    whole words only, so "Blue" never gives "B"). An empty expected answer is never given."""
+    final = extract_final_answer(answer)
+    target = answer_words(expected)
+    if not target:
+        return False
+    return normalize_answer(final) == normalize_answer(expected) or answer_words(final)[:len(target)] == target
 
 
 def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None, batch_size: int = 32) -> dict:
@@ -55,12 +68,11 @@ def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None
         batch = items[first:first + batch_size]
         prompts = [encode_prompt(im, load_media(eval_file.parent / item["media"], item["media_type"], im.frames),
                                  item["media_type"], item["question"]) for item in batch]
-        answers = generate_answers(im, prompts, max_new_tokens=4)
+        answers = generate_answers(im, prompts, max_new_tokens=MAX_ANSWER_TOKENS)
         scores = choice_log_likelihoods(im, prompts, [item["choices"] for item in batch])
         for item, answer, score in zip(batch, answers, scores):
-            expected = item["answer"].lower()
-            generated = _first_word(answer) == expected
-            chosen = item["choices"][max(range(len(score)), key=score.__getitem__)].lower() == expected
+            generated = generated_answer_correct(answer, item["answer"])
+            chosen = item["choices"][max(range(len(score)), key=score.__getitem__)].lower() == item["answer"].lower()
             hits[item["media_type"]].append((generated, chosen))
             hits["all"].append((generated, chosen))
     return {kind: {"n": len(v), "generated": sum(g for g, _ in v) / len(v), "choice": sum(c for _, c in v) / len(v)}

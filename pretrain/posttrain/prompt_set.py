@@ -17,6 +17,11 @@ and deal them out step by step over the data-parallel ranks.
   rollout's ``prompt_keys``: the same prompt draws the same sampling stream whatever the layout).
   ``state_dict()`` / ``load_state_dict()`` hold (epoch, cursor): a resumed run, in any data-parallel
   layout, gets exactly the prompts the uninterrupted run would have got next.
+* :func:`encode_step_prompts` encodes a rank's share of a step and skips the prompts that cannot be
+  encoded (media that do not decode, a prompt over ``max_tokens``): each one is recorded (its id,
+  source and error) and its place in the global batch goes to the next prompt of the stream, drawn
+  alike on every rank, so every rank keeps its count of prompts (expert-parallel ranks step together)
+  and no good prompt is lost.
 """
 
 from __future__ import annotations
@@ -177,11 +182,14 @@ class PromptStream:
             self._order_epoch, self._order = epoch, order
         return self._order
 
-    def _global_batch(self) -> list[int]:
+    def draw(self, count: int) -> list[int]:
+        """The indices of the next ``count`` prompts of the stream (crossing into the next epoch when this
+        one ends). Every data-parallel rank must draw alike: a step's global batch, or the replacements
+        of its prompts that failed to encode (:func:`encode_step_prompts`)."""
         indices: list[int] = []
-        while len(indices) < self.prompts_per_step:
+        while len(indices) < count:
             order = self.epoch_order(self.epoch)
-            take = min(self.prompts_per_step - len(indices), len(order) - self.cursor)
+            take = min(count - len(indices), len(order) - self.cursor)
             indices += order[self.cursor:self.cursor + take]
             self.cursor += take
             if self.cursor == len(order):
@@ -192,7 +200,7 @@ class PromptStream:
         return self
 
     def __next__(self) -> PromptBatch:
-        indices = self._global_batch()
+        indices = self.draw(self.prompts_per_step)
         share = self.prompts_per_step // self.dp_size
         first = self.dp_rank * share
         mine = indices[first:first + share]
@@ -216,3 +224,64 @@ class PromptStream:
                 and isinstance(state["cursor"], int) and 0 <= state["cursor"] < len(self.records)):
             raise ValueError(f"prompt stream state has epoch {state['epoch']!r}, cursor {state['cursor']!r}: out of range")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
+
+
+def _all_failures(failures: list[dict], group: Any) -> list[dict]:
+    """The failures of every rank of the data-parallel ``group`` (None: this process alone), in global-batch
+    order. One all-reduce of a count per call; the failures themselves are gathered only when there are any."""
+    import torch.distributed as dist
+
+    from common.distributed.comm import all_reduce_values
+
+    if not dist.is_initialized():
+        return failures
+    (count,) = all_reduce_values([len(failures)], group=group)
+    if not count:
+        return []
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, failures, group=group)
+    return sorted((f for part in gathered for f in part), key=lambda f: f["key"])
+
+
+def encode_step_prompts(encoder: Any, stream: PromptStream, batch: PromptBatch,
+                        group: Any = None) -> tuple[PromptBatch, list[dict], list[dict]]:
+    """(the batch as trained, its rollout prompt dicts, the skipped prompts) for this rank's ``batch`` of
+    ``stream`` (see the module docstring). Every rank of the data-parallel ``group`` calls it with its
+    share of the same step (model-parallel peers hold the same prompts and fail alike).
+
+    A prompt that :func:`encode_rl_prompt` cannot encode is skipped: its place (its key, so its sampling
+    stream) goes to the next prompt of the stream, drawn on every rank in global-batch order, until every
+    place holds a prompt that encodes. The skipped prompts of every rank come back as
+    ``{"key", "index", "prompt", "source", "error"}`` (key: the place in the global batch; index: the
+    prompt's in the set). A prompt that fails again in a later epoch is skipped again, so a resumed run
+    draws what the uninterrupted one drew. Raises
+    :class:`~pretrain.data.encoding.SampleEncodingError` when every prompt of the set has failed.
+    """
+    from pretrain.data.encoding import SampleEncodingError
+
+    records, indices = list(batch.records), list(batch.indices)
+    first = batch.keys[0] if batch.keys else 0
+    encoded: list = [None] * len(records)
+    pending, skipped, failed_prompts = range(len(records)), [], set()
+    while True:
+        failures = []
+        for p in pending:
+            try:
+                encoded[p] = encode_rl_prompt(encoder, records[p])
+            except SampleEncodingError as err:
+                failures.append({"key": batch.keys[p], "index": indices[p], "prompt": records[p].id,
+                                 "source": records[p].source, "error": str(err)})
+        failures = _all_failures(failures, group)
+        if not failures:
+            return PromptBatch(records, list(batch.keys), indices), encoded, skipped
+        skipped += failures
+        failed_prompts.update(f["index"] for f in failures)
+        if len(failed_prompts) == len(stream.records):
+            raise SampleEncodingError(f"none of the {len(stream.records)} RL prompts can be encoded (last: "
+                                      f"{failures[-1]['error']})", reason="no_usable_prompt")
+        pending = []
+        for failure, index in zip(failures, stream.draw(len(failures))):
+            p = failure["key"] - first
+            if 0 <= p < len(records):  # a place of this rank's share
+                records[p], indices[p] = stream.records[index], index
+                pending.append(p)

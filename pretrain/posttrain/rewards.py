@@ -69,6 +69,7 @@ def reward_names() -> list[str]:
 _END_MARKERS = (IM_END, ENDOFTEXT)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_PREFIX = re.compile(r"answer\s*:", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\banswer\s+is\b\s*:?", re.IGNORECASE)  # "So the answer is B."
 
 
 def _last_boxed(text: str) -> str | None:
@@ -91,7 +92,9 @@ def extract_final_answer(response: str) -> str:
        response, everything up to the last ``</think>`` is dropped;
     1. the content of the last ``<answer>...</answer>``;
     2. the content of the last ``\\boxed{...}``;
-    3. the rest of the line after the last ``answer:`` (any case; covers "Final answer: ...");
+    3. the rest of the line after the last ``answer:`` anywhere (any case; covers "Final answer: ...") or
+       ``answer is`` in the last non-empty line ("So the answer is **B**." -> "**B**."), whichever comes
+       last. ``answer is`` only counts in the last line: "The answer is below" is not an answer;
     4. the last non-empty line.
     """
     for marker in _END_MARKERS:
@@ -103,9 +106,12 @@ def extract_final_answer(response: str) -> str:
     boxed = _last_boxed(response)
     if boxed is not None:
         return boxed.strip()
-    prefixes = list(_ANSWER_PREFIX.finditer(response))
+    response = response.rstrip()
+    last_line = response.rfind("\n") + 1  # where the last non-empty line starts
+    prefixes = [m.end() for m in _ANSWER_PREFIX.finditer(response)]
+    prefixes += [last_line + m.end() for m in _ANSWER_IS.finditer(response[last_line:])]
     if prefixes:
-        return response[prefixes[-1].end():].split("\n", 1)[0].strip()
+        return response[max(prefixes):].split("\n", 1)[0].strip()
     lines = [line.strip() for line in response.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 
@@ -126,18 +132,25 @@ def normalize_answer(text: str) -> str:
     -> ``a``: a multiple-choice letter); whitespace collapsed. No numeric
     equivalence: ``3.50`` and ``3.5`` differ.
     """
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = _THOUSANDS.sub("", text)
-    text = text.replace("'", "").replace("\u2019", "")
-    keep = {m.start() for m in _KEEP_IN_NUMBER.finditer(text)} | {m.start() for m in _NEGATIVE.finditer(text)}
-    text = "".join(
-        ch if i in keep or not unicodedata.category(ch).startswith(("P", "S")) else " "
-        for i, ch in enumerate(text)
-    )
+    text = " ".join(answer_words(text))
     # An answer that is nothing but an article keeps it: "A" is the first choice of a multiple-choice
     # question, not an empty answer (which never matches).
     without_articles = _ARTICLES.sub(" ", text)
     return " ".join((without_articles if without_articles.split() else text).split())
+
+
+def answer_words(text: str) -> list[str]:
+    """The words of ``text`` as :func:`normalize_answer` sees them, articles kept: ``"(B) red."`` ->
+    ``["b", "red"]``, ``"3.5 cm"`` -> ``["3.5", "cm"]``. Punctuation separates words; a letter inside
+    a word stays in it (``"Blue"`` is one word, never ``"b"``)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = _THOUSANDS.sub("", text)
+    text = text.replace("'", "").replace("\u2019", "")
+    keep = {m.start() for m in _KEEP_IN_NUMBER.finditer(text)} | {m.start() for m in _NEGATIVE.finditer(text)}
+    return "".join(
+        ch if i in keep or not unicodedata.category(ch).startswith(("P", "S")) else " "
+        for i, ch in enumerate(text)
+    ).split()
 
 
 @register_reward("exact_match", needs_reference=True)

@@ -4,6 +4,9 @@
 
 1. **prompts**: the step's ``stage.rl.prompts_per_step`` prompts from the RL prompt set
    (:class:`pretrain.posttrain.prompt_set.PromptStream`: seeded order, split over data-parallel ranks);
+   a prompt that cannot be encoded (media that do not decode) is skipped, logged and listed in the
+   step's ``skipped_prompts`` in ``metrics.jsonl``, and the next prompt of the stream takes its place
+   (:func:`pretrain.posttrain.prompt_set.encode_step_prompts`);
 2. **rollouts**: ``stage.rl.group_size`` (G) responses per prompt sampled from the current policy with
    a KV cache (:func:`pretrain.posttrain.rollout.generate_rollouts`: temperature, top-p, max new tokens;
    images and videos in the prompt);
@@ -99,7 +102,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
 
     from pretrain.data.encoding import SampleEncoder
     from pretrain.data.loader import encoding_config_from_data
-    from pretrain.posttrain.prompt_set import PromptSetError, PromptStream, encode_rl_prompt, load_prompt_set
+    from pretrain.posttrain.prompt_set import PromptSetError, PromptStream, encode_step_prompts, load_prompt_set
 
     rl = job.stage.rl
     loss_options = dict(job.stage.loss)
@@ -141,8 +144,10 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     consecutive_skips = 0
     while state.step < total_steps:
         t0 = time.perf_counter()
-        batch = next(stream)
-        prompts = [encode_rl_prompt(encoder, r) for r in batch.records]
+        batch, prompts, skipped = encode_step_prompts(encoder, stream, next(stream),
+                                                      parallel_state.get_data_parallel_group())
+        for failure in skipped:  # the error names the prompt; the next prompt of the stream took its place
+            logger.message(f"WARNING: skipped {failure['error']}")
         rollouts = generate_rollouts(model[0], prompts, rollout_cfg, run.tokenizer, step=state.step,
                                      prompt_keys=batch.keys)
         t_rollout = time.perf_counter() - t0
@@ -219,6 +224,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         }
         if results:
             metrics.update(loss_step.metrics.reduce(loss_step.present))
+        if skipped:
+            metrics["skipped_prompts"] = [{k: f[k] for k in ("prompt", "source", "error")} for f in skipped]
         state.consumed_samples += rl.prompts_per_step
         state.consumed_tokens += int(sums[5])
         metrics["consumed_tokens"] = state.consumed_tokens  # generated tokens so far

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,11 +12,14 @@ import torch
 from data_tools.build import run_build
 from data_tools.config import BuildConfig
 from data_tools.synth import ImageSpec, VideoSpec, encode_image, encode_synth_video
+from pretrain.data.encoding import SampleEncodingError
 from pretrain.posttrain.prompt_set import (
+    PromptBatch,
     PromptRecord,
     PromptSetError,
     PromptStream,
     encode_rl_prompt,
+    encode_step_prompts,
     load_prompt_set,
 )
 
@@ -169,3 +173,63 @@ def test_load_prompt_set_refuses_what_is_not_an_rl_set_in_one_line(prompt_set, t
             load_prompt_set(folder)
         message = str(info.value)
         assert str(folder) in message and words in message and "\n" not in message
+
+
+def _with_broken_media(record: PromptRecord, name: str) -> PromptRecord:
+    return replace(record, id=name, media={part: b"not a medium" for part in record.media})
+
+
+def _mixed_records(built: Path) -> list[PromptRecord]:
+    """Three prompts that encode and two whose media do not decode (an image, a video)."""
+    image, video, system, text = load_prompt_set(built)
+    return [image, _with_broken_media(video, "bad-video"), system, text, _with_broken_media(image, "bad-image")]
+
+
+def _encode_steps(encoder, records, steps: int, dp_rank: int = 0, dp_size: int = 1, group=None):
+    """Per step: (prompt indices, keys, skipped prompt ids) of this rank; then the stream's state."""
+    stream = PromptStream(records, 4, seed=1, dp_rank=dp_rank, dp_size=dp_size)
+    out = []
+    for _ in range(steps):
+        batch, prompts, skipped = encode_step_prompts(encoder, stream, next(stream), group)
+        assert len(prompts) == len(batch.records) == 4 // dp_size
+        assert all("input_ids" in p for p in prompts)
+        assert [r.id for r in batch.records] == [records[i].id for i in batch.indices]
+        out.append((batch.indices, batch.keys, [s["prompt"] for s in skipped]))
+    return out, stream.state_dict()
+
+
+def test_a_prompt_that_does_not_encode_is_recorded_and_the_next_one_takes_its_place(prompt_set, encoder):
+    records = _mixed_records(prompt_set[1])
+    steps, state = _encode_steps(encoder, records, 3)
+    trained = [i for indices, _, _ in steps for i in indices]
+    skipped = [name for _, _, names in steps for name in names]
+    assert all(keys == [0, 1, 2, 3] for _, keys, _ in steps)  # each place keeps its sampling stream
+    assert {records[i].id for i in trained} == {"image", "system", "text"}
+    # No good prompt lost: the prompts trained are the good ones of the stream's first draws, in any order.
+    drawn = PromptStream(records, 4, seed=1).draw(len(trained) + len(skipped))
+    assert sorted(trained) == sorted(i for i in drawn if not records[i].id.startswith("bad"))
+    assert sorted(skipped) == sorted(records[i].id for i in drawn if records[i].id.startswith("bad"))
+    assert skipped and state["epoch"] * 5 + state["cursor"] == len(drawn)
+    with pytest.raises(SampleEncodingError, match="none of the 1 RL prompts can be encoded"):
+        encode_step_prompts(encoder, PromptStream(records[1:2], 1, seed=0), PromptBatch(records[1:2], [0], [0]))
+
+
+def _encode_on_two_ranks(rank, encoder, records):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")  # data parallelism alone: the world is the data-parallel group
+    return _encode_steps(encoder, records, 3, rank, 2, dist.group.WORLD)
+
+
+def test_skipped_prompts_are_replaced_alike_on_every_data_parallel_rank(prompt_set, encoder):
+    """dp = 2: each rank encodes its half; a failure on one rank is replaced from the stream on both, so
+    the global batches, the skipped prompts and the stream's state are those of one process."""
+    from tests.multirank import run_ranks
+
+    records = _mixed_records(prompt_set[1])
+    one, state = _encode_steps(encoder, records, 3)
+    (first, state0), (second, state1) = run_ranks(_encode_on_two_ranks, 2, encoder, records)
+    assert state0 == state1 == state
+    for step, (a, b) in enumerate(zip(first, second)):
+        assert (a[0] + b[0], a[1] + b[1]) == one[step][:2], step
+        assert a[2] == b[2] == one[step][2], step  # every rank learns every skipped prompt

@@ -7,6 +7,7 @@ import torch
 
 from pretrain.posttrain.rewards import (
     RewardSet,
+    answer_words,
     exact_match_reward,
     extract_final_answer,
     format_reward,
@@ -47,9 +48,48 @@ def test_normalize_answer(text, normal):
     ("step one\nstep two\n\n  7  \n" + END + "trailing garbage", "7"),
     ("<think>answer: no</think>\nThe answer is below\n12", "12"),
     ("", ""),
+    # "answer is" in the last line: the usual closing sentence
+    ("The answer is B.", "B."),
+    ("Let me look.\nSo the correct answer is **B**." + END, "**B**."),
+    ("the answer is: b\n", "b"),
+    ("answer: 1\nwait, the answer is 2", "2"),
+    ("The answer is 2.\nanswer: 3", "3"),
+    ("The answer is B.\nI hope this helps.", "I hope this helps."),  # not the last line
+    ("My answerisB", "My answerisB"),  # whole words only
 ])
 def test_extract_final_answer(response, answer):
     assert extract_final_answer(response) == answer
+
+
+@pytest.mark.parametrize("response", [
+    "The answer is B.", "the answer is b", "Answer: (B)", "**B**", "B)", "b", "Answer: **B**", "So the answer is (B).",
+])
+def test_multiple_choice_phrasings_are_rewarded(response):
+    assert exact_match_reward(response + END, "B") == 1.0
+
+
+@pytest.mark.parametrize("answer, expected, correct", [
+    # the phrasings of a multiple-choice letter, in any case
+    ("The answer is B.", "B", True), ("Answer: (B)", "B", True), ("**B**", "B", True), ("B)", "B", True),
+    ("b", "B", True), ("(A) circle", "A", True), ("The answer is A.", "a", True),
+    # a letter inside a word is not an answer
+    ("Blue", "B", False), ("An apple", "A", False), ("Because", "B", False), ("The answer is Blue.", "B", False),
+    # closed-vocabulary words: the final answer, or its first words
+    ("red", "red", True), ("Red.", "red", True), ("Red circle", "red", True), ("The answer is red.", "red", True),
+    ("dark blue", "dark blue", True), ("dark", "dark blue", False), ("A circle.", "circle", True),
+    ("It is red", "red", False), ("red", "blue", False), ("", "red", False), ("red", "", False),
+    # numbers are answers too
+    ("3 apples", "3", True), ("3.5", "3", False), ("Answer: 12", "12", True),
+])
+def test_evaluate_generated_answer(answer, expected, correct):
+    from pretrain.evaluate import generated_answer_correct
+
+    assert generated_answer_correct(answer, expected) is correct
+
+
+def test_answer_words_keep_articles_and_numbers():
+    assert answer_words("(B) The red, 3.5 cm.") == ["b", "the", "red", "3.5", "cm"]
+    assert normalize_answer("(B) The red, 3.5 cm.") == "b red 3.5 cm"
 
 
 def test_exact_match():
