@@ -228,6 +228,17 @@ def _not_negative(key: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r}: must be 0 or more")
 
 
+def check_adam(opt: OptimizerSchema) -> None:
+    """AdamW's settings as torch's Adam and Megatron's scheduler take them (they raise only once the model
+    is built, with a traceback): moments' betas in [0, 1), eps and weight decay 0 or more, clip_grad 0 (no
+    clipping) or more."""
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(opt, key) < 1.0:
+            raise ConfigError(f"stage.optimizer.{key}={getattr(opt, key)}: must be in [0, 1)")
+    for key in ("adam_eps", "weight_decay", "clip_grad"):
+        _not_negative(f"stage.optimizer.{key}", getattr(opt, key))
+
+
 def check_recompute(job: "JobConfig") -> None:
     """``stage.recompute`` against Megatron's recompute loops and the model: ``uniform`` recomputes the
     decoder layers of each pipeline (virtual) stage in groups of ``num_layers``, which must divide the
@@ -298,6 +309,7 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
                           f"{stage.optimizer.lr}]")
     if not 0.0 <= stage.optimizer.decay_fraction <= 1.0:
         raise ConfigError(f"stage.optimizer.decay_fraction={stage.optimizer.decay_fraction}: must be in [0, 1]")
+    check_adam(stage.optimizer)
     _one_of("train.precision", train.precision, PRECISIONS)
     for key in ("micro_batch_size", "global_batch_size", "log_interval", "save_interval", "keep_last",
                 "max_consecutive_skips"):

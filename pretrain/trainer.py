@@ -13,7 +13,9 @@
    are the uninterrupted run's (``pretrain/data/loader.py``). Only a checkpoint without stream positions,
    or a global batch that no longer splits over its streams, cannot continue them: the run then skips
    the consumed sequences in new streams, warns, and records that in ``trainer.json``
-   (``data_resumes``) and in the ``data_resume`` field of the step's ``metrics.jsonl`` record;
+   (``data_resumes``) and in the ``data_resume`` field of the step's ``metrics.jsonl`` record. A resume
+   keeps the saved learning-rate schedule, so one whose step budget changed is refused
+   (:func:`check_schedule_span`);
 4. steps until the stage's step or token budget, with per-token loss normalisation over the global
    batch, non-finite steps skipped and counted (the run stops after ``train.max_consecutive_skips``
    in a row), metrics every step, checkpoints every ``train.save_interval`` steps and at the end;
@@ -313,6 +315,27 @@ class StageRun:
         return broadcast_flag(requeued)
 
 
+def check_schedule_span(latest: Path, state: TrainerState, schedule_steps: int, total_steps: int) -> None:
+    """Raise :class:`CheckpointError` when checkpoint ``latest`` (trainer state ``state``) was saved with a
+    learning-rate schedule over another number of optimizer steps than this run's ``schedule_steps``.
+
+    A resume keeps the saved schedule (warm-up, decay horizon, min lr), while the loop runs to this run's
+    budget ``total_steps``: with a budget changed since the save (``stage.train_steps``, or
+    ``stage.train_tokens`` over another ``train.global_batch_size`` or ``stage.seq_length``), the stage
+    would stop before its learning rate decayed (WSD: still at its peak), or train past the decay at
+    ``min_lr``, on another number of tokens than ``stage.train_tokens``. A checkpoint at or past this
+    run's budget trains no step: not checked."""
+    saved = state.scheduler.get("lr_decay_steps")
+    if saved is None or saved == max(schedule_steps, 1) or state.step >= total_steps:
+        return
+    raise CheckpointError(
+        f"{latest}: its learning-rate schedule spans {saved} optimizer steps, this run's {schedule_steps}: the "
+        f"stage's budget ({total_steps} steps: stage.train_steps, or stage.train_tokens / "
+        "(train.global_batch_size x stage.seq_length)) changed since it was saved, and a resume keeps the saved "
+        "schedule. Resume with the budget it was saved with (a new global batch: stage.train_tokens=null "
+        "stage.train_steps=<its steps>), or start a new stage from its weights with stage.init_from")
+
+
 def start_distributed(job: JobConfig):
     """torch.distributed and Megatron's parallel state of ``job``; returns (info, data-parallel size)."""
     from megatron.core import parallel_state
@@ -335,7 +358,8 @@ def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_ya
     dtype = training_dtype(job)
     model_cfg = Qwen3VLConfig.from_mapping(job.model)
     chunks, model, optimizer = build_training(job, dtype)
-    scheduler = build_lr_scheduler(optimizer, job.stage.optimizer, schedule_steps or total_steps)
+    schedule_steps = schedule_steps or total_steps
+    scheduler = build_lr_scheduler(optimizer, job.stage.optimizer, schedule_steps)
 
     manager = CheckpointManager(run_dir, keep_last=job.train.keep_last)
     state, rank_state = TrainerState(stage=job.stage.name), None
@@ -343,6 +367,7 @@ def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_ya
     started_from = latest
     if latest is not None:
         state, rank_state = manager.load(latest, model, optimizer)
+        check_schedule_span(latest, state, schedule_steps, total_steps)
         scheduler.load_state_dict(state.scheduler)
         origin = f"resumed from {latest} (step {state.step})"
     elif job.stage.init_from:

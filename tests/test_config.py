@@ -84,6 +84,10 @@ def test_overrides_and_interpolation():
     (["stage.optimizer.lr=1e-5"], "stage.optimizer.min_lr=2e-05: must be in [0, stage.optimizer.lr=1e-05]"),
     (["train.max_consecutive_skips=0"], "train.max_consecutive_skips=0: must be positive"),
     (["stage.optimizer.warmup_steps=-1"], "stage.optimizer.warmup_steps=-1: must be 0 or more"),
+    # torch's Adam refused these only once the model was built, with a traceback
+    (["stage.optimizer.weight_decay=-0.1"], "stage.optimizer.weight_decay=-0.1: must be 0 or more"),
+    (["stage.optimizer.adam_beta2=1.5"], "stage.optimizer.adam_beta2=1.5: must be in [0, 1)"),
+    (["stage.optimizer.adam_eps=-1"], "stage.optimizer.adam_eps=-1.0: must be 0 or more"),
     (["data.num_workers=-2"], "data.num_workers=-2: must be 0 or more"),
     (["stage.data_weights.image_text=-1"], "stage.data_weights.image_text=-1.0: must be 0 or more"),
     # Megatron's uniform recompute would index past a stage's last layer; its block recompute drops the

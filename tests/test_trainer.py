@@ -57,14 +57,15 @@ def _train(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(TORCHRUN + args, capture_output=True, text=True, env=_env(), timeout=600)
 
 
-def _resume_from_step_4(synth_data, run_root: Path, resumed: Path, parallel: str) -> subprocess.CompletedProcess:
-    """The 6-step stage of ``_stage_args`` in ``parallel``, resumed in ``resumed`` from a copy of
-    ``run_root``'s step-4 checkpoint."""
+def _resume_from_step_4(synth_data, run_root: Path, resumed: Path, parallel: str,
+                        *extra: str) -> subprocess.CompletedProcess:
+    """The 6-step stage of ``_stage_args`` in ``parallel`` (with overrides ``extra``), resumed in
+    ``resumed`` from a copy of ``run_root``'s step-4 checkpoint."""
     checkpoints = resumed / "s1_pretrain" / "checkpoints"
     checkpoints.mkdir(parents=True)
     shutil.copytree(run_root / "s1_pretrain/checkpoints/step_00000004", checkpoints / "step_00000004")
     (checkpoints / "latest").write_text("step_00000004\n")
-    return _train(_stage_args(synth_data, resumed, parallel=parallel))
+    return _train(_stage_args(synth_data, resumed, *extra, parallel=parallel))
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,19 @@ def test_resume_in_another_layout_trains_on_the_data_that_follows(synth_data, st
     assert sorted(p.name for p in (final / "data").iterdir()) == ["stream_00000.pt", "stream_00001.pt"]
     # The torchrun ranks print none of the warnings common/quiet.py silences.
     assert "UserWarning" not in done.stderr and "FutureWarning" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_resume_with_another_budget_is_refused(synth_data, straight, tmp_path):
+    """The 6-step stage's step-4 checkpoint resumed as the same token budget (6 x 4 sequences of 256) over a
+    global batch of 2: 12 steps, while the saved learning-rate schedule ends at step 6. It trained 8 more
+    steps, 6 of them at min_lr, on a third more tokens than the budget; now one line, before any step."""
+    resumed = tmp_path / "resumed"
+    done = _resume_from_step_4(synth_data, straight, resumed, "ep2", "stage.train_steps=null",
+                               "stage.train_tokens=6144", "train.global_batch_size=2")
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors and "step_00000004: its learning-rate schedule spans 6 optimizer steps, this run's 12" in errors[0]
+    assert not (resumed / "s1_pretrain/metrics.jsonl").exists() or not _records(resumed)
 
 
 def test_a_resume_without_stream_positions_warns_and_records_it(synth_data, tmp_path):
