@@ -135,6 +135,10 @@ class Qwen3VLConfig:
             raise ConfigError(
                 f"text.num_experts_per_tok {t.num_experts_per_tok} must be in 1..num_experts {t.num_experts}"
             )
+        if t.is_moe and t.moe_intermediate_size <= 0:
+            # Left out, it reads as 0: Megatron builds experts of width 0 and every MoE layer adds zero.
+            raise ConfigError(f"text.moe_intermediate_size must be > 0 in a MoE model (num_experts "
+                              f"{t.num_experts}), got {t.moe_intermediate_size}")
         if t.is_moe and t.decoder_sparse_step < 1:
             raise ConfigError(f"text.decoder_sparse_step must be >= 1, got {t.decoder_sparse_step}")
         if v.hidden_size % v.num_heads:

@@ -55,6 +55,13 @@ class Qwen3TextConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0  # per-expert SwiGLU width
+    # Weight of Megatron's load-balancing loss (``moe_aux_loss_coeff``), as Megatron-LM's and mbridge's
+    # Qwen3-MoE configs pass it. Not the reference's objective at the same weight: Megatron adds one
+    # switch loss per MoE layer whose token fractions are divided by top-k (each layer's loss is
+    # transformers' ``load_balancing_loss_func`` on that layer's router logits / ``num_experts_per_tok``),
+    # while transformers adds ``coef`` times one loss over all layers' logits concatenated (about their
+    # mean). At one coefficient the gradient pushing for balance is ~``moe_layers / top_k`` times the
+    # reference's: 6x for 30B-A3B (48 / 8), 11.75x for 235B-A22B (94 / 8).
     router_aux_loss_coef: float = 1e-3
 
     @property

@@ -69,6 +69,8 @@ def test_reads_the_transformers_4_57_spelling_of_a_published_config_and_writes_o
     (lambda m: m["text"].update(rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                                  "mrope_section": [2, 2, 2]}), "mrope_section"),
     (lambda m: m["text"].update(bogus=1), "bogus"),
+    # Left out of a MoE config it read as 0: experts of width 0, every MoE layer silently added nothing.
+    (lambda m: m["text"].pop("moe_intermediate_size"), "moe_intermediate_size"),
     (lambda m: m["vision"].update(out_hidden_size=32), "out_hidden_size"),
     (lambda m: m["vision"].update(deepstack_visual_indexes=[1, 0]), "deepstack"),
     (lambda m: m["vision"].update(num_position_embeddings=60), "square"),

@@ -119,3 +119,46 @@ def test_uneven_moe_with_expert_tensor_parallelism_matches_and_trains_alike(tmp_
         runs.append(losses[0])
     print("train losses", runs)
     assert runs[0] == pytest.approx(runs[1], abs=TRAIN_TOL)
+
+
+def _load_balancing_body(rank, hf_dir):
+    """Our per-layer load-balancing losses (without the coefficient, as Megatron's tracker keeps them)
+    and transformers' ``load_balancing_loss_func`` on each MoE layer's router logits, same weights."""
+    import torch
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+
+    from common.distributed.parallel import initialize_distributed
+    from model.config import Qwen3VLConfig
+    from model.hf_adapter import HFCheckpointReader, load_hf_weights
+    from model.qwen3vl import build_qwen3vl
+
+    initialize_distributed({"tp": 1})
+    reader = HFCheckpointReader(hf_dir)
+    cfg = Qwen3VLConfig.from_hf(reader.config_dict)
+    model = build_qwen3vl(cfg)
+    load_hf_weights(model, reader)
+    ids = torch.randint(10, cfg.text.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    clear_aux_losses_tracker()
+    model.train()  # Megatron computes the load-balancing loss in training only
+    model(ids, labels=tiny_hf.shifted_labels(ids))
+    ours = get_moe_layer_wise_logging_tracker()["load_balancing_loss"]["values"].clone()
+    ref = tiny_hf.reference_model(hf_dir)(input_ids=ids, output_router_logits=True)
+    t = cfg.text
+    per_layer = [load_balancing_loss_func((logits,), t.num_experts, t.num_experts_per_tok)
+                 for logits in ref.router_logits]
+    return ours, torch.stack(per_layer), ref.aux_loss, t.moe_layer_pattern(), t.num_experts_per_tok
+
+
+def test_moe_load_balancing_loss_is_the_reference_per_layer_loss_over_top_k(moe_dir):
+    """The relation model/text_config.py documents for ``router_aux_loss_coef``: Megatron's loss of a
+    MoE layer is the reference's loss of that layer's router logits divided by top-k, and the layers'
+    losses add up (the reference takes one loss over all layers, about their mean)."""
+    import torch
+
+    ours, per_layer, ref_aux, pattern, top_k = run_ranks(_load_balancing_body, 1, str(moe_dir))[0]
+    moe_layers = [i for i, p in enumerate(pattern) if p]
+    assert ours[[i for i, p in enumerate(pattern) if not p]].eq(0).all()  # dense layers: none
+    torch.testing.assert_close(ours[moe_layers] * top_k, per_layer, rtol=1e-5, atol=1e-6)
+    ratio = float(ours.sum() / ref_aux)  # the objective's weight relative to the reference's
+    assert abs(ratio - len(moe_layers) / top_k) < 0.1 * len(moe_layers) / top_k, ratio
