@@ -109,6 +109,18 @@ def qwen3vl_train_flops(cfg, real_tokens: int, attention_token_pairs: int, visua
     return float(flops)
 
 
+def training_step_flops(cfg, real_tokens: int, attention_token_pairs: int, visual_patches: int,
+                        vision_attention_pairs: int, trainable=MODEL_PARTS, teacher=None) -> float:
+    """Model FLOPs of one training step of a stage, as its MFU counts them (and the planner's step time):
+    :func:`qwen3vl_train_flops` of the model, plus, in a distillation stage, the forward pass of the
+    frozen ``teacher`` (its ``Qwen3VLConfig``) over the same tokens, which runs inside the timed step."""
+    counts = (real_tokens, attention_token_pairs, visual_patches, vision_attention_pairs)
+    flops = qwen3vl_train_flops(cfg, *counts, trainable)
+    if teacher is not None:
+        flops += qwen3vl_train_flops(teacher, *counts, trainable=())
+    return flops
+
+
 class ExpertLoadTracker:
     """Tokens routed to each expert of each MoE layer, from forward hooks on Megatron's routers; a pack's
     padding (the routers' ``padding_mask``, see :mod:`model.qwen3vl`) is not counted.

@@ -5,7 +5,7 @@ Composes the job exactly as ``python -m pretrain.train`` does (same overrides, s
 prints, per GPU: the memory terms of :func:`model.plan.plan_memory` (weights, gradients, optimizer
 state, activations, logits + loss, working memory) in GB (1e9 bytes), the largest term, the total
 against ``cluster.gpu_memory_gb``, and the step time at a given MFU from the FLOPs formula the trainer
-uses for its MFU (:func:`pretrain.metrics.qwen3vl_train_flops`). ``python -m slurm.submit`` prints the
+uses for its MFU (:func:`pretrain.metrics.training_step_flops`). ``python -m slurm.submit`` prints the
 same plan and refuses a job that does not fit.
 
 The arithmetic lives in :mod:`model.plan` (pure functions of the model config and the layout); this
@@ -47,7 +47,7 @@ from model.config import Qwen3VLConfig
 from model.plan import (GB, FrozenModel, MemoryPlan, ParameterCounts, Rollout, Workload, parameter_counts,
                         plan_memory)
 from pretrain.config import ConfigError, JobConfig, check_batch_layout, stage_total_steps
-from pretrain.metrics import PEAK_BF16_FLOPS, qwen3vl_train_flops
+from pretrain.metrics import PEAK_BF16_FLOPS, qwen3vl_train_flops, training_step_flops
 
 FRAME_PATCHES = 1024  # ViT patches per image or video frame for the attention FLOPs (a 512 x 512 image)
 DEFAULT_MFU = 0.4
@@ -139,11 +139,8 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
     sequences = job.train.global_batch_size
     pairs = sequences * (s // doc) * doc * (doc + 1) // 2 + sequences * (s % doc) * (s % doc + 1) // 2
     frame = min(FRAME_PATCHES, patches) if patches else 0
-    flops = qwen3vl_train_flops(cfg, sequences * s, pairs, sequences * patches, sequences * patches * frame,
-                                job.stage.trainable)
-    if frozen is not None:  # the teacher's forward over the same sequences (nothing of it trains)
-        flops += qwen3vl_train_flops(frozen.cfg, sequences * s, pairs, sequences * patches,
-                                     sequences * patches * frame, trainable=())
+    flops = training_step_flops(cfg, sequences * s, pairs, sequences * patches, sequences * patches * frame,
+                                job.stage.trainable, teacher=None if frozen is None else frozen.cfg)
     return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, doc, flops, frozen=frozen,
                    uncounted=uncounted)
 

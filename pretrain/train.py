@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         result = run(job, OmegaConf.to_yaml(cfg, resolve=True))
     except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError, RLSetupError, ConfigError,
             BlendError, SampleEncodingError) as exc:  # what a job's settings or files can get wrong: one line
-        # (SampleEncodingError: an RL prompt whose media do not decode; training data skips such samples)
+        # (SampleEncodingError: no prompt of the RL set can be encoded; a bad one alone is skipped, as training
+        # data skips such samples)
         from pretrain.metrics import close_progress_bars
 
         close_progress_bars()

@@ -49,7 +49,7 @@ from pretrain.config import JobConfig, check_batch_layout, recompute_overrides, 
 from pretrain.forward import qwen3vl_forward_step
 from pretrain.lr_schedule import build_lr_scheduler
 from pretrain.metrics import (ExpertLoadTracker, MetricsLogger, causal_pairs, peak_flops_per_gpu,
-                              qwen3vl_train_flops)
+                              training_step_flops)
 from common.distributed.comm import all_reduce_values, broadcast_flag
 from common.distributed.parallel import initialize_distributed
 from pretrain.preemption import PreemptionWatcher, requeue_slurm_job
@@ -411,11 +411,12 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     loader, data_warning = _open_train_data(job, state, run.manager, run.latest, run.tokenizer,
                                             parallel_state.get_data_parallel_rank(), dp_size)
     run.restore_rng()
-    forward_step, teacher = qwen3vl_forward_step, None
+    forward_step, teacher, teacher_cfg = qwen3vl_forward_step, None, None
     if job.stage.kind == "distill":
-        from pretrain.posttrain.distill_stage import build_teacher, distill_forward_step, run_teacher
+        from pretrain.posttrain.distill_stage import build_teacher, distill_forward_step, run_teacher, teacher_config
 
         teacher, teacher_origin = build_teacher(job, dtype, run.tokenizer)
+        teacher_cfg = teacher_config(teacher)  # its forward runs in the timed step: MFU counts it
         forward_step = distill_forward_step(teacher, job.stage.distill.temperature)
         run.origin += f"; teacher {teacher_origin}"
     logger.message(f"{job.stage.name}: {run.origin}; {total_steps} steps of {job.train.global_batch_size} x "
@@ -466,9 +467,12 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         }
         if data_warning and state.step == start_step + 1:
             metrics["data_resume"] = data_warning
+        # The step's model FLOPs (a distillation teacher's forward included): MFU on a GPU of the peak
+        # table, and what a user divides by another GPU's peak.
+        flops = training_step_flops(model_cfg, int(tokens), int(pairs), int(patches), int(vision_pairs),
+                                    job.stage.trainable, teacher=teacher_cfg)
+        metrics["model_flops"] = flops
         if peak is not None:
-            flops = qwen3vl_train_flops(model_cfg, int(tokens), int(pairs), int(patches), int(vision_pairs),
-                                        job.stage.trainable)
             metrics["mfu"] = flops / elapsed / (peak * info.world_size)
         if moe_pattern is not None:
             aux: dict = {}

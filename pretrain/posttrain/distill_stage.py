@@ -98,6 +98,11 @@ def _unwrap(teacher: torch.nn.Module):
     return unwrap_model(teacher, module_instances=(Float16Module,))
 
 
+def teacher_config(teacher: torch.nn.Module):
+    """The whole teacher's ``Qwen3VLConfig`` (every layer, not this pipeline stage's)."""
+    return _unwrap(teacher).cfg
+
+
 @contextlib.contextmanager
 def _hidden_states_out(model):
     """For the length of the block, ``model`` (a last-stage :class:`model.qwen3vl.Qwen3VLModel`) returns
