@@ -444,6 +444,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         iterators = [iter(micro_batches) for _ in model] if len(model) > 1 else iter(micro_batches)
         result = train_step(model, optimizer, forward_step, iterators, num_micro, seq_length,
                             job.train.micro_batch_size)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used; the scheduler then sets the next one
         state.step += 1
         if result.skipped:
             state.skipped_steps += 1
@@ -458,7 +459,7 @@ def run_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         state.consumed_tokens += int(tokens)
         elapsed = time.perf_counter() - t0
         metrics = {
-            "loss": result.loss, "grad_norm": result.grad_norm, "lr": scheduler.get_lr(optimizer.param_groups[0]),
+            "loss": result.loss, "grad_norm": result.grad_norm, "lr": lr,
             "tokens_per_s": tokens / elapsed, "step_seconds": elapsed, "consumed_tokens": state.consumed_tokens,
             "skipped_steps": state.skipped_steps, "mfu": None,
             # Which documents the global batch held (a sum of CRC32s of their ids): equal in any layout

@@ -78,6 +78,15 @@ def straight(synth_data, tmp_path_factory) -> Path:
     return run_root
 
 
+def test_each_step_logs_the_learning_rate_it_trained_with_and_its_flops(straight):
+    """Warm-up of 1 step from 0: step 1 trains at 0 and says so, step 2 at the peak (the WSD schedule's
+    stable phase), then the decay to min_lr over the last 10 % (one step of six). Not the rate the
+    scheduler set for the next step, which logged the peak for step 1."""
+    records = _records(straight)
+    assert [r["lr"] for r in records[:5]] == pytest.approx([0.0, 2e-4, 2e-4, 2e-4, 2e-4])
+    assert all(r["model_flops"] > 0 for r in records)
+
+
 def test_sigkill_and_restart_gives_the_same_losses(synth_data, straight, tmp_path):
     reference = dict(_losses(straight))
     assert sorted(reference) == [1, 2, 3, 4, 5, 6]

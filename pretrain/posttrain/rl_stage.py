@@ -166,7 +166,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         rows = rows.padded_to(target, run.tokenizer.pad_id)
         entropy_sum = 0.0
         updates = rl.updates_per_step
-        results = []
+        results, lr = [], run.optimizer.param_groups[0]["lr"]  # lr: the rate of the step's last update
         loss_step = PolicyLossStep(loss_cfg, aggregation, rollouts.temperature, rollouts.vocab_size,
                                    placeholder_ids(run.model_cfg))
         if target:
@@ -188,6 +188,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                 result = policy_update(model, run.optimizer, rows.select(part), loss_step, mbs, run.dtype,
                                        cuts=part_cuts)
                 results.append(result)
+                lr = run.optimizer.param_groups[0]["lr"]  # the rate this update used, before the scheduler's step
                 if not result.skipped:
                     run.scheduler.step(increment=1)
         t_train = time.perf_counter() - t1
@@ -212,7 +213,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         metrics = {
             "loss": results[-1].loss if results else float("nan"),
             "grad_norm": results[-1].grad_norm if results else None,
-            "lr": run.scheduler.get_lr(run.optimizer.param_groups[0]),
+            "lr": lr,
             "reward_mean": sums[0] / responses, "pass_rate": sums[1] / responses,
             "filtered_share": sums[3] / sums[4], "response_length": sums[5] / responses,
             "entropy": sums[6] / sums[7] if sums[7] else None, "updates": len(stepped),
