@@ -116,6 +116,41 @@ def test_cp2_tp2_sequence_parallel_equals_cp1(single):
     _compare(reference, result, layout, grads=False)
 
 
+def _vit_over_cp(rank, grids):
+    from common.distributed.parallel import initialize_distributed
+    from model.context_parallel import encode_over_cp, image_owners
+    from model.qwen3vl import build_qwen3vl
+    from model.registry import get_config
+
+    initialize_distributed({"cp": 2})
+    cfg = get_config("tiny_dense")
+    torch.manual_seed(0)
+    vision = build_qwen3vl(cfg).vision.eval()
+    grid = torch.tensor(grids)
+    pixels = torch.randn(int(grid.prod(-1).sum()), cfg.vision.patch_dim, generator=torch.Generator().manual_seed(1))
+    merge = cfg.vision.spatial_merge_size
+    with torch.no_grad():
+        embeds, deep = encode_over_cp(vision, pixels, grid, merge, cfg.vision.out_hidden_size, cfg.num_deepstack)
+        whole, whole_deep = vision(pixels, grid)  # this rank's ViT on every image
+    held = [0, 0]
+    for owner, g in zip(image_owners(grid.prod(-1).tolist(), 2), grids):
+        held[owner] += g[0] * g[1] * g[2] // merge ** 2
+    diffs = [(embeds - whole).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(deep, whole_deep)]
+    return held, diffs
+
+
+def test_vit_shared_over_cp_gives_each_image_its_own_features_when_the_later_rank_holds_more():
+    """Images of 16, 12 and 12 patches (4, 3 and 3 tokens): the largest goes to rank 0, the other two to
+    rank 1, which holds more tokens. The all-gather pads every rank's part to the busiest one's, so
+    rank 1's tokens start at that length in the gathered rows (not after rank 0's 4 tokens); every
+    image's embeddings and DeepStack features must be those of the ViT on all images. The parity
+    inputs never give a later rank more tokens than rank 0, so the CP model tests do not see this."""
+    grids = [[1, 4, 4], [1, 2, 6], [1, 6, 2]]
+    for held, diffs in run_ranks(_vit_over_cp, 2, grids):
+        assert held == [4, 6]  # not vacuous: rank 1's part is the longer one
+        assert len(diffs) > 1 and max(diffs) <= TOL, diffs
+
+
 def test_attention_pieces_cover_every_query_once():
     from model.attention import attention_pieces
     from model.context_parallel import rank_positions

@@ -468,6 +468,41 @@ def test_response_rows_are_packed_one_document_each():
         response_rows(prompts, responses, prompt_index, torch.float32, response_mask=mask, multiple_of=4, length=16)
 
 
+def test_response_tokens_take_the_positions_of_text_after_their_prompt(tokenizer):
+    """A response token is text that follows its prompt: in the rollout's grid and in the update's packed
+    rows it has the position that token would have in the prompt + response as one sample
+    (``mrope_position_ids``, which follows transformers' ``get_rope_index``). After an image or a video
+    that is the prompt's largest position + 1, not its length: a rule shared by the rollout and the
+    update but off there would pass every log-prob comparison between the two."""
+    from common.tokens.positions import IMAGE, TEXT, VIDEO, mrope_position_ids
+    from pretrain.posttrain.rollout import _Batch, _prompts as parsed, response_rows
+
+    prompts = parsed(_prompts(tokenizer))
+    assert any(p.media for p in prompts)  # an image and a video prompt: positions are not arange there
+    k = 4
+    types = {tokenizer.image_pad_id: IMAGE, tokenizer.video_pad_id: VIDEO}
+    expected = []
+    for p in prompts:
+        prompt_types = [types.get(int(t), TEXT) for t in p.ids]
+        full = mrope_position_ids(torch.tensor(prompt_types + [TEXT] * k), p.media.get("image_grid_thw"),
+                                  p.media.get("video_grid_thw"))
+        assert torch.equal(full[:, :p.ids.numel()], p.positions)
+        expected.append(full[:, p.ids.numel():])
+    assert any(int(e[0, 0]) != p.ids.numel() for e, p in zip(expected, prompts))  # not vacuous
+
+    grid = _Batch.build(prompts, 1, k, tokenizer.pad_id)
+    for i, want in enumerate(expected):
+        assert torch.equal(grid.positions[:, i, grid.prompt_len:], want), i
+
+    responses = torch.randint(10, 100, (len(prompts), k))
+    inputs, _ = response_rows(prompts, responses, torch.arange(len(prompts)), torch.float32)
+    positions, offset = inputs["position_ids"][:, 0], 0
+    for p, want in zip(prompts, expected):
+        start = offset + p.ids.numel()
+        assert torch.equal(positions[:, start:start + k], want)
+        offset = start + k
+
+
 def _response_logprobs_rank(rank, logits, index, responses, mask, vocab, banned):
     from common.distributed.parallel import initialize_distributed
     from pretrain.posttrain.rollout import response_logprobs
