@@ -15,7 +15,7 @@
    the consumed sequences in new streams, warns, and records that in ``trainer.json``
    (``data_resumes``) and in the ``data_resume`` field of the step's ``metrics.jsonl`` record. A resume
    keeps the saved learning-rate schedule, so one whose step budget changed is refused
-   (:func:`check_schedule_span`);
+   (:func:`check_resumed_schedule`), and so is one whose ``stage.optimizer`` settings changed;
 4. steps until the stage's step or token budget, with per-token loss normalisation over the global
    batch, non-finite steps skipped and counted (the run stops after ``train.max_consecutive_skips``
    in a row), metrics every step, checkpoints every ``train.save_interval`` steps and at the end;
@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 import zlib
@@ -274,7 +275,7 @@ class StageRun:
 
     def save(self, data_states: dict | None = None) -> Path:
         """A checkpoint of the model, optimizer, schedule, progress and RNG (collective)."""
-        self.state.scheduler = self.scheduler.state_dict()
+        self.state.scheduler = schedule_state(self.scheduler)
         return self.manager.save(self.model, self.optimizer, self.state, {"rng": collect_rng_state()},
                                  describe=self.describe, data_states=data_states)
 
@@ -315,25 +316,58 @@ class StageRun:
         return broadcast_flag(requeued)
 
 
-def check_schedule_span(latest: Path, state: TrainerState, schedule_steps: int, total_steps: int) -> None:
-    """Raise :class:`CheckpointError` when checkpoint ``latest`` (trainer state ``state``) was saved with a
-    learning-rate schedule over another number of optimizer steps than this run's ``schedule_steps``.
+#: The saved learning-rate schedule's settings (Megatron's scheduler state, and the WSD decay length this
+#: trainer adds to it) and the job settings they come from.
+SCHEDULE_SETTINGS = {
+    "max_lr": "stage.optimizer.lr", "min_lr": "stage.optimizer.min_lr",
+    "lr_warmup_steps": "stage.optimizer.warmup_steps", "lr_decay_style": "stage.optimizer.schedule",
+    "wsd_decay_steps": "stage.optimizer.decay_fraction (WSD decay steps)",
+    "start_wd": "stage.optimizer.weight_decay",
+}
 
-    A resume keeps the saved schedule (warm-up, decay horizon, min lr), while the loop runs to this run's
-    budget ``total_steps``: with a budget changed since the save (``stage.train_steps``, or
-    ``stage.train_tokens`` over another ``train.global_batch_size`` or ``stage.seq_length``), the stage
-    would stop before its learning rate decayed (WSD: still at its peak), or train past the decay at
-    ``min_lr``, on another number of tokens than ``stage.train_tokens``. A checkpoint at or past this
-    run's budget trains no step: not checked."""
-    saved = state.scheduler.get("lr_decay_steps")
-    if saved is None or saved == max(schedule_steps, 1) or state.step >= total_steps:
+
+def schedule_state(scheduler) -> dict:
+    """What a checkpoint keeps of the learning-rate schedule: Megatron's scheduler state plus the WSD
+    decay length (``stage.optimizer.decay_fraction`` of the steps), which Megatron's leaves out."""
+    return {**scheduler.state_dict(), "wsd_decay_steps": scheduler.wsd_decay_steps}
+
+
+def check_resumed_schedule(latest: Path, state: TrainerState, scheduler, total_steps: int) -> None:
+    """Raise :class:`CheckpointError` when checkpoint ``latest`` (trainer state ``state``) was saved with
+    another learning-rate schedule than this run's ``scheduler`` (built from the job, not loaded yet).
+
+    A resume keeps the saved schedule (Megatron's scheduler restores its own settings), while the loop
+    runs to this run's budget ``total_steps``. A budget changed since the save (``stage.train_steps``,
+    or ``stage.train_tokens`` over another ``train.global_batch_size`` or ``stage.seq_length``) would
+    stop the stage before its learning rate decayed (WSD: still at its peak), or train past the decay at
+    ``min_lr``, on another number of tokens than ``stage.train_tokens``; a changed ``stage.optimizer``
+    setting (lr, min_lr, warm-up, schedule, decay fraction, weight decay) would be ignored. A checkpoint
+    at or past this run's budget trains no step: not checked. Settings a checkpoint did not save are
+    not compared."""
+    if state.step >= total_steps:
         return
-    raise CheckpointError(
-        f"{latest}: its learning-rate schedule spans {saved} optimizer steps, this run's {schedule_steps}: the "
-        f"stage's budget ({total_steps} steps: stage.train_steps, or stage.train_tokens / "
-        "(train.global_batch_size x stage.seq_length)) changed since it was saved, and a resume keeps the saved "
-        "schedule. Resume with the budget it was saved with (a new global batch: stage.train_tokens=null "
-        "stage.train_steps=<its steps>), or start a new stage from its weights with stage.init_from")
+    saved, current = state.scheduler, schedule_state(scheduler)
+    if "lr_decay_steps" in saved and saved["lr_decay_steps"] != current["lr_decay_steps"]:
+        raise CheckpointError(
+            f"{latest}: its learning-rate schedule spans {saved['lr_decay_steps']} optimizer steps, this run's "
+            f"{current['lr_decay_steps']}: the stage's budget ({total_steps} steps: stage.train_steps, or "
+            "stage.train_tokens / (train.global_batch_size x stage.seq_length)) changed since it was saved, and a "
+            "resume keeps the saved schedule. Resume with the budget it was saved with (a new global batch: "
+            "stage.train_tokens=null stage.train_steps=<its steps>), or start a new stage from its weights with "
+            "stage.init_from")
+    changed = [f"{setting}: saved {saved[key]}, now {current[key]}" for key, setting in SCHEDULE_SETTINGS.items()
+               if key in saved and not _same_setting(saved[key], current[key])]
+    if changed:
+        raise CheckpointError(
+            f"{latest} was saved with another learning-rate schedule ({'; '.join(changed)}) and a resume keeps the "
+            "saved one: resume with the saved settings, or start a new stage from its weights with "
+            "stage.init_from (a new schedule and optimizer state)")
+
+
+def _same_setting(a, b) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-15)
+    return a == b
 
 
 def start_distributed(job: JobConfig):
@@ -367,7 +401,7 @@ def open_stage(job: JobConfig, info, dp_size: int, total_steps: int, composed_ya
     started_from = latest
     if latest is not None:
         state, rank_state = manager.load(latest, model, optimizer)
-        check_schedule_span(latest, state, schedule_steps, total_steps)
+        check_resumed_schedule(latest, state, scheduler, total_steps)
         scheduler.load_state_dict(state.scheduler)
         origin = f"resumed from {latest} (step {state.step})"
     elif job.stage.init_from:

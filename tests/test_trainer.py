@@ -164,6 +164,37 @@ def test_a_resume_with_another_budget_is_refused(synth_data, straight, tmp_path)
     assert not (resumed / "s1_pretrain/metrics.jsonl").exists() or not _records(resumed)
 
 
+def test_a_resume_with_other_schedule_settings_is_refused(tmp_path):
+    """Megatron's scheduler restores the saved settings over the job's: a resume with another lr or
+    schedule trained silently with the old ones (and a WSD -> cosine change crashed in Megatron). The
+    settings are compared (in-process: the real scheduler over a torch optimizer)."""
+    import dataclasses
+
+    import torch
+
+    from pretrain.checkpoint import CheckpointError, TrainerState
+    from pretrain.cli import load_job
+    from pretrain.lr_schedule import build_lr_scheduler
+    from pretrain.trainer import check_resumed_schedule, schedule_state
+
+    _, job = load_job(["stage=s1_pretrain"])
+    opt = job.stage.optimizer
+
+    def scheduler(**changes):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+        return build_lr_scheduler(optimizer, dataclasses.replace(opt, **changes), 100)
+
+    saved = TrainerState(stage="s1_pretrain", step=40, scheduler=schedule_state(scheduler()))
+    check_resumed_schedule(tmp_path, saved, scheduler(), 100)  # the same settings resume
+    with pytest.raises(CheckpointError) as error:
+        check_resumed_schedule(tmp_path, saved, scheduler(lr=1e-4, schedule="cosine"), 100)
+    assert "stage.optimizer.lr: saved 0.0002, now 0.0001" in str(error.value)
+    assert "stage.optimizer.schedule: saved WSD, now cosine" in str(error.value)
+    with pytest.raises(CheckpointError, match=r"decay_fraction \(WSD decay steps\): saved 10, now 20"):
+        check_resumed_schedule(tmp_path, saved, scheduler(decay_fraction=0.2), 100)
+    check_resumed_schedule(tmp_path, saved, scheduler(lr=1e-4), 40)  # at its budget: trains no step
+
+
 def test_a_resume_without_stream_positions_warns_and_records_it(synth_data, tmp_path):
     """A checkpoint that holds no data stream positions (data_streams 0): the loader skips the consumed
     sequences in new streams, and the trainer state records the warning; positions saved with other
