@@ -26,7 +26,7 @@ LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
-STAGE_KINDS = ("lm", "distill", "rl")
+STAGE_KINDS = ("lm", "distill", "rl", "distill_on_policy")
 
 
 class ConfigError(ValueError):
@@ -66,7 +66,7 @@ class RecomputeSchema:
 
 @dataclass
 class DistillSchema:
-    """``stage.kind: distill``: the frozen teacher (pretrain/posttrain/distill_stage.py)."""
+    """``stage.kind: distill`` and ``distill_on_policy``: the frozen teacher (pretrain/posttrain/distill_stage.py)."""
 
     teacher: str | None = None  # checkpoints folder (its latest) or step dir of a run of this stack
     temperature: float = 1.0  # of both distributions in KL(teacher || student)
@@ -83,7 +83,8 @@ class PromptFilterSchema:
 
 @dataclass
 class RLSchema:
-    """``stage.kind: rl``: rollouts, filtering and updates (pretrain/posttrain/rl_stage.py)."""
+    """``stage.kind: rl``: rollouts, filtering and updates (pretrain/posttrain/rl_stage.py); ``distill_on_policy``
+    takes the prompts, sampling and updates from here (not the filter)."""
 
     prompts: str | None = None  # an RL prompt set built by ``python -m data_tools build-rl``
     prompts_per_step: int = 16  # prompts per RL step, all data-parallel ranks together
@@ -112,7 +113,9 @@ class StageSchema:
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     recompute: RecomputeSchema = field(default_factory=RecomputeSchema)
     data_weights: dict[str, float] = field(default_factory=dict)  # per data source name
-    kind: str = "lm"  # lm: next-token loss; distill: KL to a teacher; rl: policy optimisation on rollouts
+    # lm: next-token loss; distill: KL to a teacher; rl: policy optimisation on rollouts; distill_on_policy:
+    # KL to a teacher on the model's own rollouts
+    kind: str = "lm"
     distill: DistillSchema = field(default_factory=DistillSchema)
     rl: RLSchema = field(default_factory=RLSchema)
     # kind rl: reward names, or {name, weight} entries (pretrain/posttrain/rewards.py)
@@ -323,8 +326,9 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
         if name not in names:
             raise ConfigError(f"stage.data_weights.{name}: no data source named {name!r} (have {names})")
         _not_negative(f"stage.data_weights.{name}", weight)
-    try:
-        job.parallel.validate()  # the world size is checked at launch, before any work
+    text = job.model.get("text", {}) if isinstance(job.model, dict) else {}
+    try:  # the world size is checked at launch, before any work
+        job.parallel.validate(moe=bool(text.get("num_experts")))
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_recompute(job)
@@ -334,6 +338,8 @@ def validate_job_config(cfg: DictConfig) -> JobConfig:
         check_distill_stage(job)
     elif stage.kind == "rl":
         check_rl_stage(job)
+    elif stage.kind == "distill_on_policy":
+        check_on_policy_distill_stage(job)
     return job
 
 
@@ -364,10 +370,7 @@ def check_rl_stage(job: JobConfig) -> None:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigError(f"stage.rl.reward_modules: cannot import {module!r} ({exc})") from None
-    if not rl.prompts:
-        raise ConfigError("stage.rl.prompts: set the RL prompt set (python -m data_tools build-rl) for kind: rl")
-    for key in ("prompts_per_step", "max_new_tokens", "updates_per_step"):
-        _positive(f"stage.rl.{key}", getattr(rl, key))
+    check_rollouts(job)
     try:
         check_group_size(rl.group_size)
         parse_reward_specs(job.stage.rewards)
@@ -377,12 +380,33 @@ def check_rl_stage(job: JobConfig) -> None:
         policy_loss_config_from_mapping(loss)
     except ValueError as exc:
         raise ConfigError(f"stage (kind: rl): {exc}") from None
+
+
+def check_rollouts(job: JobConfig) -> None:
+    """``stage.rl``'s prompts, sampling and updates of a stage that trains on its rollouts (kinds rl and
+    distill_on_policy), and a layout rollouts run in."""
+    rl, kind = job.stage.rl, job.stage.kind
+    if not rl.prompts:
+        raise ConfigError(f"stage.rl.prompts: set the RL prompt set (python -m data_tools build-rl) for kind: {kind}")
+    for key in ("prompts_per_step", "group_size", "max_new_tokens", "updates_per_step"):
+        _positive(f"stage.rl.{key}", getattr(rl, key))
     if not 0 <= rl.temperature or not 0 < rl.top_p <= 1:
         raise ConfigError(f"stage.rl.temperature={rl.temperature} must be >= 0 and stage.rl.top_p={rl.top_p} "
                           "in (0, 1]")
     if job.parallel.cp > 1 or job.parallel.vpp:
-        raise ConfigError(f"stage.kind=rl with parallel.cp={job.parallel.cp}, vpp={job.parallel.vpp}: rollouts "
+        raise ConfigError(f"stage.kind={kind} with parallel.cp={job.parallel.cp}, vpp={job.parallel.vpp}: rollouts "
                           "run without context parallelism or virtual pipeline stages")
+
+
+def check_on_policy_distill_stage(job: JobConfig) -> None:
+    """``kind: distill_on_policy``: the teacher of ``kind: distill`` and the rollouts of ``kind: rl``;
+    the RL stage's rewards and policy loss have no place in it (refused rather than ignored)."""
+    for key in ("rewards", "loss"):
+        if getattr(job.stage, key):
+            raise ConfigError(f"stage.{key}={getattr(job.stage, key)!r}: kind distill_on_policy has no rewards "
+                              "or policy loss (its loss is the KL to stage.distill.teacher); remove it")
+    check_rollouts(job)
+    check_distill_stage(job)
 
 
 def check_sequence_layout(seq_length: int, parallel: ParallelConfig) -> None:

@@ -80,6 +80,8 @@ def test_overrides_and_interpolation():
     (["parallel.cp=3"], "stage.seq_length=8192 is not divisible by 2*cp = 6"),
     (["parallel=cp2", "parallel.tp=3", "parallel.sequence_parallel=true"],
      "stage.seq_length=8192 is not divisible by 2*cp*tp = 12"),
+    (["model=qwen3vl_30b_a3b", "parallel=tp2", "parallel.sequence_parallel=false"],
+     "parallel.tp=2 with a MoE model needs parallel.sequence_parallel=true"),
     (["stage.recompute.granularity=most"], "stage.recompute.granularity='most': must be one of"),
     (["stage.optimizer.lr=1e-5"], "stage.optimizer.min_lr=2e-05: must be in [0, stage.optimizer.lr=1e-05]"),
     (["train.max_consecutive_skips=0"], "train.max_consecutive_skips=0: must be positive"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.distributed.parallel import ParallelConfig, ParallelConfigError, process_info
+from common.distributed.parallel import ParallelConfig, ParallelConfigError, cuda_device_index, process_info
 
 
 @pytest.mark.parametrize("layout, world, message", [
@@ -25,6 +25,18 @@ def test_good_layouts_give_data_parallel_size():
     assert ParallelConfig(tp=2).data_parallel_size(8) == 4
     assert ParallelConfig(tp=2, pp=2, ep=4, etp=1, sequence_parallel=True).data_parallel_size(16) == 4
     assert ParallelConfig(tp=4, pp=2, ep=8, etp=1, sequence_parallel=True).min_world_size() == 16
+
+
+def test_a_moe_model_needs_sequence_parallelism_with_tensor_parallelism():
+    """Megatron-Core's MoE layer raises at the first training forward with tp > 1 and no sequence
+    parallelism, whatever ep is (moe_layer.py); tp=2 with ep=1 passed the layout checks (the planner
+    planned it) and failed only after the job had started."""
+    with pytest.raises(ParallelConfigError, match=r"parallel\.tp=2 with a MoE model needs "
+                                                  r"parallel\.sequence_parallel=true"):
+        ParallelConfig(tp=2).validate(moe=True)
+    ParallelConfig(tp=2).validate()  # a dense model trains tensor-parallel without it
+    ParallelConfig(tp=2, sequence_parallel=True).validate(moe=True)
+    ParallelConfig(ep=2).validate(moe=True)
 
 
 def test_unknown_option_is_rejected():
@@ -52,3 +64,13 @@ def test_single_process_without_launcher():
     info = process_info({})
     assert (info.rank, info.world_size, info.launcher) == (0, 1, "single")
     assert 0 < info.master_port < 65536
+
+
+def test_cuda_device_of_a_rank():
+    """torchrun and a plain srun show every rank all of the node's GPUs; ``srun --gpus-per-task=1`` or
+    ``--gpu-bind`` show each rank its own GPU only, as device 0: set_device(local rank) failed there
+    ("invalid device ordinal") on every rank but the first of a node."""
+    assert cuda_device_index(3, 8) == 3
+    assert cuda_device_index(3, 1) == 0
+    with pytest.raises(ParallelConfigError, match="local rank 3 has no GPU: this process sees 2"):
+        cuda_device_index(3, 2)

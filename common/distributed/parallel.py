@@ -56,8 +56,12 @@ class ParallelConfig:
     def expert_tp(self) -> int:
         return self.tp if self.etp is None else self.etp
 
-    def validate(self) -> None:
-        """Check the values on their own (the world size is checked by :meth:`data_parallel_size`)."""
+    def validate(self, moe: bool = False) -> None:
+        """Check the values on their own (the world size is checked by :meth:`data_parallel_size`).
+
+        ``moe``: the model to train has MoE layers (rules that depend on the model; a caller that does
+        not know the model leaves it False and gets the layout-only checks).
+        """
         for name in ("tp", "pp", "ep", "cp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -74,9 +78,15 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp < 2:
             raise ParallelConfigError("parallel.sequence_parallel=true needs parallel.tp >= 2, got tp=1")
         if self.ep > 1 and self.tp > 1 and not self.sequence_parallel:
-            # Megatron-Core's MoE layer requires it when experts and tensors are both split.
+            # Expert parallelism means a MoE model: see the rule below.
             raise ParallelConfigError(
                 f"parallel.ep={self.ep} with parallel.tp={self.tp} needs parallel.sequence_parallel=true"
+            )
+        if moe and self.tp > 1 and not self.sequence_parallel:
+            # Megatron-Core's MoE layer raises at the first training forward without it, whatever ep is.
+            raise ParallelConfigError(
+                f"parallel.tp={self.tp} with a MoE model needs parallel.sequence_parallel=true "
+                "(Megatron-Core's MoE layer does not train tensor-parallel without it)"
             )
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -158,6 +168,20 @@ def process_info(environ: Mapping[str, str] | None = None) -> ProcessInfo:
     return ProcessInfo(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
+def cuda_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device this process drives: ``local_rank`` among the node's GPUs, or 0 when the launcher
+    gave each process one GPU of its own (``srun --gpus-per-task=1``, ``--gpu-bind``: every rank sees
+    a single device, its own, whatever its local rank). Raises :class:`ParallelConfigError` when the
+    process sees more than one GPU but fewer than ``local_rank + 1``."""
+    if device_count == 1:
+        return 0
+    if not 0 <= local_rank < device_count:
+        raise ParallelConfigError(
+            f"local rank {local_rank} has no GPU: this process sees {device_count} "
+            "(CUDA_VISIBLE_DEVICES); start at most one rank per visible GPU, or give each rank one GPU")
+    return local_rank
+
+
 def initialize_distributed(
     parallel: ParallelConfig | Mapping[str, Any],
     seed: int = 1234,
@@ -175,7 +199,8 @@ def initialize_distributed(
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(info.local_rank)
+        # Before NCCL starts: its communicators bind to the current device.
+        torch.cuda.set_device(cuda_device_index(info.local_rank, torch.cuda.device_count()))
     else:
         install_cpu_runtime()
     if not dist.is_initialized():
