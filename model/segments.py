@@ -38,10 +38,10 @@ def tensor_cache(t: torch.Tensor, name: str) -> dict:
     tensor object without the attributes of the one the forward saw, which rebuilt the plans once per
     layer in the backward pass (at 256K tokens a host copy, a plan and a device upload per layer). An
     alias is recognised by where its values are: while the owner lives its memory cannot be reused, and an
-    in-place change (the version counter an alias shares) starts new caches.
+    in-place change of ``t`` or of an alias (the version counter they share) starts new caches.
     """
-    caches = getattr(t, "_tensor_caches", None)
-    if caches is None:
+    version, caches = getattr(t, "_tensor_caches", (None, None))
+    if version != t._version:  # first use, or ``t`` itself changed in place since: its plans are stale
         key = (str(t.device), t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         owner, version, caches = _CACHE_OWNERS.get(key, (None, None, None))
         if owner is None or owner() is None or version != t._version:
@@ -49,5 +49,5 @@ def tensor_cache(t: torch.Tensor, name: str) -> dict:
                 del _CACHE_OWNERS[gone]
             caches = {}
             _CACHE_OWNERS[key] = (weakref.ref(t), t._version, caches)
-        t._tensor_caches = caches
+        t._tensor_caches = (t._version, caches)
     return caches.setdefault(name, {})

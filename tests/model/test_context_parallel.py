@@ -6,6 +6,8 @@ leftover tokens; with images the CP ranks share the ViT (one image each where th
 rank where there is one). The CP layouts load the single-rank model's weights from a distributed
 checkpoint (the product path between layouts), then their logits and per-token losses, gathered back
 into sequence order, and their gradients (summed over the CP group) must equal the single layout's.
+The training forward step (``pretrain.forward``) over CP4 and CP2 x TP2 with sequence parallelism, with
+full activation recomputation, on two rows of different documents and padding, must equal one rank's.
 """
 
 from __future__ import annotations
@@ -368,3 +370,101 @@ def test_activation_recompute_reuses_the_forwards_attention_plans(cp):
     recomputed = run_ranks(_plan_builds, cp, True, cp)
     assert plain == recomputed
     assert plain[0]["pieces"] > 0 and (cp == 1 or plain[0]["layouts"] > 0)
+
+
+RECOMPUTE = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+
+
+def _two_row_pack() -> tuple:
+    """(config, micro-batch as the loader gives it) of the tiny dense model: two rows of the interleaved
+    input (two images, a four-frame video, text) cut into different documents, of lengths that are not
+    multiples of 2*cp (one of 3 tokens), row 1 ending in 13 tokens of padding (document id -1), random
+    loss weights (0 on padding). The rows' layouts differ, so every CP cut is per row."""
+    from model.check_parity import parity_inputs
+    from model.registry import get_config
+
+    cfg = get_config("tiny_dense")
+    x = parity_inputs(cfg, seed=0, pad_multiple=PAD)[-1]
+    s = x.input_ids.shape[1]
+    ids = torch.zeros(2, s, dtype=torch.long)
+    ids[0, 7:], ids[0, s // 2 + 3:], ids[0, s - 3:] = 1, 2, 3
+    ids[1, 5:], ids[1, s - 13:] = 1, -1
+    tokens = x.input_ids.repeat(2, 1)
+    weights = torch.rand(2, s, generator=torch.Generator().manual_seed(3)) * (ids >= 0)
+    batch = dict(tokens=tokens, labels=torch.roll(tokens, -1, 1), position_ids=x.position_ids.repeat(1, 2, 1),
+                 document_ids=ids, loss_weights=weights, loss_mask=(weights > 0).float())
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        batch[key] = torch.cat([getattr(x, key)] * 2)
+    return cfg, batch
+
+
+def _forward_step(rank, layout: dict, recompute: bool, reference: dict | None):
+    """One micro-batch of :func:`_two_row_pack` through the training forward step (``pretrain.forward``:
+    the model's CP cut, the loss weights cut to match) and its backward. Returns the weighted loss and
+    token count summed over the CP group and, without ``reference``, the whole gradients; with it (a
+    one-rank run's), the largest |difference| of this rank's gradients, summed over CP as Megatron's DDP
+    does (and over TP for sequence-parallel norms, as its finalize_model_grads does), from the
+    reference's part for this rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from common.distributed.parallel import initialize_distributed
+    from model.hf_adapter import local_shard
+    from model.qwen3vl import build_qwen3vl
+    from pretrain.forward import qwen3vl_forward_step
+
+    initialize_distributed(layout)
+    cfg, batch = _two_row_pack()
+    torch.manual_seed(0)
+    model = build_qwen3vl(cfg, parallel_output=False, sequence_parallel=layout.get("sequence_parallel", False),
+                          config_overrides=RECOMPUTE if recompute else None)
+    output, loss = qwen3vl_forward_step(iter([batch]), model, use_packed_seq_params=False)
+    weighted, tokens, _ = loss(output)
+    weighted.backward()
+    totals = torch.stack([weighted.detach(), tokens.float()])
+    dist.all_reduce(totals, group=ps.get_context_parallel_group())
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)  # a ViT that encoded nothing
+        dist.all_reduce(g, group=ps.get_context_parallel_group())
+        if getattr(p, "sequence_parallel", False):
+            dist.all_reduce(g, group=ps.get_tensor_model_parallel_group())
+        grads[name] = g if reference is None else (g - local_shard(name, reference[name], p)).abs().max().item()
+    return totals.tolist(), grads
+
+
+@pytest.fixture(scope="module")
+def one_rank_step():
+    return run_ranks(_forward_step, 1, {}, False, None)[0]
+
+
+@pytest.mark.parametrize("layout", [{"cp": 4}, {"cp": 2, "tp": 2, "sequence_parallel": True}],
+                         ids=["cp4", "cp2_tp2_sp"])
+def test_training_step_over_cp_with_recompute_equals_one_rank(one_rank_step, layout):
+    """The training forward step (the loss weights cut as the model cuts the tokens) over 4 CP ranks, and
+    over 2 CP x 2 TP ranks with sequence parallelism, with full activation recomputation: the weighted
+    loss, its token count and every gradient of the one-rank step without recomputation, for two rows
+    whose documents (some shorter than 2*cp, padding) and media (images, video frames shared over the
+    CP ranks' ViTs) differ."""
+    (loss, tokens), whole = one_rank_step
+    for (got_loss, got_tokens), diffs in run_ranks(_forward_step, 4, layout, True, whole):
+        assert got_tokens == tokens and abs(got_loss - loss) <= TOL * abs(loss), (got_loss, loss)
+        worst = max(diffs, key=diffs.get)
+        assert diffs[worst] <= TOL * max(1.0, whole[worst].abs().max().item()), (layout, worst, diffs[worst])
+        assert set(diffs) == set(whole)
+
+
+def test_plans_follow_an_in_place_change_of_the_document_ids():
+    """The CP layout and the attention pieces cached with a document-id tensor are those of its values now:
+    the same tensor refilled in place (a reused buffer) and its detached aliases get the new
+    documents' plans, not the old ones."""
+    from model.attention import _plan, attention_pieces
+    from model.context_parallel import layout, rank_positions
+
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    layout(ids, 1, 16, 2), _plan(ids, 1, 16, True, 2, 1)
+    ids[0, 5:] = 1
+    want = rank_positions(ids[0], 16, 2)
+    for t in (ids, ids.detach()):
+        assert torch.equal(layout(t, 1, 16, 2)[0], want)
+        assert _plan(t, 1, 16, True, 2, 1)[0] == attention_pieces(ids[0], True, want[1])
