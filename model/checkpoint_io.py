@@ -82,14 +82,74 @@ def save_weights(path: str | os.PathLike, model: list) -> None:
 def load_weights(path: str | os.PathLike, model: list) -> Path:
     """Load only the model weights of a checkpoint (a stage's ``init_from``): any layout."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     resolved = resolve_checkpoint(path)
     if resolved is None:
         raise CheckpointError(f"init_from={path}: no checkpoint there (no 'latest' file or trainer.json)")
     check_model_config(resolved, model)
-    loaded = dist_checkpointing.load(model_sharded_state(model), str(resolved))
+    try:
+        loaded = dist_checkpointing.load(model_sharded_state(model), str(resolved))
+    # torch's and Megatron's errors name neither the folder nor the file; torch's reader wraps what its
+    # ranks raised (a short read: EOFError) in a CheckpointException, a BaseException.
+    except (Exception, CheckpointException) as exc:
+        raise CheckpointError(unreadable_checkpoint_message(resolved, exc)) from exc
     load_model_state(model, loaded)
     return resolved
+
+
+def damaged_file(folder: str | os.PathLike) -> str | None:
+    """``"<file name>: <what is wrong>"`` for the first file of distributed checkpoint ``folder`` that cannot be
+    what a complete checkpoint holds (missing, unreadable, or shorter than the byte ranges ``.metadata``
+    records for it: a copy or a write cut short); None when every file looks whole. Reads the metadata
+    files and ``common.pt`` (small), and only the sizes of the ``.distcp`` shards."""
+    import pickle
+
+    import torch
+
+    folder = Path(folder)
+    for name in ("metadata.json", ".metadata"):
+        if not (folder / name).is_file():
+            return f"{name}: missing"
+    try:
+        json.loads((folder / "metadata.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"metadata.json: unreadable ({_error(exc)})"
+    try:
+        with open(folder / ".metadata", "rb") as f:
+            storage = pickle.load(f).storage_data
+    except Exception as exc:  # any unpickling error: a truncated or overwritten file
+        return f".metadata: unreadable ({_error(exc)})"
+    if (folder / "common.pt").exists():
+        try:
+            torch.load(folder / "common.pt", map_location="cpu", weights_only=False)
+        except Exception as exc:
+            return f"common.pt: unreadable ({_error(exc)})"
+    needed: dict[str, int] = {}  # shard file -> bytes its recorded tensors reach
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = folder / name
+        if not file.is_file():
+            return f"{name}: missing"
+        if file.stat().st_size < size:
+            return f"{name}: {file.stat().st_size} bytes, the checkpoint's index needs {size} (truncated)"
+    return None
+
+
+def unreadable_checkpoint_message(folder: str | os.PathLike, exc: BaseException) -> str:
+    """One line for a checkpoint whose loading raised ``exc``: the damaged file when one is found
+    (:func:`damaged_file`), else the folder and the error."""
+    damaged = damaged_file(folder)
+    if damaged is not None:
+        return f"checkpoint {folder} is damaged: {damaged}"
+    return f"checkpoint {folder} cannot be loaded: {_error(exc)}"
+
+
+def _error(exc: BaseException) -> str:
+    """``"Type: first line of the message"`` (``"Type"`` for an empty one, e.g. EOFError)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def load_model_state(model: list, loaded: dict) -> None:

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -150,7 +151,17 @@ def read_checkpoint_config(ckpt_dir: str | os.PathLike) -> tuple[Qwen3VLConfig, 
 def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert a distributed checkpoint back to the HF layout: one written by :func:`hf_to_mcore`, or a
     training checkpoint of ``pretrain.train`` (a step folder, or a run's ``checkpoints`` folder for
-    its newest step), which carries the same config files."""
+    its newest step), which carries the same config files. An unusable checkpoint (a ``latest`` naming
+    a missing step, a damaged file) raises ValueError naming it, a user error of the command line."""
+    from model.checkpoint_io import CheckpointError
+
+    try:
+        return _mcore_to_hf(ckpt_dir, out_dir)
+    except CheckpointError as exc:  # not a ValueError itself: the trainer reports it its own way
+        raise ValueError(str(exc)) from None
+
+
+def _mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     from model.hf_adapter import export_hf_tensors, write_hf_checkpoint
     from model.qwen3vl import build_qwen3vl
     from common.distributed.parallel import destroy_distributed, initialize_distributed
@@ -170,10 +181,36 @@ def mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path
     try:
         model = build_qwen3vl(cfg, params_dtype=dtype)
         load_mcore_checkpoint(ckpt, model)
-        write_hf_checkpoint(out, export_hf_tensors(model), cfg.to_hf(), extra_dir=ckpt / EXTRA_DIR)
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.extra-") as staging:
+            extra = exported_extra_files(ckpt / EXTRA_DIR, Path(staging))
+            write_hf_checkpoint(out, export_hf_tensors(model), cfg.to_hf(), extra_dir=extra)
     finally:
         destroy_distributed()
     return out
+
+
+GENERATION_CONFIG = "generation_config.json"
+
+
+def exported_extra_files(extra: Path, staging: Path) -> Path:
+    """The folder of the non-weight files an export writes next to the weights: the checkpoint's
+    ``hf_extra/``, or, when it has a tokenizer but no ``generation_config.json`` (a stage trained from
+    ``compose`` or from scratch), a copy of it in ``staging`` with one added that stops where a chat turn
+    ends, as the published Qwen3-VL's: ``eos_token_id`` [``<|im_end|>``, ``<|endoftext|>``],
+    ``pad_token_id`` and ``bos_token_id`` ``<|endoftext|>`` (transformers' ``generate`` otherwise
+    knows no end token and writes up to ``max_new_tokens``)."""
+    from common.tokens.tokenizer import TOKENIZER_FILE, Tokenizer
+
+    if not (extra / TOKENIZER_FILE).is_file() or (extra / GENERATION_CONFIG).is_file():
+        return extra
+    tokenizer = Tokenizer.from_dir(extra)
+    for f in extra.iterdir():
+        if f.is_file():
+            shutil.copy2(f, staging / f.name)
+    (staging / GENERATION_CONFIG).write_text(json.dumps(
+        {"bos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+         "eos_token_id": [tokenizer.im_end_id, tokenizer.eos_id]}, indent=2) + "\n")
+    return staging
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,3 +60,60 @@ def test_load_weights_refuses_a_checkpoint_of_another_architecture(tmp_path):
     assert out["tokens"] == lead + "image_token_id 500 vs 499"
     assert out["positions"] is None
     assert out["old"] is True
+
+
+def _truncate(file, fraction: float = 0.5) -> None:
+    size = file.stat().st_size
+    with open(file, "r+b") as f:
+        f.truncate(int(size * fraction))
+
+
+def _load_damaged_body(rank, ckpt):
+    import shutil
+
+    import torch
+
+    from common.distributed.parallel import initialize_distributed
+    from model.checkpoint_io import CheckpointError, load_weights, save_weights
+    from model.config import Qwen3VLConfig
+    from model.qwen3vl import build_qwen3vl
+
+    initialize_distributed({})
+    cfg = Qwen3VLConfig.from_hf(dict(tiny_hf.DENSE, model_type="qwen3_vl"))
+    torch.manual_seed(0)
+    save_weights(ckpt, [build_qwen3vl(cfg)])
+    shard = max(ckpt.glob("*.distcp"), key=lambda f: f.stat().st_size)
+    damage = {"shard": lambda d: _truncate(d / shard.name), "common": lambda d: _truncate(d / "common.pt", 0.0),
+              "index": lambda d: (d / ".metadata").unlink()}
+    out = {"shard_name": shard.name, "shard_size": shard.stat().st_size}
+    for name, spoil in damage.items():
+        copy = ckpt.parent / name
+        shutil.copytree(ckpt, copy)
+        spoil(copy)
+        try:
+            load_weights(copy, [build_qwen3vl(cfg)])
+            out[name] = None
+        except CheckpointError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_a_damaged_checkpoint_is_named_with_its_file(tmp_path):
+    """A shard cut short (a copy or a write interrupted) came out of torch's reader as a BaseException
+    whose text is a bare 'EOFError', naming neither the checkpoint nor the file; an empty common.pt the
+    same. Each is one line naming the damaged file; mcore-to-hf reports it as a user error."""
+    import pytest
+
+    from model.convert import mcore_to_hf
+
+    ckpt = tmp_path / "ckpt"
+    out, = run_ranks(_load_damaged_body, 1, ckpt)
+    size = out["shard_size"]
+    assert out["shard"] == (f"checkpoint {tmp_path / 'shard'} is damaged: {out['shard_name']}: {size // 2} bytes, "
+                            f"the checkpoint's index needs {size} (truncated)")
+    assert out["common"] == (f"checkpoint {tmp_path / 'common'} is damaged: common.pt: unreadable "
+                             "(EOFError: Ran out of input)")
+    assert out["index"] == f"checkpoint {tmp_path / 'index'} is damaged: .metadata: missing"
+    (tmp_path / "shard" / "qwen3vl_convert.json").write_text('{"dtype": "float32"}')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'shard'} is damaged: {out['shard_name']}: "):
+        mcore_to_hf(tmp_path / "shard", tmp_path / "hf")

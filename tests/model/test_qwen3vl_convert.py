@@ -86,3 +86,25 @@ def test_converter_command_line_errors_are_clear(tmp_path):
     proc = _run("-m", "model.convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o"),
                 check=False)
     assert proc.returncode == 2 and "qwen3vl_config.json" in proc.stderr
+
+
+def test_an_export_without_generation_config_stops_at_the_end_of_a_turn(tmp_path):
+    """A stage trained from `compose` or from scratch carries only its tokenizer in hf_extra/: its export had
+    no generation_config.json, so transformers' generate knew no end token and wrote max_new_tokens every
+    time. The export adds the published Qwen3-VL's end tokens; a source's own generation config is kept."""
+    from transformers import GenerationConfig
+
+    from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
+    from model.convert import exported_extra_files
+
+    extra, staging = tmp_path / "hf_extra", tmp_path / "staging"
+    staging.mkdir()
+    tokenizer = Tokenizer.from_file(train_byte_level_bpe(["red green blue"] * 20, 300, extra))
+    assert exported_extra_files(extra, staging) == staging
+    assert (staging / "tokenizer.json").read_bytes() == (extra / "tokenizer.json").read_bytes()
+    generation = GenerationConfig.from_pretrained(staging)
+    assert generation.eos_token_id == [tokenizer.im_end_id, tokenizer.eos_id]
+    assert generation.pad_token_id == tokenizer.pad_id
+
+    (extra / "generation_config.json").write_text('{"eos_token_id": 7}')
+    assert exported_extra_files(extra, tmp_path) == extra
