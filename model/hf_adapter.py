@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 from collections import OrderedDict
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -74,7 +75,7 @@ class HFCheckpointReader:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif single.is_file():
-            with safe_open(str(single), "pt") as f:
+            with _read_shard(safe_open, single) as f:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
@@ -101,7 +102,7 @@ class HFCheckpointReader:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.path}")
         self.read.add(name)
-        with self._open(str(self.path / self.weight_map[name]), "pt") as f:
+        with _read_shard(self._open, self.path / self.weight_map[name]) as f:
             tensor = f.get_tensor(name)
         self._cache[name] = tensor
         if len(self._cache) > self._cache_size:
@@ -111,10 +112,25 @@ class HFCheckpointReader:
     def dtypes(self) -> set[torch.dtype]:
         out = set()
         for file in sorted(set(self.weight_map.values())):
-            with self._open(str(self.path / file), "pt") as f:
+            with _read_shard(self._open, self.path / file) as f:
                 for k in f.keys():
                     out.add(f.get_slice(k).get_dtype())
         return {_safetensors_dtype(d) for d in out}
+
+
+@contextmanager
+def _read_shard(safe_open, path: Path):
+    """``safe_open`` of one safetensors shard whose failures name it: safetensors' own errors (a file
+    cut short: "incomplete metadata") name no file, in a checkpoint of dozens of shards."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except (OSError, ValueError, RuntimeError) as exc:  # SafetensorError is an Exception of its own
+        raise ValueError(f"{path}: unreadable safetensors file ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"{path}: unreadable safetensors file ({exc})") from None
 
 
 def _safetensors_dtype(name: str) -> torch.dtype:

@@ -54,6 +54,7 @@ from model.checkpoint_io import (
     load_model_state,
     model_sharded_state,
     resolve_checkpoint,
+    unreadable_checkpoint_message,
 )
 from common.megatron_fixes import apply_megatron_fixes
 
@@ -275,7 +276,12 @@ class CheckpointManager:
         apply_megatron_fixes()
         check_model_config(path, model)
         _check_optimizer_kind(path, state, optimizer)
-        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path))
+        except (Exception, CheckpointException) as exc:  # as load_weights: name the damaged file
+            raise CheckpointError(unreadable_checkpoint_message(path, exc)) from exc
         load_model_state(model, loaded)
         if optimizer is not None:
             optimizer.load_state_dict(loaded["optimizer"])

@@ -336,3 +336,26 @@ def test_decoder_norms_are_saved_under_the_te_specs_names():
         **{f"decoder.layers.{i}.pre_mlp_layernorm.weight": f"decoder.layers.{i}.pre_mlp_layernorm.weight"
            for i in (0, 2, 3)},
     }, keys
+
+
+def _truncated_resume_body(rank, run_dir):
+    from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState
+
+    manager = CheckpointManager(run_dir)
+    model, optimizer = _setup({"tp": 1}, cfg_name="TINY_DENSE")
+    manager.save(model, optimizer, TrainerState(step=1), {})
+    shard = max(manager.latest().glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])  # a copy cut short
+    try:
+        manager.load(manager.latest(), model, optimizer)
+    except CheckpointError as exc:
+        return shard.name, str(exc)
+    return shard.name, None
+
+
+def test_a_truncated_checkpoint_is_a_resume_error_naming_the_file(tmp_path):
+    """Resuming from a checkpoint whose shard was cut short raised torch's CheckpointException (a
+    BaseException: a traceback naming no file); now the trainer's one-line checkpoint error."""
+    (name, message), = run_ranks(_truncated_resume_body, 1, tmp_path / "run")
+    assert message is not None and message.startswith(
+        f"checkpoint {tmp_path / 'run/checkpoints/step_00000001'} is damaged: {name}: "), message

@@ -106,3 +106,16 @@ def test_evaluate_refuses_a_limit_below_one_and_an_empty_question_file(tmp_path)
     questions.write_text("\n")
     with pytest.raises(ValueError, match="eval.jsonl: no questions"):
         evaluate(None, questions)
+
+
+def test_a_truncated_safetensors_file_is_named(tmp_path):
+    """safetensors' error for a file cut short ("incomplete metadata") names no file, in a checkpoint of
+    dozens of shards; the conversion's one line names it."""
+    hf = tmp_path / "hf"
+    tiny_hf.save_reference("dense", hf)
+    weights = hf / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    proc = _run("model.convert", "hf-to-mcore", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {weights}: unreadable safetensors file ("), errors
