@@ -75,6 +75,24 @@ def _drop_nulls(value: object) -> object:
     return value
 
 
+def _row_images(cells: list, image_column: str) -> tuple[list[str], dict[str, bytes]]:
+    """The references of a row's image cells, in order, and the bytes of those held in memory. A
+    struct naming a file keeps its path as reference (the same path twice is the same file); bytes
+    under a name another cell of the row uses too (HF's ``Image`` often writes one ``path`` for every
+    image) are numbered instead, ``<image_column>[i]``, since a reference in memory hides the file of
+    that name. Raises Rejected."""
+    parsed = [_medium(cell, f"column {image_column!r}[{i}]", f"{image_column}[{i}]") for i, cell in enumerate(cells)]
+    files = {ref for ref, data in parsed if data is None}
+    refs, media = [], {}
+    for i, (ref, data) in enumerate(parsed):
+        if data is not None:
+            if ref in media or ref in files:
+                ref = f"{image_column}[{i}]"
+            media[ref] = data
+        refs.append(ref)
+    return refs, media
+
+
 def translate_sft(messages_column: str, image_column: str, row: dict) -> tuple[dict, dict[str, bytes]]:
     """The ``build-sft`` record of a row and its images' bytes. Raises Rejected."""
     messages = row["messages"]
@@ -91,14 +109,7 @@ def translate_sft(messages_column: str, image_column: str, row: dict) -> tuple[d
     messages = _drop_nulls(messages)
     cells = row.get("images")
     cells = [] if cells is None else cells if isinstance(cells, list) else [cells]
-    refs, media = [], {}
-    for i, cell in enumerate(cells):
-        ref, data = _medium(cell, f"column {image_column!r}[{i}]", f"{image_column}[{i}]")
-        if ref in media or ref in refs:  # two images under one path: number them instead
-            ref = f"{image_column}[{i}]"
-        refs.append(ref)
-        if data is not None:
-            media[ref] = data
+    refs, media = _row_images(cells, image_column)
     used = 0
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None

@@ -10,7 +10,8 @@ end is clamped to the duration).
 With ``--max-clip-seconds L`` a video longer than ``L`` seconds is cut at frame boundaries into clips
 ``[kL, (k+1)L)`` (the last one shorter), each re-encoded to H.264 MP4 at the source frame rate and
 stored as its own sample. A variable-frame-rate source (a phone in low light, a screen recording: its
-frames' presentation times stray from ``i / fps``) is cut and timed by those times, and each clip is
+frames' presentation times stray from ``i / fps``) is cut into those windows of its time (a frame
+held across a cut, a still screen, shows in both clips), and each clip is
 re-encoded at its average frame rate showing, at every frame time, the source frame shown then (a
 constant-rate clip: training's ``i / fps`` timing of it is its real one), with key ``<line>_<clip>``; captions overlapping a clip are cut to it and
 re-timed to the clip's start, and the video's ``text`` is repeated on every clip. A clip left with
@@ -96,25 +97,42 @@ def _fit_captions(captions: list[Caption], timing: SourceTiming) -> list[Caption
     return fitted
 
 
-def clip_frame_ranges(num_frames: int, fps: float, max_seconds: float,
-                      frame_times: Sequence[float] | None = None) -> list[tuple[int, int]]:
+def clip_frame_ranges(num_frames: int, fps: float, max_seconds: float) -> list[tuple[int, int]]:
     """Frame ranges ``[lo, hi)`` of consecutive clips of at most ``max_seconds``, each of at least one
     temporal patch of frames (``TEMPORAL_PATCH_SIZE``: the model takes no shorter video); a shorter last
     piece joins the clip before it (that clip is then up to a frame longer than ``max_seconds``).
-    ``frame_times``: the frames' presentation times (a variable frame rate), clip ``k`` holding those in
-    ``[k max_seconds, (k+1) max_seconds)``; None: frame ``i`` at ``i / fps``."""
+    Frame ``i`` is at ``i / fps`` (a variable frame rate is cut by :func:`clip_windows`)."""
     ranges, lo, k = [], 0, 1
     while lo < num_frames:
-        if frame_times is None:
-            cut = math.floor(k * max_seconds * fps + 1e-6)
-        else:
-            cut = int(np.searchsorted(np.asarray(frame_times), k * max_seconds - 1e-6, side="left"))
-        hi = min(num_frames, max(lo + TEMPORAL_PATCH_SIZE, cut))
+        hi = min(num_frames, max(lo + TEMPORAL_PATCH_SIZE, math.floor(k * max_seconds * fps + 1e-6)))
         ranges.append((lo, hi))
         lo, k = hi, k + 1
     if len(ranges) > 1 and ranges[-1][1] - ranges[-1][0] < TEMPORAL_PATCH_SIZE:
         ranges[-2:] = [(ranges[-2][0], ranges[-1][1])]
     return ranges
+
+
+def clip_windows(frame_times: np.ndarray, duration: float, fps: float,
+                 max_seconds: float) -> list[tuple[int, int, float, float]]:
+    """The clips of a variable-frame-rate video, by time: the windows ``[k max_seconds, (k+1) max_seconds)``
+    of its ``duration`` seconds (the last one ending at ``duration``; one too short for a temporal patch
+    of frames at ``fps`` joins the one before), each as ``(lo, hi, start, end)``: the source frames
+    ``[lo, hi)`` it shows (``lo`` is the frame shown at ``start``, held from before it when no frame
+    begins there) and its seconds. ``frame_times``: the frames' presentation times (seconds, from 0).
+
+    Cutting at the first frame of each window instead let a frame held past a window's end (a still
+    screen in a screen recording) stretch its clip to the next frame: 10 s under ``max_seconds=3``,
+    then clips of two frames while the window count caught up."""
+    times = np.asarray(frame_times, dtype=np.float64)
+    bounds = [k * max_seconds for k in range(max(1, math.ceil(duration / max_seconds - 1e-9)))] + [duration]
+    if len(bounds) > 2 and round((bounds[-1] - bounds[-2]) * fps) < TEMPORAL_PATCH_SIZE:
+        del bounds[-2]
+    windows = []
+    for start, end in zip(bounds, bounds[1:]):
+        lo = max(0, int(np.searchsorted(times, start + 1e-9, side="right")) - 1)
+        hi = max(lo + 1, int(np.searchsorted(times, end - 1e-9, side="left")))
+        windows.append((lo, hi, start, end))
+    return windows
 
 
 def retime_captions(captions: list[Caption], start: float, end: float) -> list[Caption]:
@@ -141,12 +159,18 @@ class ClipPlan:
 
 def plan_clips(timing: SourceTiming, max_seconds: float, text: str | None,
                captions: list[Caption]) -> tuple[list[ClipPlan], int]:
-    """The clips of a video cut at ``max_seconds`` (:func:`clip_frame_ranges`) that are worth writing,
-    in time order, and the number left out: without the video's ``text``, a clip whose span no caption
-    overlaps would be a sample with no text at all, which the sample encoder skips."""
+    """The clips of a video cut at ``max_seconds`` (:func:`clip_frame_ranges`, or :func:`clip_windows`
+    for a variable frame rate) that are worth writing, in time order, and the number left out: without
+    the video's ``text``, a clip whose span no caption overlaps would be a sample with no text at all,
+    which the sample encoder skips."""
+    if timing.frame_times is None:
+        spans = [(lo, hi, timing.time_of(lo), timing.time_of(hi))
+                 for lo, hi in clip_frame_ranges(timing.num_frames, timing.fps, max_seconds)]
+    else:
+        spans = clip_windows(timing.frame_times, timing.duration, timing.fps, max_seconds)
     plans = []
-    for lo, hi in clip_frame_ranges(timing.num_frames, timing.fps, max_seconds, timing.frame_times):
-        start, end = round(timing.time_of(lo), 6), round(timing.time_of(hi), 6)
+    for lo, hi, start, end in spans:
+        start, end = round(start, 6), round(end, 6)
         plans.append(ClipPlan(lo, hi, start, end, tuple(retime_captions(captions, start, end))))
     kept = [p for p in plans if text is not None or p.captions]
     return kept, len(plans) - len(kept)
@@ -174,7 +198,7 @@ def encode_clip(data: bytes, plan: ClipPlan, timing: SourceTiming, label: str) -
     if timing.frame_times is not None:
         count = max(TEMPORAL_PATCH_SIZE, round((plan.end - plan.start) * timing.fps))
         frames = frames_shown_at(frames, timing.frame_times[plan.lo:plan.hi],
-                                 [timing.time_of(plan.lo) + j / timing.fps for j in range(count)])
+                                 [plan.start + j / timing.fps for j in range(count)])
     try:
         return encode_video(frames, timing.fps)
     except MediaError as e:

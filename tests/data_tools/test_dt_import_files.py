@@ -26,7 +26,7 @@ from test_dt_resume import _crash_after, shard_bytes
 from data_tools.__main__ import main
 from data_tools.build import BuildError, run_build
 from data_tools.config import BuildConfig
-from data_tools.importers.parquet_rows import ParquetSource
+from data_tools.importers.parquet_rows import ParquetSource, translate_sft
 from data_tools.importers.tar_samples import TarSource
 from data_tools.shards import iter_shard
 from data_tools.verify import verify
@@ -312,6 +312,33 @@ def test_parquet_sft_rows_with_typed_image_parts_or_placeholders(tmp_path):
         ("user", [("image", "img0.jpg"), ("text", "What colour?")]), ("assistant", [("text", "Red.")])]
     assert [(p.type, p.text or p.image) for p in third.messages[0].content] == [("image", "img0.webp"), ("text", "And this one?")]
     assert media_bytes(out) == {"000000001": RED, "000000003": GREEN}
+
+
+def test_parquet_sft_row_naming_one_file_twice_or_a_file_and_bytes_under_its_name(tmp_path):
+    """Image cells that name a file (no bytes) keep its path: the same file twice in a row was numbered
+    ``images[1]`` like two in-memory images under one name, and rejected as a missing file; bytes
+    under a file's name of the same row are numbered, so that each reference reads its own image."""
+    (tmp_path / "shared.png").write_bytes(BLUE)
+    parts = pa.list_(pa.struct([("type", pa.string()), ("text", pa.string())]))
+    messages = [{"role": "user", "content": [{"type": "image", "text": None}, {"type": "image", "text": None},
+                                             {"type": "text", "text": "Same?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Maybe."}]}]
+    on_disk = {"bytes": None, "path": "shared.png"}
+    table = pa.table({
+        "messages": pa.array([messages, messages], pa.list_(pa.struct([("role", pa.string()), ("content", parts)]))),
+        "images": pa.array([[on_disk, on_disk], [{"bytes": RED, "path": "shared.png"}, on_disk]], pa.list_(IMAGE_STRUCT)),
+    })
+    pq.write_table(table, tmp_path / "rows.parquet")
+    out = tmp_path / "sft"
+    summary = import_parquet(tmp_path / "*.parquet", out, kind="sft", image_column="images")
+    check_rejections(out, summary, {1: None, 2: "duplicate_media"})  # row 2's file is row 1's image
+    (sample,) = samples_of(out)
+    assert [(p.type, p.image) for p in sample.messages[0].content[:2]] == [("image", "img0.png"), ("image", "img0.png")]
+    assert media_bytes(out) == {"000000001": BLUE}
+    second = {"row": 1, "messages": messages, "images": [{"bytes": RED, "path": "shared.png"}, on_disk]}
+    record, media = translate_sft("messages", "images", second)
+    content = record["messages"][0]["content"]
+    assert [part["image"] for part in content[:2]] == ["images[0]", "shared.png"] and media == {"images[0]": RED}
 
 
 def test_the_trainers_loader_reads_an_imported_set_quietly(tars, tmp_path, capfd):
