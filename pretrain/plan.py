@@ -32,20 +32,26 @@ Post-training stages (see :mod:`model.plan` for their terms):
   is not estimated.
 * ``stage.kind: distill``: the teacher's architecture from its checkpoint's run config
   (``stage.distill.teacher``); without a readable checkpoint the teacher is not counted (said so).
+* ``stage.kind: distill_on_policy``: the RL plan's rollouts (no old-policy or reference pass in its
+  FLOPs) with the teacher: each pipeline stage's peak is the larger of the RL moments plus the teacher's
+  weights, and the update counted as a distillation update over the same rows (teacher weights, its
+  hidden states kept for every micro-batch, its forward, and both models' logits with the KL counted at
+  every position of a row, where the loss takes only the response tokens': an upper bound). When the
+  largest stage's breakdown is not one these plans give, it is refused as not planned.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 from common.distributed.parallel import ParallelConfig
 from model.config import ConfigError as ModelConfigError
 from model.config import Qwen3VLConfig
-from model.plan import (GB, FrozenModel, MemoryPlan, ParameterCounts, Rollout, Workload, parameter_counts,
-                        plan_memory)
+from model.plan import (FROZEN_WEIGHTS, GB, FrozenModel, MemoryPlan, ParameterCounts, Rollout, Workload,
+                        parameter_counts, plan_memory, stage_parameters)
 from pretrain.config import ConfigError, JobConfig, check_batch_layout, stage_total_steps
 from pretrain.metrics import PEAK_BF16_FLOPS, qwen3vl_train_flops, training_step_flops
 
@@ -117,7 +123,7 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
         dp = job.parallel.data_parallel_size(world)
     except ValueError as exc:
         raise ConfigError(f"{world} ranks do not fit the parallel layout: {exc}") from None
-    if job.stage.kind == "rl":
+    if job.stage.kind in ("rl", "distill_on_policy"):
         return _plan_rl(job, cfg, world, dp, visual_patches, prompt_tokens)
     micro_batches = check_batch_layout(job.train, dp, job.parallel.pp, job.parallel.vpp)
     s = job.stage.seq_length
@@ -131,7 +137,9 @@ def plan_job(job: JobConfig, world_size: int | None = None, visual_patches: int 
     doc = min(document_length or s, s)
     frozen, uncounted = None, None
     if job.stage.kind == "distill":
-        frozen, uncounted = _teacher(job)
+        frozen, why = _teacher(job)
+        if frozen is None:
+            uncounted = f"the frozen teacher's weights and activations ({why}); its logits are counted with the student's"
     work = Workload(
         seq_length=s, micro_batch_size=job.train.micro_batch_size, micro_batches=micro_batches,
         visual_patches=patches, loss="distill" if job.stage.kind == "distill" else "lm", **_training(job))
@@ -175,8 +183,7 @@ def _teacher(job: JobConfig) -> tuple[FrozenModel | None, str | None]:
         return FrozenModel(Qwen3VLConfig.from_mapping(OmegaConf.to_container(run_config.model, resolve=True)),
                            "teacher"), None
     except (CheckpointError, ModelConfigError, OmegaConfBaseException, OSError, ValueError) as exc:
-        return None, (f"the frozen teacher's weights and activations ({exc}); its logits are counted with "
-                      "the student's")
+        return None, str(exc)
 
 
 def _plan_rl(job: JobConfig, cfg: Qwen3VLConfig, world: int, dp: int, visual_patches: int | None,
@@ -208,7 +215,9 @@ def _plan_rl(job: JobConfig, cfg: Qwen3VLConfig, world: int, dp: int, visual_pat
     work = Workload(seq_length=length, micro_batch_size=mbs, micro_batches=-(-rows_per_update // mbs),
                     visual_patches=patches, vision_rows=images, loss="policy", response_tokens=rl.max_new_tokens,
                     **_training(job))
-    reference = FrozenModel(cfg, "reference") if float(job.stage.loss.get("kl_coef", 0.0) or 0.0) > 0 else None
+    on_policy = job.stage.kind == "distill_on_policy"
+    kl_coef = float(job.stage.loss.get("kl_coef", 0.0) or 0.0)
+    reference = FrozenModel(cfg, "reference") if kl_coef > 0 and not on_policy else None
     memory = _plan_memory(cfg, job.parallel, world, work, rollout=rollout, frozen=reference)
     # FLOPs: the updates (forward + backward) and the no-gradient passes (old policy, reference) over
     # every row; each micro-batch encodes its prompts' images once.
@@ -218,9 +227,54 @@ def _plan_rl(job: JobConfig, cfg: Qwen3VLConfig, world: int, dp: int, visual_pat
     frame = min(FRAME_PATCHES, patches) if patches else 0
     counts = (cfg, rows * length, rows * length * (length + 1) // 2, vision, vision * frame)
     forward = qwen3vl_train_flops(*counts, trainable=())
-    flops = qwen3vl_train_flops(*counts, job.stage.trainable) + forward * (1 + (reference is not None))
-    return JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, length, flops, rollout=rollout,
+    passes = 0 if on_policy else 1 + (reference is not None)  # old-policy (and reference) log-prob passes
+    flops = qwen3vl_train_flops(*counts, job.stage.trainable) + forward * passes
+    plan = JobPlan(job, world, dp, work, memory, parameter_counts(cfg), source, length, flops, rollout=rollout,
                    frozen=reference, prompt_text_tokens=text)
+    return _with_teacher(plan, cfg, counts[1:]) if on_policy else plan
+
+
+def _with_teacher(plan: JobPlan, cfg: Qwen3VLConfig, counts: tuple) -> JobPlan:
+    """The RL-shaped ``plan`` of an on-policy distillation stage with its teacher (see the module docstring):
+    per pipeline stage the larger of (the RL moments + the teacher's weights) and (a distillation update of
+    the same micro-batches with the teacher); the teacher's forward added to the FLOPs. ``counts``: the
+    token, attention-pair and ViT counts of the step's rows (:func:`qwen3vl_train_flops`)."""
+    job, work, rl_memory = plan.job, plan.workload, plan.memory
+    teacher, why = _teacher(job)
+    if teacher is None:
+        plan.uncounted = f"the frozen teacher: its weights, activations, forward and logits ({why})"
+        return plan
+    parallel = job.parallel
+    param_bytes = 2 if work.bf16 else 4
+    try:
+        weights = [sum(stage_parameters(teacher.cfg, parallel, stage).values()) * param_bytes
+                   for stage in range(parallel.pp)]
+    except ValueError as exc:
+        raise ConfigError(f"the teacher: {exc}") from None
+    update = _plan_memory(cfg, parallel, plan.world_size, replace(work, loss="distill"), frozen=teacher)
+    # the two per-stage peaks, and the larger one's stage
+    candidates = [(total + weights[stage], "rl", stage) for stage, total in enumerate(rl_memory.stage_totals)]
+    candidates += [(total, "update", stage) for stage, total in enumerate(update.stage_totals)]
+    total, source, stage = max(candidates)
+    if source == "rl" and stage != rl_memory.stage:
+        raise ConfigError(f"stage.kind=distill_on_policy: not planned: the largest pipeline stage ({stage + 1} of "
+                          f"{parallel.pp}) peaks in the rollouts, whose breakdown by term the plan does not give "
+                          "for that stage with a teacher")
+    name = FROZEN_WEIGHTS["teacher"]
+    if source == "rl":
+        terms = dict(rl_memory.terms)
+        items = list(terms.items())
+        terms = dict(items[:3] + [(name, weights[stage])] + items[3:])
+        phases = {phase: value + weights[stage] for phase, value in rl_memory.phase_totals.items()}
+        memory = MemoryPlan(stage, rl_memory.phase, terms, phase_totals=phases)
+    else:
+        memory = MemoryPlan(stage, update.phase, dict(update.terms), phase_totals=dict(update.phase_totals))
+    if rl_memory.stage == update.stage == stage:  # every moment of that stage: the rollouts', then the update's
+        rollout_phases = {p: v + weights[stage] for p, v in rl_memory.phase_totals.items() if p.startswith("rollout")}
+        memory.phase_totals = {**rollout_phases, **update.phase_totals}
+    memory.stage_totals = [max(a + w, b) for a, w, b in zip(rl_memory.stage_totals, weights, update.stage_totals)]
+    flops = plan.step_flops + qwen3vl_train_flops(teacher.cfg, *counts, trainable=())
+    return replace(plan, memory=memory, frozen=teacher, step_flops=flops)
 
 
 def _layout(parallel: ParallelConfig, dp: int) -> str:
@@ -242,6 +296,13 @@ def _duration(seconds: float) -> str:
     if seconds < 3 * 86400:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+def _teacher_line(plan: JobPlan) -> str:
+    t = plan.frozen.cfg.text
+    teacher = parameter_counts(plan.frozen.cfg)
+    return (f"  teacher: {plan.job.stage.distill.teacher} ({teacher.total / 1e9:.2f}B parameters, "
+            f"{t.num_hidden_layers} layers of {t.hidden_size:,}), frozen, in this layout")
 
 
 def format_plan(plan: JobPlan, mfu: float = DEFAULT_MFU, gpu: str = DEFAULT_GPU) -> str:
@@ -271,7 +332,9 @@ def format_plan(plan: JobPlan, mfu: float = DEFAULT_MFU, gpu: str = DEFAULT_GPU)
             f"filtered; prompts of {rollout.prompt_tokens:,} tokens: {text:,} of text (--prompt-tokens) + "
             f"{rollout.prompt_tokens - text:,} visual tokens ({rollout.visual_patches:,} ViT patches per prompt: "
             f"{plan.visual_patches_source})"]
-        if plan.frozen is not None:
+        if plan.frozen is not None and plan.frozen.role == "teacher":
+            lines.append(_teacher_line(plan))
+        elif plan.frozen is not None:
             lines.append("  reference policy (stage.loss.kl_coef > 0): the starting weights, frozen, in this layout")
     else:
         lines += [
@@ -279,10 +342,7 @@ def format_plan(plan: JobPlan, mfu: float = DEFAULT_MFU, gpu: str = DEFAULT_GPU)
             f"micro-batch(es) of {work.micro_batch_size} per data-parallel rank; {training}",
             f"  assumed: {work.visual_patches:,} ViT patches per sequence ({plan.visual_patches_source})"]
         if plan.frozen is not None:
-            t = plan.frozen.cfg.text
-            teacher = parameter_counts(plan.frozen.cfg)
-            lines.append(f"  teacher: {job.stage.distill.teacher} ({teacher.total / 1e9:.2f}B parameters, "
-                         f"{t.num_hidden_layers} layers of {t.hidden_size:,}), frozen, in this layout")
+            lines.append(_teacher_line(plan))
     lines += ["", f"  {'term':<24}{'GB per GPU':>11}"]
     for name, value in memory.terms.items():
         lines.append(f"  {name:<24}{value / GB:>11.1f}")
@@ -302,7 +362,8 @@ def format_plan(plan: JobPlan, mfu: float = DEFAULT_MFU, gpu: str = DEFAULT_GPU)
         steps = stage_total_steps(job)
         peak = f"step time at {mfu:.0%} MFU on {gpu} ({PEAK_BF16_FLOPS[gpu] / 1e12:.0f} TFLOP/s bf16)"
         if rollout is not None:
-            lines.append(f"  {peak}: {_duration(seconds)} per RL step for the log-prob passes and the updates, "
+            passes = "the teacher's passes" if job.stage.kind == "distill_on_policy" else "the log-prob passes"
+            lines.append(f"  {peak}: {_duration(seconds)} per RL step for {passes} and the updates, "
                          f"without the rollouts (their decoding is bound by memory bandwidth, not estimated); "
                          f"the stage's {steps:,} steps: more than {_duration(steps * seconds)}")
         else:

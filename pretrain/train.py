@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.data.blend import BlendError
     from pretrain.data.encoding import SampleEncodingError
     from common.distributed.parallel import ParallelConfigError, destroy_distributed
+    from pretrain.posttrain.on_policy_distill import run_on_policy_distill_stage
     from pretrain.posttrain.rl_stage import RLSetupError, run_rl_stage
     from pretrain.trainer import TrainingStopped, run_stage
 
-    run = run_rl_stage if job.stage.kind == "rl" else run_stage
+    run = {"rl": run_rl_stage, "distill_on_policy": run_on_policy_distill_stage}.get(job.stage.kind, run_stage)
     try:
         result = run(job, OmegaConf.to_yaml(cfg, resolve=True))
     except (ParallelConfigError, CheckpointError, TrainingStopped, ModelConfigError, RLSetupError, ConfigError,

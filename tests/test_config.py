@@ -12,7 +12,7 @@ from pretrain.config import ConfigError, check_batch_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["s0_align", "s1_pretrain", "s2_long_32k", "s3_long_256k", "sft", "sft_long_256k"]
-POSTTRAIN = ["distill", "rl_sapo", "rl_grpo", "rl_gspo"]
+POSTTRAIN = ["distill", "distill_on_policy", "rl_sapo", "rl_grpo", "rl_gspo"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -51,6 +51,18 @@ def test_distill_stage_needs_its_teacher_and_text_data():
     with pytest.raises(ConfigError, match="the teacher runs one model chunk per pipeline rank"):
         load_job(["stage=distill", "data.sources=[{name: text, path: /data/text}]", "parallel=pp2",
                   "parallel.vpp=2", "stage.distill.teacher=runs_big/sft/checkpoints"])
+
+
+def test_on_policy_distill_stage_needs_its_teacher_and_takes_no_rewards():
+    with pytest.raises(ConfigError, match="stage.distill.teacher"):
+        load_job(["stage=distill_on_policy"])
+    _, job = load_job(["stage=distill_on_policy", "stage.distill.teacher=runs_big/sft/checkpoints"])
+    assert job.stage.kind == "distill_on_policy" and job.stage.trainable == ["language"]
+    with pytest.raises(ConfigError, match="stage.rewards="):
+        load_job(["stage=distill_on_policy", "stage.distill.teacher=runs_big/sft/checkpoints",
+                  "stage.rewards=[exact_match]"])
+    with pytest.raises(ConfigError, match="parallel.cp=2"):
+        load_job(["stage=distill_on_policy", "stage.distill.teacher=runs_big/sft/checkpoints", "parallel=cp2"])
 
 
 def test_report_stage_settings():

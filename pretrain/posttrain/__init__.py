@@ -1,10 +1,12 @@
 """Post-training as the Qwen3-VL report does it: strong-to-weak distillation and RL with SAPO (or GRPO,
-GSPO), as stages of the same trainer (``stage.kind: distill | rl``).
+GSPO), as stages of the same trainer (``stage.kind: distill | distill_on_policy | rl``).
 
 The stages:
 
 * :mod:`.distill_stage`: ``kind: distill``, a frozen teacher in the job's layout, run in the loop of
   :func:`pretrain.trainer.run_stage` with a KL loss;
+* :mod:`.on_policy_distill`: ``kind: distill_on_policy``, distillation's on-policy phase: the student's
+  own rollouts (the RL stage's prompts, sampling and updates), the teacher's KL on their response tokens;
 * :mod:`.rl_stage`: ``kind: rl``, the RL loop (prompts, rollouts, rewards, filtering, old log-probs,
   several updates per step), and :mod:`.rl_step`, one policy update through Megatron's schedule.
 

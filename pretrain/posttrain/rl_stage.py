@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ from pretrain.posttrain.policy_loss import AGGREGATIONS, policy_loss_config_from
 from pretrain.posttrain.rewards import RewardSet
 from pretrain.posttrain.rl_step import PolicyLossStep, RLRows, balance_rows, mini_batches, policy_update
 from pretrain.posttrain.rollout import RolloutConfig, generate_rollouts, placeholder_ids, sequence_logprobs
-from pretrain.trainer import StageResult, format_number, open_stage, start_distributed
+from pretrain.trainer import StageResult, StageRun, format_number, open_stage, start_distributed
 
 
 class RLSetupError(ValueError):
@@ -80,7 +81,7 @@ def _reference_model(job: JobConfig, dtype: torch.dtype):
     return build_frozen_model(job, Qwen3VLConfig.from_mapping(job.model), resolved, dtype)
 
 
-def _write_rollouts(run_dir: Path, step: int, lines: list[dict]) -> None:
+def write_rollouts(run_dir: Path, step: int, lines: list[dict]) -> None:
     """All ranks call; rank 0 writes ``rollouts/step_XXXXXXXX.jsonl`` (write, then rename) with the lines of
     the first rank of every model-parallel group (its peers hold the same rollouts)."""
     from megatron.core import parallel_state as ps
@@ -96,40 +97,92 @@ def _write_rollouts(run_dir: Path, step: int, lines: list[dict]) -> None:
     write_atomic(folder / f"step_{step:08d}.jsonl", text.encode())
 
 
-def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
-    """Train one RL stage on this rank (call on every rank; see the module docstring)."""
+def load_rl_prompts(job: JobConfig) -> list:
+    """The records of ``stage.rl.prompts`` (:func:`pretrain.posttrain.prompt_set.load_prompt_set`);
+    :class:`RLSetupError` when the set cannot be read."""
+    from pretrain.posttrain.prompt_set import PromptSetError, load_prompt_set
+
+    try:
+        return load_prompt_set(job.stage.rl.prompts)
+    except PromptSetError as exc:
+        raise RLSetupError(str(exc)) from None
+
+
+@dataclass
+class RolloutStage:
+    """What a stage that trains on its own rollouts opens before its first step (:func:`open_rollout_stage`):
+    the trainer's run (model, optimizer, schedule, checkpoints, logger), the prompt stream at its saved
+    position, the prompts' encoder and the sampling settings."""
+
+    run: StageRun
+    info: object  # common.distributed.parallel.DistributedInfo
+    dp_size: int
+    stream: object  # pretrain.posttrain.prompt_set.PromptStream
+    encoder: object  # pretrain.data.encoding.SampleEncoder
+    rollout_cfg: RolloutConfig
+
+    def next_rollouts(self):
+        """The next step's prompts and ``stage.rl.group_size`` responses to each from the model as it is now:
+        (encoded batch, rollout prompts, skipped prompts, :class:`Rollouts`); all ranks call. A prompt that
+        cannot be encoded is logged and replaced by the next of the stream."""
+        from megatron.core import parallel_state
+
+        from pretrain.posttrain.prompt_set import encode_step_prompts
+
+        run = self.run
+        batch, prompts, skipped = encode_step_prompts(self.encoder, self.stream, next(self.stream),
+                                                      parallel_state.get_data_parallel_group())
+        for failure in skipped:  # the error names the prompt; the next prompt of the stream took its place
+            run.logger.message(f"WARNING: skipped {failure['error']}")
+        rollouts = generate_rollouts(run.model[0], prompts, self.rollout_cfg, run.tokenizer, step=run.state.step,
+                                     prompt_keys=batch.keys)
+        return batch, prompts, skipped, rollouts
+
+
+def open_rollout_stage(job: JobConfig, records: list, composed_yaml: str = "") -> RolloutStage:
+    """Start the ranks and open the stage (:func:`pretrain.trainer.open_stage`: resumed or initialised; the
+    schedule spans ``train_steps * stage.rl.updates_per_step`` optimizer steps), the prompt stream over
+    ``records`` split over the data-parallel ranks at its saved position, and restore the RNG."""
     from megatron.core import parallel_state
 
     from pretrain.data.encoding import SampleEncoder
     from pretrain.data.loader import encoding_config_from_data
-    from pretrain.posttrain.prompt_set import PromptSetError, PromptStream, encode_step_prompts, load_prompt_set
+    from pretrain.posttrain.prompt_set import PromptStream
 
     rl = job.stage.rl
-    loss_options = dict(job.stage.loss)
-    aggregation = loss_options.pop("aggregation", AGGREGATIONS[0])
-    loss_cfg = policy_loss_config_from_mapping(loss_options)
-    try:
-        records = load_prompt_set(rl.prompts)
-    except PromptSetError as exc:
-        raise RLSetupError(str(exc)) from None
-    rewards = _prompt_rewards(records, job.stage.rewards, rl.group_size, rl.prompts)
-
     info, dp_size = start_distributed(job)
     if rl.prompts_per_step % dp_size:
         raise RLSetupError(f"stage.rl.prompts_per_step={rl.prompts_per_step} does not split over {dp_size} "
                            "data-parallel ranks")
     total_steps = job.stage.train_steps
     run = open_stage(job, info, dp_size, total_steps, composed_yaml, schedule_steps=total_steps * rl.updates_per_step)
-    model, state, logger = run.model, run.state, run.logger
     stream = PromptStream(records, rl.prompts_per_step, job.train.seed, parallel_state.get_data_parallel_rank(),
                           dp_size)
-    if state.prompt_stream:
-        stream.load_state_dict(state.prompt_stream)
+    if run.state.prompt_stream:
+        stream.load_state_dict(run.state.prompt_stream)
     run.restore_rng()
-    reference = _reference_model(job, run.dtype) if getattr(loss_cfg, "kl_coef", 0.0) > 0 else None
     encoder = SampleEncoder(run.tokenizer, encoding_config_from_data(job.data))
     rollout_cfg = RolloutConfig(temperature=rl.temperature, top_p=rl.top_p, max_new_tokens=rl.max_new_tokens,
                                 group_size=rl.group_size, seed=job.train.seed)
+    return RolloutStage(run, info, dp_size, stream, encoder, rollout_cfg)
+
+
+def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
+    """Train one RL stage on this rank (call on every rank; see the module docstring)."""
+    from megatron.core import parallel_state
+
+    rl = job.stage.rl
+    loss_options = dict(job.stage.loss)
+    aggregation = loss_options.pop("aggregation", AGGREGATIONS[0])
+    loss_cfg = policy_loss_config_from_mapping(loss_options)
+    records = load_rl_prompts(job)
+    rewards = _prompt_rewards(records, job.stage.rewards, rl.group_size, rl.prompts)
+
+    opened = open_rollout_stage(job, records, composed_yaml)
+    run, info, dp_size, stream = opened.run, opened.info, opened.dp_size, opened.stream
+    total_steps = job.stage.train_steps
+    model, state, logger = run.model, run.state, run.logger
+    reference = _reference_model(job, run.dtype) if getattr(loss_cfg, "kl_coef", 0.0) > 0 else None
     prompt_filter = PromptFilter(pass_threshold=rl.filter.pass_threshold, easy_fraction=rl.filter.easy_fraction)
     g, mbs = rl.group_size, job.train.micro_batch_size
     logger.message(f"{job.stage.name}: {run.origin}; {total_steps} RL steps of {rl.prompts_per_step} prompts x "
@@ -144,12 +197,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
     consecutive_skips = 0
     while state.step < total_steps:
         t0 = time.perf_counter()
-        batch, prompts, skipped = encode_step_prompts(encoder, stream, next(stream),
-                                                      parallel_state.get_data_parallel_group())
-        for failure in skipped:  # the error names the prompt; the next prompt of the stream took its place
-            logger.message(f"WARNING: skipped {failure['error']}")
-        rollouts = generate_rollouts(model[0], prompts, rollout_cfg, run.tokenizer, step=state.step,
-                                     prompt_keys=batch.keys)
+        batch, prompts, skipped, rollouts = opened.next_rollouts()
         t_rollout = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -245,7 +293,7 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                       "kept": bool(keep[i]), "length": int(rollouts.lengths[i]),
                       "finished": bool(rollouts.finished[i])}
                      for i, p in enumerate(rollouts.prompt_index.tolist())]
-            _write_rollouts(Path(job.train.run_dir), state.step, lines)
+            write_rollouts(Path(job.train.run_dir), state.step, lines)
 
         saved, preempted, requeued = run.end_step(total_steps, consecutive_skips)
         checkpoint = saved or checkpoint

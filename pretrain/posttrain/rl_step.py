@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state
@@ -242,13 +243,19 @@ class PolicyLossStep:
         return total, count.to(torch.int), {LOSS_KEY: report}
 
 
-def policy_update(model: list, optimizer, rows: RLRows, loss_step: PolicyLossStep, micro_batch_size: int,
-                  dtype: torch.dtype, cuts: list[int] | None = None) -> StepResult:
+def policy_update(model: list, optimizer, rows: RLRows, loss_step, micro_batch_size: int,
+                  dtype: torch.dtype, cuts: list[int] | None = None,
+                  prepare: Callable[[list[dict]], None] | None = None) -> StepResult:
     """One optimizer step on ``rows`` (this rank's share of the mini-batch; the same row count on every
-    data-parallel rank). ``StepResult.loss`` is the policy loss of the global mini-batch. ``cuts``: its
-    micro-batches' cut when the caller has it (:func:`mini_batches`), else computed."""
+    data-parallel rank). ``StepResult.loss`` is the loss of the global mini-batch (``loss_step``: a
+    :class:`PolicyLossStep`, or another forward step on these micro-batches, e.g. on-policy
+    distillation's). ``cuts``: its micro-batches' cut when the caller has it (:func:`mini_batches`),
+    else computed. ``prepare``: called on the step's micro-batches before the schedule runs (on every
+    rank, in the same order: e.g. a teacher's forward, which puts what the loss needs into them)."""
     sp = model[0].config.sequence_parallel
     multiple = parallel_state.get_tensor_model_parallel_world_size() if sp else 1
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     batches, length = rl_micro_batches(rows, micro_batch_size, dtype, multiple, same_length=pipelined, cuts=cuts)
+    if prepare is not None:
+        prepare(batches)
     return train_step(model, optimizer, loss_step, iter(batches), len(batches), length, 1)  # [1, L_k] each

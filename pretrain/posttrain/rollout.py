@@ -766,8 +766,8 @@ def _response_logits(logits: torch.Tensor, positions: torch.Tensor, temperature:
     return z.masked_fill(outside, float("-inf")).contiguous()
 
 
-def _response_tokens(logits: torch.Tensor, index: torch.Tensor, responses: torch.Tensor,
-                     response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def response_tokens(logits: torch.Tensor, index: torch.Tensor, responses: torch.Tensor,
+                    response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(keep [n, T] bool, the sequence positions [N] and the token ids [N] of the N kept response
     tokens) on the logits' device. Only kept tokens are gathered: rows end at different lengths, and
     the fp32 copies of the logits at every column of every row (up to the longest response) would cost
@@ -788,7 +788,7 @@ def response_logprobs(logits: torch.Tensor, index: torch.Tensor, responses: torc
     (0 elsewhere) from the model's vocabulary-parallel logits [1, L, V/tp] of a :func:`response_rows`
     sequence (``index`` [n, T] its second result), over the tokenizer's vocabulary less the ``banned``
     ids (:func:`placeholder_ids`), as sampled."""
-    keep, positions, tokens = _response_tokens(logits, index, responses, response_mask)
+    keep, positions, tokens = response_tokens(logits, index, responses, response_mask)
     z = _response_logits(logits, positions, temperature, vocab_size, banned)
     return _unflatten(-tensor_parallel.vocab_parallel_cross_entropy(z, tokens), keep)
 
@@ -824,7 +824,7 @@ def _sequence_logprobs(model, prompts: list[_Prompt], responses: torch.Tensor, r
     if logits is None:  # an earlier pipeline stage: the last one computes the log-probs
         logp = from_last_stage(None, (n, width), torch.float32, device)
         return logp, (from_last_stage(None, (n, width), torch.float32, device) if with_entropy else None)
-    keep, positions, tokens = _response_tokens(logits, index, responses, response_mask)
+    keep, positions, tokens = response_tokens(logits, index, responses, response_mask)
     z = _response_logits(logits, positions, temperature, vocab_size, placeholder_ids(model.cfg))
     entropy = None
     if with_entropy:  # first: Megatron's cross entropy works in place on z
