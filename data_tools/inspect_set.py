@@ -47,7 +47,8 @@ def describe(sample, width: int = 100) -> list[str]:
     elif isinstance(sample, (SftSample, RlSample)):
         for msg in sample.messages:
             content = " ".join(_short(p.text, width) if p.type == "text" else f"<{p.image or p.video}>" for p in msg.content)
-            lines.append(f"    {msg.role}: {_short(content, width)}")
+            role = msg.role if msg.loss else f"{msg.role} (loss: false)"  # context, not an SFT target
+            lines.append(f"    {role}: {_short(content, width)}")
         if isinstance(sample, RlSample):
             answer = "(none)" if sample.answer is None else _short(sample.answer, width)
             lines.append(f"    answer: {answer}  [reward {sample.reward}]")

@@ -114,10 +114,15 @@ class Clip:
 
 @dataclass(frozen=True)
 class Message:
-    """One chat turn: ``role`` in ROLES; ``content`` a tuple of Parts (a plain string becomes one text Part)."""
+    """One chat turn: ``role`` in ROLES; ``content`` a tuple of Parts (a plain string becomes one text Part);
+    ``loss``: False only on an assistant turn that is not an SFT target (ms-swift's ``"loss": false``: its
+    content and closing ``<|im_end|>`` stay as context, not trained; common.tokens.chat_template), True
+    otherwise (an assistant turn is then a target; other roles never are). In the JSON only when False, so
+    a sample without such a turn has the bytes it had before the field existed."""
 
     role: str
     content: tuple[Part, ...]
+    loss: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,8 +243,15 @@ def _part_to_dict(p: Part) -> dict:
     return _drop_none(dict(p.__dict__))
 
 
+def _message_to_dict(m: Message) -> dict:
+    d: dict = {"role": m.role, "content": [_part_to_dict(p) for p in m.content]}
+    if not m.loss:
+        d["loss"] = False
+    return d
+
+
 def _messages_to_list(messages: tuple[Message, ...]) -> list[dict]:
-    return [{"role": m.role, "content": [_part_to_dict(p) for p in m.content]} for m in messages]
+    return [_message_to_dict(m) for m in messages]
 
 
 def sample_to_dict(sample: Sample) -> dict:
@@ -339,7 +351,10 @@ def _messages_from_list(d: Mapping, where: str, roles: tuple[str, ...]) -> tuple
         if role not in roles:
             raise SchemaError(f"{mw}: role must be one of {roles}, got {role!r}")
         content = tuple(_part_from_dict(p, f"{mw}.content[{j}]") for j, p in enumerate(_get(m, "content", list, mw)))
-        messages.append(Message(role, content))
+        loss = _get(m, "loss", bool, mw, optional=True)
+        if loss is not None and role != "assistant":
+            raise SchemaError(f"{mw}: only assistant messages take 'loss', this one is a {role} message")
+        messages.append(Message(role, content, True if loss is None else loss))
     return tuple(messages)
 
 

@@ -89,14 +89,15 @@ def field(record: Mapping, name: str, types: type | tuple[type, ...], where: str
     return value
 
 
-def check_keys(record: Mapping, known: tuple[str, ...], what: str) -> None:
-    """Reject a manifest record with a top-level key outside ``known`` (``what`` names the line, as in
-    "a video line"): a misspelt optional field (``"caption"`` for ``"captions"``) would otherwise be
-    ignored and its data silently lost. Raises Rejected("invalid_fields") naming the unknown keys and
-    the known ones."""
+def check_keys(record: Mapping, known: tuple[str, ...], what: str, where: str = "") -> None:
+    """Reject a manifest record with a key outside ``known`` (``what`` names the record, as in "a video
+    line"; ``where``, for a nested object, its path, as in ``"messages[2]"``, which prefixes the keys
+    named): a misspelt optional field (``"caption"`` for ``"captions"``) would otherwise be ignored and
+    its data silently lost. Raises Rejected("invalid_fields") naming the unknown keys and the known ones."""
     unknown = sorted(set(record) - set(known))
     if unknown:
-        raise Rejected("invalid_fields", f"unknown field(s) {unknown}; {what} has {list(known)}")
+        named = [f"{where}.{key}" for key in unknown] if where else unknown
+        raise Rejected("invalid_fields", f"unknown field(s) {named}; {what} has {list(known)}")
 
 
 def objects(items: list, where: str) -> Iterator[tuple[int, str, dict]]:

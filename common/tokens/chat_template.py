@@ -8,7 +8,7 @@ the published checkpoints) for system, user and assistant messages with text, im
     <|im_start|>assistant\\n{text}<|im_end|>\\n
     <|im_start|>assistant\\n                                (add_generation_prompt)
 
-A message is ``{"role": "system" | "user" | "assistant", "content": str | list[item]}`` where an item is
+A message is ``{"role": "system" | "user" | "assistant", "content": str | list[item], "loss"?: bool}`` where an item is
 ``{"type": "text", "text": str}``, ``{"type": "image", "image": <any>}`` or ``{"type": "video",
 "video": <any>}`` (the official template's detection rules: an item with an ``image``/``image_url`` key
 or type ``image`` is an image, then ``video``, then ``text``). Where the official template silently
@@ -18,7 +18,10 @@ calls and the ``tool`` role are not supported.
 
 :func:`chat_segments` is what the sample encoder consumes: each segment says whether it is template
 markup, content text, or a media placeholder, and whether it is an SFT target (assistant content and
-its closing ``<|im_end|>``).
+its closing ``<|im_end|>``). ``loss`` is ms-swift's per-message flag, which the official template
+ignores (the rendered text is the same): ``False`` on an assistant message keeps the turn as context
+but not as a target; ``True``, ``None`` or absent: a target. It is a bool on assistant messages only
+(elsewhere, or of another type, a ``ValueError``: only assistant turns are ever targets).
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class ChatSegment:
     kind: "special" (one special token string, e.g. ``<|im_start|>``), "text" (template text such as
         ``"user\\n"`` or message content), "image" or "video" (the media object is ``media``).
     text: the string for "special" and "text"; the official placeholder for "image"/"video".
-    target: True for SFT targets (assistant content and its ``<|im_end|>``).
+    target: True for SFT targets (assistant content and its ``<|im_end|>``, unless the message has
+        ``"loss": False``).
     is_content: True for text written by the data (checked for reserved tokens), False for template text.
     index: for media, the 0-based index among media of the same kind in the conversation.
     """
@@ -89,6 +93,19 @@ def _text_only(content: Any, where: str) -> str:
     return "".join(parts)
 
 
+def _is_target(message: Mapping, role: str, where: str) -> bool:
+    """Whether a message's content and ``<|im_end|>`` are SFT targets: an assistant message unless its
+    ``loss`` is False. Raises ValueError for a ``loss`` that is not a bool, or on another role."""
+    loss = message.get("loss")
+    if loss is None:
+        return role == "assistant"
+    if not isinstance(loss, bool):
+        raise ValueError(f"{where}: 'loss' must be a bool, got {type(loss).__name__}")
+    if role != "assistant":
+        raise ValueError(f"{where}: only assistant messages are SFT targets and take 'loss'")
+    return loss
+
+
 def chat_segments(
     messages: Sequence[Mapping], *, add_generation_prompt: bool = False, add_vision_id: bool = False
 ) -> list[ChatSegment]:
@@ -115,6 +132,7 @@ def chat_segments(
         if message.get("tool_calls"):
             raise ValueError(f"{where}: tool_calls are not supported")
         where = f"message {i} ({role})"
+        target = _is_target(message, role, where)
         if role == "system":
             if i != 0:
                 raise ValueError(f"{where}: a system message must be the first message")
@@ -146,8 +164,8 @@ def chat_segments(
         else:  # assistant
             special(IM_START)
             text("assistant\n")
-            text(_text_only(message["content"], where), target=True, is_content=True)
-            special(IM_END, target=True)
+            text(_text_only(message["content"], where), target=target, is_content=True)
+            special(IM_END, target=target)
             text("\n")
     if add_generation_prompt:
         special(IM_START)

@@ -4,14 +4,18 @@ Input record (a JSONL line or an element of one JSON array)::
 
     {"id"?: str | int, "messages": [{"role": "system" | "user" | "assistant",
                                      "content": str | [{"type": "text", "text": str} | {"type": "image", "image": path}
-                                                      | {"type": "video", "video": path}]}, ...],
+                                                      | {"type": "video", "video": path}],
+                                     "loss"?: bool}, ...],
      "images"?: [path], "videos"?: [path]}
 
 Typed image/video parts are taken as they are (Qwen's layout); ``file://`` paths become plain paths.
 ms-swift's top-level ``images`` / ``videos`` lists are placed by the ``<image>`` / ``<video>``
 placeholders in the texts, in order, as in data_tools.importers.llava (a mismatch is a
 ``placeholder_mismatch`` rejection). Roles, system prompts and turns are kept as given; the
-``build-sft`` rules then apply. Other fields are ignored.
+``build-sft`` rules then apply. Other fields of the record are ignored; a message's keys are passed on
+as they are, so ms-swift's ``"loss": false`` (an assistant turn kept as context, not trained) works as
+in a native manifest, and any other message key is rejected there (data_tools.kinds.sft) rather than
+dropped with what it meant.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ null for a prompt without a reference; ``reward`` (default ``"exact_match"``) is
 that scores the responses, an identifier such as ``exact_match``: data_tools stores it as given, the
 trainer checks that such a reward is registered.
 Any other key is rejected (a misspelt ``"answers"`` must not silently leave a prompt without its
-reference).
+reference). ``loss``, SFT's per-message flag, is rejected too, by the shared rule that only assistant
+messages take it: a prompt has none, and nothing of a prompt is a target (the policy's response is
+what the RL loss scores), so a prompt set marked with it was meant for something else.
 """
 
 from __future__ import annotations
@@ -43,10 +45,10 @@ def make_samples(record: dict, ctx: LineContext) -> LineSamples:
     check_keys(record, KEYS, "an RL prompt line")
     ident = source_id(record)
     checked = check_messages(record)
-    for i, (role, _) in enumerate(checked):
-        if role == "assistant":
+    for i, message in enumerate(checked):
+        if message.role == "assistant":
             raise Rejected("invalid_fields", f"messages[{i}]: an RL prompt has no assistant turn (the policy writes it)")
-    if checked[-1][0] != "user":
+    if checked[-1].role != "user":
         raise Rejected("invalid_fields", "an RL prompt must end with a user message")
     if "answer" not in record:
         raise Rejected("invalid_fields", "missing field 'answer' (a string, or null for a prompt without a reference)")

@@ -16,7 +16,8 @@ Sample kinds (the four that ``data_tools`` produces, plus plain text):
 * ``encode_image_text(image, text)``: ``[image] text <|endoftext|>``
 * ``encode_interleaved(segments)``: texts and images in reading order, then ``<|endoftext|>``
 * ``encode_video(clip, text=..., captions=[...])``: ``[video] text\\n<s - e seconds> caption\\n...<|endoftext|>``
-* ``encode_conversation(messages)``: the Qwen3-VL chat template; loss on assistant turns only.
+* ``encode_conversation(messages)``: the Qwen3-VL chat template; loss on assistant turns only (not on
+  one with ``"loss": False``, ms-swift's flag for a turn kept as context).
 
 Pretraining kinds put the loss on every text token (timestamps and vision start/end markers included)
 except the sample's first token; visual placeholders never carry loss. See :class:`EncodedSample`.
@@ -311,7 +312,10 @@ class SampleEncoder:
         videos: Sequence[VideoClip] = (),
         sample_id: str | None = None,
     ) -> EncodedSample:
-        """An SFT conversation rendered with the Qwen3-VL chat template; loss on assistant turns only.
+        """An SFT conversation rendered with the Qwen3-VL chat template; loss on assistant turns only:
+        their content and ``<|im_end|>``, except for a turn with ``"loss": False`` (in the sequence as
+        context, no target; common.tokens.chat_template). Raises ValueError for a conversation without
+        a target (no assistant turn, or each has ``"loss": False``): it would train nothing.
 
         Media come inline (``{"type": "image", "image": PIL.Image}``, ``{"type": "video", "video":
         VideoClip}``) or, for items whose media is ``None``/a reference, from ``images``/``videos`` in
@@ -319,7 +323,7 @@ class SampleEncoder:
         """
         segments = chat_segments(messages)
         if not any(seg.target for seg in segments):
-            raise ValueError("conversation has no assistant message to learn from")
+            raise ValueError("conversation has no SFT target: no assistant message, or each has \"loss\": false")
         builder = self._builder()
         specials = self.tokenizer.special_token_ids
         for seg in segments:
@@ -426,7 +430,10 @@ def decode_messages(messages: Sequence, media: Mapping[str, bytes], frames: Fram
 
 
 def _messages(messages: Sequence, decode: _MediaDecoder) -> list[dict]:
-    return [{"role": m.role, "content": [{"type": p.type, p.type: decode.part(p)} for p in m.content]} for m in messages]
+    """Schema Messages as chat template messages, media decoded; ``"loss": False`` carried where the
+    Message has it (only then: every other message is as it was before the flag existed)."""
+    return [{"role": m.role, "content": [{"type": p.type, p.type: decode.part(p)} for p in m.content],
+             **({} if m.loss else {"loss": False})} for m in messages]
 
 
 def encode_schema_sample(encoder: SampleEncoder, sample, media: Mapping[str, bytes], *,

@@ -72,10 +72,21 @@ def test_segments_mark_assistant_targets_and_media():
     assert [s.text for s in segments if s.is_content][:2] == ["You are a helpful assistant.", "What colour is the shape?"]
 
 
+def test_an_assistant_turn_with_loss_false_is_context_not_target(official):
+    messages = [dict(m) for m in CONVERSATIONS[1]]
+    messages[2]["loss"] = False  # ms-swift's flag on the first assistant turn
+    assert render_chat(messages) == official(messages) == render_chat(CONVERSATIONS[1])  # the text is unchanged
+    assert "".join(s.text for s in chat_segments(messages) if s.target) == "blue and green<|im_end|>"
+    messages[4] = {**messages[4], "loss": True}  # true: a target, as without the flag
+    assert "".join(s.text for s in chat_segments(messages) if s.target) == "blue and green<|im_end|>"
+
+
 @pytest.mark.parametrize(
     "messages, match",
     [
         ([], "non-empty"),
+        ([{"role": "user", "content": "x", "loss": True}], "only assistant messages are SFT targets"),
+        ([{"role": "assistant", "content": "x", "loss": 0}], "'loss' must be a bool, got int"),
         ([{"role": "user"}], "'role' and 'content'"),
         ([{"role": "tool", "content": "x"}], "role 'tool' is not supported"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "must be the first message"),

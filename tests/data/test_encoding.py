@@ -170,6 +170,22 @@ def test_sft_conversation(encoder, reference_processor, rope_model, qwen_tokeniz
     assert sample.kind == "sft" and ids[-1] == qwen_tokenizer.encode("\n")[0]
 
 
+def test_sft_turn_with_loss_false_is_context_without_targets(encoder, qwen_tokenizer):
+    """ms-swift's ``"loss": false``: the first assistant turn stays in the sequence, only the second is learnt."""
+    messages = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello.", "loss": False},
+                {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "red"}]
+    sample = encoder.encode_conversation(messages)
+    plain = encoder.encode_conversation([{k: v for k, v in m.items() if k != "loss"} for m in messages])
+    assert torch.equal(sample.input_ids, plain.input_ids)  # the same tokens: context is kept
+    ids, labels = sample.input_ids.tolist(), sample.labels.tolist()
+    second = len(ids) - 1 - ids[::-1].index(qwen_tokenizer.im_start_id)  # the <|im_start|> of the last turn
+    assert all(label == IGNORE_INDEX for label in labels[:second])  # nothing of the first turn, <|im_end|> included
+    assert qwen_tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "red<|im_end|>"
+    assert qwen_tokenizer.decode([t for t in plain.labels.tolist() if t != IGNORE_INDEX]) == "Hello.<|im_end|>red<|im_end|>"
+    with pytest.raises(ValueError, match="no SFT target"):
+        encoder.encode_conversation([*messages[:3], {**messages[3], "loss": False}])
+
+
 def test_sft_media_from_lists_and_generation_kinds(encoder, qwen_tokenizer):
     image = _image(9, 64, 64)
     inline = encoder.encode_conversation(
@@ -289,6 +305,14 @@ def test_shard_schema_adapter(encoder):
     got = encode_shard_parts(encoder, parts(sft, **{"img0.png": png, "vid0.mp4": mp4}))
     assert got.kind == "sft" and got.image_grid_thw.shape == (1, 3) and got.video_grid_thw.shape == (1, 3)
     assert encoder.tokenizer.decode([t for t in got.labels.tolist() if t != IGNORE_INDEX]) == "a square<|im_end|>"
+    context = schema.SftSample("000000005", src, (), (
+        schema.Message("user", (schema.Part("text", text="hi"),)),
+        schema.Message("assistant", (schema.Part("text", text="hello"),), loss=False),
+        schema.Message("user", (schema.Part("text", text="and?"),)),
+        schema.Message("assistant", (schema.Part("text", text="bye"),))))
+    got = encode_shard_parts(encoder, parts(context))
+    assert encoder.tokenizer.decode(got.input_ids.tolist()).count("hello") == 1  # in the sequence, as context
+    assert encoder.tokenizer.decode([t for t in got.labels.tolist() if t != IGNORE_INDEX]) == "bye<|im_end|>"
 
     with pytest.raises(SampleEncodingError, match="sample 000000001 \\(m.jsonl:1\\)") as err:
         encode_shard_parts(encoder, parts(schema.ImageTextSample("000000001", src, (img_media,), "a caption", "img0.png"),

@@ -1,5 +1,6 @@
 """Manifest fields: media only in user messages (build-sft, build-rl, the chat importers), unknown
-top-level keys rejected by every kind, and train-tokenizer skipping times that are not finite."""
+top-level keys rejected by every kind, a message's keys and its ``loss`` flag (build-sft, import-messages,
+build-rl), and train-tokenizer skipping times that are not finite."""
 
 from __future__ import annotations
 
@@ -147,6 +148,96 @@ def test_every_kind_rejects_unknown_keys_and_accepts_its_documented_ones(media, 
         assert reasons_and_details(out) == {
             2: ("invalid_fields", f"unknown field(s) ['{extra}']; {what} has {list(keys)}")}, kind
         assert [(s.source.line, s.source.id) for s in samples_of(out)] == [(1, "x")], kind
+
+
+# ----------------------------------------------------------------------------------------------------
+# A message's keys and ms-swift's per-message "loss"
+# ----------------------------------------------------------------------------------------------------
+
+# The sample JSON build-sft wrote for this line before messages could carry "loss" (captured then): a line
+# without the flag must keep its bytes.
+NO_LOSS_LINE = {"id": "a", "messages": [msg("system", "Be brief."), msg("user", "Hi."), msg("assistant", "Hello."),
+                                        msg("user", "Colour?"), msg("assistant", [text("Red.")])]}
+NO_LOSS_JSON = (b'{"key":"000000001","kind":"sft","media":[],"messages":[{"content":[{"text":"Be brief.","type":"text"}],'
+                b'"role":"system"},{"content":[{"text":"Hi.","type":"text"}],"role":"user"},{"content":[{"text":"Hello.",'
+                b'"type":"text"}],"role":"assistant"},{"content":[{"text":"Colour?","type":"text"}],"role":"user"},'
+                b'{"content":[{"text":"Red.","type":"text"}],"role":"assistant"}],"schema_version":1,'
+                b'"source":{"id":"a","line":1,"manifest":"m.jsonl"}}')
+
+
+def untrained(role: str, content, loss=False) -> dict:
+    return {**msg(role, content), "loss": loss}
+
+
+def sample_jsons(out: Path) -> list[bytes]:
+    index = json.loads((out / "index.json").read_text())
+    return [parts["json"] for s in index["shards"] for _, parts in iter_shard(out / s["name"])]
+
+
+def shard_bytes(out: Path) -> list[bytes]:
+    return [(out / s["name"]).read_bytes() for s in json.loads((out / "index.json").read_text())["shards"]]
+
+
+def test_message_keys_and_loss_are_checked_and_stored(tmp_path):
+    lines = [
+        {"id": "context-turn", "messages": [msg("user", "Hi."), untrained("assistant", "Hello."), msg("user", "Colour?"),
+                                            msg("assistant", "Red.")]},
+        {"messages": [msg("user", "Hi."), {**msg("assistant", "Hello."), "weight": 0.5}]},
+        {"messages": [msg("user", "Hi."), untrained("assistant", "Hello.", loss="false")]},
+        {"messages": [msg("user", "Hi."), untrained("assistant", "Hello.", loss=0)]},
+        {"messages": [untrained("user", "Hi."), msg("assistant", "Hello.")]},
+        {"messages": [msg("user", "Hi."), untrained("assistant", "Hello."), msg("user", "And?"),
+                      untrained("assistant", "Bye.")]},
+        {"id": "explicit", "messages": [msg("user", "Q"), untrained("assistant", "A", loss=True)]},
+        {"id": "null", "messages": [untrained("user", "Q", loss=None), untrained("assistant", "A", loss=None)]},
+    ]
+    build("sft", write_jsonl(tmp_path / "m.jsonl", lines), tmp_path / "set")
+    assert reasons_and_details(tmp_path / "set") == {
+        2: ("invalid_fields", "unknown field(s) ['messages[1].weight']; a message has ['role', 'content', 'loss']"),
+        3: ("invalid_fields", "field 'messages[1].loss' must be bool, got str"),
+        4: ("invalid_fields", "field 'messages[1].loss' must be bool, got int"),
+        5: ("invalid_fields", "messages[0].loss: only assistant messages are SFT targets and take 'loss', "
+                              "this one is a user message"),
+        6: ("invalid_fields", 'every assistant message has "loss": false: the conversation has no SFT target'),
+    }
+    first, explicit, null = sample_jsons(tmp_path / "set")
+    assert [m.get("loss") for m in json.loads(first)["messages"]] == [None, False, None, None]  # written only when false
+    assert [m.loss for m in sample_from_json(first).messages] == [True, False, True, True]
+    # "loss": true (or null) is the default: the sample is the one the line without it gives, byte for byte.
+    assert [m.loss for m in sample_from_json(explicit).messages] == [True, True] and b"loss" not in explicit + null
+
+
+def test_a_line_without_loss_keeps_its_bytes_and_loss_true_changes_nothing(tmp_path):
+    build("sft", write_jsonl(tmp_path / "m.jsonl", [NO_LOSS_LINE]), tmp_path / "plain")
+    assert sample_jsons(tmp_path / "plain") == [NO_LOSS_JSON]
+    marked = {**NO_LOSS_LINE, "messages": [m if m["role"] != "assistant" else {**m, "loss": True}
+                                           for m in NO_LOSS_LINE["messages"]]}
+    (tmp_path / "marked").mkdir()  # the same manifest name: it is in the sample JSON
+    build("sft", write_jsonl(tmp_path / "marked" / "m.jsonl", [marked]), tmp_path / "marked_set")
+    assert shard_bytes(tmp_path / "marked_set") == shard_bytes(tmp_path / "plain")
+
+
+def test_import_messages_keeps_swift_loss_and_rl_rejects_it(media, tmp_path):
+    records = [
+        {"id": "swift", "messages": [msg("user", "Hi."), untrained("assistant", "Hello."), msg("user", "Bye."),
+                                     msg("assistant", "Bye!")]},
+        {"id": "extra", "messages": [msg("user", "Hi."), {**msg("assistant", "Hello."), "name": "bot"}]},
+    ]
+    import_sft("messages", records, media, tmp_path / "messages")
+    assert reasons_and_details(tmp_path / "messages") == {
+        2: ("invalid_fields", "unknown field(s) ['messages[1].name']; a message has ['role', 'content', 'loss']")}
+    (sample,) = samples_of(tmp_path / "messages")
+    assert [m.loss for m in sample.messages] == [True, False, True, True]
+
+    prompts = [{"messages": [untrained("user", "Say hi.")], "answer": "hi"},
+               {"messages": [msg("user", "Say hi."), untrained("assistant", "hi")], "answer": "hi"},
+               {"messages": [msg("user", "Say hi.")], "answer": "hi"}]
+    build("rl", write_jsonl(tmp_path / "rl.jsonl", prompts), tmp_path / "rl")
+    assert reasons_and_details(tmp_path / "rl") == {
+        1: ("invalid_fields", "messages[0].loss: only assistant messages are SFT targets and take 'loss', "
+                              "this one is a user message"),
+        2: ("invalid_fields", "messages[1]: an RL prompt has no assistant turn (the policy writes it)"),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -59,6 +59,22 @@ def test_invalid_sample_json_is_rejected_with_the_field_named():
         schema.sample_from_json(b"{not json")
 
 
+def test_an_untrained_assistant_turn_round_trips_and_loss_is_checked():
+    sample = schema.SftSample("000000005", Source(5, "m.jsonl"), (), messages=(
+        Message("user", (Part("text", text="hi"),)), Message("assistant", (Part("text", text="hello"),), loss=False),
+        Message("user", (Part("text", text="colour?"),)), Message("assistant", (Part("text", text="red"),)),
+    ))
+    data = schema.sample_to_json(sample)
+    assert [m.get("loss") for m in json.loads(data)["messages"]] == [None, False, None, None]  # only when False
+    assert schema.sample_from_json(data) == sample and schema.sample_to_json(schema.sample_from_json(data)) == data
+    assert b"loss" not in schema.sample_to_json(SAMPLES[3])  # the default is not written: older samples keep their bytes
+    for index, loss, words in [(0, False, "only assistant messages take 'loss'"), (1, 0, "'loss'"), (1, "no", "'loss'")]:
+        bad = json.loads(data)
+        bad["messages"][index]["loss"] = loss
+        with pytest.raises(SchemaError, match=f"messages\\[{index}\\].*{words}"):
+            schema.sample_from_dict(bad)
+
+
 def test_read_sample_returns_media_and_requires_every_member():
     sample = SAMPLES[3]
     parts = {"__key__": sample.key, "json": schema.sample_to_json(sample), "img0.png": b"i", "vid0.mp4": b"v"}
