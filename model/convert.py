@@ -190,26 +190,73 @@ def _mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
 
 
 GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")  # transformers' processor reads either
+
+
+def hf_processor_configs() -> dict[str, dict]:
+    """transformers' ``preprocessor_config.json`` and ``video_preprocessor_config.json`` of this stack's
+    vision preprocessing (:class:`common.media.vision_inputs.VisionInputConfig` and
+    :class:`common.media.frame_sampling.FrameSamplingConfig` defaults: the published Qwen3-VL's), for
+    exports whose checkpoint came without them (``compose``, from scratch)."""
+    from common.media.frame_sampling import FrameSamplingConfig
+    from common.media.vision_inputs import VisionInputConfig
+
+    v, f = VisionInputConfig(), FrameSamplingConfig()
+    common = {"do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+              "image_mean": list(v.image_mean), "image_std": list(v.image_std), "merge_size": v.merge_size,
+              "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+              "processor_class": "Qwen3VLProcessor", "resample": 3, "rescale_factor": 1 / 255}
+    return {
+        "preprocessor_config.json": {**common, "image_processor_type": "Qwen2VLImageProcessor",
+                                     "size": {"longest_edge": v.image_max_pixels, "shortest_edge": v.image_min_pixels}},
+        "video_preprocessor_config.json": {**common, "video_processor_type": "Qwen3VLVideoProcessor",
+                                           "do_sample_frames": True, "fps": f.fps, "min_frames": f.min_frames,
+                                           "max_frames": f.max_frames,
+                                           "size": {"longest_edge": v.video_max_pixels,
+                                                    "shortest_edge": v.video_min_pixels}},
+    }
 
 
 def exported_extra_files(extra: Path, staging: Path) -> Path:
     """The folder of the non-weight files an export writes next to the weights: the checkpoint's
-    ``hf_extra/``, or, when it has a tokenizer but no ``generation_config.json`` (a stage trained from
-    ``compose`` or from scratch), a copy of it in ``staging`` with one added that stops where a chat turn
-    ends, as the published Qwen3-VL's: ``eos_token_id`` [``<|im_end|>``, ``<|endoftext|>``],
-    ``pad_token_id`` and ``bos_token_id`` ``<|endoftext|>`` (transformers' ``generate`` otherwise
-    knows no end token and writes up to ``max_new_tokens``)."""
-    from common.tokens.tokenizer import TOKENIZER_FILE, Tokenizer
+    ``hf_extra/`` as it is when it holds what transformers' Qwen3-VL processor and ``generate`` read (a
+    checkpoint from a published Qwen3-VL), else a copy of it in ``staging`` with the missing ones added
+    (a stage trained from ``compose`` or from scratch): the image and video preprocessor configs
+    (:func:`hf_processor_configs`), the published chat template (``chat_template.jinja``), and with a
+    tokenizer, its ``tokenizer_config.json`` (end of turn ``<|im_end|>``, padding ``<|endoftext|>``) and a
+    ``generation_config.json`` that stops where a chat turn ends, as the published Qwen3-VL's:
+    ``eos_token_id`` [``<|im_end|>``, ``<|endoftext|>``], ``pad_token_id`` and ``bos_token_id``
+    ``<|endoftext|>`` (transformers' ``generate`` otherwise knows no end token and writes up to
+    ``max_new_tokens``)."""
+    from common.tokens.chat_template import OFFICIAL_TEMPLATE_FILE
+    from common.tokens.tokenizer import ENDOFTEXT, IM_END, TOKENIZER_FILE, Tokenizer
 
-    if not (extra / TOKENIZER_FILE).is_file() or (extra / GENERATION_CONFIG).is_file():
+    def missing(name: str) -> bool:
+        return not (extra / name).is_file()
+
+    added: dict[str, str] = {name: json.dumps(config, indent=2) + "\n"
+                             for name, config in hf_processor_configs().items() if missing(name)}
+    if all(missing(name) for name in CHAT_TEMPLATE_FILES):
+        added[CHAT_TEMPLATE_FILES[0]] = OFFICIAL_TEMPLATE_FILE.read_text(encoding="utf-8")
+    if not missing(TOKENIZER_FILE):
+        tokenizer = Tokenizer.from_dir(extra)
+        if missing(GENERATION_CONFIG):
+            added[GENERATION_CONFIG] = json.dumps(
+                {"bos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
+                 "eos_token_id": [tokenizer.im_end_id, tokenizer.eos_id]}, indent=2) + "\n"
+        if missing(TOKENIZER_CONFIG):
+            added[TOKENIZER_CONFIG] = json.dumps(
+                {"tokenizer_class": "Qwen2Tokenizer", "eos_token": IM_END, "pad_token": ENDOFTEXT,
+                 "model_max_length": 262144, "clean_up_tokenization_spaces": False}, indent=2) + "\n"
+    if not added:
         return extra
-    tokenizer = Tokenizer.from_dir(extra)
-    for f in extra.iterdir():
-        if f.is_file():
-            shutil.copy2(f, staging / f.name)
-    (staging / GENERATION_CONFIG).write_text(json.dumps(
-        {"bos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
-         "eos_token_id": [tokenizer.im_end_id, tokenizer.eos_id]}, indent=2) + "\n")
+    if extra.is_dir():
+        for f in extra.iterdir():
+            if f.is_file():
+                shutil.copy2(f, staging / f.name)
+    for name, text in added.items():
+        (staging / name).write_text(text, encoding="utf-8")
     return staging
 
 

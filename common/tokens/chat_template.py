@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from common.tokens.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISION_END, VISION_START
@@ -35,6 +36,10 @@ from common.tokens.tokenizer import IM_END, IM_START, IMAGE_PAD, VIDEO_PAD, VISI
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 VIDEO_PLACEHOLDER = VISION_START + VIDEO_PAD + VISION_END
 ROLES = ("system", "user", "assistant")
+#: The published Qwen3-VL Instruct ``chat_template`` (Jinja), byte for byte: what this module reproduces
+#: (tests/data/test_chat_template.py renders both), and what an export that has none carries
+#: (``model.convert``), so that transformers' processors format chats as training did.
+OFFICIAL_TEMPLATE_FILE = Path(__file__).with_name("qwen3_vl_chat_template.jinja")
 
 
 @dataclass(frozen=True)

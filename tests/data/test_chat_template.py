@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import pytest
 
-from common.tokens.chat_template import chat_segments, render_chat
+from common.tokens.chat_template import OFFICIAL_TEMPLATE_FILE, chat_segments, render_chat
 
-# tests/data/qwen3_vl_chat_template.jinja is the ``chat_template`` of the published Qwen3-VL Instruct
+# common/tokens/qwen3_vl_chat_template.jinja is the ``chat_template`` of the published Qwen3-VL Instruct
 # checkpoints, byte for byte (5,292 bytes; the SHA-256 below is the one of the shipped template).
-TEMPLATE_PATH = Path(__file__).with_name("qwen3_vl_chat_template.jinja")
+TEMPLATE_PATH = OFFICIAL_TEMPLATE_FILE
 TEMPLATE_SHA256 = "3636d0f0bd6bef02654cdffdc447b79cb2cef8ab02cc75267345946291a489e4"
 
 IMG = {"type": "image", "image": "img0.jpg"}

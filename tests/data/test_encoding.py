@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -13,8 +12,9 @@ from pretrain.data.encoding import Caption, EncodingConfig, SampleEncoder
 from pretrain.data.sample import IGNORE_INDEX
 from common.media.frame_sampling import VideoClip, sample_frame_indices
 from common.media.vision_inputs import VisionInputConfig
+from common.tokens.chat_template import OFFICIAL_TEMPLATE_FILE
 
-TEMPLATE = Path(__file__).with_name("qwen3_vl_chat_template.jinja").read_text(encoding="utf-8")
+TEMPLATE = OFFICIAL_TEMPLATE_FILE.read_text(encoding="utf-8")
 VIDEO_FPS = 10.0
 
 

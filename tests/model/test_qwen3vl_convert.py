@@ -107,4 +107,46 @@ def test_an_export_without_generation_config_stops_at_the_end_of_a_turn(tmp_path
     assert generation.pad_token_id == tokenizer.pad_id
 
     (extra / "generation_config.json").write_text('{"eos_token_id": 7}')
-    assert exported_extra_files(extra, tmp_path) == extra
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert exported_extra_files(extra, kept) == kept  # still without the processor files: they are added
+    assert (kept / "generation_config.json").read_text() == '{"eos_token_id": 7}'
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja",
+                 "tokenizer_config.json"):
+        (extra / name).write_text((staging / name).read_text())
+    assert exported_extra_files(extra, tmp_path) == extra  # a published checkpoint's files: kept as they are
+
+
+def test_an_export_without_processor_files_preprocesses_and_formats_chats_as_training(tmp_path):
+    """An export from `compose` or from scratch had no preprocessor configs, tokenizer config or chat
+    template: transformers' processors did not load. The added ones reproduce this stack's preprocessing
+    (an image's grid and pixel values, through transformers' own image processor) and chat formatting (the
+    published template, through transformers' tokenizer: the ids of our renderer)."""
+    import numpy as np
+    import PIL.Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from common.media.vision_inputs import VisionInputConfig, process_image
+    from common.tokens.chat_template import render_chat
+    from common.tokens.tokenizer import Tokenizer, train_byte_level_bpe
+    from model.convert import exported_extra_files
+
+    extra, staging = tmp_path / "hf_extra", tmp_path / "staging"
+    staging.mkdir()
+    ours = Tokenizer.from_file(train_byte_level_bpe(["what colour is the shape? red"] * 20, 300, extra))
+    exported = exported_extra_files(extra, staging)
+
+    image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    theirs = AutoImageProcessor.from_pretrained(exported)(images=[image], return_tensors="pt")
+    mine = process_image(image, VisionInputConfig())
+    assert theirs["image_grid_thw"].tolist() == [list(mine.grid_thw)]
+    assert np.abs(theirs["pixel_values"].numpy() - mine.pixel_values.numpy()).max() < 1e-5
+
+    chat = [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                         {"type": "text", "text": "what colour is the shape?"}]},
+            {"role": "assistant", "content": "red"}]
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    template = (exported / "chat_template.jinja").read_text()
+    ids = tokenizer.apply_chat_template(chat, chat_template=template, tokenize=True, return_dict=False)
+    assert list(ids) == ours.encode(render_chat(chat), allow_special=True)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
