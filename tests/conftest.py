@@ -71,11 +71,10 @@ def layout_batch_of_ones(layout_tokenizer) -> list[dict]:
 VFR_FRAME_TIMES = tuple([i / 30 for i in range(60)] + [2 + i / 5 for i in range(20)])
 
 
-@pytest.fixture(scope="session")
-def vfr_mp4() -> bytes:
-    """A real variable-frame-rate H.264 MP4 (B-frames on: packets reach the muxer out of presentation
-    order), written by PyAV with the irregular pts of ``VFR_FRAME_TIMES``; frame ``i``'s pixels are all
-    ``3 * i`` (64x48)."""
+def variable_frame_rate_mp4(frame_times, *, rate: int = 30, b_frames: int = 2) -> bytes:
+    """A real variable-frame-rate H.264 MP4 written by PyAV with its frames at ``frame_times`` seconds (the
+    container's nominal ``rate``; with B-frames, packets reach the muxer out of presentation order); frame
+    ``i``'s pixels are all ``3 * i`` (64x48)."""
     import io
     from fractions import Fraction
 
@@ -85,11 +84,11 @@ def vfr_mp4() -> bytes:
     time_base = Fraction(1, 90_000)
     out = io.BytesIO()
     with av.open(out, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=30)
+        stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         stream.time_base = stream.codec_context.time_base = time_base
-        stream.options = {"threads": "1", "bf": "2"}
-        for i, seconds in enumerate(VFR_FRAME_TIMES):
+        stream.options = {"threads": "1", "bf": str(b_frames)}
+        for i, seconds in enumerate(frame_times):
             frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i, np.uint8), format="rgb24")
             frame.pts = round(seconds / time_base)
             for packet in stream.encode(frame):
@@ -97,3 +96,9 @@ def vfr_mp4() -> bytes:
         for packet in stream.encode():
             container.mux(packet)
     return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def vfr_mp4() -> bytes:
+    """:func:`variable_frame_rate_mp4` of ``VFR_FRAME_TIMES`` (B-frames on)."""
+    return variable_frame_rate_mp4(VFR_FRAME_TIMES)

@@ -159,6 +159,19 @@ def _kl_loss(teacher, hidden: torch.Tensor, temperature: float, loss_weights: to
     return weighted_token_loss(loss_weights, loss_mask, kl)
 
 
+def take_teacher_hidden(batch: dict, model, producer: str) -> torch.Tensor | None:
+    """The teacher's final hidden states that ``producer`` (what runs the teacher before the step) put in
+    micro-batch ``batch``, taken out of it (the step's data does not keep them), on the last pipeline stage
+    of ``model``; None on the other stages. ``ValueError`` when they are missing."""
+    if not get_attr_wrapped_model(model, "post_process"):
+        return None
+    hidden = batch.pop(TEACHER_HIDDEN, None)
+    if hidden is None:
+        raise ValueError(f"distillation: a micro-batch without {TEACHER_HIDDEN!r} on the last pipeline stage; "
+                         f"{producer} must run before the step")
+    return hidden
+
+
 def distill_forward_step(teacher: torch.nn.Module, temperature: float):
     """A forward step for Megatron's schedules (any pipeline layout): the student's forward on the
     micro-batch, and on the last stage a loss function giving (sum of weighted per-token KLs to the
@@ -167,12 +180,7 @@ def distill_forward_step(teacher: torch.nn.Module, temperature: float):
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
-        hidden = None
-        if get_attr_wrapped_model(model, "post_process"):
-            hidden = batch.pop(TEACHER_HIDDEN, None)  # out of the step's data once used
-            if hidden is None:
-                raise ValueError(f"distillation: a micro-batch without {TEACHER_HIDDEN!r} on the last pipeline "
-                                 "stage; run_teacher(teacher, micro_batches) must run before the step")
+        hidden = take_teacher_hidden(batch, model, "run_teacher(teacher, micro_batches)")
         batch = to_device(batch)
         student_logits = model(batch["tokens"], runtime_gather_output=False, **model_inputs(batch, model))
         loss_weights = split_on_this_rank(batch["loss_weights"], 1, batch["document_ids"])

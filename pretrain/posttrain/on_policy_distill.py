@@ -37,21 +37,19 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
-from megatron.core.utils import get_attr_wrapped_model
 
 from common.distributed.comm import all_reduce_values
 from pretrain.config import JobConfig
 from pretrain.forward import model_inputs, to_device
 from pretrain.posttrain.distill import vocab_parallel_forward_kl
-from pretrain.posttrain.distill_stage import TEACHER_HIDDEN, build_teacher, run_teacher, teacher_logits
-from pretrain.posttrain.rl_stage import write_rollouts, load_rl_prompts, open_rollout_stage
+from pretrain.posttrain.distill_stage import build_teacher, run_teacher, take_teacher_hidden, teacher_logits
+from pretrain.posttrain.rl_stage import load_rl_prompts, open_rollout_stage
 from pretrain.posttrain.rl_step import RLRows, mini_batches, policy_update
 from pretrain.posttrain.rollout import response_tokens
 from pretrain.step import LOSS_KEY
-from pretrain.trainer import StageResult, format_number
+from pretrain.trainer import StageResult
 
 
 def response_kl_terms(student_logits: torch.Tensor, target_logits: torch.Tensor, index: torch.Tensor,
@@ -93,12 +91,7 @@ class OnPolicyKLStep:
 
     def __call__(self, data_iterator, model):
         batch = next(data_iterator)
-        hidden = None
-        if get_attr_wrapped_model(model, "post_process"):
-            hidden = batch.pop(TEACHER_HIDDEN, None)  # out of the step's data once used
-            if hidden is None:
-                raise ValueError(f"on-policy distillation: a micro-batch without {TEACHER_HIDDEN!r} on the last "
-                                 "pipeline stage; teacher_pass must run before the step (policy_update's prepare)")
+        hidden = take_teacher_hidden(batch, model, "teacher_pass (policy_update's prepare)")
         batch = to_device(batch)
         # model_inputs: the arguments run_teacher gave the teacher (equal weights: equal logits, KL 0)
         logits = model(batch["tokens"], runtime_gather_output=False, **model_inputs(batch, model))
@@ -176,23 +169,12 @@ def run_on_policy_distill_stage(job: JobConfig, composed_yaml: str = "") -> Stag
         logger.log(state.step, metrics)
         first_kl = metrics["kl"] if first_kl is None else first_kl
         last_kl = metrics["kl"]
-        if rl.save_rollouts:
-            lines = [{"step": state.step, "prompt": batch.records[int(p)].id, "response": i % g,
-                      "text": rollouts.texts[i], "length": int(rollouts.lengths[i]),
-                      "finished": bool(rollouts.finished[i])}
-                     for i, p in enumerate(rollouts.prompt_index.tolist())]
-            write_rollouts(Path(job.train.run_dir), state.step, lines)
+        opened.save_rollouts(batch, rollouts)
 
         saved, preempted, requeued = run.end_step(total_steps, consecutive_skips)
         checkpoint = saved or checkpoint
         if preempted:
             break
 
-    wall = time.perf_counter() - started
-    logger.close({"steps": f"{start_step}->{state.step}", "prompts": state.consumed_samples,
-                  "KL first->last": f"{format_number(first_kl)} -> {format_number(last_kl)}",
-                  "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})
-    return StageResult(stage=job.stage.name, steps=state.step - start_step, start_step=start_step,
-                       total_steps=total_steps, tokens=state.consumed_tokens, first_loss=first_kl,
-                       last_loss=last_kl, wall_seconds=wall, skipped_steps=state.skipped_steps,
-                       checkpoint=checkpoint, preempted=preempted, requeued=requeued)
+    return opened.close(start_step, started, total_steps, ("KL", first_kl, last_kl), first_kl, last_kl, checkpoint,
+                        preempted, requeued)

@@ -138,6 +138,35 @@ class RolloutStage:
                                      prompt_keys=batch.keys)
         return batch, prompts, skipped, rollouts
 
+    def save_rollouts(self, batch, rollouts, **per_response) -> None:
+        """With ``stage.rl.save_rollouts``, the step's responses to ``<run_dir>/rollouts/step_N.jsonl``: per
+        response its prompt, index in its group, text, length and whether it finished, and the values of
+        ``per_response`` (name -> one value per response). All ranks call."""
+        job, step = self.run.job, self.run.state.step
+        if not job.stage.rl.save_rollouts:
+            return
+        g = job.stage.rl.group_size
+        lines = [{"step": step, "prompt": batch.records[int(p)].id, "response": i % g, "text": rollouts.texts[i],
+                  **{name: values[i] for name, values in per_response.items()}, "length": int(rollouts.lengths[i]),
+                  "finished": bool(rollouts.finished[i])}
+                 for i, p in enumerate(rollouts.prompt_index.tolist())]
+        write_rollouts(Path(job.train.run_dir), step, lines)
+
+    def close(self, start_step: int, started: float, total_steps: int, summary: tuple[str, object, object],
+              first_loss, last_loss, checkpoint, preempted: bool, requeued: bool) -> StageResult:
+        """End the stage: the logger's summary (steps, prompts, ``summary``: (name, first, last) of the
+        stage's figure, skipped steps, wall seconds, last checkpoint) and the stage's result."""
+        state, wall = self.run.state, time.perf_counter() - started
+        name, first, last = summary
+        self.run.logger.close({"steps": f"{start_step}->{state.step}", "prompts": state.consumed_samples,
+                               f"{name} first->last": f"{format_number(first)} -> {format_number(last)}",
+                               "skipped": state.skipped_steps, "wall s": round(wall, 1),
+                               "checkpoint": checkpoint or "-"})
+        return StageResult(stage=self.run.job.stage.name, steps=state.step - start_step, start_step=start_step,
+                           total_steps=total_steps, tokens=state.consumed_tokens, first_loss=first_loss,
+                           last_loss=last_loss, wall_seconds=wall, skipped_steps=state.skipped_steps,
+                           checkpoint=checkpoint, preempted=preempted, requeued=requeued)
+
 
 def open_rollout_stage(job: JobConfig, records: list, composed_yaml: str = "") -> RolloutStage:
     """Start the ranks and open the stage (:func:`pretrain.trainer.open_stage`: resumed or initialised; the
@@ -286,26 +315,15 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         if stepped:
             first_loss = stepped[0].loss if first_loss is None else first_loss
             last_loss = stepped[-1].loss
-        if rl.save_rollouts:
-            lines = [{"step": state.step, "prompt": batch.records[int(p)].id, "response": i % g,
-                      "text": rollouts.texts[i], "reward": float(reward[i]),
-                      **{name: float(v[i]) for name, v in parts.items()}, "advantage": float(advantages[i]),
-                      "kept": bool(keep[i]), "length": int(rollouts.lengths[i]),
-                      "finished": bool(rollouts.finished[i])}
-                     for i, p in enumerate(rollouts.prompt_index.tolist())]
-            write_rollouts(Path(job.train.run_dir), state.step, lines)
+        opened.save_rollouts(batch, rollouts, reward=reward.tolist(),
+                             **{name: v.tolist() for name, v in parts.items()}, advantage=advantages.tolist(),
+                             kept=[bool(k) for k in keep.tolist()])
 
         saved, preempted, requeued = run.end_step(total_steps, consecutive_skips)
         checkpoint = saved or checkpoint
         if preempted:
             break
 
-    wall = time.perf_counter() - started
-    logger.close({"steps": f"{start_step}->{state.step}", "prompts": state.consumed_samples,
-                  "reward first->last": f"{format_number(first_reward)} -> {format_number(last_reward)}",
-                  "skipped": state.skipped_steps, "wall s": round(wall, 1), "checkpoint": checkpoint or "-"})
-    return StageResult(stage=job.stage.name, steps=state.step - start_step, start_step=start_step,
-                       total_steps=total_steps, tokens=state.consumed_tokens, first_loss=first_loss,
-                       last_loss=last_loss, wall_seconds=wall, skipped_steps=state.skipped_steps,
-                       checkpoint=checkpoint, preempted=preempted, requeued=requeued)
+    return opened.close(start_step, started, total_steps, ("reward", first_reward, last_reward), first_loss,
+                        last_loss, checkpoint, preempted, requeued)
 

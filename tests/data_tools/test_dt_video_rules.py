@@ -290,31 +290,15 @@ def test_a_variable_frame_rate_video_is_cut_and_timed_by_its_frames_timestamps(t
     assert verify(tmp_path / "out", decode=True)[0] == []
 
 
-def still_screen_mp4(path: Path, frame_times: list[float]) -> None:
-    """A variable-frame-rate H.264 MP4 with its frames at ``frame_times`` seconds; frame ``i``'s pixels
-    are all ``3 * i`` (64x48)."""
-    time_base = Fraction(1, 90_000)
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        stream.time_base = stream.codec_context.time_base = time_base
-        stream.options = {"threads": "1"}
-        for i, seconds in enumerate(frame_times):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 3 * i, np.uint8), format="rgb24")
-            frame.pts = round(seconds / time_base)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
 def test_a_frame_held_past_a_cut_shows_in_both_clips_and_no_clip_outgrows_the_limit(tmp_path):
     """A screen recording: 1 s at 10 fps, a still screen (no new frame) until 10 s, then 2 s at 10 fps,
     cut at 3 s. Cut at each window's first frame, the still frame stretched clip 0 to 10 s, then clips of
     0.2 s followed while the window count caught up; cut by time, every clip is [3k, 3k + 3) and shows
     at each instant the frame shown then (the still frame, 9, in clips 0-3)."""
+    from tests.conftest import variable_frame_rate_mp4
+
     times = [i / 10 for i in range(10)] + [10 + i / 10 for i in range(20)]
-    still_screen_mp4(tmp_path / "screen.mp4", times)
+    (tmp_path / "screen.mp4").write_bytes(variable_frame_rate_mp4(times, rate=10))
     manifest = write_jsonl(tmp_path / "v.jsonl", [{"video": "screen.mp4", "text": "a screen recording"}])
     build("video", manifest, tmp_path / "out", max_clip_seconds=3.0)
     clips = samples_of(tmp_path / "out")
