@@ -181,6 +181,7 @@ def _mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     try:
         model = build_qwen3vl(cfg, params_dtype=dtype)
         load_mcore_checkpoint(ckpt, model)
+        out.parent.mkdir(parents=True, exist_ok=True)  # --out may name a new folder's child; staging goes beside it
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.extra-") as staging:
             extra = exported_extra_files(ckpt / EXTRA_DIR, Path(staging))
             write_hf_checkpoint(out, export_hf_tensors(model), cfg.to_hf(), extra_dir=extra)

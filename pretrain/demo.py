@@ -164,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="S0 from a composed Qwen3 LLM + SigLIP-2 instead (pretrain/demo_parents.py)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
-    raw, shards, tokenizer, runs, logs = (out / p for p in ("raw", "shards", "tokenizer", "runs", "logs"))
+    raw, shards, tokenizer, logs = (out / p for p in ("raw", "shards", "tokenizer", "logs"))
+    # A quick run's 3-step stages in a folder of their own: a full run resuming one of them would meet a
+    # learning-rate schedule over other steps, which a resume refuses (and the reverse would train nothing).
+    runs = out / ("runs_quick" if args.quick else "runs")
     logs.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

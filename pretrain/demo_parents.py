@@ -84,7 +84,7 @@ def run_from_parents(out: Path, common: list[str], torchrun: list[str], layout: 
     from pretrain.demo import STAGES, run, stage_table
 
     started = time.perf_counter()
-    parents, runs = out / "parents", out / "runs_from_parents"
+    parents, runs = out / "parents", out / ("runs_from_parents_quick" if quick else "runs_from_parents")
     base = next(o.split("=", 1)[1] for o in common if o.startswith("model="))
     target = out / f"{base}_from_parents.yaml"
     target.write_text(yaml.safe_dump(target_mapping(base, common), sort_keys=False))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -34,6 +35,8 @@ from pretrain.posttrain.rewards import answer_words, extract_final_answer, norma
 
 
 MAX_ANSWER_TOKENS = 16  # room for "The answer is (B)." (4 tokens cut it to "The answer is")
+# A final answer that opens with the article "a" before a word ("a circle", "A red square"): not choice A.
+_ARTICLE_FIRST = re.compile(r"\W*a\s+\w", re.IGNORECASE)
 
 
 def generated_answer_correct(answer: str, expected: str) -> bool:
@@ -41,12 +44,17 @@ def generated_answer_correct(answer: str, expected: str) -> bool:
     (:func:`~pretrain.posttrain.rewards.extract_final_answer`) equals it after
     :func:`~pretrain.posttrain.rewards.normalize_answer`, or the final answer's first words are its
     words (:func:`~pretrain.posttrain.rewards.answer_words`: "(A) circle" for "A", "3 apples" for "3";
-    whole words only, so "Blue" never gives "B"). An empty expected answer is never given."""
+    whole words only, so "Blue" never gives "B"; the article of "a circle" is not the letter "A"). An
+    empty expected answer is never given."""
     final = extract_final_answer(answer)
     target = answer_words(expected)
     if not target:
         return False
-    return normalize_answer(final) == normalize_answer(expected) or answer_words(final)[:len(target)] == target
+    if normalize_answer(final) == normalize_answer(expected):
+        return True
+    if target == ["a"] and _ARTICLE_FIRST.match(final):
+        return False
+    return answer_words(final)[:len(target)] == target
 
 
 def evaluate(im: InferenceModel, eval_file: str | Path, limit: int | None = None, batch_size: int = 32) -> dict:

@@ -338,7 +338,8 @@ def check_resumed_schedule(latest: Path, state: TrainerState, scheduler, total_s
 
     A resume keeps the saved schedule (Megatron's scheduler restores its own settings), while the loop
     runs to this run's budget ``total_steps``. A budget changed since the save (``stage.train_steps``,
-    or ``stage.train_tokens`` over another ``train.global_batch_size`` or ``stage.seq_length``) would
+    or ``stage.train_tokens`` over another ``train.global_batch_size`` or ``stage.seq_length``; the
+    optimizer steps of an RL step, ``stage.rl.updates_per_step``) would
     stop the stage before its learning rate decayed (WSD: still at its peak), or train past the decay at
     ``min_lr``, on another number of tokens than ``stage.train_tokens``; a changed ``stage.optimizer``
     setting (lr, min_lr, warm-up, schedule, decay fraction, weight decay) would be ignored. A checkpoint
@@ -351,7 +352,8 @@ def check_resumed_schedule(latest: Path, state: TrainerState, scheduler, total_s
         raise CheckpointError(
             f"{latest}: its learning-rate schedule spans {saved['lr_decay_steps']} optimizer steps, this run's "
             f"{current['lr_decay_steps']}: the stage's budget ({total_steps} steps: stage.train_steps, or "
-            "stage.train_tokens / (train.global_batch_size x stage.seq_length)) changed since it was saved, and a "
+            "stage.train_tokens / (train.global_batch_size x stage.seq_length); in an RL or on-policy distillation "
+            "stage, times stage.rl.updates_per_step optimizer steps each) changed since it was saved, and a "
             "resume keeps the saved schedule. Resume with the budget it was saved with (a new global batch: "
             "stage.train_tokens=null stage.train_steps=<its steps>), or start a new stage from its weights with "
             "stage.init_from")

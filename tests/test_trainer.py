@@ -194,6 +194,12 @@ def test_a_resume_with_other_schedule_settings_is_refused(tmp_path):
         check_resumed_schedule(tmp_path, saved, scheduler(decay_fraction=0.2), 100)
     check_resumed_schedule(tmp_path, saved, scheduler(lr=1e-4), 40)  # at its budget: trains no step
 
+    # An RL stage's schedule spans train_steps x updates_per_step: a changed updates_per_step is named.
+    rl_saved = TrainerState(stage="rl", step=10, scheduler=schedule_state(scheduler()))  # 50 steps x 2 updates
+    three_updates = build_lr_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]), opt, 150)
+    with pytest.raises(CheckpointError, match=r"spans 100 optimizer steps, this run's 150: .*updates_per_step"):
+        check_resumed_schedule(tmp_path, rl_saved, three_updates, 50)
+
 
 def test_a_resume_without_stream_positions_warns_and_records_it(synth_data, tmp_path):
     """A checkpoint that holds no data stream positions (data_streams 0): the loader skips the consumed

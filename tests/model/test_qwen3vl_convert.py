@@ -48,10 +48,10 @@ def test_moe_round_trip_through_tp2_ep2_is_bit_exact_and_writes_the_published_la
         json.loads((src / "config.json").read_text())
     assert (tmp_path / "back" / "generation_config.json").is_file()  # carried through hf_extra/
 
-    # A published-layout checkpoint converts to exactly itself, byte for byte.
+    # A published-layout checkpoint converts to exactly itself, byte for byte (into a folder not made yet).
     hf_to_mcore(tmp_path / "back", tmp_path / "mcore2", pp=2)
-    mcore_to_hf(tmp_path / "mcore2", tmp_path / "again")
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
+    mcore_to_hf(tmp_path / "mcore2", tmp_path / "exports" / "again")
+    assert (tmp_path / "exports" / "again" / "model.safetensors").read_bytes() == \
         (tmp_path / "back" / "model.safetensors").read_bytes()
 
     # An existing output is refused, not overwritten.

@@ -74,6 +74,8 @@ def test_multiple_choice_phrasings_are_rewarded(response):
     ("b", "B", True), ("(A) circle", "A", True), ("The answer is A.", "a", True),
     # a letter inside a word is not an answer
     ("Blue", "B", False), ("An apple", "A", False), ("Because", "B", False), ("The answer is Blue.", "B", False),
+    # the article "a" before a word is not choice A; the letter set off by punctuation is
+    ("A circle", "A", False), ("The answer is a red circle.", "A", False), ("A. circle", "A", True),
     # closed-vocabulary words: the final answer, or its first words
     ("red", "red", True), ("Red.", "red", True), ("Red circle", "red", True), ("The answer is red.", "red", True),
     ("dark blue", "dark blue", True), ("dark", "dark blue", False), ("A circle.", "circle", True),
