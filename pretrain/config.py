@@ -349,7 +349,7 @@ def check_distill_stage(job: JobConfig) -> None:
     virtual pipeline stages are refused."""
     distill = job.stage.distill
     if not distill.teacher:
-        raise ConfigError("stage.distill.teacher: set the teacher's checkpoints folder (kind: distill)")
+        raise ConfigError(f"stage.distill.teacher: set the teacher's checkpoints folder (kind: {job.stage.kind})")
     _positive("stage.distill.temperature", distill.temperature)
     if job.parallel.vpp:
         raise ConfigError(f"stage.kind=distill with parallel.vpp={job.parallel.vpp}: the teacher runs one model "
