@@ -350,7 +350,8 @@ def _frame_times_decord(src: MediaSource) -> np.ndarray:
 def _frame_times_pyav(src: MediaSource) -> np.ndarray:
     with _pyav_open(src) as container:
         stream = container.streams.video[0]
-        pts = [packet.pts for packet in container.demux(stream) if packet.size > 0]
+        # Discarded packets (an edit list cutting the start, as `ffmpeg -ss ... -c copy` leaves) are not shown.
+        pts = [packet.pts for packet in container.demux(stream) if packet.size > 0 and not packet.is_discard]
         if any(p is None for p in pts):
             raise RuntimeError("a packet has no presentation timestamp")
         # Packets come in decode order (B-frames reorder): sorted, they are the frames in presentation order.
@@ -359,7 +360,7 @@ def _frame_times_pyav(src: MediaSource) -> np.ndarray:
 
 def video_frame_times(src: MediaSource) -> np.ndarray | None:
     """Presentation time in seconds of every frame of a video, from its first frame (which is at 0.0):
-    float64 ``(num_frames,)``, non-decreasing, frame ``i`` in the order :func:`read_video_frames` counts.
+    float64 ``(num_frames,)``, increasing, frame ``i`` in the order :func:`read_video_frames` counts.
 
     Read from the container's timestamps, without decoding a frame (a demux pass: ~20 ms for a 5 MB
     clip); PyAV first (exact: the packets' integer pts times the stream's time base; decord rounds its
@@ -375,7 +376,8 @@ def video_frame_times(src: MediaSource) -> np.ndarray | None:
             times = read(src)
         except Exception:  # an unreadable video fails in probe_video / read_video_frames, with its reason
             continue
-        if times.size and np.all(np.isfinite(times)) and np.all(np.diff(times) >= 0):
+        # Strictly increasing: decord gives every frame of some AVI files one (finite) sentinel time.
+        if times.size and np.all(np.isfinite(times)) and np.all(np.diff(times) > 0):
             return times - times[0]
     return None
 

@@ -57,12 +57,18 @@ def _parse_captions(record: dict) -> list[Caption]:
     return captions
 
 
+#: How long a variable-frame-rate video's last frame is shown: the median of the gaps between its last
+#: frames, this many gaps (as long as the frames before it were shown; a screen recording's last frame
+#: after a 27 s pause, timed by that gap, made 27 s more of clips holding that frame alone).
+LAST_FRAME_GAPS = 5
+
+
 @dataclass(frozen=True)
 class SourceTiming:
     """When a source video's frames are shown: ``frame_times`` (seconds, float64, one per frame) for a
     variable frame rate, None when frame ``i`` is shown at ``i / fps``; ``duration`` in seconds (for a
-    variable rate the last frame's time plus its predecessor's gap: the probe's ``num_frames / fps``
-    divides by an average rate containers estimate differently)."""
+    variable rate the last frame's time plus how long it is shown, see ``LAST_FRAME_GAPS``: the probe's
+    ``num_frames / fps`` divides by an average rate containers estimate differently)."""
 
     num_frames: int
     fps: float
@@ -74,7 +80,8 @@ class SourceTiming:
         times = variable_frame_times(info.num_frames, info.fps, video_frame_times(data))
         if times is None or len(times) < 2:
             return SourceTiming(info.num_frames, info.fps, info.duration)
-        return SourceTiming(info.num_frames, info.fps, float(2 * times[-1] - times[-2]), times)
+        last_frame_seconds = float(np.median(np.diff(times[-LAST_FRAME_GAPS - 1:])))
+        return SourceTiming(info.num_frames, info.fps, float(times[-1]) + last_frame_seconds, times)
 
     def time_of(self, frame: int) -> float:
         """Seconds at which frame ``frame`` is first shown (``num_frames``: the end of the video)."""

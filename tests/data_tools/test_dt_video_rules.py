@@ -310,3 +310,20 @@ def test_a_frame_held_past_a_cut_shows_in_both_clips_and_no_clip_outgrows_the_li
             shown = int(np.searchsorted(times, sample.clip.start + j / fps + 1e-9, side="right")) - 1
             pixel = int(media.read_video_frames(data, [j])[0].mean().round())
             assert abs(pixel - 3 * shown) <= 2, (sample.key, j, pixel, shown)
+
+
+def test_a_last_frame_after_a_long_pause_does_not_lengthen_the_video(tmp_path):
+    """A screen recording: 3 s at 10 fps, then nothing until one last frame at 30 s. The video ends one
+    frame period after that frame: cut at 5 s it is six clips up to 30.1 s, and a caption at 40-55 s is
+    past its end. (Timed by the last frame's time plus its predecessor's gap, it lasted 57 s: six more
+    clips of the last frame alone, and that caption was accepted.)"""
+    from tests.conftest import variable_frame_rate_mp4
+
+    (tmp_path / "screen.mp4").write_bytes(variable_frame_rate_mp4([i / 10 for i in range(30)] + [30.0], rate=10))
+    lines = [{"video": "screen.mp4", "text": "a screen recording"},
+             {"video": "screen.mp4", "id": "late", "captions": [{"start": 40.0, "end": 55.0, "text": "after the end"}]}]
+    build("video", write_jsonl(tmp_path / "v.jsonl", lines), tmp_path / "out", max_clip_seconds=5.0)
+    clips = samples_of(tmp_path / "out")
+    assert [(c.clip.start, c.clip.end) for c in clips] == [(5.0 * k, 5.0 * k + 5) for k in range(5)] + [(25.0, 30.1)]
+    (rejected,) = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert rejected["reason"] == "caption_out_of_range" and "lasts 30.100 s" in rejected["detail"]
