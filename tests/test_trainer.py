@@ -270,7 +270,8 @@ def test_next_stage_starts_from_the_previous_checkpoint_in_another_layout(synth_
 def test_bad_inputs_are_one_line_errors(synth_data, tmp_path):
     from common.distributed.spawn import free_port
 
-    cases = {"missing": [f"stage.init_from={tmp_path}/nothing"], "layout": ["parallel.ep=1", "parallel.tp=4"],
+    cases = {"missing": [f"stage.init_from={tmp_path}/nothing"],
+             "layout": ["parallel.ep=1", "parallel.tp=4", "parallel.sequence_parallel=true"],
              "tokenizer": ["model.image_token_id=3"]}
     # The three jobs at once (each its own run folder and rendezvous port): most of their time is starting up.
     running = {name: subprocess.Popen([TORCHRUN[0], "--master-port", str(free_port()), *TORCHRUN[1:],
