@@ -348,7 +348,9 @@ def check_resumed_schedule(latest: Path, state: TrainerState, scheduler, total_s
     if state.step >= total_steps:
         return
     saved, current = state.scheduler, schedule_state(scheduler)
-    if "lr_decay_steps" in saved and saved["lr_decay_steps"] != current["lr_decay_steps"]:
+    # A constant rate does not depend on the span: extending (or shortening) such a run changes no rate.
+    constant = saved.get("lr_decay_style") == current["lr_decay_style"] == "constant"
+    if "lr_decay_steps" in saved and saved["lr_decay_steps"] != current["lr_decay_steps"] and not constant:
         raise CheckpointError(
             f"{latest}: its learning-rate schedule spans {saved['lr_decay_steps']} optimizer steps, this run's "
             f"{current['lr_decay_steps']}: the stage's budget ({total_steps} steps: stage.train_steps, or "

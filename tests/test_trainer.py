@@ -193,6 +193,11 @@ def test_a_resume_with_other_schedule_settings_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"decay_fraction \(WSD decay steps\): saved 10, now 20"):
         check_resumed_schedule(tmp_path, saved, scheduler(decay_fraction=0.2), 100)
     check_resumed_schedule(tmp_path, saved, scheduler(lr=1e-4), 40)  # at its budget: trains no step
+    # A constant rate does not depend on the span: a constant-schedule run may be extended.
+    constant = TrainerState(stage="s1_pretrain", step=40, scheduler=schedule_state(
+        build_lr_scheduler(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]),
+                           dataclasses.replace(opt, schedule="constant", warmup_steps=0), 50)))
+    check_resumed_schedule(tmp_path, constant, scheduler(schedule="constant", warmup_steps=0), 100)
 
     # An RL stage's schedule spans train_steps x updates_per_step: a changed updates_per_step is named.
     rl_saved = TrainerState(stage="rl", step=10, scheduler=schedule_state(scheduler()))  # 50 steps x 2 updates
