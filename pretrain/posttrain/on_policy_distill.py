@@ -123,11 +123,8 @@ def run_on_policy_distill_stage(job: JobConfig, composed_yaml: str = "") -> Stag
                    f"{rl.updates_per_step} update(s) per step); {len(records)} prompts in {rl.prompts}; layout "
                    f"{opened.info.world_size} ranks, dp={opened.dp_size}, {job.parallel}; {run.dtype}")
 
-    start_step, first_kl, last_kl = state.step, None, None
-    started = time.perf_counter()
-    preempted = requeued = False
-    checkpoint = str(run.latest) if run.latest else None
-    consecutive_skips = 0
+    first_kl, last_kl = None, None
+    opened.begin()
     while state.step < total_steps:
         t0 = time.perf_counter()
         batch, prompts, skipped, rollouts = opened.next_rollouts()
@@ -148,8 +145,6 @@ def run_on_policy_distill_stage(job: JobConfig, composed_yaml: str = "") -> Stag
         t_train = time.perf_counter() - t1
         state.step += 1
         stepped = [r for r in results if not r.skipped]
-        consecutive_skips = 0 if stepped else consecutive_skips + 1
-        state.skipped_steps += not stepped
 
         # global figures: sums over data-parallel ranks (model-parallel peers hold the same rollouts)
         generated, responses = all_reduce_values([float(rollouts.lengths.sum()), rollouts.lengths.numel()],
@@ -158,23 +153,12 @@ def run_on_policy_distill_stage(job: JobConfig, composed_yaml: str = "") -> Stag
             "loss": results[-1].loss, "kl": results[0].loss, "grad_norm": results[-1].grad_norm, "lr": lr,
             "response_length": generated / responses, "updates": len(stepped), "rollout_s": t_rollout,
             "train_s": t_train, "step_seconds": time.perf_counter() - t0,
-            "tokens_per_s": generated / max(t_rollout, 1e-9), "skipped_steps": state.skipped_steps, "mfu": None,
+            "tokens_per_s": generated / max(t_rollout, 1e-9), "mfu": None,
         }
-        if skipped:
-            metrics["skipped_prompts"] = [{k: f[k] for k in ("prompt", "source", "error")} for f in skipped]
-        state.consumed_samples += rl.prompts_per_step
-        state.consumed_tokens += int(generated)
-        metrics["consumed_tokens"] = state.consumed_tokens  # generated tokens so far
-        state.prompt_stream = opened.stream.state_dict()
-        logger.log(state.step, metrics)
         first_kl = metrics["kl"] if first_kl is None else first_kl
         last_kl = metrics["kl"]
         opened.save_rollouts(batch, rollouts)
-
-        saved, preempted, requeued = run.end_step(total_steps, consecutive_skips)
-        checkpoint = saved or checkpoint
-        if preempted:
+        if opened.end_step(metrics, skipped, generated, failed=not stepped):
             break
 
-    return opened.close(start_step, started, total_steps, ("KL", first_kl, last_kl), first_kl, last_kl, checkpoint,
-                        preempted, requeued)
+    return opened.close(("KL", first_kl, last_kl), first_kl, last_kl)

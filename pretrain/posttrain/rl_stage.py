@@ -120,6 +120,24 @@ class RolloutStage:
     stream: object  # pretrain.posttrain.prompt_set.PromptStream
     encoder: object  # pretrain.data.encoding.SampleEncoder
     rollout_cfg: RolloutConfig
+    # The steps' bookkeeping (:meth:`begin`, :meth:`end_step`): where this run started, when, its last
+    # checkpoint, failed steps in a row, and whether a signal ended it.
+    start_step: int = 0
+    started: float = 0.0
+    checkpoint: str | None = None
+    consecutive_skips: int = 0
+    preempted: bool = False
+    requeued: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.run.job.stage.train_steps
+
+    def begin(self) -> None:
+        """Just before the first step: the step and time the run starts from, and its checkpoint so far."""
+        run = self.run
+        self.start_step, self.started = run.state.step, time.perf_counter()
+        self.checkpoint = str(run.latest) if run.latest else None
 
     def next_rollouts(self):
         """The next step's prompts and ``stage.rl.group_size`` responses to each from the model as it is now:
@@ -152,20 +170,44 @@ class RolloutStage:
                  for i, p in enumerate(rollouts.prompt_index.tolist())]
         write_rollouts(Path(job.train.run_dir), step, lines)
 
-    def close(self, start_step: int, started: float, total_steps: int, summary: tuple[str, object, object],
-              first_loss, last_loss, checkpoint, preempted: bool, requeued: bool) -> StageResult:
+    def end_step(self, metrics: dict, skipped_prompts: list[dict], generated_tokens: float, failed: bool) -> bool:
+        """Close a step that has been counted in ``state.step`` (all ranks call): a ``failed`` step (it took
+        no optimizer step) is counted as skipped (``train.max_consecutive_skips`` of them in a row stop the
+        stage); ``metrics`` gets the skipped steps and prompts and the tokens generated so far, the state
+        the consumed prompts and tokens and the prompt stream's position; then the step is logged and the
+        trainer's end of step runs (checkpoint, preemption). True when the stage stops here (preempted)."""
+        run, state = self.run, self.run.state
+        if failed:
+            state.skipped_steps += 1
+            self.consecutive_skips += 1
+        else:
+            self.consecutive_skips = 0
+        metrics["skipped_steps"] = state.skipped_steps
+        if skipped_prompts:
+            metrics["skipped_prompts"] = [{k: f[k] for k in ("prompt", "source", "error")} for f in skipped_prompts]
+        state.consumed_samples += run.job.stage.rl.prompts_per_step
+        state.consumed_tokens += int(generated_tokens)
+        metrics["consumed_tokens"] = state.consumed_tokens  # generated tokens so far
+        state.prompt_stream = self.stream.state_dict()
+        run.logger.log(state.step, metrics)
+        saved, self.preempted, self.requeued = run.end_step(self.total_steps, self.consecutive_skips)
+        self.checkpoint = saved or self.checkpoint
+        return self.preempted
+
+    def close(self, summary: tuple[str, object, object], first_loss, last_loss) -> StageResult:
         """End the stage: the logger's summary (steps, prompts, ``summary``: (name, first, last) of the
         stage's figure, skipped steps, wall seconds, last checkpoint) and the stage's result."""
-        state, wall = self.run.state, time.perf_counter() - started
+        state, wall = self.run.state, time.perf_counter() - self.started
         name, first, last = summary
-        self.run.logger.close({"steps": f"{start_step}->{state.step}", "prompts": state.consumed_samples,
+        self.run.logger.close({"steps": f"{self.start_step}->{state.step}", "prompts": state.consumed_samples,
                                f"{name} first->last": f"{format_number(first)} -> {format_number(last)}",
                                "skipped": state.skipped_steps, "wall s": round(wall, 1),
-                               "checkpoint": checkpoint or "-"})
-        return StageResult(stage=self.run.job.stage.name, steps=state.step - start_step, start_step=start_step,
-                           total_steps=total_steps, tokens=state.consumed_tokens, first_loss=first_loss,
-                           last_loss=last_loss, wall_seconds=wall, skipped_steps=state.skipped_steps,
-                           checkpoint=checkpoint, preempted=preempted, requeued=requeued)
+                               "checkpoint": self.checkpoint or "-"})
+        return StageResult(stage=self.run.job.stage.name, steps=state.step - self.start_step,
+                           start_step=self.start_step, total_steps=self.total_steps, tokens=state.consumed_tokens,
+                           first_loss=first_loss, last_loss=last_loss, wall_seconds=wall,
+                           skipped_steps=state.skipped_steps, checkpoint=self.checkpoint, preempted=self.preempted,
+                           requeued=self.requeued)
 
 
 def open_rollout_stage(job: JobConfig, records: list, composed_yaml: str = "") -> RolloutStage:
@@ -219,11 +261,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
                    f"{len(records)} prompts in {rl.prompts}; layout {info.world_size} ranks, dp={dp_size}, "
                    f"{job.parallel}; {run.dtype}")
 
-    start_step, first_reward, last_reward, first_loss, last_loss = state.step, None, None, None, None
-    started = time.perf_counter()
-    preempted = requeued = False
-    checkpoint = str(run.latest) if run.latest else None
-    consecutive_skips = 0
+    first_reward, last_reward, first_loss, last_loss = None, None, None, None
+    opened.begin()
     while state.step < total_steps:
         t0 = time.perf_counter()
         batch, prompts, skipped, rollouts = opened.next_rollouts()
@@ -271,11 +310,6 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         t_train = time.perf_counter() - t1
         state.step += 1
         stepped = [r for r in results if not r.skipped]
-        if results and not stepped:
-            state.skipped_steps += 1
-            consecutive_skips += 1
-        else:
-            consecutive_skips = 0
 
         # global figures: sums over data-parallel ranks (model-parallel peers hold the same rollouts)
         group = parallel_state.get_data_parallel_group()
@@ -295,20 +329,13 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
             "filtered_share": sums[3] / sums[4], "response_length": sums[5] / responses,
             "entropy": sums[6] / sums[7] if sums[7] else None, "updates": len(stepped),
             "rollout_s": t_rollout, "train_s": t_train, "step_seconds": time.perf_counter() - t0,
-            "tokens_per_s": sums[5] / max(t_rollout, 1e-9), "skipped_steps": state.skipped_steps, "mfu": None,
+            "tokens_per_s": sums[5] / max(t_rollout, 1e-9), "mfu": None,
             # each reward's mean over the responses it scored (a prompt's own reward, or one for all)
             **{f"reward_{name}": value / scored if scored else None
                for name, value, scored in zip(parts, sums[8:8 + len(parts)], sums[8 + len(parts):])},
         }
         if results:
             metrics.update(loss_step.metrics.reduce(loss_step.present))
-        if skipped:
-            metrics["skipped_prompts"] = [{k: f[k] for k in ("prompt", "source", "error")} for f in skipped]
-        state.consumed_samples += rl.prompts_per_step
-        state.consumed_tokens += int(sums[5])
-        metrics["consumed_tokens"] = state.consumed_tokens  # generated tokens so far
-        state.prompt_stream = stream.state_dict()
-        logger.log(state.step, metrics)
         if first_reward is None:
             first_reward = metrics["reward_mean"]
         last_reward = metrics["reward_mean"]
@@ -318,12 +345,8 @@ def run_rl_stage(job: JobConfig, composed_yaml: str = "") -> StageResult:
         opened.save_rollouts(batch, rollouts, reward=reward.tolist(),
                              **{name: v.tolist() for name, v in parts.items()}, advantage=advantages.tolist(),
                              kept=[bool(k) for k in keep.tolist()])
-
-        saved, preempted, requeued = run.end_step(total_steps, consecutive_skips)
-        checkpoint = saved or checkpoint
-        if preempted:
+        if opened.end_step(metrics, skipped, sums[5], failed=bool(results) and not stepped):
             break
 
-    return opened.close(start_step, started, total_steps, ("reward", first_reward, last_reward), first_loss,
-                        last_loss, checkpoint, preempted, requeued)
+    return opened.close(("reward", first_reward, last_reward), first_loss, last_loss)
 
